@@ -1,0 +1,304 @@
+"""Arch (one subnet of the supernet) and SearchSpace (the set of allowed subnets).
+
+A SearchSpace also fixes the supernet's constant dimensions (image size, patch size, head_dim),
+so it is the single description from which `SuperViT` is built and from which parameter counts
+and FLOPs are computed analytically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ufo.errors import ArchError
+
+PathName = Literal["shared", "task", "mix"]
+PATHS: tuple[str, ...] = ("shared", "task", "mix")
+Routes = dict[str, list[str]]  # task -> path per block of the largest depth
+
+
+def hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
+    """FFN width of one expert for an embedding width and ratio (monotone in both)."""
+    return int(round(embed_dim * mlp_ratio))
+
+
+class Arch(BaseModel):
+    """One subnet: depth, width, per-layer heads and FFN ratio, and per-task FFN paths.
+
+    `paths[task][i]` is the FFN path of `task` in block i. A task missing from `paths` is routed by
+    the supernet's router (Gumbel-Softmax in training, argmax in eval).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    depth: int = Field(gt=0)
+    embed_dim: int = Field(gt=0)
+    num_heads: list[int]
+    mlp_ratio: list[float]
+    paths: dict[str, list[PathName]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "Arch":
+        for name in ("num_heads", "mlp_ratio"):
+            if len(getattr(self, name)) != self.depth:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but depth is {self.depth}")
+        for task, p in self.paths.items():
+            if len(p) != self.depth:
+                raise ValueError(f"paths[{task!r}] has {len(p)} entries but depth is {self.depth}")
+        return self
+
+    def with_routes(self, routes: Routes) -> "Arch":
+        """Return a copy whose paths are `routes` cut to this depth (frozen routes of a run)."""
+        return self.model_copy(update={"paths": {t: list(p[: self.depth]) for t, p in routes.items()}})
+
+    def path(self, task: str, block: int) -> str | None:
+        """The fixed path of `task` in `block`, or None when the router decides."""
+        p = self.paths.get(task)
+        return None if p is None else p[block]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Arch":
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Arch":
+        """Read an arch from a JSON file, with errors that name the file."""
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError as e:
+            raise ArchError(f"arch file not found: {path}") from e
+        except ValueError as e:
+            raise ArchError(f"invalid arch in {path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+
+def _sorted_unique(v: list) -> list:
+    if not v:
+        raise ValueError("must list at least one value")
+    return sorted(set(v))
+
+
+class SearchSpace(BaseModel):
+    """Allowed values of every elastic dimension, plus the supernet's fixed dimensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1)
+    depth: list[int]
+    embed_dim: list[int]
+    num_heads: list[int]
+    mlp_ratio: list[float]
+    paths: list[PathName] = Field(default_factory=lambda: list(PATHS))
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    head_dim: int = 32
+    qkv_bias: bool = True
+
+    @field_validator("depth", "embed_dim", "num_heads", "mlp_ratio")
+    @classmethod
+    def _uniq(cls, v: list) -> list:
+        return _sorted_unique(v)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"task names must be unique, got {v}")
+        return v
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_order(cls, v: list[str]) -> list[str]:
+        return [p for p in PATHS if p in v]
+
+    @model_validator(mode="after")
+    def _dims(self) -> "SearchSpace":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if min(self.depth) < 1 or min(self.embed_dim) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratio) <= 0:
+            raise ValueError("depth, embed_dim, num_heads and mlp_ratio must be positive")
+        return self
+
+    # ----- the supernet's maximum dimensions -----
+    @property
+    def max_depth(self) -> int:
+        return self.depth[-1]
+
+    @property
+    def max_embed_dim(self) -> int:
+        return self.embed_dim[-1]
+
+    @property
+    def max_heads(self) -> int:
+        return self.num_heads[-1]
+
+    @property
+    def max_hidden(self) -> int:
+        return hidden_dim(self.embed_dim[-1], self.mlp_ratio[-1])
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    # ----- canonical archs -----
+    def _make(self, depth: int, embed: int, heads: Sequence[int], ratios: Sequence[float],
+              path: str | None, routes: Routes | None) -> Arch:
+        arch = Arch(depth=depth, embed_dim=embed, num_heads=list(heads), mlp_ratio=list(ratios))
+        if routes is not None:
+            return arch.with_routes(routes)
+        if path is not None:
+            arch = arch.model_copy(update={"paths": {t: [path] * depth for t in self.tasks}})
+        return arch
+
+    def largest(self, routes: Routes | None = None) -> Arch:
+        """The full supernet. Without routes every task takes its widest path (mix, else task)."""
+        path = "mix" if "mix" in self.paths else self.paths[-1]
+        d = self.max_depth
+        return self._make(d, self.max_embed_dim, [self.max_heads] * d, [self.mlp_ratio[-1]] * d, path, routes)
+
+    def smallest(self, routes: Routes | None = None) -> Arch:
+        """The smallest subnet. Without routes every task takes its narrowest path (shared first)."""
+        d = self.depth[0]
+        return self._make(d, self.embed_dim[0], [self.num_heads[0]] * d, [self.mlp_ratio[0]] * d, self.paths[0], routes)
+
+    def sample(self, rng: np.random.Generator | int | None = None, routes: Routes | None = None) -> Arch:
+        """A uniformly random subnet. Paths come from `routes` when given, else are sampled too."""
+        rng = np.random.default_rng(rng)
+        d = int(rng.choice(self.depth))
+        arch = Arch(
+            depth=d,
+            embed_dim=int(rng.choice(self.embed_dim)),
+            num_heads=[int(rng.choice(self.num_heads)) for _ in range(d)],
+            mlp_ratio=[float(rng.choice(self.mlp_ratio)) for _ in range(d)],
+        )
+        if routes is not None:
+            return arch.with_routes(routes)
+        paths = {t: [str(rng.choice(self.paths)) for _ in range(d)] for t in self.tasks}
+        return arch.model_copy(update={"paths": paths})
+
+    # ----- validation -----
+    def check(self, arch: Arch) -> None:
+        """Raise ArchError naming the first field of `arch` that lies outside this space."""
+
+        def bad(field: str, value, allowed) -> ArchError:
+            return ArchError(f"arch.{field}={value!r} is outside the search space; allowed values: {allowed}")
+
+        if arch.depth not in self.depth:
+            raise bad("depth", arch.depth, self.depth)
+        if arch.embed_dim not in self.embed_dim:
+            raise bad("embed_dim", arch.embed_dim, self.embed_dim)
+        for i, h in enumerate(arch.num_heads):
+            if h not in self.num_heads:
+                raise bad(f"num_heads[{i}]", h, self.num_heads)
+        for i, r in enumerate(arch.mlp_ratio):
+            if not any(abs(r - c) < 1e-9 for c in self.mlp_ratio):
+                raise bad(f"mlp_ratio[{i}]", r, self.mlp_ratio)
+        for task, p in arch.paths.items():
+            if task not in self.tasks:
+                raise bad("paths", task, self.tasks)
+            for i, name in enumerate(p):
+                if name not in self.paths:
+                    raise bad(f"paths[{task!r}][{i}]", name, self.paths)
+
+    def contains(self, arch: Arch) -> bool:
+        try:
+            self.check(arch)
+        except ArchError:
+            return False
+        return True
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ArchError(f"unknown task {task!r}; this model's tasks are {self.tasks}")
+
+    # ----- encoding for predictors -----
+    def encode(self, arch: Arch, tasks: Sequence[str] | None = None) -> np.ndarray:
+        """Fixed-length numeric vector of `arch` for predictors.
+
+        Layout: depth, embed_dim, then per block of the largest depth the heads and FFN ratio (0 past
+        the arch's depth), then per task in `tasks` (default all) and block two indicators: uses the
+        shared expert, uses the task expert (0 past depth or where the router decides).
+        """
+        self.check(arch)
+        tasks = list(self.tasks if tasks is None else tasks)
+        D = self.max_depth
+        heads = np.zeros(D)
+        ratios = np.zeros(D)
+        heads[: arch.depth] = arch.num_heads
+        ratios[: arch.depth] = arch.mlp_ratio
+        route = np.zeros((len(tasks), D, 2))
+        for j, t in enumerate(tasks):
+            for i in range(arch.depth):
+                p = arch.path(t, i)
+                route[j, i, 0] = p in ("shared", "mix")
+                route[j, i, 1] = p in ("task", "mix")
+        return np.concatenate([[arch.depth, arch.embed_dim], heads, ratios, route.ravel()]).astype(np.float64)
+
+    # ----- analytic cost -----
+    def _paths_of(self, arch: Arch, tasks: Sequence[str], block: int) -> list[str]:
+        out = []
+        for t in tasks:
+            self.check_task(t)
+            p = arch.path(t, block)
+            if p is None:
+                raise ArchError(f"arch has no path for task {t!r}; set arch.paths (or frozen routes) to count it")
+            out.append(p)
+        return out
+
+    def _ffn_widths(self, arch: Arch, tasks: Sequence[str], i: int) -> list[int]:
+        """Widths of the distinct FFN experts that block i keeps for `tasks`, as extraction builds them.
+
+        One task: a mix path is folded into a single FFN of twice the width (one output bias).
+        Several tasks: the shared expert once, plus each task's own expert where it is used.
+        """
+        h = hidden_dim(arch.embed_dim, arch.mlp_ratio[i])
+        paths = self._paths_of(arch, tasks, i)
+        if len(tasks) == 1:
+            return [2 * h if paths[0] == "mix" else h]
+        widths = [h] if any(p in ("shared", "mix") for p in paths) else []
+        return widths + [h for p in paths if p in ("task", "mix")]
+
+    def num_params(self, arch: Arch, tasks: str | Sequence[str] | None = None) -> int:
+        """Exact parameter count of the model that `extract(model, arch, tasks)` returns."""
+        self.check(arch)
+        tasks = self.tasks if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+        e, hd, b = arch.embed_dim, self.head_dim, int(self.qkv_bias)
+        n = self.in_chans * self.patch_size**2 * e + e  # patch embedding conv
+        n += e + (self.num_patches + 1) * e  # cls token, position embedding
+        for i in range(arch.depth):
+            inner = arch.num_heads[i] * hd
+            n += 2 * e  # norm1
+            n += e * 3 * inner + b * 3 * inner + inner * e + e  # qkv, proj
+            n += 2 * e  # norm2
+            n += sum(e * w + w + w * e + e for w in self._ffn_widths(arch, tasks, i))
+        return n + 2 * e  # final norm
+
+    def flops(self, arch: Arch, task: str) -> int:
+        """Matmul FLOPs (2 x MACs) of one image through `task`'s path, as torch's FlopCounterMode counts."""
+        self.check(arch)
+        e, hd, T = arch.embed_dim, self.head_dim, self.num_patches + 1
+        f = 2 * self.num_patches * e * self.in_chans * self.patch_size**2
+        for i in range(arch.depth):
+            inner = arch.num_heads[i] * hd
+            f += 2 * T * e * 3 * inner + 2 * 2 * T * T * inner + 2 * T * inner * e
+            f += sum(4 * T * e * w for w in self._ffn_widths(arch, [task], i))
+        return f
+
+    # ----- I/O -----
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchSpace":
+        return cls.model_validate_json(text)

@@ -1,0 +1,28 @@
+"""Error types. Every error a user can cause is a `UFOError` whose message names the file, field
+or value at fault, so the CLI can print it without a traceback."""
+
+from __future__ import annotations
+
+
+class UFOError(ValueError):
+    """Base class for errors caused by user input (configs, archs, checkpoints, data)."""
+
+
+class ArchError(UFOError):
+    """An arch that lies outside its search space, or is malformed."""
+
+
+class CheckpointError(UFOError):
+    """A checkpoint that is corrupt, of the wrong kind, or does not match the model."""
+
+
+class ConfigError(UFOError):
+    """An experiment config that does not validate."""
+
+
+class DataError(UFOError):
+    """A dataset, file or sample that cannot be read or does not fit the task."""
+
+
+class TaskError(UFOError):
+    """An unknown task name or task kind."""

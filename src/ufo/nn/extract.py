@@ -1,0 +1,157 @@
+"""Extraction: SuperViT + Arch + task(s) -> a standalone model of stock torch / timm layers.
+
+One task gives a timm `VisionTransformer` (timm parameter names, per-block heads and FFN widths,
+a mix path folded into one wider FFN). Several tasks give a `MultiTaskViT`: the shared weights
+once, plus each task's chosen experts, with the routes as a fixed table. Either model's outputs
+equal the supernet's at that arch, and its parameter count is `SearchSpace.num_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from timm.layers import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ufo.arch import Arch, SearchSpace, hidden_dim
+from ufo.errors import ArchError
+from ufo.nn.vit import SuperViT
+
+
+def resolve_arch(model: SuperViT, arch: Arch | None, tasks: Sequence[str]) -> Arch:
+    """`arch` (default: the model's active one) with every task's path fixed: the arch's own where
+    it has one, else the router's frozen choice."""
+    arch = model.arch if arch is None else arch
+    model.space.check(arch)
+    for t in tasks:
+        model.task_index(t)
+    routes = model.routes()
+    paths = {t: list(arch.paths.get(t) or routes[t][: arch.depth]) for t in tasks}
+    return arch.model_copy(update={"paths": paths})
+
+
+def build_vit(space: SearchSpace, arch: Arch, task: str) -> VisionTransformer:
+    """An uninitialised timm ViT with the shape of `task`'s path through `arch`."""
+    e, hd = arch.embed_dim, space.head_dim
+    vit = VisionTransformer(
+        img_size=space.img_size, patch_size=space.patch_size, in_chans=space.in_chans, num_classes=0,
+        embed_dim=e, depth=arch.depth, num_heads=1, mlp_ratio=1.0,  # blocks are replaced below
+        qkv_bias=space.qkv_bias, global_pool="token", weight_init="skip",
+    )
+    for i, blk in enumerate(vit.blocks):
+        width = hidden_dim(e, arch.mlp_ratio[i]) * (2 if arch.paths[task][i] == "mix" else 1)
+        blk.attn = Attention(e, arch.num_heads[i], attn_head_dim=hd, qkv_bias=space.qkv_bias)
+        blk.mlp = Mlp(e, width)
+    return vit
+
+
+class StaticTaskFFN(nn.Module):
+    """The FFNs one block keeps for a set of tasks, with a fixed route per task."""
+
+    def __init__(self, dim: int, hidden: int, routes: dict[str, str]) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+        uses_shared = any(p in ("shared", "mix") for p in routes.values())
+        self.shared = Mlp(dim, hidden) if uses_shared else None
+        self.experts = nn.ModuleDict({t: Mlp(dim, hidden) for t, p in routes.items() if p in ("task", "mix")})
+        # Mix weights are constants of the extracted model (softmax of the router's mix logits).
+        self.register_buffer("mix_weights", torch.zeros(len(routes), 2))
+        self.tasks = list(routes)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        path = self.routes[task]
+        if path == "shared":
+            return self.shared(x)
+        if path == "task":
+            return self.experts[task](x)
+        w = self.mix_weights[self.tasks.index(task)]
+        return w[0] * self.shared(x) + w[1] * self.experts[task](x)
+
+
+class MultiTaskBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, hidden: int, qkv_bias: bool, routes: dict[str, str]):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, attn_head_dim=head_dim, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = StaticTaskFFN(dim, hidden, routes)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x), task)
+
+
+class MultiTaskViT(nn.Module):
+    """A ViT whose blocks share attention and keep only the FFN experts the given tasks route to."""
+
+    def __init__(self, space: SearchSpace, arch: Arch, tasks: Sequence[str]) -> None:
+        super().__init__()
+        e = arch.embed_dim
+        self.tasks = list(tasks)
+        self.patch_embed = PatchEmbed(space.img_size, space.patch_size, space.in_chans, e)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
+        self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, e))
+        self.blocks = nn.ModuleList(
+            MultiTaskBlock(e, arch.num_heads[i], space.head_dim, hidden_dim(e, arch.mlp_ratio[i]), space.qkv_bias,
+                           {t: arch.paths[t][i] for t in self.tasks})
+            for i in range(arch.depth)
+        )
+        self.norm = nn.LayerNorm(e, eps=1e-6)
+
+    def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        if task not in self.tasks:
+            raise ArchError(f"unknown task {task!r}; this model serves {self.tasks}")
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x, task)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.forward_features(x, task)[:, 0]
+
+
+def build_extracted(space: SearchSpace, arch: Arch, tasks: Sequence[str]) -> nn.Module:
+    """The empty standalone model for `arch` (all paths fixed) and `tasks`: used by extract and load."""
+    missing = [t for t in tasks if t not in arch.paths]
+    if missing:
+        raise ArchError(f"arch has no paths for tasks {missing}; extraction needs a path for every task")
+    return build_vit(space, arch, tasks[0]) if len(tasks) == 1 else MultiTaskViT(space, arch, tasks)
+
+
+@torch.no_grad()
+def extract(model: SuperViT, arch: Arch | None = None, tasks: str | Sequence[str] | None = None) -> nn.Module:
+    """Copy `tasks`' paths through `arch` out of the supernet into a standalone eval-mode model.
+
+    The returned model carries `ufo_arch` (the arch with every path fixed) and `ufo_tasks`.
+    """
+    tasks = list(model.tasks if tasks is None else [tasks] if isinstance(tasks, str) else tasks)
+    arch = resolve_arch(model, arch, tasks)
+    prev = model.arch
+    model.set_arch(arch)
+    try:
+        out = build_extracted(model.space, arch, tasks)
+        e = arch.embed_dim
+        model.patch_embed.extract_into(out.patch_embed.proj)
+        out.cls_token.copy_(model.cls_token[:, :, :e])
+        out.pos_embed.copy_(model.pos_embed[:, :, :e])
+        out.norm.load_state_dict(model.norm.extract().state_dict())
+        for i, (src, dst) in enumerate(zip(model.blocks, out.blocks)):
+            dst.norm1.load_state_dict(src.norm1.extract().state_dict())
+            dst.norm2.load_state_dict(src.norm2.extract().state_dict())
+            dst.attn.load_state_dict(src.attn.extract().state_dict())
+            if len(tasks) == 1:
+                dst.mlp.load_state_dict(src.mlp.extract_single(model.task_index(tasks[0])).state_dict())
+                continue
+            if dst.mlp.shared is not None:
+                dst.mlp.shared.load_state_dict(src.mlp.shared.extract().state_dict())
+            for t in dst.mlp.experts:
+                dst.mlp.experts[t].load_state_dict(src.mlp.experts[t].extract().state_dict())
+            for j, t in enumerate(tasks):
+                dst.mlp.mix_weights[j] = src.mlp.mix_weights(model.task_index(t))
+    finally:
+        model.set_arch(prev)
+    out.ufo_arch, out.ufo_tasks = arch, tasks
+    return out.eval()

@@ -1,0 +1,150 @@
+"""SuperViT: a ViT supernet elastic in depth, width, heads and FFN ratio, with task-routed FFNs.
+
+`forward(x, task)` takes one task (name or index) or a tensor of task ids for a mixed batch. A
+mixed batch is sorted by task once, so each TaskFFN sees contiguous per-task rows, then restored
+to the input order. Task heads live outside the backbone; `forward` returns the normalised class
+token, (B, active embed_dim).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from ufo.arch import PATHS, Arch, Routes, SearchSpace, hidden_dim
+from ufo.errors import TaskError
+from ufo.nn.attention import ElasticAttention
+from ufo.nn.elastic import ElasticLayerNorm, ElasticPatchEmbed
+from ufo.nn.moe import Segment, TaskFFN
+
+TaskArg = str | int | torch.Tensor
+
+
+class SuperBlock(nn.Module):
+    """Pre-norm transformer block: timm names (norm1, attn, norm2, mlp) with a TaskFFN as mlp."""
+
+    def __init__(self, space: SearchSpace, drop_path: float) -> None:
+        super().__init__()
+        E = space.max_embed_dim
+        self.norm1 = ElasticLayerNorm(E)
+        self.attn = ElasticAttention(E, space.max_heads, space.head_dim, space.qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = ElasticLayerNorm(E)
+        self.mlp = TaskFFN(E, space.max_hidden, space.tasks)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def set_active(self, dim: int, heads: int, mlp_ratio: float, paths: Sequence[str | None]) -> None:
+        self.norm1.set_active(dim)
+        self.attn.set_active(dim, heads)
+        self.norm2.set_active(dim)
+        self.mlp.set_active(dim, hidden_dim(dim, mlp_ratio), paths)
+
+    def forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x), segments))
+
+
+class SuperViT(nn.Module):
+    def __init__(self, space: SearchSpace, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.space = space
+        self.tasks = list(space.tasks)
+        E = space.max_embed_dim
+        self.patch_embed = ElasticPatchEmbed(space.img_size, space.patch_size, space.in_chans, E)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, E))
+        dpr = torch.linspace(0, drop_path_rate, space.max_depth).tolist()
+        self.blocks = nn.ModuleList(SuperBlock(space, dpr[i]) for i in range(space.max_depth))
+        self.norm = ElasticLayerNorm(E)
+        self._init_weights()
+        self.arch = space.largest().model_copy(update={"paths": {}})
+        self.set_arch(self.arch)
+
+    def _init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # ----- configuration -----
+    def set_arch(self, arch: Arch) -> None:
+        """Activate a subnet. Tasks without a fixed path in `arch` are routed by the router."""
+        self.space.check(arch)
+        self.arch = arch
+        e = arch.embed_dim
+        self.patch_embed.set_active(e)
+        self.norm.set_active(e)
+        for i in range(arch.depth):
+            paths = [arch.path(t, i) for t in self.tasks]
+            self.blocks[i].set_active(e, arch.num_heads[i], arch.mlp_ratio[i], paths)
+
+    def set_temperature(self, tau: float) -> None:
+        """Gumbel-Softmax temperature of every router (the trainer anneals it)."""
+        for blk in self.blocks:
+            blk.mlp.tau = tau
+
+    def routes(self) -> Routes:
+        """Each task's path per block of the largest depth, as the routers choose them in eval."""
+        return {t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.blocks]
+                for i, t in enumerate(self.tasks)}
+
+    def router_state(self) -> dict[str, list[list[float]]]:
+        """Router logits per task and block, for the checkpoint manifest."""
+        return {t: [blk.mlp.router_logits[i].tolist() for blk in self.blocks] for i, t in enumerate(self.tasks)}
+
+    def task_index(self, task: str | int) -> int:
+        if isinstance(task, int):
+            if not 0 <= task < len(self.tasks):
+                raise TaskError(f"task index {task} out of range; this model has {len(self.tasks)} tasks")
+            return task
+        try:
+            return self.tasks.index(task)
+        except ValueError:
+            raise TaskError(f"unknown task {task!r}; this model's tasks are {self.tasks}") from None
+
+    # ----- forward -----
+    def _segments(self, task: TaskArg, batch: int) -> tuple[list[Segment], torch.Tensor | None]:
+        """Per-task row ranges, plus the sort order when a mixed batch has to be regrouped."""
+        if not isinstance(task, torch.Tensor):
+            return [(self.task_index(task), 0, batch)], None
+        ids = task.to(torch.long).flatten()
+        if ids.numel() != batch:
+            raise TaskError(f"got {ids.numel()} task ids for a batch of {batch}")
+        counts = torch.bincount(ids, minlength=len(self.tasks))
+        if counts.numel() > len(self.tasks) or (ids < 0).any():
+            raise TaskError(f"task ids must lie in [0, {len(self.tasks)}); got {ids.unique().tolist()}")
+        order = None if bool((ids[1:] >= ids[:-1]).all()) else torch.argsort(ids, stable=True)
+        segments, start = [], 0
+        for t, n in enumerate(counts.tolist()):
+            if n:
+                segments.append((t, start, start + n))
+                start += n
+        return segments, order
+
+    def forward_features(self, x: torch.Tensor, task: TaskArg) -> torch.Tensor:
+        """All tokens after the final norm: (B, 1 + num_patches, embed_dim)."""
+        segments, order = self._segments(task, x.shape[0])
+        if order is not None:
+            x = x[order]
+        e = self.arch.embed_dim
+        x = self.patch_embed(x)  # (B, N, e)
+        x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed[:, :, :e]
+        for blk in self.blocks[: self.arch.depth]:
+            x = blk(x, segments)
+        x = self.norm(x)
+        if order is not None:
+            x = x[torch.argsort(order)]
+        return x
+
+    def forward(self, x: torch.Tensor, task: TaskArg) -> torch.Tensor:
+        """Class-token features: (B, embed_dim)."""
+        return self.forward_features(x, task)[:, 0]
