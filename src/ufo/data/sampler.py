@@ -162,13 +162,15 @@ def _check_task(i: int, t: TaskSource) -> None:
     if not isinstance(t.name, str) or not t.name:
         raise DataError(f"tasks[{i}]: name must be a non-empty string, got {t.name!r}")
     if not _is_int(t.size) or t.size <= 0:
-        raise DataError(f"task {t.name!r}: size must be a positive int, got {t.size!r} (an empty task cannot be sampled)")
+        raise DataError(f"task {t.name!r}: size must be a positive int, got {t.size!r} "
+                        "(an empty task cannot be sampled)")
     if t.groups is not None:
         if not _is_int(t.k) or t.k < 1:
             raise DataError(f"task {t.name!r}: k must be a positive int, got {t.k!r}")
         g = np.asarray(t.groups)
         if g.ndim != 1 or len(g) != t.size:
-            raise DataError(f"task {t.name!r}: groups must be 1-D with one label per sample ({t.size}), got shape {g.shape}")
+            raise DataError(f"task {t.name!r}: groups must be 1-D with one label per sample ({t.size}), "
+                            f"got shape {g.shape}")
 
 
 def _group_members(groups: np.ndarray) -> tuple[int, list[np.ndarray], str]:
@@ -232,6 +234,10 @@ def allocate_quotas(targets: np.ndarray, batch_size: int, lo: list[int], unit: l
     def room(t: int) -> int:
         return (batch_size if hi[t] is None else hi[t] - q[t]) // unit[t]
 
+    if all(h is not None for h in hi) and sum(hi) < batch_size:
+        cap = ", ".join(f"{n}={h}" for n, h in zip(names, hi))
+        raise DataError(f"batch_size={batch_size} is more than the grouped tasks can fill with distinct groups "
+                        f"(eligible groups * k: {cap}, {sum(hi)} in all); lower batch_size or add a plain task")
     if not _fits(rest, [(unit[t], room(t)) for t in range(len(q))]):
         raise DataError(f"batch_size={batch_size} cannot be split into whole groups of k "
                         f"({dict(zip(names, unit))}) within the available groups; pick another batch_size "
@@ -404,20 +410,25 @@ class MixedTaskSampler:
         if version != STATE_VERSION:
             raise DataError(f"sampler state version {version!r} is not supported (expected {STATE_VERSION})")
         mine = self._signature()
-        for key in ("mode", "seed", "batch_size", "quotas", "temperature"):
-            if sig.get(key) != mine.get(key):
-                raise DataError(f"sampler state does not match this sampler: {key} is {sig.get(key)!r} "
-                                f"in the state but {mine.get(key)!r} here")
-        theirs_t, mine_t = sig.get("tasks", []), mine["tasks"]
-        if [t.get("name") for t in theirs_t] != [t["name"] for t in mine_t]:
-            raise DataError(f"sampler state does not match this sampler: tasks are "
-                            f"{[t.get('name') for t in theirs_t]} in the state but {self.names} here")
-        for a, b in zip(theirs_t, mine_t):
+
+        def mismatch(what: str, theirs: Any, ours: Any) -> DataError:
+            return DataError(f"sampler state does not match this sampler: {what} is {theirs!r} in the state "
+                             f"but {ours!r} here")
+
+        for key in ("mode", "seed", "batch_size"):
+            if sig.get(key) != mine[key]:
+                raise mismatch(key, sig.get(key), mine[key])
+        theirs_t = sig.get("tasks", [])
+        if [t.get("name") for t in theirs_t] != self.names:
+            raise mismatch("the task list", [t.get("name") for t in theirs_t], self.names)
+        for a, b in zip(theirs_t, mine["tasks"]):
             for key in ("size", "k", "groups"):
                 if a.get(key) != b[key]:
                     what = "group labels" if key == "groups" else key
-                    raise DataError(f"sampler state does not match this sampler: task {b['name']!r} {what} is "
-                                    f"{a.get(key)!r} in the state but {b[key]!r} here")
+                    raise mismatch(f"task {b['name']!r} {what}", a.get(key), b[key])
+        for key in ("quotas", "temperature"):
+            if sig.get(key) != mine.get(key):
+                raise mismatch(key, sig.get(key), mine.get(key))
         if not _is_int(step) or step < 0 or not isinstance(streams, list) or len(streams) != len(self._streams):
             raise DataError("malformed sampler state: step or streams do not fit this sampler")
         try:
