@@ -264,8 +264,10 @@ def reid_metrics(
 
     With cameras, gallery entries of the query's identity seen by the query's camera are dropped
     (Market-1501 protocol). Queries left with no match are skipped. Keys: "mAP", "cmc@{k}" for k in
-    `ranks`, "num_queries" (scored) and "skipped_queries". Written by hand (vectorised) because
-    the per-query camera filter and CMC share one sort; tests check AP against torchmetrics.
+    `ranks`, "num_queries" (scored) and "skipped_queries". Written by hand (vectorised): the
+    per-query camera filter and CMC share one sort, and torchmetrics' retrieval AP (1.9) treats a
+    relevant item scored <= 0 as irrelevant, which cosine scores hit. Tests check it against
+    torchmetrics on shifted scores.
     """
     qe, ge = _embeddings(q_emb, "q_emb"), _embeddings(g_emb, "g_emb")
     if qe.shape[1] != ge.shape[1]:
@@ -295,16 +297,19 @@ def reid_metrics(
         sim = qe[s : s + _CHUNK] @ ge.T  # (q, G)
         junk = (gi_t == qid) & (gc_t == qcam)
         match = (gi_t == qid) & ~junk
+        # Dropped entries score -inf, so they sort after every kept one and the 1-based rank of
+        # a kept entry is its sorted position + 1.
         order = torch.sort(sim.masked_fill(junk, -torch.inf), dim=1, descending=True, stable=True).indices
-        valid = ~junk.gather(1, order)
         hit = match.gather(1, order)
-        rank = valid.cumsum(1)  # 1-based rank among the entries that are kept
         n_pos = hit.sum(1)
+        row, col = hit.nonzero(as_tuple=True)  # row-major: each row's hits in rank order
+        start = n_pos.cumsum(0) - n_pos  # index of each row's first hit in (row, col)
+        nth_hit = torch.arange(len(row), device=dev) - start[row] + 1
+        precision = nth_hit.double() / (col + 1)  # precision at each hit
+        ap = torch.zeros(len(n_pos), dtype=torch.float64, device=dev).index_add_(0, row, precision)
         keep = n_pos > 0
-        precision = hit.cumsum(1).double() / rank.clamp(min=1)
-        aps.append(((precision * hit).sum(1) / n_pos.clamp(min=1))[keep])
-        first = torch.where(hit, rank, torch.full_like(rank, torch.iinfo(rank.dtype).max)).amin(1)
-        first_hits.append(first[keep])
+        aps.append(ap[keep] / n_pos[keep])
+        first_hits.append(col[start[keep]] + 1)
     ap, first = torch.cat(aps), torch.cat(first_hits)
     if len(ap) == 0:
         raise DataError(
