@@ -1,0 +1,207 @@
+"""The experiment YAML as pydantic models: model (search space), tasks (kind, data, options).
+
+Errors name the field at fault, e.g. `tasks.faces.data.recipe: ...`, and the file it came from.
+Sections for training, search and deployment are added by the stages that use them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ufo.arch import PathName, SearchSpace
+from ufo.errors import ConfigError
+
+READERS = ("image_folder", "csv", "npz", "zip", "gtsrb", "alphadigits_mat")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    """Where a task's images come from: a named recipe, or a reader over the user's own files."""
+
+    recipe: str | None = None
+    reader: Literal["image_folder", "csv", "npz", "zip", "gtsrb", "alphadigits_mat"] | None = None
+    path: str | None = None  # file or folder for `reader`
+    root: str | None = None  # data folder for recipes that read local files (default ../shared/data)
+    on_error: Literal["raise", "skip"] = "raise"  # corrupt images: fail, or skip with a counted warning
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    use_official_split: bool = True
+    max_train: int | None = Field(None, gt=0)  # keep a deterministic subset of the training split
+    oneshot_runs: bool = False  # Omniglot only: add the 20-way one-shot runs as an extra metric
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if (self.recipe is None) == (self.reader is None):
+            raise ValueError("give exactly one of `recipe` (a named dataset) or `reader` (+ `path`)")
+        if self.reader is not None and self.path is None:
+            raise ValueError(f"reader {self.reader!r} needs `path`")
+        return self
+
+
+class AugmentConfig(Strict):
+    hflip: bool = False
+    crop_padding: int = 0
+    random_resized_crop: bool = False
+    random_erasing: float = 0.0
+    rotation: float = 0.0
+
+
+class TaskConfig(Strict):
+    kind: str
+    data: DataConfig
+    options: dict[str, Any] = Field(default_factory=dict)
+    loss_weight: float = Field(1.0, ge=0)
+    lr_scale: float = Field(1.0, gt=0)
+    batch: int | None = Field(None, gt=0)  # explicit share of each heterogeneous batch
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(Strict):
+    """The supernet: fixed dimensions plus the elastic search space."""
+
+    img_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    head_dim: int = 32
+    qkv_bias: bool = True
+    depth: list[int] = [4, 5, 6]
+    embed_dim: list[int] = [64, 96, 128]
+    num_heads: list[int] = [2, 3, 4]
+    mlp_ratio: list[float] = [2.0, 3.0, 4.0]
+    paths: list[PathName] = ["shared", "task", "mix"]
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def space(self, tasks: list[str]) -> SearchSpace:
+        return SearchSpace(tasks=tasks, depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
+                           mlp_ratio=self.mlp_ratio, paths=self.paths, img_size=self.img_size,
+                           patch_size=self.patch_size, in_chans=self.in_chans, head_dim=self.head_dim,
+                           qkv_bias=self.qkv_bias)
+
+
+class TrainConfig(Strict):
+    """Optimisation recipe shared by every stage."""
+
+    stage: Literal["all_in_one", "pretrain_mim", "task_supernet", "chip_supernet"] = "all_in_one"
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(128, gt=0)  # global batch, summed over tasks (and ranks)
+    sampler: Literal["hetero", "round_robin", "proportional"] = "hetero"
+    temperature: float = Field(1.0, gt=0)  # task shares ~ size ** (1 / temperature)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    margin_lr_scale: float = Field(10.0, gt=0)  # margin-loss class centres learn faster, without decay
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: Literal["none", "bf16"] = "none"
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
+    log_every: int = Field(10, gt=0)
+    ckpt_every: int = Field(100, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    max_bad_steps: int = Field(5, gt=0)  # consecutive non-finite losses before the run stops
+    threads: int | None = Field(None, gt=0)
+    arch: str | None = None  # fixed arch for all-in-one training: largest, smallest, random:SEED or ARCH.json
+    paths: PathName | None = "shared"  # fixed FFN path for all-in-one training (None: the router decides)
+
+
+class InitConfig(Strict):
+    """Where the weights start: scratch, a timm ViT state dict, or a MIM pre-training run."""
+
+    kind: Literal["scratch", "timm", "mim"] = "scratch"
+    path: str | None = None  # timm: a local .safetensors/.pth state dict; mim: a run dir or checkpoint
+    timm_model: str | None = None  # timm: a model name loaded with pretrained=True (needs internet)
+
+
+class Config(BaseModel):
+    """A whole experiment. Unknown top-level sections are kept for later stages to validate."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "ufo"
+    seed: int = 0
+    data_root: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+
+    @model_validator(mode="after")
+    def _kinds(self) -> "Config":
+        from ufo.tasks import TASK_KINDS
+
+        for name, t in self.tasks.items():
+            if t.kind not in TASK_KINDS:
+                raise ValueError(f"tasks.{name}.kind: unknown task kind {t.kind!r}; available: {sorted(TASK_KINDS)}")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def space(self) -> SearchSpace:
+        return self.model.space(self.task_names)
+
+    def only(self, task: str) -> "Config":
+        """The same experiment restricted to one task (single-task baselines)."""
+        if task not in self.tasks:
+            raise ConfigError(f"--only {task!r}: no such task; the config's tasks are {self.task_names}")
+        data = self.model_dump(mode="json")
+        data["tasks"] = {task: data["tasks"][task]}
+        data["name"] = f"{self.name}-only-{task}"
+        return parse_config(data, f"{self.name} (--only {task})")
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and
+                                        not isinstance(err["input"], dict) else ""))
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read and validate an experiment YAML; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return parse_config(apply_overrides(data, overrides or []), str(path))

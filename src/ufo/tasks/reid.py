@@ -1,0 +1,62 @@
+"""Instance re-identification (e.g. a traffic sign seen over a track of frames).
+
+BN-neck embedding trained with a margin loss plus a batch-hard triplet loss on P x K batches.
+Identities are disjoint from training; each test identity gives query images, the rest of its
+images form the gallery. Reports mAP and CMC rank-1/5.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ufo.data.dataset import ImageSet
+from ufo.data.splits import split_by_identity, split_query_gallery
+from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
+from ufo.tasks.metrics import reid_metrics
+
+
+class ReidOptions(Options):
+    embedding_dim: int = 128
+    loss: Literal["cosface", "arcface"] = "cosface"
+    margin: float = 0.35
+    scale: float = 30.0
+    triplet_margin: float = 0.3
+    triplet_weight: float = 1.0
+    queries_per_identity: int = 1
+    k: int = 4
+
+
+@register("reid")
+class Reid(EmbeddingTask):
+    OptionsModel = ReidOptions
+    primary = "mAP"
+    uses_groups = True
+
+    def __init__(self, name: str, options, num_classes: int, in_dim: int) -> None:
+        from pytorch_metric_learning import losses, miners
+
+        super().__init__(name, options, num_classes, in_dim)
+        o = self.opts
+        self.margin = margin_loss(o.loss, num_classes, o.embedding_dim, o.margin, o.scale)
+        self.triplet = losses.TripletMarginLoss(margin=o.triplet_margin)
+        self.miner = miners.BatchHardMiner()
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(features).float()
+        triplets = self.miner(emb, labels)
+        return self.margin(emb, labels) + self.opts.triplet_weight * self.triplet(emb, labels, triplets)
+
+    @classmethod
+    def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
+        train, test = split_by_identity(ds, test_fraction, seed)
+        query, gallery = split_query_gallery(test, seed)
+        train = train.relabel()
+        return TaskData(train=train, eval={"query": query, "gallery": gallery}, groups=train.labels,
+                        notes=[f"identities disjoint, {test_fraction:.0%} held out as query/gallery"])
+
+    def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
+        q, g = data.eval["query"], data.eval["gallery"]
+        ids = lambda s: s.identities if s.identities is not None else s.labels  # noqa: E731
+        return reid_metrics(predict(q), ids(q), predict(g), ids(g), q.cameras, g.cameras)

@@ -1,0 +1,65 @@
+"""Open-set retrieval: embedding trained with a metric loss; Recall@K and MAP@R on classes never
+seen in training (each test image queries all the others)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ufo.data.dataset import ImageSet
+from ufo.data.splits import split_by_class
+from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
+from ufo.tasks.metrics import one_shot_accuracy, retrieval_metrics
+
+
+class RetrievalOptions(Options):
+    embedding_dim: int = 128
+    loss: Literal["multi_similarity", "triplet", "cosface", "arcface"] = "multi_similarity"
+    margin: float = 0.35
+    scale: float = 30.0
+    ks: list[int] = [1, 5]
+    k: int = 4
+
+
+@register("retrieval")
+class Retrieval(EmbeddingTask):
+    OptionsModel = RetrievalOptions
+    primary = "recall@1"
+    uses_groups = True
+
+    def __init__(self, name: str, options, num_classes: int, in_dim: int) -> None:
+        from pytorch_metric_learning import losses, miners
+
+        super().__init__(name, options, num_classes, in_dim)
+        o = self.opts
+        self.miner = None
+        if o.loss in ("cosface", "arcface"):
+            self.margin = margin_loss(o.loss, num_classes, o.embedding_dim, o.margin, o.scale)
+            self.metric = None
+        elif o.loss == "triplet":
+            self.metric, self.miner = losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()
+        else:
+            self.metric, self.miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(features).float()
+        if self.metric is None:
+            return self.margin(emb, labels)
+        return self.metric(emb, labels, self.miner(emb, labels))
+
+    @classmethod
+    def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
+        train, test = split_by_class(ds, test_fraction=test_fraction, seed=seed)
+        train = train.relabel()
+        return TaskData(train=train, eval={"test": test}, groups=train.labels,
+                        notes=[f"classes disjoint, {test_fraction:.0%} of classes held out"])
+
+    def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
+        out = retrieval_metrics(predict(data.eval["test"]), data.eval["test"].labels, ks=self.opts.ks)
+        runs = data.extra.get("oneshot_runs")
+        if runs:  # Omniglot's 20-way one-shot runs, as an extra metric
+            accs = [one_shot_accuracy(predict(r["support"]), r["support"].labels, predict(r["query"]), r["query"].labels)
+                    for r in runs]
+            out["oneshot20"] = float(sum(accs) / len(accs))
+        return out

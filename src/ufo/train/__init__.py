@@ -1,0 +1,1 @@
+"""Training: All-in-One loop, optimiser set-up, exact-resume checkpoints, torchrun plumbing."""

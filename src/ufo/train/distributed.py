@@ -1,0 +1,62 @@
+"""torch.distributed plumbing for `torchrun`: gloo on CPU, NCCL on GPU, DDP (or FSDP on GPU).
+
+Single-process runs go through the same calls, which then do nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as tdist
+from rich.console import Console
+from torch import nn
+
+_console = Console(stderr=True)
+
+
+def setup() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group(backend)
+    return (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+
+
+def wrap(module: nn.Module, world: int) -> nn.Module:
+    """DDP when distributed. Experts of tasks absent from a rank's batch, and paths the routes do
+    not pick, get no gradient in a step, so DDP is told that some parameters may go unused."""
+    if world <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, find_unused_parameters=True)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def is_main() -> bool:
+    return not tdist.is_initialized() or tdist.get_rank() == 0
+
+
+def info(msg: str) -> None:
+    if is_main():
+        _console.print(msg)
+
+
+def warn(msg: str) -> None:
+    if is_main():
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        _console.print(f"[yellow]warning:[/] {msg}")
+
+
+def cleanup() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,242 @@
+"""All-in-One training: one backbone, every task in every (heterogeneous) batch.
+
+A step draws each task's indices from the MixedTaskSampler, augments each task's images with its
+own transform, runs the mixed batch through the backbone once, sums the weighted task losses and
+takes one optimiser step. Checkpoints hold everything needed to resume exactly (weights,
+optimiser, EMA, torch RNG, sampler position); the LR schedule is a pure function of the step.
+Under torchrun every rank takes its slice of every task's share of the global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from ufo.checkpoint import atomic_write_text, read_manifest
+from ufo.config import Config
+from ufo.data.build import build_all
+from ufo.data.sampler import MixedTaskSampler, TaskSource
+from ufo.data.transforms import build_transform
+from ufo.errors import CheckpointError, UFOError
+from ufo.model import UFOModel
+from ufo.tasks import TaskData, task_class
+from ufo.train import distributed as dist
+from ufo.train.evaluate import evaluate_tasks
+from ufo.train.optim import build_optimizer, set_lr
+from ufo.train.state import load_train_state, save_train_state
+from ufo.train.store import build_model, resolve_train_arch, save_model
+
+
+class TrainingError(UFOError):
+    """A run that cannot go on (non-finite losses, a resume that does not match)."""
+
+
+class TrainStep(nn.Module):
+    """The module DDP wraps: mixed batch in, per-task losses out."""
+
+    def __init__(self, model: UFOModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.task_losses(x, task_ids, labels)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
+                 show_progress: bool = True) -> None:
+        self.cfg, self.out, self.t = cfg, Path(out), cfg.train
+        self.show_progress = show_progress
+        self.rank, self.world = dist.setup()
+        torch.manual_seed(cfg.seed)
+        if self.t.threads:
+            torch.set_num_threads(self.t.threads)
+        self.data = build_all(cfg) if data is None else data
+        self.model = build_model(cfg, {n: len(d.train.class_names) for n, d in self.data.items()})
+        self.arch = resolve_train_arch(cfg, self.model.space)
+        self.model.set_arch(self.arch)
+        self.model.train()
+        self.step_module = dist.wrap(TrainStep(self.model), self.world)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.ema = None
+        if self.t.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
+        self.sampler = self._sampler()
+        self.transforms = {n: build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=True,
+                                              augment=tc.augment.model_dump(), in_chans=cfg.model.in_chans)
+                           for n, tc in cfg.tasks.items()}
+        self.step = 0
+        self.bad_steps = 0
+
+    # ----- set-up -----
+    def _sampler(self) -> MixedTaskSampler:
+        sources = []
+        for name, tc in self.cfg.tasks.items():
+            d = self.data[name]
+            groups = d.groups.numpy() if d.groups is not None else None
+            k = getattr(self.model.heads[name].opts, "k", 4)
+            sources.append(TaskSource(name, len(d.train), groups, k))
+        quotas = {n: tc.batch for n, tc in self.cfg.tasks.items()} if all(
+            tc.batch for tc in self.cfg.tasks.values()) else None
+        return MixedTaskSampler(sources, self.t.batch_size, mode=self.t.sampler, quotas=quotas,
+                                temperature=self.t.temperature, seed=self.cfg.seed)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "latest.safetensors"
+
+    def _manifest(self) -> dict[str, Any]:
+        return {"config": self.cfg.model_dump(mode="json"), "arch": self.arch.model_dump(), "world_size": self.world}
+
+    # ----- batches -----
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next mixed batch of this rank: images (grouped by task), task ids, labels."""
+        plan = self.sampler.next()
+        xs, ids, ys = [], [], []
+        for name, idx in plan.items():
+            idx = idx[self.rank :: self.world]
+            if len(idx) == 0:
+                continue
+            ds = self.data[name].train
+            sel = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            xs.append(self.transforms[name](ds.images[sel]))
+            ys.append(ds.labels[sel])
+            ids.append(torch.full((len(sel),), self.model.tasks.index(name), dtype=torch.long))
+        return torch.cat(xs), torch.cat(ids), torch.cat(ys)
+
+    # ----- one step -----
+    def train_step(self) -> dict[str, float]:
+        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
+        x, ids, y = self.batch()
+        with torch.autocast("cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+                            enabled=self.t.amp == "bf16"):
+            losses = self.step_module(x, ids, y)
+        bad = [n for n, v in losses.items() if not torch.isfinite(v)]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            msg = f"step {self.step}: non-finite loss in task(s) {bad}; the step was skipped"
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
+            dist.warn(msg)
+            return {"skipped": 1.0}
+        self.bad_steps = 0
+        total = sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        out = {f"loss/{n}": float(v.detach()) for n, v in losses.items()}
+        out.update(loss=float(total.detach()), lr=self.base_lrs[0] * lr_f, images=float(len(x) * self.world))
+        return out
+
+    # ----- checkpoints -----
+    def save(self) -> None:
+        if self.rank == 0:
+            save_train_state(self.ckpt_path, self.model, self.optimizer, self.step, self._manifest(),
+                             ema=self.ema, sampler_state=self.sampler.state_dict())
+        dist.barrier()
+
+    def resume(self) -> bool:
+        """Continue from the latest checkpoint in the run folder; False when there is none."""
+        if not self.ckpt_path.exists():
+            return False
+        saved = read_manifest(self.ckpt_path)
+        mine = self._manifest()
+        diff = [k for k in mine["config"] if mine["config"][k] != saved.get("config", {}).get(k)]
+        if diff:
+            raise CheckpointError(f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
+                                  "Use a new --out folder, or the same config to resume.")
+        m = load_train_state(self.ckpt_path, self.model, self.optimizer, self.ema)
+        self.sampler.load_state_dict(m["sampler"])
+        self.step = int(m["step"])
+        return True
+
+    # ----- the run -----
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.resume():
+            dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
+        log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0)
+        t0, images = time.perf_counter(), 0.0
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                            disable=not (self.show_progress and self.rank == 0))
+        with progress:
+            bar = progress.add_task(self.t.stage, total=self.t.steps, completed=self.step, losses="")
+            while self.step < self.t.steps:
+                row = self.train_step()
+                self.step += 1
+                images += row.get("images", 0.0)
+                if self.step % self.t.log_every == 0 or self.step == self.t.steps:
+                    row["images_per_s"] = images / (time.perf_counter() - t0)
+                    log.write(self.step, row)
+                    progress.update(bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items()
+                                                         if k.startswith("loss/")))
+                if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
+                    self.save()
+                progress.update(bar, completed=self.step)
+        log.close()
+        summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}
+        if self.rank == 0:
+            save_model(self.out / "model.safetensors", self.eval_model(), self.cfg, self.arch)
+            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
+        dist.barrier()
+        return summary
+
+    def eval_model(self) -> UFOModel:
+        """The weights to evaluate and ship: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return evaluate_tasks(self.eval_model(), self.data, self.cfg)
+
+
+class MetricLog:
+    """metrics.csv (rows past a resumed step are dropped, so the log matches the weights) and
+    TensorBoard scalars."""
+
+    def __init__(self, out: Path, tasks: list[str], start_step: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = out / "metrics.csv"
+        self.fields = ["step", "loss", *(f"loss/{t}" for t in tasks), "lr", "images_per_s", "skipped"]
+        rows = []
+        if self.path.exists() and start_step > 0:
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, step: int, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow({"step": step, **row})
+        self.file.flush()
+        for k, v in row.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
