@@ -161,7 +161,8 @@ def concat(sets: Sequence[ImageSet], name: str | None = None) -> ImageSet:
         vals = [getattr(s, attr) for s in sets]
         if all(v is None for v in vals):
             return None
-        return torch.cat([v if v is not None else torch.full((len(s),), -1, dtype=torch.int64) for v, s in zip(vals, sets)])
+        unknown = [torch.full((len(s),), -1, dtype=torch.int64) for s in sets]
+        return torch.cat([v if v is not None else u for v, u in zip(vals, unknown)])
 
     split = None
     if any(s.split is not None for s in sets):
@@ -229,7 +230,8 @@ def cached(reader: str, paths: Sequence[Path], params: dict, load: Callable[[], 
     mtimes), image_size and other params. Warnings raised while loading are replayed on a hit.
 
     The returned ImageSet shares its tensors with the cache: treat them as read-only (`subset()`
-    and transforms copy).
+    and transforms copy). A folder's fingerprint covers files added or removed, not a file
+    rewritten in place: call `clear_cache()` after editing images.
     """
     key = (reader, tuple(_stamp(Path(p)) for p in paths), tuple(sorted((k, repr(v)) for k, v in params.items())))
     if key in _CACHE:

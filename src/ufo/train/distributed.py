@@ -37,6 +37,16 @@ def wrap(module: nn.Module, world: int) -> nn.Module:
     return DDP(module, find_unused_parameters=True)
 
 
+def mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars averaged over ranks (for logging the global loss), as Python floats."""
+    if not tdist.is_initialized():
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    buf = torch.stack([values[k].float() for k in keys])
+    tdist.all_reduce(buf)
+    return {k: float(v) for k, v in zip(keys, buf / tdist.get_world_size())}
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

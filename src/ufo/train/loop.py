@@ -140,9 +140,8 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
-        out = {f"loss/{n}": float(v.detach()) for n, v in losses.items()}
-        out.update(loss=float(total.detach()), lr=self.base_lrs[0] * lr_f, images=float(len(x) * self.world))
-        return out
+        logged = dist.mean_across_ranks({f"loss/{n}": v.detach() for n, v in losses.items()} | {"loss": total.detach()})
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
 
     # ----- checkpoints -----
     def save(self) -> None:

@@ -1,0 +1,639 @@
+"""Readers that decode a whole image set into an `ImageSet` (uint8, in memory).
+
+Every reader takes the same decoding options:
+- `image_size`: None keeps the native size (all images must then share it; the error names two
+  files that differ), an int for square images, or (height, width). Resizing uses PIL bilinear at
+  decode time, so the set is stored at the size the model needs.
+- `channels`: 1 or 3 forces grayscale or RGB; None keeps grayscale sets at 1 channel and lifts
+  everything to 3 as soon as one image is in colour.
+- `on_error`: "raise" stops at the first unreadable image with a `DataError` naming it; "skip"
+  drops it, counts it and warns once with the count and the first few files.
+
+Results are cached per process (see `ufo.data.dataset.cached`), keyed by the reader, the files'
+mtimes and these options.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ufo.data.dataset import ImageSet, cached, encode_values
+from ufo.errors import DataError
+
+ImageSize = int | tuple[int, int] | None
+OnError = Literal["raise", "skip"]
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
+)  # fmt: skip
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_SHOW = 3  # files named in a skip warning
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _size_hw(image_size: ImageSize) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in hw):
+        raise DataError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return int(hw[0]), int(hw[1])
+
+
+def _check_options(channels: int | None, on_error: str) -> None:
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1, 3 or None, got {channels!r}")
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def _natural_key(s: str) -> list:
+    """Sort key that orders "s2" before "s10"."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _adapt(arr: np.ndarray, size_hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) -> (C, H, W), resized (PIL bilinear) and with forced channels."""
+    if size_hw is not None and arr.shape[:2] != size_hw:
+        arr = np.asarray(Image.fromarray(arr).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    if channels == 3 and arr.shape[0] == 1:
+        arr = np.repeat(arr, 3, axis=0)
+    elif channels == 1 and arr.shape[0] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+        arr = np.round(arr.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], np.float32))
+        arr = np.clip(arr, 0, 255).astype(np.uint8)[None]
+    return np.ascontiguousarray(arr)
+
+
+_PNM_HEADER = re.compile(rb"\A(P[56])\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s")
+
+
+def _decode_pnm(data: bytes) -> np.ndarray | None:
+    """Fast path for 8-bit binary PGM/PPM (P5/P6; ORL and GTSRB): about 20x faster than PIL on
+    tiny files. Returns None for anything else, which then goes through PIL."""
+    m = _PNM_HEADER.match(data)
+    if m is None or int(m.group(4)) != 255:
+        return None
+    w, h, c = int(m.group(2)), int(m.group(3)), 1 if m.group(1) == b"P5" else 3
+    need = w * h * c
+    body = memoryview(data)[m.end() : m.end() + need]
+    if len(body) < need:
+        raise OSError(f"image file is truncated ({len(body)} of {need} pixel bytes)")
+    arr = np.frombuffer(body, dtype=np.uint8)
+    return arr.reshape(h, w) if c == 1 else arr.reshape(h, w, 3)
+
+
+def _decode(src: Any, size_hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """Decode one image file (path, bytes or file object) to uint8 (C, H, W)."""
+    if isinstance(src, Path) and src.suffix.lower() in (".pgm", ".ppm", ".pnm"):
+        src = src.read_bytes()
+    if isinstance(src, bytes):
+        arr = _decode_pnm(src) if src[:2] in (b"P5", b"P6") else None
+        if arr is not None:
+            if channels is None or channels == (1 if arr.ndim == 2 else 3):
+                return _adapt(arr, size_hw, None)
+            return _adapt(arr, size_hw, channels)
+        src = io.BytesIO(src)
+    with Image.open(src) as im:
+        im.load()
+        gray = channels == 1 or (channels is None and im.mode in _GRAY_MODES)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F") and gray:
+            a = np.asarray(im, dtype=np.float64)
+            a = np.clip(a * (255.0 / 65535.0) if a.max() > 255 else a, 0, 255).astype(np.uint8)
+            return _adapt(a, size_hw, channels)
+        im = im.convert("L" if gray else "RGB")
+        return _adapt(np.asarray(im), size_hw, channels)
+
+
+class _Collector:
+    """Decodes images one by one under the on_error policy and stacks them at the end."""
+
+    def __init__(self, where: str, image_size: ImageSize, channels: int | None, on_error: str):
+        _check_options(channels, on_error)
+        self.where, self.size_hw, self.channels, self.on_error = where, _size_hw(image_size), channels, on_error
+        self.arrays: list[np.ndarray] = []
+        self.kept: list[int] = []
+        self.skipped: list[str] = []
+        self._first: tuple[str, tuple[int, int]] | None = None
+        self._n = 0
+
+    def _reject(self, problem: str) -> None:
+        if self.on_error == "raise":
+            raise DataError(f"{problem} (pass on_error='skip' to drop unreadable images)")
+        self.skipped.append(problem)
+
+    def fail(self, problem: str) -> None:
+        """Take the next sample position for a sample that cannot be read (e.g. a missing file):
+        raise a DataError with `problem`, or count it as skipped."""
+        self._n += 1
+        self._reject(problem)
+
+    def add(self, origin: str, src: Callable[[], Any] | np.ndarray) -> None:
+        """Decode `src()` (a path or file object) or adapt an array, as the next sample."""
+        i, self._n = self._n, self._n + 1
+        try:
+            if isinstance(src, np.ndarray):
+                arr = _adapt(src, self.size_hw, self.channels)
+            else:
+                arr = _decode(src(), self.size_hw, self.channels)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
+            self._reject(f"cannot read image {origin}: {type(e).__name__}: {e}")
+            return
+        hw = (int(arr.shape[1]), int(arr.shape[2]))
+        if self._first is None:
+            self._first = (origin, hw)
+        elif hw != self._first[1] and self.size_hw is None:
+            (o0, (h0, w0)), (h, w) = self._first, hw
+            raise DataError(
+                f"images in {self.where} differ in size: {o0} is {h0}x{w0} (HxW) but {origin} is {h}x{w}; "
+                f"set image_size (e.g. image_size: 32) to resize them when they are read"
+            )
+        self.arrays.append(arr)
+        self.kept.append(i)
+
+    def finish(self) -> torch.Tensor:
+        """uint8 (N, C, H, W) of the kept images; warns about the skipped ones."""
+        if self.skipped:
+            more = f" and {len(self.skipped) - _SHOW} more" if len(self.skipped) > _SHOW else ""
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable image(s) in {self.where}: "
+                f"{'; '.join(self.skipped[:_SHOW])}{more}",
+                stacklevel=3,
+            )
+        if not self.arrays:
+            raise DataError(f"no readable images in {self.where}")
+        if self.channels is None and len({a.shape[0] for a in self.arrays}) > 1:
+            self.arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in self.arrays]
+        return torch.from_numpy(np.stack(self.arrays))
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist; check the path (relative paths start at {Path.cwd()})")
+    return path
+
+
+def _params(image_size: ImageSize, channels: int | None, on_error: str, **kw: Any) -> dict:
+    return dict(image_size=_size_hw(image_size), channels=channels, on_error=on_error, **kw)
+
+
+def _ids(values: list, kept: list[int]) -> torch.Tensor:
+    return torch.tensor([values[i] for i in kept], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------
+
+
+def read_image_folder(
+    root: str | Path,
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageSet:
+    """One sub-folder per class (`root/<class>/<image>`), classes and files in natural order
+    ("s2" before "s10"). Files with other extensions are ignored. An empty class folder is an
+    error (or, with on_error="skip", dropped with a warning)."""
+    root = _need(Path(root), "image folder")
+    exts = tuple(e.lower() for e in extensions)
+
+    def load() -> ImageSet:
+        if not root.is_dir():
+            raise DataError(f"image folder {root} is not a folder; expected one sub-folder per class")
+        class_dirs = sorted(
+            (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: _natural_key(d.name)
+        )
+        if not class_dirs:
+            raise DataError(f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>")
+        col = _Collector(str(root), image_size, channels, on_error)
+        names, labels, origins, empty = [], [], [], []
+        for d in class_dirs:
+            files = sorted(
+                (f for f in d.iterdir() if f.is_file() and f.suffix.lower() in exts), key=lambda f: _natural_key(f.name)
+            )
+            if not files:
+                if on_error == "raise":
+                    raise DataError(
+                        f"class folder {d} has no images (extensions {', '.join(exts)}); add images or remove it"
+                    )
+                empty.append(str(d))
+                continue
+            for f in files:
+                labels.append(len(names))
+                origins.append(str(f))
+                col.add(str(f), lambda f=f: f)
+            names.append(d.name)
+        if empty:
+            warnings.warn(f"skipped {len(empty)} empty class folder(s) in {root}: {', '.join(empty)}", stacklevel=2)
+        images = col.finish()
+        ds = ImageSet(
+            images=images, labels=_ids(labels, col.kept), class_names=names,
+            origin=[origins[i] for i in col.kept], name=root.name,
+        )  # fmt: skip
+        return ds.relabel() if col.skipped else ds
+
+    return cached("read_image_folder", [root], _params(image_size, channels, on_error, ext=exts), load)
+
+
+def _sniff_delimiter(header: str) -> str:
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    return max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+
+
+def read_csv_manifest(
+    path: str | Path,
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+) -> ImageSet:
+    """A CSV manifest with columns `path,label` and optional `identity,camera,split` (the
+    delimiter may be `,`, `;` or tab). Image paths are relative to the CSV's folder. String labels
+    become classes in sorted order; integer labels are ordered numerically and renumbered 0..k-1.
+    String identities/cameras are numbered in sorted order, integer ones kept."""
+    path = _need(Path(path), "CSV manifest")
+
+    def load() -> ImageSet:
+        text = path.read_text(encoding="utf-8-sig")
+        lines = text.splitlines()
+        if not lines or not lines[0].strip():
+            raise DataError(f"CSV manifest {path} is empty; expected a header line 'path,label'")
+        reader = csv.reader(lines, delimiter=_sniff_delimiter(lines[0]))
+        header = [h.strip().lower() for h in next(reader)]
+        for req in ("path", "label"):
+            if req not in header:
+                raise DataError(f"CSV manifest {path}: missing required column {req!r} (header is {header})")
+        col_of = {h: i for i, h in enumerate(header)}
+        col = _Collector(str(path), image_size, channels, on_error)
+        rows: list[dict[str, str]] = []
+        for n, rec in enumerate(reader, start=1):
+            if not any(v.strip() for v in rec):
+                continue
+            where = f"CSV manifest {path}: row {n} (line {reader.line_num})"
+            if len(rec) < len(header):
+                raise DataError(f"{where} has {len(rec)} fields but the header has {len(header)}")
+            row = {h: rec[i].strip() for h, i in col_of.items()}
+            for req in ("path", "label") + tuple(c for c in ("identity", "camera") if c in col_of):
+                if not row[req]:
+                    raise DataError(f"{where}: empty {req!r}")
+            img = Path(row["path"])
+            img = img if img.is_absolute() else path.parent / img
+            rows.append(row)
+            if not img.is_file():
+                col.fail(f"{where}: image file {img} does not exist")
+                continue
+            col.add(f"{img}", lambda img=img: img)
+        if not rows:
+            raise DataError(f"CSV manifest {path} has a header but no rows")
+        images = col.finish()
+        kept = [rows[i] for i in col.kept]
+        labels, names = encode_values([r["label"] for r in kept])
+        opt = {
+            c: encode_values([r[c] for r in kept], keep_ints=True)[0] if c in col_of else None
+            for c in ("identity", "camera")
+        }
+        base = path.parent
+        return ImageSet(
+            images=images, labels=labels, class_names=names, identities=opt["identity"], cameras=opt["camera"],
+            split=[r["split"] for r in kept] if "split" in col_of else None,
+            origin=[str(base / r["path"]) for r in kept], name=path.stem,
+        )  # fmt: skip
+
+    return cached("read_csv_manifest", [path], _params(image_size, channels, on_error), load)
+
+
+def _layout(arr: np.ndarray, where: str) -> np.ndarray:
+    """(N,H,W) / (N,H,W,C) / (N,C,H,W) -> (N,H,W) or (N,H,W,C) with C in {1,3} (alpha dropped)."""
+    if arr.ndim == 3:
+        return arr
+    if arr.ndim != 4:
+        raise DataError(f"{where}: expected images of shape (N,H,W), (N,H,W,C) or (N,C,H,W), got {arr.shape}")
+    if arr.shape[-1] in (1, 3, 4):
+        hwc = arr
+    elif arr.shape[1] in (1, 3, 4):
+        hwc = arr.transpose(0, 2, 3, 1)
+    else:
+        raise DataError(f"{where}: cannot tell the channel axis of shape {arr.shape}; expected 1, 3 or 4 channels")
+    hwc = hwc[..., :3] if hwc.shape[-1] == 4 else hwc
+    return hwc[..., 0] if hwc.shape[-1] == 1 else hwc
+
+
+def _to_uint8(arr: np.ndarray, where: str) -> np.ndarray:
+    """uint8 as is; floats in [0,1] or [0,255] and integers in [0,255] scaled to uint8."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DataError(f"{where}: images have dtype {arr.dtype}; expected uint8 or float")
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise DataError(f"{where}: image values span [{lo:g}, {hi:g}]; expected [0, 1] or [0, 255]")
+    scale = 255.0 if np.issubdtype(arr.dtype, np.floating) and hi <= 1.0 else 1.0
+    return np.clip(np.round(np.nan_to_num(arr.astype(np.float64)) * scale), 0, 255).astype(np.uint8)
+
+
+def read_npz(
+    path: str | Path,
+    images_key: str = "images",
+    labels_key: str = "labels",
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+    identities_key: str = "identities",
+    cameras_key: str = "cameras",
+    class_names_key: str = "class_names",
+) -> ImageSet:
+    """Arrays in a .npz: images (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1] or
+    [0,255]; labels integers or strings; optional identities, cameras and class_names arrays.
+    Loaded with allow_pickle=False. An image with NaN/inf values counts as unreadable."""
+    path = _need(Path(path), "npz file")
+
+    def load() -> ImageSet:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except ValueError as e:  # object arrays need pickle, which is never allowed
+            raise DataError(f"npz file {path}: {e} (store strings as fixed-width arrays, not objects)") from None
+        except Exception as e:
+            raise DataError(f"cannot read npz file {path}: {type(e).__name__}: {e}") from None
+        keys = set(data)
+        for k in (images_key, labels_key):
+            if k not in keys:
+                raise DataError(f"npz file {path} has no array {k!r} (it has {sorted(keys)})")
+        raw, labels_raw = data[images_key], data[labels_key]
+        where = f"{path}:{images_key}"
+        raw = _layout(raw, where)
+        if labels_raw.shape != (raw.shape[0],):
+            raise DataError(f"{path}:{labels_key} has shape {labels_raw.shape}, expected ({raw.shape[0]},)")
+        col = _Collector(str(path), image_size, channels, on_error)
+        bad = ~np.isfinite(raw).reshape(len(raw), -1).all(1) if np.issubdtype(raw.dtype, np.floating) else None
+        imgs = _to_uint8(raw, where)
+        for i in range(len(imgs)):
+            if bad is not None and bad[i]:
+                col.fail(f"{where}[{i}] has NaN or infinite values")
+                continue
+            col.add(f"{where}[{i}]", imgs[i])
+        images = col.finish()
+        kept = np.asarray(col.kept, dtype=np.int64)
+        lab = labels_raw[kept]
+        if class_names_key in keys and np.issubdtype(lab.dtype, np.integer):
+            names = [str(c) for c in data[class_names_key].tolist()]
+            labels = torch.as_tensor(lab.astype(np.int64))
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
+                raise DataError(f"{path}:{labels_key} has values outside 0..{len(names) - 1} ({class_names_key})")
+        else:
+            labels, names = encode_values([str(v) for v in lab.tolist()])
+        extra = {}
+        for field_name, key in (("identities", identities_key), ("cameras", cameras_key)):
+            if key in keys:
+                arr = data[key]
+                if arr.shape != (len(raw),):
+                    raise DataError(f"{path}:{key} has shape {arr.shape}, expected ({len(raw)},)")
+                extra[field_name] = encode_values([str(v) for v in arr[kept].tolist()], keep_ints=True)[0]
+        return ImageSet(
+            images=images, labels=labels, class_names=names, origin=[f"{where}[{i}]" for i in col.kept],
+            name=path.stem, **extra,
+        )  # fmt: skip
+
+    params = _params(image_size, channels, on_error, keys=(images_key, labels_key, identities_key, cameras_key))
+    return cached("read_npz", [path], params, load)
+
+
+def _zip_classes(members: list[str], class_depth: int | None) -> list[str]:
+    """Class of each member = its parent folder; with class_depth=k the last k folders, otherwise
+    the whole parent path without a top folder that every member shares."""
+    parents = [m.rsplit("/", 1)[0] if "/" in m else "" for m in members]
+    if class_depth is not None:
+        return ["/".join(p.split("/")[-class_depth:]) if p else "" for p in parents]
+    tops = {p.split("/", 1)[0] for p in parents}
+    if len(tops) == 1 and all("/" in p for p in parents):
+        return [p.split("/", 1)[1] for p in parents]
+    return parents
+
+
+def read_zip_images(
+    path: str | Path | Sequence[str | Path],
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+    class_depth: int | None = None,
+    dedupe: bool = True,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageSet:
+    """Images inside one or several zip files, read with zipfile + PIL without extracting.
+
+    The class of a member is its parent folder (see `class_depth`; with None, a top folder shared
+    by every member of a zip is dropped, so "images_background_small1/Greek/character01/x.png" is
+    class "Greek/character01"). Several zips give the union of their classes; with `dedupe`, a
+    member whose class, file name and bytes equal an earlier one is read once. Origins are
+    "archive.zip:member"."""
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    for p in paths:
+        _need(p, "zip file")
+    exts = tuple(e.lower() for e in extensions)
+
+    def load() -> ImageSet:
+        col = _Collector(", ".join(map(str, paths)), image_size, channels, on_error)
+        classes, origins, seen = [], [], set()
+        for p in paths:
+            try:
+                zf = zipfile.ZipFile(p)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise DataError(f"cannot open zip file {p}: {e}") from None
+            with zf:
+                members = sorted(
+                    (m for m in zf.namelist() if not m.endswith("/") and Path(m).suffix.lower() in exts
+                     and not Path(m).name.startswith(".") and "__MACOSX" not in m),
+                    key=_natural_key,
+                )  # fmt: skip
+                for m, cls in zip(members, _zip_classes(members, class_depth)):
+                    origin = f"{p}:{m}"
+                    try:
+                        data = zf.read(m)
+                    except Exception as e:  # CRC errors, bad compression
+                        col.fail(f"cannot read image {origin}: {type(e).__name__}: {e}")
+                        continue
+                    if dedupe:
+                        key = (cls, m.rsplit("/", 1)[-1], hashlib.sha1(data).hexdigest())
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    classes.append(cls)
+                    origins.append(origin)
+                    col.add(origin, lambda data=data: data)
+        if not origins and not col.skipped:
+            raise DataError(f"no images ({', '.join(exts)}) in {', '.join(map(str, paths))}")
+        images = col.finish()
+        labels, names = encode_values([classes[i] for i in col.kept])
+        return ImageSet(
+            images=images, labels=labels, class_names=names, origin=[origins[i] for i in col.kept],
+            name=paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths),
+        )  # fmt: skip
+
+    params = _params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts)
+    return cached("read_zip_images", paths, params, load)
+
+
+def _gtsrb_base(root: Path) -> Path:
+    for base in (root, root / "GTSRB"):
+        if (base / "Final_Training" / "Images").is_dir():
+            return base
+    raise DataError(
+        f"GTSRB layout not found under {root}: expected {root}/Final_Training/Images/000CC/GT-000CC.csv "
+        f"(or the same under {root}/GTSRB)"
+    )
+
+
+def _read_semicolon_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    if not path.is_file():
+        raise DataError(f"GTSRB annotation file {path} does not exist")
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    reader = csv.DictReader(lines, delimiter=";")
+    fields = [f.strip() for f in (reader.fieldnames or [])]
+    for req in required:
+        if req not in fields:
+            raise DataError(f"GTSRB annotation file {path}: missing column {req!r} (header is {fields})")
+    return [(n, {k.strip(): (v or "").strip() for k, v in r.items() if k}) for n, r in enumerate(reader, 1)]
+
+
+def read_gtsrb(
+    root: str | Path,
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+    include_test: bool = True,
+) -> ImageSet:
+    """GTSRB in its original layout: Final_Training/Images/000CC/GT-000CC.csv and
+    Final_Test/GT-final_test.csv (with ClassId), `;`-separated, images in .ppm.
+
+    Returns one set with split "train"/"test", labels = ClassId (class_names "class00".."class42"),
+    identities = a global track id for training images (one per (class, TTTTT) of the file name
+    TTTTT_FFFFF.ppm, numbered in that order so ids are unique across classes) and -1 for test
+    images, which have no track. `root` may be the folder holding GTSRB/ or GTSRB/ itself."""
+    root = _need(Path(root), "GTSRB folder")
+    base = _gtsrb_base(root)
+
+    def load() -> ImageSet:
+        col = _Collector(str(base), image_size, channels, on_error)
+        meta: list[tuple[int, tuple[int, int] | None, str, str]] = []  # class, (class, track), split, origin
+
+        def add(csv_path: Path, n: int, row: dict[str, str], folder: Path, split: str) -> None:
+            where = f"GTSRB annotation file {csv_path}: row {n}"
+            try:
+                cid = int(row["ClassId"])
+            except ValueError:
+                raise DataError(f"{where}: ClassId {row['ClassId']!r} is not an integer") from None
+            fname = row["Filename"]
+            track = None
+            if split == "train":
+                m = re.fullmatch(r"(\d+)_(\d+)\.\w+", fname)
+                if not m:
+                    raise DataError(f"{where}: file name {fname!r} is not TTTTT_FFFFF.ppm, so it has no track id")
+                track = (cid, int(m.group(1)))
+            img = folder / fname
+            meta.append((cid, track, split, str(img)))
+            if not img.is_file():
+                col.fail(f"{where}: image file {img} does not exist")
+            else:
+                col.add(str(img), lambda img=img: img)
+
+        class_dirs = sorted(d for d in (base / "Final_Training" / "Images").iterdir() if d.is_dir())
+        if not class_dirs:
+            raise DataError(f"{base}/Final_Training/Images has no class folders 000CC")
+        for d in class_dirs:
+            csv_path = d / f"GT-{d.name}.csv"
+            for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
+                add(csv_path, n, row, d, "train")
+        if include_test:
+            csv_path = base / "Final_Test" / "GT-final_test.csv"
+            if not csv_path.is_file():
+                raise DataError(
+                    f"GTSRB test labels {csv_path} do not exist (GT-final_test.test.csv has no ClassId); "
+                    "add the labelled GT-final_test.csv or pass include_test=False"
+                )
+            for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
+                add(csv_path, n, row, base / "Final_Test" / "Images", "test")
+        images = col.finish()
+        kept = [meta[i] for i in col.kept]
+        tracks = sorted({t for _, t, _, _ in kept if t is not None})
+        track_id = {t: i for i, t in enumerate(tracks)}
+        n_classes = max(c for c, _, _, _ in kept) + 1
+        return ImageSet(
+            images=images,
+            labels=torch.tensor([c for c, _, _, _ in kept], dtype=torch.int64),
+            class_names=[f"class{i:02d}" for i in range(n_classes)],
+            identities=torch.tensor([track_id[t] if t is not None else -1 for _, t, _, _ in kept], dtype=torch.int64),
+            split=[s for _, _, s, _ in kept],
+            origin=[o for _, _, _, o in kept],
+            name="gtsrb",
+        )
+
+    stamps = [base / "Final_Training" / "Images"] + ([base / "Final_Test"] if include_test else [])
+    return cached("read_gtsrb", stamps, _params(image_size, channels, on_error, test=include_test), load)
+
+
+def read_alphadigits_mat(
+    path: str | Path,
+    image_size: ImageSize = None,
+    channels: int | None = None,
+    on_error: OnError = "raise",
+) -> ImageSet:
+    """Binary Alphadigits `binaryalphadigs.mat` (scipy.io.loadmat): `dat` is a 36 x 39 cell of
+    20x16 binary images, `classlabels` the 36 names '0'..'9','A'..'Z'. Returns 1,404 images,
+    uint8 0/255, class-major order; origins "binaryalphadigs.mat:dat[i,j]"."""
+    path = _need(Path(path), "MATLAB file")
+
+    def load() -> ImageSet:
+        import scipy.io
+
+        try:
+            mat = scipy.io.loadmat(str(path))
+        except Exception as e:
+            raise DataError(f"cannot read MATLAB file {path}: {type(e).__name__}: {e}") from None
+        for k in ("dat", "classlabels"):
+            if k not in mat:
+                raise DataError(f"MATLAB file {path} has no variable {k!r}; is it binaryalphadigs.mat?")
+        dat = mat["dat"]
+        names = [str(np.asarray(c).ravel()[0]) for c in mat["classlabels"].ravel()]
+        if dat.ndim != 2 or dat.shape[0] != len(names):
+            raise DataError(f"MATLAB file {path}: dat has shape {dat.shape} for {len(names)} class labels")
+        col = _Collector(str(path), image_size, channels, on_error)
+        labels, origins = [], []
+        for c in range(dat.shape[0]):
+            for j in range(dat.shape[1]):
+                origin = f"{path}:dat[{c},{j}]"
+                cell = np.asarray(dat[c, j])
+                labels.append(c)
+                origins.append(origin)
+                if cell.ndim != 2 or cell.size == 0:
+                    col.fail(f"{origin}: expected a 2-D binary image, got shape {cell.shape}")
+                    continue
+                img = (cell > 0).astype(np.uint8) * 255 if cell.max() <= 1 else _to_uint8(cell, origin)
+                col.add(origin, img)
+        images = col.finish()
+        return ImageSet(
+            images=images, labels=_ids(labels, col.kept), class_names=names,
+            origin=[origins[i] for i in col.kept], name="alphadigits",
+        )  # fmt: skip
+
+    return cached("read_alphadigits_mat", [path], _params(image_size, channels, on_error), load)

@@ -1,0 +1,149 @@
+"""Training: exact resume after SIGKILL, torchrun DDP against one process, NaN handling, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ufo.checkpoint import load_checkpoint, read_manifest
+from ufo.config import parse_config
+from ufo.errors import ConfigError, DataError
+
+BIN = Path(sys.executable).parent
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [2], "embed_dim": [24], "num_heads": [2],
+              "mlp_ratio": [2.0], "drop_path_rate": 0.1},
+    "tasks": {
+        "digits": {"kind": "classification", "data": {"recipe": "digits"}, "augment": {"crop_padding": 1}},
+        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 600},
+                  "options": {"embedding_dim": 16, "k": 4}},
+    },
+    "train": {"steps": 24, "batch_size": 32, "log_every": 2, "ckpt_every": 4, "warmup_steps": 4, "threads": 1},
+}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _ufo(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ufo"), *args], capture_output=True, text=True, **kw)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    full = _ufo("train", str(cfg), "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "ufo"), "train", str(cfg), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "latest.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "no checkpoint was written before the kill"
+    killed_at = read_manifest(ckpt)["step"]
+    assert killed_at < 24 and not (run / "model.safetensors").exists()
+
+    resumed = _ufo("train", str(cfg), "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "full" / "model.safetensors"), _weights(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"resumed run differs by {worst} (killed at step {killed_at})"
+    with open(run / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == list(range(2, 25, 2)), "the log must have each step once after a resume"
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    cfg = _write(tmp_path, {**TINY, "train": {**TINY["train"], "steps": 4}})
+    assert _ufo("train", str(cfg), "--out", str(tmp_path / "r")).returncode == 0
+    other = _write(tmp_path, {**TINY, "seed": 4, "train": {**TINY["train"], "steps": 8}}, "other.yaml")
+    res = _ufo("train", str(other), "--out", str(tmp_path / "r"), "--resume")
+    assert res.returncode == 2 and "another config" in res.stderr and "seed" in res.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    cfg = dict(TINY)
+    cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
+    cfg["tasks"] = {
+        "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
+        "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16},
+    }
+    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 100}
+    path = _write(tmp_path, cfg)
+    one = _ufo("train", str(path), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
+                          str(path), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        with open(tmp_path / run / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    l1, l2 = losses("one"), losses("two")
+    assert len(l1) == len(l2) == 12
+    # Same global batch split over 2 ranks: equal up to float summation order.
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
+    assert (tmp_path / "two" / "model.safetensors").exists()
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = {**TINY, "tasks": {"x": {"kind": "segmentation", "data": {"recipe": "digits"}}}}
+    with pytest.raises(ConfigError, match="tasks.x.kind.*segmentation.*classification"):
+        parse_config(bad)
+    with pytest.raises(ConfigError, match="train.lr"):
+        parse_config({**TINY, "train": {"lr": -1}})
+    with pytest.raises(ConfigError, match="exactly one of `recipe`"):
+        parse_config({**TINY, "tasks": {"x": {"kind": "classification", "data": {}}}})
+    res = _ufo("train", str(_write(tmp_path, bad)), "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "segmentation" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_task_the_data_cannot_serve_fails_before_training(tmp_path):
+    from ufo.train.loop import Trainer
+
+    cfg = parse_config({**TINY, "tasks": {"f": {"kind": "verification", "data": {"reader": "image_folder",
+                                                                                "path": str(tmp_path / "nope")}}}})
+    with pytest.raises(DataError, match="nope.*does not exist"):
+        Trainer(cfg, tmp_path / "r")
+
+
+def test_nan_loss_skips_the_step_names_the_task_and_stops(tmp_path, monkeypatch):
+    from ufo.train.loop import Trainer, TrainingError
+
+    cfg = parse_config({**TINY, "train": {**TINY["train"], "steps": 10, "ckpt_every": 2, "max_bad_steps": 2}})
+    tr = Trainer(cfg, tmp_path / "r", show_progress=False)
+    head = tr.model.heads["mnist"]
+    monkeypatch.setattr(head, "loss", lambda f, y: f.sum() * float("nan"))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="non-finite loss in task.*mnist"):
+        assert tr.train_step() == {"skipped": 1.0}
+    assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    with pytest.raises(TrainingError, match="mnist.*2 in a row"):
+        tr.train_step()
