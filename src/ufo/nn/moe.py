@@ -53,7 +53,9 @@ class TaskFFN(nn.Module):
         """x: (B, N, C) sorted by task; segments say which rows belong to which task."""
         if len(segments) == 1:
             return self._forward_task(x, segments[0][0])
-        return torch.cat([self._forward_task(x[s:e], t) for t, s, e in segments], 0)
+        # split (not x[s:e]): its backward is one concatenation, not a zero-filled buffer per slice
+        parts = x.split([e - s for _, s, e in segments])
+        return torch.cat([self._forward_task(p, t) for p, (t, _, _) in zip(parts, segments)], 0)
 
     def _forward_task(self, x: torch.Tensor, t: int) -> torch.Tensor:
         expert = self.experts[self.tasks[t]]
