@@ -120,6 +120,29 @@ class InitConfig(Strict):
     path: str | None = None  # timm: a local .safetensors/.pth state dict; mim: a run dir or checkpoint
     timm_model: str | None = None  # timm: a model name loaded with pretrained=True (needs internet)
 
+    @model_validator(mode="after")
+    def _source(self) -> "InitConfig":
+        if self.kind == "scratch" and (self.path or self.timm_model):
+            raise ValueError("kind 'scratch' takes neither `path` nor `timm_model`")
+        if self.kind == "timm" and (self.path is None) == (self.timm_model is None):
+            raise ValueError("kind 'timm' needs exactly one of `path` (a local state dict file) or `timm_model`")
+        if self.kind == "mim" and (self.path is None or self.timm_model is not None):
+            raise ValueError("kind 'mim' needs `path` (a pretrain_mim run folder or its checkpoint) and no `timm_model`")
+        return self
+
+
+class MimConfig(Strict):
+    """SimMIM pre-training (`train.stage: pretrain_mim`): which patches are hidden and how many."""
+
+    mask_ratio: float = Field(0.6, gt=0, lt=1)
+    mask_patch_size: int | None = Field(None, gt=0)  # default: 2 x model.patch_size if it divides img_size
+
+    def patch(self, img_size: int, patch_size: int) -> int:
+        """The mask patch size in pixels (the default resolved against the model's sizes)."""
+        if self.mask_patch_size is not None:
+            return self.mask_patch_size
+        return 2 * patch_size if img_size % (2 * patch_size) == 0 else patch_size
+
 
 class Config(BaseModel):
     """A whole experiment. Unknown top-level sections are kept for later stages to validate."""
@@ -133,6 +156,7 @@ class Config(BaseModel):
     tasks: dict[str, TaskConfig] = Field(min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     init: InitConfig = Field(default_factory=InitConfig)
+    mim: MimConfig = Field(default_factory=MimConfig)
 
     @model_validator(mode="after")
     def _kinds(self) -> "Config":
@@ -141,6 +165,10 @@ class Config(BaseModel):
         for name, t in self.tasks.items():
             if t.kind not in TASK_KINDS:
                 raise ValueError(f"tasks.{name}.kind: unknown task kind {t.kind!r}; available: {sorted(TASK_KINDS)}")
+        m, p = self.mim.mask_patch_size, self.model.patch_size
+        if m is not None and (m % p or self.model.img_size % m):
+            raise ValueError(f"mim.mask_patch_size: {m} must be a multiple of model.patch_size ({p}) "
+                             f"and divide model.img_size ({self.model.img_size})")
         return self
 
     @property

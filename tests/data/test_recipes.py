@@ -140,7 +140,8 @@ def test_default_data_root(monkeypatch, tmp_path: Path):
     monkeypatch.delenv("UFO_DATA_DIR")
     monkeypatch.chdir(tmp_path)  # not found from the working dir: found next to the repository
     if SHARED_DATA.is_dir():
-        assert default_data_root() == SHARED_DATA.resolve()
+        found = default_data_root()
+        assert found is not None and found.resolve() == SHARED_DATA.resolve()
 
 
 def test_no_data_root(monkeypatch):

@@ -130,13 +130,26 @@ class SuperViT(nn.Module):
                 start += n
         return segments, order
 
-    def forward_features(self, x: torch.Tensor, task: TaskArg) -> torch.Tensor:
-        """All tokens after the final norm: (B, 1 + num_patches, embed_dim)."""
+    def forward_features(self, x: torch.Tensor, task: TaskArg, mask: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm: (B, 1 + num_patches, embed_dim).
+
+        With `mask` ((B, num_patches) bool, True = hidden), the embeddings of masked patches are
+        replaced by `mask_token` (its first embed_dim entries) before the position embedding is
+        added, as masked image modelling needs. The token lives with the caller, not here.
+        """
         segments, order = self._segments(task, x.shape[0])
         if order is not None:
             x = x[order]
+            mask = None if mask is None else mask[order]
         e = self.arch.embed_dim
         x = self.patch_embed(x)  # (B, N, e)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("forward_features: a patch mask needs a mask_token")
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"forward_features: mask of shape {tuple(mask.shape)}, expected {tuple(x.shape[:2])}")
+            x = torch.where(mask.unsqueeze(-1), mask_token.reshape(-1)[:e].to(x.dtype), x)
         x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed[:, :, :e]
         for blk in self.blocks[: self.arch.depth]:
             x = blk(x, segments)
