@@ -87,21 +87,103 @@ def resolve_arch_arg(arch: str, space, routes=None):
 @app.command()
 @friendly
 def extract(
-    checkpoint: Path = typer.Argument(..., help="supernet checkpoint (.safetensors)"),
+    checkpoint: Path = typer.Argument(..., help="a run folder or its model.safetensors (trained model), or a bare "
+                                                "supernet checkpoint"),
     task: list[str] = typer.Option(..., "--task", "-t", help="task to keep; repeat for a multi-task model"),
-    arch: str = typer.Option("largest", help="ARCH.json, largest, smallest or random:SEED"),
+    arch: Optional[str] = typer.Option(None, help="ARCH.json, largest, smallest or random:SEED (default: the run's "
+                                                  "training arch; largest for a bare supernet)"),
     out: Path = typer.Option(..., help="output .safetensors file"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder, for class names and "
+                                                                     "verification thresholds"),
 ) -> None:
-    """Extract a standalone subnet (plain timm/torch layers) for one or more tasks."""
-    from ufo.checkpoint import load_supernet, save_extracted
+    """Extract a standalone model for one or more tasks. From a trained run: a task model (backbone
+    plus sliced heads, preprocessing, classes, thresholds); from a bare supernet: the backbone only."""
+    from ufo.checkpoint import load_supernet, read_manifest, save_extracted
     from ufo.nn import extract as do_extract
 
+    if read_manifest(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).get("kind") != "supernet":
+        from ufo.deploy.package import save_task_model, task_model_from_run
+
+        tm = task_model_from_run(checkpoint, task, arch, data_root=None if data_dir is None else str(data_dir))
+        save_task_model(out, tm)
+        a = tm.info.arch
+        console.print(f"wrote {out}: task model for {task}, {tm.num_params():,} parameters, depth {a.depth}, "
+                      f"embed {a.embed_dim}")
+        for t, h in tm.info.heads.items():
+            extra = f", threshold {h.threshold:.4f}" if h.threshold is not None else ""
+            console.print(f"  {t}: {h.kind} -> {h.output} ({h.num_classes} classes{extra})")
+        return
     model = load_supernet(checkpoint).eval()
-    a = resolve_arch_arg(arch, model.space, model.routes())
+    a = resolve_arch_arg(arch or "largest", model.space, model.routes())
     sub = do_extract(model, a, task)
     save_extracted(out, sub, model.space, extra={"source": str(checkpoint)})
     n = model.space.num_params(sub.ufo_arch, task)
     console.print(f"wrote {out}: tasks {task}, {n:,} parameters, depth {a.depth}, embed {a.embed_dim}")
+
+
+@app.command()
+@friendly
+def export(
+    model: Path = typer.Argument(..., help="a task_model file (ufo extract), or a run folder with --task/--arch"),
+    format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    out: Path = typer.Option(..., help="output .onnx file"),
+    task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="the task to export (one per file)"),
+    arch: Optional[str] = typer.Option(None, help="for a run folder: ARCH.json, largest, smallest or random:SEED"),
+    int8: Optional[str] = typer.Option(None, "--int8", help="also quantize: dynamic or static (calibrated on "
+                                                             "training images); the fp32 model goes to OUT.fp32.onnx"),
+    opset: int = typer.Option(18, help="ONNX opset (17 or newer)"),
+    tol: float = typer.Option(1e-4, help="parity tolerance: max |ONNX Runtime - torch| on real inputs"),
+    calib_size: int = typer.Option(256, help="training images for static INT8 calibration"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder (parity inputs, metrics)"),
+) -> None:
+    """Export one task's path to ONNX (dynamic batch, metadata), check it against torch, and
+    optionally quantize it to INT8 and report the task metric before and after."""
+    from ufo.deploy.onnx_export import export_from
+
+    if format != "onnx":
+        raise UFOError(f"--format {format!r}: only onnx is supported")
+    if int8 not in (None, "dynamic", "static"):
+        raise UFOError(f"--int8 {int8!r}: expected dynamic or static")
+    r = export_from(model, out, task, arch, int8, opset=opset, tol=tol, calib_size=calib_size,
+                    data_root=None if data_dir is None else str(data_dir))
+    console.print(f"wrote {r['fp32']}: task {r['task']} ({r['output_kind']}), opset {r['opset']}, dynamic batch; "
+                  f"parity on {r['parity_n']} {r['parity_inputs']}: max abs diff {r['parity_max_abs_diff']:.2e} "
+                  f"<= {r['parity_tol']:g}")
+    if "int8" in r:
+        q = r["int8"]
+        console.print(f"wrote {q['path']}: INT8 {q['mode']}, {q['size_bytes']:,} bytes (fp32 {q['fp32_size_bytes']:,}),"
+                      f" max abs diff vs torch {q['max_abs_diff_vs_torch']:.3g}")
+    if "metrics_fp32" in r:
+        key = r["primary"]
+        line = f"{key}: fp32 {r['metrics_fp32'][key]:.4f}"
+        if "metrics_int8" in r:
+            line += f", int8 {r['metrics_int8'][key]:.4f}"
+        console.print(line)
+    else:
+        console.print("no task data found: metrics not computed")
+
+
+@app.command()
+@friendly
+def serve(
+    models: list[Path] = typer.Argument(..., help="run folders, task_model files or .onnx files (tasks must differ)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    backend: str = typer.Option("torch", help="torch or onnx (run folders and task models are exported on start)"),
+    max_batch: int = typer.Option(32, help="largest micro-batch per task"),
+    max_wait_ms: float = typer.Option(5.0, help="longest wait for a micro-batch to fill"),
+    max_upload_mb: float = typer.Option(8.0, help="largest request body"),
+    max_pixels: Optional[int] = typer.Option(None, help="largest decoded image (default: PIL's MAX_IMAGE_PIXELS)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads for torch / ONNX Runtime"),
+) -> None:
+    """Serve task models over HTTP (FastAPI): predict, compare, task list, health and Prometheus metrics."""
+    from ufo.deploy.server import Settings, serve as run_server
+
+    if backend not in ("torch", "onnx"):
+        raise UFOError(f"--backend {backend!r}: expected torch or onnx")
+    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
+                        **({} if max_pixels is None else {"max_pixels": max_pixels}))
+    run_server(models, host, port, backend, settings, threads, announce=console.print)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data a config declares.")
@@ -154,13 +236,14 @@ def train(
 ) -> None:
     """Train the model the config describes (All in One by default)."""
     from ufo.train.loop import Trainer
+    from ufo.train.mim import MimTrainer
 
     cfg = _load(config, set_, data_dir)
     if only:
         cfg = cfg.only(only)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    trainer = Trainer(cfg, out)
+    trainer = (MimTrainer if cfg.train.stage == "pretrain_mim" else Trainer)(cfg, out)
     summary = trainer.fit(resume=resume)
     console.print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
                   f"model: {out / 'model.safetensors'}")

@@ -1,0 +1,297 @@
+"""ONNX export of one task's path, with a parity check, INT8 quantization and ORT evaluation.
+
+`export_onnx` traces `TaskModel.for_task(task)` with torch's exporter (the torch.export-based one,
+the default since torch 2.9) at opset 18 with a dynamic batch axis, and stores the deployment
+facts in the model's `metadata_props` (task, arch, preprocessing, output kind, classes,
+threshold), so an .onnx file can be served on its own. `check_parity` compares ONNX Runtime with
+torch on real inputs and fails with the difference. `quantize` makes an INT8 model with
+`onnxruntime.quantization`: dynamic (weights only) or static QDQ calibrated on training images.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+from ufo.arch import Arch
+from ufo.checkpoint import atomic_write
+from ufo.config import Config
+from ufo.data.dataset import ImageSet
+from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
+from ufo.tasks import TaskData, task_class
+
+OPSET = 18
+PARITY_TOL = 1e-4
+INPUT, OUTPUT = "input", "output"
+Int8Mode = Literal["dynamic", "static"]
+
+
+# ----- export -----
+
+def onnx_metadata(tm: TaskModel, task: str) -> dict[str, str]:
+    """The `metadata_props` of task `task`'s ONNX model (all values are strings; JSON where structured)."""
+    import ufo
+
+    h, p = tm.info.heads[task], tm.info.preprocessing
+    return {
+        "ufo.format": "ufo-onnx-task", "ufo.version": ufo.__version__,
+        "task": task, "task_kind": h.kind, "output_kind": h.output,
+        "arch": tm.info.arch.model_dump_json(),
+        "input_size": json.dumps([p.in_chans, p.img_size, p.img_size]),
+        "mean": json.dumps(p.mean), "std": json.dumps(p.std),
+        "preprocessing": p.model_dump_json(),
+        "head": h.model_dump_json(),
+        "config": json.dumps(tm.info.config) if tm.info.config is not None else "null",
+    }
+
+
+def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -> Path:
+    """Write `task`'s path of `tm` as an ONNX model with a dynamic batch axis; returns `out`."""
+    if opset < 17:
+        raise DeployError(f"--opset {opset}: UFO exports need opset 17 or newer (LayerNormalization)")
+    path = tm.for_task(task).eval()
+    p = tm.info.preprocessing
+    x = torch.zeros(2, p.in_chans, p.img_size, p.img_size)  # batch 2: a batch of 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        prog = torch.onnx.export(path, (x,), dynamo=True, opset_version=opset, input_names=[INPUT],
+                                 output_names=[OUTPUT], dynamic_shapes={"x": {0: batch}}, verbose=False)
+    except Exception as e:  # the exporter's own errors are long; keep the cause
+        raise DeployError(f"ONNX export of task {task!r} failed: {type(e).__name__}: {e}") from e
+    model = prog.model_proto
+    onnx.helper.set_model_props(model, onnx_metadata(tm, task))
+    onnx.checker.check_model(model)
+    atomic_write(out, lambda tmp: onnx.save(model, str(tmp)))
+    return Path(out)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file, without loading its weights into a session."""
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+# ----- running -----
+
+def make_session(path: str | Path, threads: int | None = None,
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (`threads`: intra-op threads, None for ORT's default)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise DeployError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+
+
+class OnnxTaskModel:
+    """An exported task model on ONNX Runtime, with the facts from its metadata."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.path = Path(path)
+        meta = read_metadata(self.path)
+        if meta.get("ufo.format") != "ufo-onnx-task":
+            raise DeployError(f"{path} has no UFO metadata (metadata_props ufo.format); export it with `ufo export`")
+        self.meta = meta
+        self.task = meta["task"]
+        self.head = HeadInfo.model_validate_json(meta["head"])
+        self.preprocessing = Preprocessing.model_validate_json(meta["preprocessing"])
+        self.arch = Arch.model_validate_json(meta["arch"])
+        cfg = json.loads(meta.get("config", "null"))
+        self.config: dict[str, Any] | None = cfg
+        self.session = make_session(self.path, threads)
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Outputs for normalised input (B, C, H, W)."""
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        return self.session.run(None, {INPUT: np.ascontiguousarray(arr, dtype=np.float32)})[0]
+
+    def predict_fn(self, batch_size: int = 256):
+        return predict_fn(self, self.preprocessing, batch_size)
+
+
+def predict_fn(run, pre: Preprocessing, batch_size: int = 256):
+    """ImageSet -> outputs of `run` (normalised batch -> array), batched like the library's predict."""
+    tf = pre.transform()
+
+    def predict(ds: ImageSet) -> torch.Tensor:
+        outs = [torch.as_tensor(run(tf(ds.images[i : i + batch_size]))) for i in range(0, len(ds), batch_size)]
+        return torch.cat(outs).float()
+
+    return predict
+
+
+# ----- checks -----
+
+def sample_inputs(pre: Preprocessing, data: TaskData | None, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """Normalised model input: the first `n` evaluation images of `data`, else seeded random images."""
+    tf = pre.transform()
+    if data is not None:
+        imgs = torch.cat([ds.images for ds in data.eval.values()])[:n]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        imgs = torch.randint(0, 256, (n, pre.in_chans, pre.img_size, pre.img_size), dtype=torch.uint8, generator=g)
+    return tf(imgs)
+
+
+@torch.inference_mode()
+def max_abs_diff(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.Tensor, batch: int = 32) -> float:
+    worst = 0.0
+    for i in range(0, len(x), batch):
+        ref = tm(x[i : i + batch], task).numpy()
+        worst = max(worst, float(np.abs(onnx_model(x[i : i + batch]) - ref).max()))
+    return worst
+
+
+def check_parity(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.Tensor, tol: float = PARITY_TOL) -> float:
+    """Max |ORT - torch| over `x`; raises DeployError when it exceeds `tol`."""
+    diff = max_abs_diff(tm, task, onnx_model, x)
+    if not diff <= tol:
+        raise DeployError(f"{onnx_model.path}: ONNX Runtime differs from torch by {diff:.3g} (max abs) on "
+                          f"{len(x)} inputs of task {task!r}; the tolerance is {tol:g}")
+    return diff
+
+
+# ----- INT8 -----
+
+class ImageCalibrationReader(CalibrationDataReader):
+    """Feeds normalised training images to static quantization's calibration, a batch at a time."""
+
+    def __init__(self, x: torch.Tensor, batch: int = 32) -> None:
+        self.batches = [x[i : i + batch].numpy() for i in range(0, len(x), batch)]
+        self.pos = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.batches):
+            return None
+        self.pos += 1
+        return {INPUT: self.batches[self.pos - 1]}
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def calibration_inputs(pre: Preprocessing, data: TaskData, n: int = 256, seed: int = 0) -> torch.Tensor:
+    """A seeded sample of `n` training images, preprocessed for the model."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=g)[:n]
+    return pre.transform()(data.train.images[idx])
+
+
+def quantize(fp32: str | Path, out: str | Path, mode: Int8Mode, calib: torch.Tensor | None = None,
+             per_channel: bool = True) -> Path:
+    """INT8 model of an fp32 export. `dynamic`: int8 weights, activations quantized on the fly.
+    `static`: QDQ with activation ranges calibrated on `calib` (normalised images). The fp32
+    model's metadata is kept, with `int8` added."""
+    fp32, out = Path(fp32), Path(out)
+    with tempfile.TemporaryDirectory(prefix="ufo-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        _preprocess(fp32, pre)
+        q = Path(tmp) / "q.onnx"
+        if mode == "dynamic":
+            quantize_dynamic(pre, q, per_channel=per_channel, weight_type=QuantType.QInt8)
+        elif mode == "static":
+            if calib is None or len(calib) == 0:
+                raise DeployError("static INT8 needs calibration images: the task's training data was not found")
+            quantize_static(pre, q, ImageCalibrationReader(calib), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+        else:
+            raise DeployError(f"--int8 {mode!r}: expected dynamic or static")
+        model = onnx.load(str(q))
+        meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+        onnx.helper.set_model_props(model, {**meta, "int8": mode})
+        atomic_write(out, lambda t: onnx.save(model, str(t)))
+    return out
+
+
+def _preprocess(src: Path, dst: Path) -> None:
+    """ORT's recommended pre-quantization step (shape inference and graph optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for skip_symbolic in (False, True):  # ORT's symbolic shape inference fails on F.normalize's Expand
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            return
+        except Exception:
+            continue
+    onnx.save(onnx.load(str(src)), str(dst))
+
+
+# ----- evaluation and the whole export -----
+
+def evaluate_predict(predict, task: str, head: HeadInfo, cfg: Config, data: TaskData) -> dict[str, float]:
+    """The task's own evaluation protocol on `predict`'s outputs."""
+    proto = task_class(head.kind)(task, head.options, head.num_classes, 8)
+    return proto.evaluate(predict, data, seed=cfg.seed)
+
+
+def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None = None, cfg: Config | None = None,
+                data: TaskData | None = None, opset: int = OPSET, tol: float = PARITY_TOL,
+                calib_size: int = 256, threads: int | None = None) -> dict[str, Any]:
+    """Export, check parity, optionally quantize, and evaluate. Returns a report dict.
+
+    Without `--int8`, `out` is the fp32 model. With it, `out` is the INT8 model and the fp32 one is
+    written beside it as `<stem>.fp32.onnx`. Metrics need `cfg` and `data` (the task's test split).
+    """
+    out = Path(out)
+    fp32 = out if int8 is None else out.with_name(f"{out.stem}.fp32{out.suffix or '.onnx'}")
+    export_onnx(tm, task, fp32, opset)
+    pre, head = tm.info.preprocessing, tm.info.heads[task]
+    m32 = OnnxTaskModel(fp32, threads)
+    x = sample_inputs(pre, data)
+    report: dict[str, Any] = {"task": task, "fp32": str(fp32), "opset": opset, "output_kind": head.output,
+                              "parity_inputs": "test images" if data is not None else "seeded random images",
+                              "parity_n": len(x), "parity_tol": tol}
+    report["parity_max_abs_diff"] = check_parity(tm, task, m32, x, tol)
+    can_eval = cfg is not None and data is not None
+    if can_eval:
+        report["metrics_fp32"] = evaluate_predict(m32.predict_fn(), task, head, cfg, data)
+    if int8 is not None:
+        calib = calibration_inputs(pre, data, calib_size, cfg.seed if cfg else 0) if data is not None else None
+        quantize(fp32, out, int8, calib)
+        m8 = OnnxTaskModel(out, threads)
+        report["int8"] = {"mode": int8, "path": str(out), "max_abs_diff_vs_torch": max_abs_diff(tm, task, m8, x),
+                          "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size}
+        if can_eval:
+            report["metrics_int8"] = evaluate_predict(m8.predict_fn(), task, head, cfg, data)
+    if can_eval:
+        report["primary"] = head.primary
+    return report
+
+
+def export_from(source: str | Path, out: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
+                int8: Int8Mode | None = None, opset: int = OPSET, tol: float = PARITY_TOL, calib_size: int = 256,
+                data_root: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """`ufo export`: a task_model file, or a run folder cut at `arch`, to ONNX (and INT8) for one task,
+    with the task's data (when found) for the parity inputs, calibration and metrics."""
+    from ufo.deploy.package import load_task_data, open_task_model, task_config
+
+    tm = open_task_model(source, tasks, arch, data_root)
+    task = single_task(tm, tasks)
+    cfg = task_config(tm, data_root)
+    data = (load_task_data(cfg, [task]) if cfg is not None and task in cfg.tasks else {}).get(task)
+    return export_task(tm, task, out, int8, cfg, data, opset, tol, calib_size, threads)
+
+
+def single_task(tm: TaskModel, tasks: Sequence[str] | None) -> str:
+    """The one task to export: the given one, or the model's only task."""
+    if tasks:
+        if len(tasks) > 1:
+            raise DeployError(f"ONNX export writes one task per file; got --task {list(tasks)}")
+        tm.check_task(tasks[0])
+        return tasks[0]
+    if len(tm.tasks) > 1:
+        raise DeployError(f"the model serves {tm.tasks}; choose one with --task")
+    return tm.tasks[0]

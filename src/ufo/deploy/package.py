@@ -1,0 +1,325 @@
+"""Standalone task models: an extracted backbone plus its task heads, in one safetensors file.
+
+`extract_task_model(model, arch, tasks, cfg)` cuts a trained `UFOModel` down to `tasks` at `arch`:
+the backbone through `ufo.nn.extract` (a timm ViT for one task, a `MultiTaskViT` for several) and
+each head sliced to the arch's embed_dim as plain `nn.Linear` / `nn.BatchNorm1d` layers. Its
+outputs equal the UFOModel's at that arch. The file (`kind: task_model`) carries everything a
+deployment needs without the training code's data: per-task head kind, output kind, class names,
+the verification threshold (calibrated on held-out pairs when the data is at hand), and the
+preprocessing (input size, channels, mean, std).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ufo.arch import Arch, SearchSpace
+from ufo.checkpoint import load_checkpoint, load_state_checked, read_manifest, save_checkpoint
+from ufo.config import Config, parse_config
+from ufo.data.transforms import BatchTransform, build_transform
+from ufo.errors import CheckpointError, DataError, UFOError
+from ufo.model import UFOModel
+from ufo.nn.extract import build_extracted, extract, resolve_arch
+from ufo.tasks import TaskData
+from ufo.tasks.base import EmbeddingTask, Task
+
+KIND = "task_model"
+
+
+class DeployError(UFOError):
+    """A model that cannot be packaged, exported or served as asked."""
+
+
+class Preprocessing(BaseModel):
+    """What turns an image into model input: decode, resize to `img_size`, `in_chans` channels,
+    scale to [0, 1], normalise with per-channel `mean` and `std`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    img_size: int
+    in_chans: int
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Preprocessing":
+        m = cfg.model
+        tf = build_transform(m.img_size, m.mean, m.std, train=False, in_chans=m.in_chans)
+        return cls(img_size=m.img_size, in_chans=m.in_chans, mean=list(tf.normalize.mean), std=list(tf.normalize.std))
+
+    def transform(self) -> BatchTransform:
+        """The library's eval transform: uint8 (.., C, H, W) -> normalised float32 model input."""
+        return build_transform(self.img_size, self.mean, self.std, train=False, in_chans=self.in_chans)
+
+
+class HeadInfo(BaseModel):
+    """One task's head as deployed: what it outputs and how to read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    output: Literal["logits", "embedding"]
+    num_classes: int
+    embedding_dim: int | None = None
+    class_names: list[str] | None = None
+    threshold: float | None = None  # cosine similarity above which two images are "same"
+    calibration: dict[str, float] | None = None  # how the threshold was fitted (10-fold accuracy, pairs)
+    primary: str = ""
+    options: dict[str, Any] = {}
+
+
+class TaskModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str]
+    arch: Arch
+    space: SearchSpace
+    heads: dict[str, HeadInfo]
+    preprocessing: Preprocessing
+    config: dict[str, Any] | None = None  # the training config, so data and protocols can be found again
+    source: str | None = None
+
+
+class LinearHead(nn.Module):
+    """Classification head: logits = Linear(features)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+
+class EmbeddingHead(nn.Module):
+    """BN-neck identity head: L2-normalised BatchNorm(Linear(features)), as `EmbeddingTask`."""
+
+    def __init__(self, dim: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.neck = nn.Linear(dim, embedding_dim, bias=False)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.bn(self.neck(features)), dim=-1)
+
+
+def build_head(info: HeadInfo, dim: int) -> nn.Module:
+    if info.output == "embedding":
+        return EmbeddingHead(dim, info.embedding_dim or 0)
+    return LinearHead(dim, info.num_classes)
+
+
+@torch.no_grad()
+def slice_head(head: Task, dim: int) -> tuple[nn.Module, HeadInfo]:
+    """A plain copy of `head`'s eval path for backbone features of width `dim`."""
+    info = HeadInfo(kind=head.kind, output=head.output, num_classes=head.num_classes, primary=head.primary,
+                    options=head.opts.model_dump(mode="json"))
+    if isinstance(head, EmbeddingTask):
+        info.embedding_dim = head.neck.out_features
+        out = EmbeddingHead(dim, info.embedding_dim)
+        out.neck.weight.copy_(head.neck.weight[:, :dim])
+        out.bn.load_state_dict(head.bn.state_dict())
+    elif head.output == "logits" and isinstance(getattr(head, "head", None), nn.Linear):
+        out = LinearHead(dim, head.num_classes)
+        out.fc.weight.copy_(head.head.weight[:, :dim])
+        out.fc.bias.copy_(head.head.bias)
+    else:
+        raise DeployError(f"task {head.name!r} of kind {head.kind!r} has no deployable head: packaging knows "
+                          "linear classification heads and BN-neck embedding heads")
+    return out.eval(), info
+
+
+class TaskModel(nn.Module):
+    """An extracted backbone plus its task heads; `forward(x, task)` runs only that task's path."""
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], info: TaskModelInfo) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.info = info
+        self.single = len(info.tasks) == 1
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.info.tasks
+
+    def check_task(self, task: str) -> None:
+        if task not in self.heads:
+            raise DeployError(f"unknown task {task!r}; this model serves {self.tasks}")
+
+    def features(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.backbone(x) if self.single else self.backbone(x, task)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Logits or L2-normalised embedding of images `x` (normalised, (B, C, H, W)) for `task`."""
+        self.check_task(task)
+        return self.heads[task](self.features(x, task))
+
+    def for_task(self, task: str) -> "TaskPath":
+        """A one-input module for `task` (what ONNX export traces)."""
+        self.check_task(task)
+        return TaskPath(self, task)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class TaskPath(nn.Module):
+    """`TaskModel` bound to one task: forward(x) -> that task's output."""
+
+    def __init__(self, model: TaskModel, task: str) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.task)
+
+
+# ----- building from a trained run -----
+
+def model_file(path: str | Path) -> Path:
+    """A run folder's `model.safetensors`, or the file itself."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def load_task_data(cfg: Config, tasks: Sequence[str]) -> dict[str, TaskData]:
+    """Each task's data when it can be read; tasks whose data is missing are left out, with a warning."""
+    from ufo.data.build import build_task_data
+
+    out = {}
+    for t in tasks:
+        try:
+            out[t] = build_task_data(t, cfg.tasks[t], cfg)
+        except DataError as e:
+            warnings.warn(f"no data for task {t!r} ({e}); its class names and threshold stay unset", stacklevel=2)
+    return out
+
+
+def _calibrate(tm: TaskModel, task: str, head: Task, cfg: Config, data: TaskData) -> None:
+    """Fit a verification task's same/different threshold on its held-out pairs (10-fold protocol)."""
+    from ufo.train.evaluate import make_predict
+
+    m = head.evaluate(make_predict(tm, task, cfg, cfg.train.eval_batch_size), data, seed=cfg.seed)
+    info = tm.info.heads[task]
+    info.threshold = float(m["threshold"])
+    info.calibration = {k: float(v) for k, v in m.items() if k.startswith("acc_") or k == "roc_auc"}
+
+
+@torch.no_grad()
+def extract_task_model(model: UFOModel, arch: Arch | None, tasks: str | Sequence[str], cfg: Config,
+                       data: dict[str, TaskData] | None = None, source: str | None = None) -> TaskModel:
+    """Cut `tasks` at `arch` (default: the model's active arch) out of a trained UFOModel.
+
+    With `data` (from `load_task_data`), classification heads get their class names and
+    verification heads a threshold fitted on the held-out pairs; without, those stay None.
+    """
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise DeployError("give at least one task to extract")
+    for t in tasks:
+        if t not in model.heads:
+            raise DeployError(f"unknown task {t!r}; the model's tasks are {model.tasks}")
+    arch = resolve_arch(model.backbone, arch, tasks)
+    backbone = extract(model.backbone, arch, tasks)
+    heads, infos = {}, {}
+    for t in tasks:
+        heads[t], infos[t] = slice_head(model.heads[t], arch.embed_dim)
+    info = TaskModelInfo(tasks=tasks, arch=arch, space=model.space, heads=infos,
+                         preprocessing=Preprocessing.from_config(cfg), config=cfg.model_dump(mode="json"),
+                         source=source)
+    tm = TaskModel(backbone, heads, info).eval()
+    for t, d in (data or {}).items():
+        if t not in infos:
+            continue
+        if infos[t].output == "logits":
+            infos[t].class_names = list(d.train.class_names)
+        if infos[t].kind == "verification":
+            _calibrate(tm, t, model.heads[t], cfg, d)
+    return tm
+
+
+def load_trained(path: str | Path) -> tuple[UFOModel, Config, dict[str, Any]]:
+    """(UFOModel, config, manifest) of a run folder or its model file."""
+    from ufo.train.store import load_model
+
+    return load_model(model_file(path))
+
+
+def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, arch: str | Arch | None = None,
+                        with_data: bool = True, data_root: str | None = None) -> TaskModel:
+    """A TaskModel for `tasks` (default: all) of a trained run at `arch` (default: the run's arch;
+    or largest | smallest | random:SEED | ARCH.json). With `with_data`, the tasks' data (under
+    `data_root`, default the config's) gives class names and verification thresholds."""
+    from ufo.train.store import arch_from_spec
+
+    model, cfg, _ = load_trained(path)
+    if data_root is not None:
+        cfg.data_root = data_root
+    tasks = list(tasks or model.tasks)
+    a = arch_from_spec(arch, model.space, model.backbone.routes()) if isinstance(arch, str) else arch
+    data = load_task_data(cfg, tasks) if with_data else None
+    return extract_task_model(model, a, tasks, cfg, data, source=str(path))
+
+
+# ----- the file -----
+
+def save_task_model(path: str | Path, tm: TaskModel) -> None:
+    """Write a TaskModel to one safetensors file (`kind: task_model`), atomically."""
+    info = tm.info
+    manifest = {"kind": KIND, **info.model_dump(mode="json"), "num_params": tm.num_params(),
+                "backbone_params": info.space.num_params(info.arch, info.tasks)}
+    save_checkpoint(path, tm.state_dict(), manifest)
+
+
+def load_task_model(path: str | Path) -> TaskModel:
+    """Rebuild a TaskModel (plain timm/torch layers) from its file and load its weights."""
+    manifest = read_manifest(path)
+    if manifest.get("kind") != KIND:
+        raise CheckpointError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a task model "
+                              f"(make one with `ufo extract RUN_DIR --task ... --out FILE`)")
+    tensors, _ = load_checkpoint(path)
+    try:
+        info = TaskModelInfo.model_validate({k: manifest.get(k) for k in TaskModelInfo.model_fields if k in manifest})
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid task-model manifest: {e}") from None
+    backbone = build_extracted(info.space, info.arch, info.tasks)
+    heads = {t: build_head(info.heads[t], info.arch.embed_dim) for t in info.tasks}
+    tm = TaskModel(backbone, heads, info)
+    load_state_checked(tm, tensors, path)
+    backbone.ufo_arch, backbone.ufo_tasks = info.arch, list(info.tasks)
+    return tm.eval()
+
+
+def open_task_model(path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
+                    data_root: str | None = None) -> TaskModel:
+    """A task_model file as it is, or a run folder / trained model file extracted at `arch`."""
+    f = model_file(path)
+    kind = read_manifest(f).get("kind")
+    if kind == KIND:
+        tm = load_task_model(f)
+        if arch is not None:
+            raise DeployError(f"{path} is already extracted at one arch; --arch applies only to a run folder")
+        for t in tasks or []:
+            tm.check_task(t)
+        return tm
+    if kind == "ufo_model":
+        return task_model_from_run(path, tasks, arch, data_root=data_root)
+    raise DeployError(f"{path} holds a {kind!r} checkpoint; expected a run folder, a trained model or a task model")
+
+
+def task_config(tm: TaskModel, data_root: str | None = None) -> Config | None:
+    """The training config stored with a TaskModel (None for files without one)."""
+    if tm.info.config is None:
+        return None
+    cfg = parse_config(tm.info.config, "task model manifest")
+    if data_root is not None:
+        cfg.data_root = data_root
+    return cfg

@@ -1,0 +1,507 @@
+"""HTTP serving of task models: FastAPI on uvicorn, one process for many tasks.
+
+`load_served(paths, backend)` opens run folders (one multi-task model at the run's arch, each
+request running only its task's path), task_model files, or exported .onnx files, each once.
+`create_app(served, settings)` builds the API:
+
+    POST /v1/tasks/{task}:predict   image (multipart `file`, or raw bytes) -> top-k classes or embedding
+    POST /v1/tasks/{task}:compare   multipart `image_a`, `image_b` -> cosine similarity, same/different
+    GET  /v1/tasks                  served tasks with their metadata
+    GET  /healthz, GET /metrics     liveness; Prometheus counters and latency histograms per task
+
+Requests for one task that arrive together are micro-batched: a queue per task, drained into one
+batch of up to `max_batch` images after at most `max_wait_ms`, and run on one inference thread.
+Images are decoded and preprocessed exactly as the library reads data (PIL decode, resize to the
+input size, the model's channels, mean/std), so served predictions equal `ufo eval`'s. Bad input
+never reaches the model: unknown task 404, not an image 415, truncated image 422, decompression
+bomb or oversized upload 413, each as a JSON `ErrorResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Path as PathParam, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ufo.arch import Arch
+from ufo.data.readers import _decode  # the library's own decoder, so served inputs equal evaluated ones
+from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
+
+Backend = Literal["torch", "onnx"]
+
+
+class Settings(BaseModel):
+    max_batch: int = Field(32, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0)
+    max_upload_mb: float = Field(8.0, gt=0)
+    max_pixels: int = Field(Image.MAX_IMAGE_PIXELS or 89_478_485, gt=0)  # decompression-bomb limit
+
+
+# ----- what is served -----
+
+@dataclass
+class ServedTask:
+    """One task as served: its facts and `run`, normalised batch -> outputs (numpy)."""
+
+    name: str
+    head: HeadInfo
+    preprocessing: Preprocessing
+    arch: Arch
+    run: Callable[[torch.Tensor], np.ndarray]
+    backend: Backend
+    source: str
+    transform: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transform = self.preprocessing.transform()
+
+
+def _torch_runner(tm: TaskModel, task: str) -> Callable[[torch.Tensor], np.ndarray]:
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return tm(x, task).float().numpy()
+
+    return run
+
+
+def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads: int | None = None,
+                workdir: str | Path | None = None) -> dict[str, ServedTask]:
+    """Open every model once. A run folder (or trained model / task_model file) gives all its tasks;
+    an .onnx file gives its one task. With backend onnx, torch models are exported to `workdir`
+    (default: a temporary folder kept for the process) and run on ONNX Runtime."""
+    from ufo.deploy.onnx_export import OnnxTaskModel, export_onnx
+
+    out: dict[str, ServedTask] = {}
+
+    def add(st: ServedTask) -> None:
+        if st.name in out:
+            raise DeployError(f"task {st.name!r} is served by both {out[st.name].source} and {st.source}")
+        out[st.name] = st
+
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".onnx":
+            om = OnnxTaskModel(p, threads)
+            add(ServedTask(om.task, om.head, om.preprocessing, om.arch, om, "onnx", str(p)))
+            continue
+        tm = open_task_model(p)
+        for t in tm.tasks:
+            info = tm.info
+            if backend == "torch":
+                add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, _torch_runner(tm, t), "torch", str(p)))
+            else:
+                wd = Path(workdir or tempfile.mkdtemp(prefix="ufo-serve-"))
+                om = OnnxTaskModel(export_onnx(tm, t, wd / f"{t}.onnx"), threads)
+                add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, om, "onnx", str(p)))
+    if not out:
+        raise DeployError("no model to serve: give run folders, task_model files or .onnx files")
+    return out
+
+
+# ----- errors -----
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable error code, e.g. unknown_task, not_an_image")
+    detail: str = Field(description="what was wrong, in words")
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}
+
+
+def decode_image(data: bytes, pre: Preprocessing, max_pixels: int) -> torch.Tensor:
+    """Upload bytes -> uint8 (C, S, S) as the library's readers decode files; ApiError on bad input."""
+    if not data:
+        raise ApiError(400, "empty_image", "the request holds no image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, "image_too_large", f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise ApiError(415, "not_an_image", "the upload is not an image format PIL can read") from None
+    except Exception as e:
+        raise ApiError(422, "corrupt_image", f"the image header cannot be read: {e}") from None
+    if w * h > max_pixels:
+        raise ApiError(413, "image_too_large", f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of "
+                                               f"{max_pixels:,} pixels (decompression-bomb guard)")
+    try:
+        arr = _decode(data, (pre.img_size, pre.img_size), None)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, "image_too_large", f"decompression bomb refused: {e}") from None
+    except Exception as e:  # truncated or corrupt pixel data
+        raise ApiError(422, "corrupt_image", f"the image cannot be decoded (truncated or corrupt?): {e}") from None
+    return torch.from_numpy(np.array(arr))  # a writable copy: decoded arrays may be read-only
+
+
+# ----- micro-batching -----
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    fut: asyncio.Future
+
+
+class Batcher:
+    """Collects one task's requests into batches: after the first arrives, wait up to `max_wait`
+    seconds (or until `max_batch`), run them as one batch on `executor`, answer each future."""
+
+    def __init__(self, task: ServedTask, executor: ThreadPoolExecutor, max_batch: int, max_wait: float,
+                 observe: Callable[[int], None]) -> None:
+        self.task, self.executor, self.max_batch, self.max_wait, self.observe = task, executor, max_batch, max_wait, observe
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def submit(self, x: torch.Tensor) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Item(x, fut))
+        return await fut
+
+    async def _collect(self) -> list[_Item]:
+        items = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(items) < self.max_batch:
+            if not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return items
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._collect()
+            items = [it for it in items if not it.fut.done()]  # clients that went away
+            if not items:
+                continue
+            try:
+                out = await loop.run_in_executor(self.executor, self.task.run, torch.stack([it.x for it in items]))
+                self.observe(len(items))
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                for it in items:
+                    if not it.fut.done():
+                        it.fut.set_exception(e)
+                continue
+            for i, it in enumerate(items):
+                if not it.fut.done():
+                    it.fut.set_result(out[i])
+
+
+# ----- upload limit -----
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with a JSON 413.
+
+    Starlette's own limiter answers a too-large Content-Length in plain text, which would break
+    the JSON error contract. The rest of a refused body is read and dropped (up to `drain_bytes`)
+    so that clients still sending get the 413 rather than a reset connection."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 * 1024 * 1024) -> None:
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return _error(413, "upload_too_large", f"upload exceeds the limit of {self.max_bytes:,} bytes")
+
+    async def _drain(self, receive) -> None:
+        seen = 0
+        while seen <= self.drain_bytes:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            if int(length) <= self.max_bytes + self.drain_bytes:
+                await self._drain(receive)
+            return await self._too_large()(scope, receive, send)
+        total, more = 0, True
+
+        async def limited():
+            nonlocal total, more
+            msg = await receive()
+            if msg["type"] == "http.request":
+                total += len(msg.get("body", b""))
+                more = msg.get("more_body", False)
+                if total > self.max_bytes:
+                    raise StarletteHTTPException(413, f"upload exceeds the limit of {self.max_bytes:,} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+        if total > self.max_bytes and more:
+            await self._drain(receive)
+
+
+# ----- metrics -----
+
+class _Metrics:
+    """ASGI middleware: count and time every task request by its final status (413s raised while
+    reading the body included)."""
+
+    PATH = re.compile(r"^/v1/tasks/([^/]+):(predict|compare)$")
+
+    def __init__(self, app, served: set[str], requests: Counter, latency: Histogram) -> None:
+        self.app, self.served, self.requests, self.latency = app, served, requests, latency
+
+    async def __call__(self, scope, receive, send) -> None:
+        m = self.PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if m is None:
+            return await self.app(scope, receive, send)
+        task = m.group(1) if m.group(1) in self.served else "_unknown"  # bounded label values
+        status, t0 = 500, time.perf_counter()
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.requests.labels(task, m.group(2), str(status)).inc()
+            self.latency.labels(task, m.group(2)).observe(time.perf_counter() - t0)
+
+
+# ----- API models -----
+
+class ClassScore(BaseModel):
+    index: int
+    label: str | None = Field(None, description="class name, when the model file knows it")
+    probability: float
+
+
+class PredictResponse(BaseModel):
+    task: str
+    output: Literal["logits", "embedding"]
+    top_k: list[ClassScore] | None = Field(None, description="classification: the k most likely classes")
+    embedding: list[float] | None = Field(None, description="identity tasks: the L2-normalised embedding")
+
+
+class CompareResponse(BaseModel):
+    task: str
+    similarity: float = Field(description="cosine similarity of the two embeddings")
+    threshold: float
+    same: bool = Field(description="similarity > threshold")
+
+
+class TaskInfo(BaseModel):
+    name: str
+    kind: str
+    output: Literal["logits", "embedding"]
+    num_classes: int
+    class_names: list[str] | None
+    embedding_dim: int | None
+    threshold: float | None
+    backend: Backend
+    source: str
+    arch: dict[str, Any]
+    preprocessing: Preprocessing
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    tasks: list[str]
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {400: "bad request (empty or malformed upload)", 404: "unknown task", 413: "upload or image too large",
+            415: "not an image", 422: "corrupt or truncated image, or invalid parameters",
+            409: "the task cannot do this (no threshold, not an embedding task)"}
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
+_RAW_IMAGE_BODY = {"requestBody": {"content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+# ----- the app -----
+
+def create_app(served: dict[str, ServedTask], settings: Settings | None = None) -> FastAPI:
+    s = settings or Settings()
+    registry = CollectorRegistry()
+    requests = Counter("ufo_requests", "Requests per task, endpoint and status code", ["task", "endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("ufo_request_latency_seconds", "Request latency per task and endpoint", ["task", "endpoint"],
+                        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+    batch_sizes = Histogram("ufo_batch_size", "Images per model call (micro-batching)", ["task"], registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufo-infer")  # one model call at a time
+    batchers = {t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3,
+                           lambda n, t=t: batch_sizes.labels(t).observe(n)) for t, st in served.items()}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for b in batchers.values():
+            b.start()
+        yield
+        for b in batchers.values():
+            if b.worker is not None:
+                b.worker.cancel()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="UFO task models", version="1", lifespan=lifespan,
+                  description="Predictions of UFO task models; each request runs only its task's path.")
+
+    app.add_middleware(_BodyLimit, max_bytes=int(s.max_upload_mb * 1024 * 1024))
+    app.add_middleware(_Metrics, served=set(served), requests=requests, latency=latency)  # outermost
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.error, e.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, _HTTP_CODES.get(e.status_code, "http_error"), str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:
+        return _error(500, "internal_error", f"{type(e).__name__}: {e}")
+
+    def task_of(task: str) -> ServedTask:
+        st = served.get(task)
+        if st is None:
+            raise ApiError(404, "unknown_task", f"unknown task {task!r}; served tasks: {sorted(served)}")
+        return st
+
+    async def image_of(st: ServedTask, data: bytes) -> torch.Tensor:
+        u8 = await asyncio.to_thread(decode_image, data, st.preprocessing, s.max_pixels)
+        return st.transform(u8)
+
+    async def infer(st: ServedTask, data: bytes) -> np.ndarray:
+        return await batchers[st.name].submit(await image_of(st, data))
+
+    async def body_image(request: Request, file: UploadFile | None) -> bytes:
+        if file is not None:
+            return await file.read()
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/"):
+            raise ApiError(400, "missing_file", "multipart upload without a `file` field")
+        return await request.body()
+
+    @app.post("/v1/tasks/{task}:predict", response_model=PredictResponse, responses=_responses(400, 404, 413, 415, 422),
+              openapi_extra=_RAW_IMAGE_BODY, summary="Predict one image")
+    async def predict(request: Request, task: str = PathParam(description="task name"),
+                      k: int = Query(5, ge=1, le=1000, description="classification: how many classes to return"),
+                      file: UploadFile | None = File(None, description="the image (or send raw image bytes)")
+                      ) -> PredictResponse:
+        """Top-k classes (classification) or the L2-normalised embedding (identity tasks) of one image,
+        sent as multipart field `file` or as the raw request body."""
+        st = task_of(task)
+        out = await infer(st, await body_image(request, file))
+        if st.head.output == "embedding":
+            return PredictResponse(task=task, output="embedding", embedding=out.tolist())
+        p = torch.softmax(torch.as_tensor(out).double(), -1)
+        vals, idx = p.topk(min(k, p.numel()))
+        names = st.head.class_names
+        return PredictResponse(task=task, output="logits", top_k=[
+            ClassScore(index=int(i), label=names[int(i)] if names else None, probability=float(v))
+            for v, i in zip(vals, idx)])
+
+    @app.post("/v1/tasks/{task}:compare", response_model=CompareResponse,
+              responses=_responses(400, 404, 409, 413, 415, 422), summary="Same or different?")
+    async def compare(task: str = PathParam(description="task name"),
+                      image_a: UploadFile = File(description="first image"),
+                      image_b: UploadFile = File(description="second image")) -> CompareResponse:
+        """Cosine similarity of two images' embeddings, and whether it passes the task's calibrated threshold."""
+        st = task_of(task)
+        if st.head.output != "embedding":
+            raise ApiError(409, "not_an_embedding_task", f"task {task!r} outputs logits; compare needs an "
+                                                         "embedding task")
+        if st.head.threshold is None:
+            raise ApiError(409, "no_threshold", f"task {task!r} has no calibrated threshold (thresholds are fitted "
+                                                "for verification tasks when their data is available)")
+        a, b = await asyncio.gather(infer(st, await image_a.read()), infer(st, await image_b.read()))
+        sim = float(np.dot(a.astype(np.float64), b.astype(np.float64)))
+        return CompareResponse(task=task, similarity=sim, threshold=st.head.threshold, same=sim > st.head.threshold)
+
+    @app.get("/v1/tasks", response_model=TasksResponse, summary="Served tasks")
+    async def tasks() -> TasksResponse:
+        """Every served task with its kind, output, classes, threshold, arch and preprocessing."""
+        return TasksResponse(tasks=[TaskInfo(
+            name=t, kind=st.head.kind, output=st.head.output, num_classes=st.head.num_classes,
+            class_names=st.head.class_names, embedding_dim=st.head.embedding_dim, threshold=st.head.threshold,
+            backend=st.backend, source=st.source, arch=st.arch.model_dump(), preprocessing=st.preprocessing)
+            for t, st in served.items()])
+
+    @app.get("/healthz", response_model=Health, summary="Liveness")
+    async def healthz() -> Health:
+        return Health(status="ok", tasks=list(served))
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, backend: Backend = "torch",
+          settings: Settings | None = None, threads: int | None = None, log_level: str = "warning",
+          announce: Callable[[str], Any] = print) -> None:
+    """Load the models once and run the API on uvicorn until interrupted."""
+    import uvicorn
+
+    warnings.simplefilter("error", Image.DecompressionBombWarning)  # process-wide, set once before serving
+    if threads is not None:
+        torch.set_num_threads(threads)
+    served = load_served(paths, backend, threads)
+    app = create_app(served, settings)
+    for t, st in served.items():
+        announce(f"task {t}: {st.head.kind} -> {st.head.output} ({st.backend}, {st.source})")
+    announce(f"serving {len(served)} task(s) on http://{host}:{port} (docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
