@@ -264,6 +264,9 @@ def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, ar
     if data_root is not None:
         cfg.data_root = data_root
     tasks = list(tasks or model.tasks)
+    unknown = [t for t in tasks if t not in model.heads]
+    if unknown:
+        raise DeployError(f"unknown task {unknown[0]!r}; the model's tasks are {model.tasks}")
     a = arch_from_spec(arch, model.space, model.backbone.routes()) if isinstance(arch, str) else arch
     data = load_task_data(cfg, tasks) if with_data else None
     return extract_task_model(model, a, tasks, cfg, data, source=str(path))
