@@ -119,9 +119,12 @@ class InitConfig(Strict):
     kind: Literal["scratch", "timm", "mim"] = "scratch"
     path: str | None = None  # timm: a local .safetensors/.pth state dict; mim: a run dir or checkpoint
     timm_model: str | None = None  # timm: a model name loaded with pretrained=True (needs internet)
+    timm_num_heads: int | None = Field(None, gt=0)  # timm: heads of a `path` state dict (default: inferred)
 
     @model_validator(mode="after")
     def _source(self) -> "InitConfig":
+        if self.kind != "timm" and self.timm_num_heads is not None:
+            raise ValueError("`timm_num_heads` only applies to kind 'timm'")
         if self.kind == "scratch" and (self.path or self.timm_model):
             raise ValueError("kind 'scratch' takes neither `path` nor `timm_model`")
         if self.kind == "timm" and (self.path is None) == (self.timm_model is None):

@@ -30,6 +30,7 @@ from ufo.model import UFOModel
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
 from ufo.train.evaluate import evaluate_tasks
+from ufo.train.init import apply_init
 from ufo.train.optim import build_optimizer, set_lr
 from ufo.train.state import load_train_state, save_train_state
 from ufo.train.store import build_model, resolve_train_arch, save_model
@@ -170,6 +171,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.resume():
             dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
+        elif apply_init(self.model, self.cfg, self.out) is not None and self.ema is not None:
+            self.ema.set(self.model)  # resumed runs restore their weights; fresh ones start from cfg.init
         log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0)
         t0, images = time.perf_counter(), 0.0
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

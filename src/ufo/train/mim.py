@@ -1,0 +1,154 @@
+"""SimMIM pre-training (`train.stage: pretrain_mim`): masked image modelling on every task's images.
+
+Large square patches (`mim.mask_patch_size`, a multiple of the model's patch size) are hidden at
+random (`mim.mask_ratio`); a learnable mask token replaces their patch embeddings; the encoder
+runs at the largest arch with every FFN on the shared path; a linear head predicts each patch's
+pixels, and the loss is the L1 error on the masked pixels only (SimMIM, Xie et al. 2022). Labels
+are never read. Everything else (sampler, transforms, optimiser groups, LR schedule, exact-resume
+checkpoints, logging, non-finite handling, the final `model.safetensors`) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ufo.config import Config
+from ufo.errors import ConfigError
+from ufo.model import UFOModel
+from ufo.nn.vit import SuperViT
+from ufo.tasks import TaskData
+from ufo.train import distributed as dist
+from ufo.train.loop import Trainer, TrainingError
+from ufo.train.optim import build_optimizer, set_lr
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, patch * patch * C), patches in the patch embedding's row-major order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
+    return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def random_mask(batch: int, img_size: int, patch_size: int, mask_patch_size: int, ratio: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, num_patches) bool, True = hidden: ceil(ratio * n) of the n mask patches per image, each
+    covering (mask_patch_size / patch_size)^2 model patches. Draws from torch's RNG, so a resumed
+    run draws the same masks."""
+    g, scale = img_size // mask_patch_size, mask_patch_size // patch_size
+    n = g * g
+    chosen = torch.rand(batch, n, generator=generator).argsort(1)[:, : math.ceil(n * ratio)]
+    mask = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, chosen, True)
+    return mask.view(batch, g, g).repeat_interleave(scale, 1).repeat_interleave(scale, 2).flatten(1)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 error summed over the masked patches' pixels, divided by their count (SimMIM's loss)."""
+    err = (pred - target.to(pred.dtype)).abs() * mask.unsqueeze(-1)
+    return err.sum() / (mask.sum() * pred.shape[-1]).clamp_min(1)
+
+
+class SimMIM(nn.Module):
+    """A UFOModel's backbone as a SimMIM encoder, plus the mask token and the pixel head.
+
+    The whole UFOModel is held (its task heads are never used) so that the run ends with a normal
+    `ufo_model` file. The mask token is 1-d, so the optimiser's groups leave it undecayed.
+    """
+
+    def __init__(self, ufo: UFOModel, mask_patch_size: int, mask_ratio: float) -> None:
+        super().__init__()
+        s = ufo.space
+        if mask_patch_size % s.patch_size or s.img_size % mask_patch_size:
+            raise ValueError(f"mask patch {mask_patch_size} must be a multiple of the patch size {s.patch_size} "
+                             f"and divide the image size {s.img_size}")
+        self.ufo = ufo
+        self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
+        self.mask_token = nn.Parameter(torch.zeros(s.max_embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.pixel_head = nn.Linear(s.max_embed_dim, s.patch_size ** 2 * s.in_chans)
+
+    @property
+    def backbone(self) -> SuperViT:
+        return self.ufo.backbone
+
+    @property
+    def heads(self) -> nn.ModuleDict:
+        return self.ufo.heads
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.ufo.tasks
+
+    def random_mask(self, batch: int) -> torch.Tensor:
+        s = self.ufo.space
+        return random_mask(batch, s.img_size, s.patch_size, self.mask_patch_size, self.mask_ratio)
+
+    def predict(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pixels of every patch, (B, N, patch^2 * C), seeing only the unmasked patches."""
+        feats = self.backbone.forward_features(x, 0, mask.to(x.device), self.mask_token)  # every path is shared
+        return self.pixel_head(feats[:, 1:])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The masked-pixel L1 loss of a batch."""
+        mask = mask.to(x.device)
+        return masked_l1(self.predict(x, mask), patchify(x, self.ufo.space.patch_size), mask)
+
+
+class MimTrainer(Trainer):
+    """Trainer whose model is `SimMIM` and whose step is the masked-pixel loss; the loop,
+    checkpoints (exact resume), schedule, logging and the final model file are inherited."""
+
+    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
+                 show_progress: bool = True) -> None:
+        super().__init__(cfg, out, data, show_progress)  # data, sampler, transforms, device: all the Trainer's
+        if getattr(self, "fsdp", False):
+            raise ConfigError("train.parallel: fsdp is not supported by train.stage pretrain_mim; use ddp")
+        ufo = self.model
+        largest = ufo.space.largest()
+        self.arch = largest.model_copy(update={"paths": {t: ["shared"] * largest.depth for t in ufo.tasks}})
+        ufo.set_arch(self.arch)
+        # the all-in-one step module, optimiser and EMA are replaced by SimMIM's
+        self.model = SimMIM(ufo, cfg.mim.patch(cfg.model.img_size, cfg.model.patch_size), cfg.mim.mask_ratio)
+        self.model.to(next(ufo.parameters()).device).train()
+        # under DDP the Trainer's own wrapper is dropped unused: it never runs a forward, so its hooks stay idle
+        self.step_module = dist.wrap(self.model, self.world)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if self.ema is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
+
+    def train_step(self) -> dict[str, float]:
+        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
+        x, _, _ = self.batch()  # labels are never used
+        mask = self.model.random_mask(x.shape[0])
+        with torch.autocast("cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+                            enabled=self.t.amp == "bf16"):
+            loss = self.step_module(x, mask)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            msg = f"step {self.step}: non-finite MIM loss; the step was skipped"
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
+            dist.warn(msg)
+            return {"skipped": 1.0}
+        self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        logged = dist.mean_across_ranks({"loss/mim": loss.detach(), "loss": loss.detach()})
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+
+    def eval_model(self) -> UFOModel:
+        """The UFOModel holding the pre-trained backbone (the EMA's when there is one)."""
+        return (self.ema.module if self.ema is not None else self.model).ufo
