@@ -86,16 +86,17 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, parallel):
     cfg = dict(TINY)
     cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
     cfg["tasks"] = {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
         "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16},
     }
-    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 100}
+    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 6, "parallel": parallel}
     path = _write(tmp_path, cfg)
-    one = _ufo("train", str(path), "--out", str(tmp_path / "one"))
+    one = _ufo("train", str(path), "--out", str(tmp_path / "one"))  # one process: parallel has no effect
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
@@ -110,7 +111,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(l1) == len(l2) == 12
     # Same global batch split over 2 ranks: equal up to float summation order.
     assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
-    assert (tmp_path / "two" / "model.safetensors").exists()
+    # Rank 0 wrote plain (unsharded) weights and training state, close to the one-process run's.
+    w1, _ = load_checkpoint(tmp_path / "one" / "model.safetensors")
+    w2, _ = load_checkpoint(tmp_path / "two" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-3
+    s1, m1 = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.safetensors")
+    s2, m2 = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.safetensors")
+    assert m2["step"] == 12
+    model_keys = lambda s: {k for k in s if k.startswith("model.")}  # noqa: E731
+    assert model_keys(s1) == model_keys(s2)
+    # FSDP gives off-path weights zero gradients (see ufo.train.fsdp), so AdamW keeps state for them
+    assert set(s1) <= set(s2) if parallel == "fsdp" else set(s1) == set(s2)
+    assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -109,6 +109,8 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(256, gt=0)
     max_bad_steps: int = Field(5, gt=0)  # consecutive non-finite losses before the run stops
     threads: int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this rank when there is one
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
     arch: str | None = None  # fixed arch for all-in-one training: largest, smallest, random:SEED or ARCH.json
     paths: PathName | None = "shared"  # fixed FFN path for all-in-one training (None: the router decides)
 

@@ -27,6 +27,17 @@ def setup() -> tuple[int, int]:
     return (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
 
 
+def device(kind: str = "auto") -> torch.device:
+    """This rank's device for `train.device` (auto: its GPU when CUDA is available, else the CPU)."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from ufo.errors import ConfigError
+
+        raise ConfigError("train.device: 'cuda' was asked for but torch sees no CUDA device; use auto or cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def wrap(module: nn.Module, world: int) -> nn.Module:
     """DDP when distributed. Experts of tasks absent from a rank's batch, and paths the routes do
     not pick, get no gradient in a step, so DDP is told that some parameters may go unused."""

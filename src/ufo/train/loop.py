@@ -25,10 +25,11 @@ from ufo.config import Config
 from ufo.data.build import build_all
 from ufo.data.sampler import MixedTaskSampler, TaskSource
 from ufo.data.transforms import build_transform
-from ufo.errors import CheckpointError, UFOError
+from ufo.errors import CheckpointError, ConfigError, UFOError
 from ufo.model import UFOModel
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
+from ufo.train import fsdp
 from ufo.train.evaluate import evaluate_tasks
 from ufo.train.init import apply_init
 from ufo.train.optim import build_optimizer, set_lr
@@ -65,7 +66,14 @@ class Trainer:
         self.arch = resolve_train_arch(cfg, self.model.space)
         self.model.set_arch(self.arch)
         self.model.train()
-        self.step_module = dist.wrap(TrainStep(self.model), self.world)
+        self.device = dist.device(self.t.device)
+        self.model.to(self.device)
+        self.fsdp = self.t.parallel == "fsdp" and self.world > 1
+        if self.fsdp and self.t.ema_decay > 0:
+            raise ConfigError("train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
+                              "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp")
+        # FSDP shards in fit(), after the initial weights and any resumed state are in place
+        self.step_module = TrainStep(self.model) if self.fsdp else dist.wrap(TrainStep(self.model), self.world)
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = None
@@ -114,7 +122,8 @@ class Trainer:
             xs.append(self.transforms[name](ds.images[sel]))
             ys.append(ds.labels[sel])
             ids.append(torch.full((len(sel),), self.model.tasks.index(name), dtype=torch.long))
-        return torch.cat(xs), torch.cat(ids), torch.cat(ys)
+        return (torch.cat(xs).to(self.device, non_blocking=True), torch.cat(ids).to(self.device),
+                torch.cat(ys).to(self.device))
 
     # ----- one step -----
     def train_step(self) -> dict[str, float]:
@@ -146,10 +155,23 @@ class Trainer:
 
     # ----- checkpoints -----
     def save(self) -> None:
+        model_state = optim_state = None
+        if self.fsdp:  # gathered from every rank; rank 0 writes the same format as DDP
+            model_state, optim_state = fsdp.full_state(self.step_module, self.optimizer, self._names)
         if self.rank == 0:
             save_train_state(self.ckpt_path, self.model, self.optimizer, self.step, self._manifest(),
-                             ema=self.ema, sampler_state=self.sampler.state_dict())
+                             ema=self.ema, sampler_state=self.sampler.state_dict(),
+                             model_state=model_state, optimizer_state=optim_state)
         dist.barrier()
+
+    def _shard(self) -> None:
+        """FSDP: shard the blocks and the rest, then rebuild the optimiser over the shards."""
+        self._names = fsdp.param_names(self.step_module, self.optimizer)
+        state = self.optimizer.state_dict()
+        fsdp.shard(self.step_module, self.model.backbone.blocks, self.device.type)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        if state["state"]:
+            fsdp.load_optimizer(self.step_module, self.optimizer, state, self._names)
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint in the run folder; False when there is none."""
@@ -173,6 +195,8 @@ class Trainer:
             dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
         elif apply_init(self.model, self.cfg, self.out) is not None and self.ema is not None:
             self.ema.set(self.model)  # resumed runs restore their weights; fresh ones start from cfg.init
+        if self.fsdp:
+            self._shard()
         log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0)
         t0, images = time.perf_counter(), 0.0
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -194,8 +218,15 @@ class Trainer:
                 progress.update(bar, completed=self.step)
         log.close()
         summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}
+        final = self.eval_model()
+        if self.fsdp:  # a plain copy of the gathered weights
+            state, _ = fsdp.full_state(self.step_module)
+            final = build_model(self.cfg, {n: h.num_classes for n, h in self.model.heads.items()})
+            if self.rank == 0:
+                final.load_state_dict(state)
+            final.set_arch(self.arch)
         if self.rank == 0:
-            save_model(self.out / "model.safetensors", self.eval_model(), self.cfg, self.arch)
+            save_model(self.out / "model.safetensors", final, self.cfg, self.arch)
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
         dist.barrier()
         return summary

@@ -17,9 +17,8 @@ from ufo.checkpoint import load_checkpoint, load_state_checked, save_checkpoint
 from ufo.errors import CheckpointError
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimiser state dict into tensors and JSON."""
-    sd = opt.state_dict()
+def optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an (index-keyed) optimiser state dict into tensors and JSON."""
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -54,14 +53,21 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
 
 def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                      manifest: dict[str, Any], ema: nn.Module | None = None,
-                     sampler_state: dict | None = None, scheduler_state: dict | None = None) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+                     sampler_state: dict | None = None, scheduler_state: dict | None = None,
+                     model_state: dict[str, torch.Tensor] | None = None,
+                     optimizer_state: dict[str, Any] | None = None) -> None:
+    """`model_state`/`optimizer_state` replace the modules' own state dicts when given (FSDP
+    gathers them from every rank first)."""
+    state = model.state_dict() if model_state is None else model_state
+    tensors = {f"model.{k}": v for k, v in state.items()}
     check_finite(tensors)
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {**manifest, "kind": "train_state", "step": step, "optimizer": opt_meta, "sampler": sampler_state,
             "scheduler": scheduler_state}
     save_checkpoint(path, tensors, meta)
@@ -82,4 +88,6 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
         optimizer_from_flat(optimizer, tensors, manifest["optimizer"])
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
     return manifest
