@@ -87,8 +87,6 @@ def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads
     """Open every model once. A run folder (or trained model / task_model file) gives all its tasks;
     an .onnx file gives its one task. With backend onnx, torch models are exported to `workdir`
     (default: a temporary folder kept for the process) and run on ONNX Runtime."""
-    from ufo.deploy.onnx_export import OnnxTaskModel, export_onnx
-
     out: dict[str, ServedTask] = {}
 
     def add(st: ServedTask) -> None:
@@ -99,6 +97,8 @@ def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads
     for p in paths:
         p = Path(p)
         if p.suffix == ".onnx":
+            from ufo.deploy.onnx_export import OnnxTaskModel  # onnx/ORT only when used: less memory per process
+
             om = OnnxTaskModel(p, threads)
             add(ServedTask(om.task, om.head, om.preprocessing, om.arch, om, "onnx", str(p)))
             continue
@@ -108,6 +108,8 @@ def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads
             if backend == "torch":
                 add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, _torch_runner(tm, t), "torch", str(p)))
             else:
+                from ufo.deploy.onnx_export import OnnxTaskModel, export_onnx
+
                 wd = Path(workdir or tempfile.mkdtemp(prefix="ufo-serve-"))
                 om = OnnxTaskModel(export_onnx(tm, t, wd / f"{t}.onnx"), threads)
                 add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, om, "onnx", str(p)))
