@@ -96,8 +96,11 @@ class Trainer:
             groups = d.groups.numpy() if d.groups is not None else None
             k = getattr(self.model.heads[name].opts, "k", 4)
             sources.append(TaskSource(name, len(d.train), groups, k))
-        quotas = {n: tc.batch for n, tc in self.cfg.tasks.items()} if all(
-            tc.batch for tc in self.cfg.tasks.values()) else None
+        # per-task shares apply to heterogeneous batches of several tasks; a single task (`--only`)
+        # or one task per step (round_robin) fills the whole batch
+        quotas = {n: tc.batch for n, tc in self.cfg.tasks.items()} if (
+            self.t.sampler == "hetero" and len(self.cfg.tasks) > 1 and all(tc.batch for tc in self.cfg.tasks.values())
+        ) else None
         return MixedTaskSampler(sources, self.t.batch_size, mode=self.t.sampler, quotas=quotas,
                                 temperature=self.t.temperature, seed=self.cfg.seed)
 
