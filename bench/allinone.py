@@ -102,7 +102,7 @@ def bar_chart(results: dict[str, Any], tasks: list[str], path: Path) -> None:
               ("All in One (one task/step)", results["allinone_round_robin"])]
     if "allinone_mim" in results:
         series.append(("All in One (MIM init)", results["allinone_mim"]))
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     w = 0.8 / len(series)
     for k, (label, per_task) in enumerate(series):
         xs = [i + (k - (len(series) - 1) / 2) * w for i in range(len(tasks))]
@@ -112,7 +112,7 @@ def bar_chart(results: dict[str, Any], tasks: list[str], path: Path) -> None:
     ax.set_ylabel("primary metric (higher is better)")
     ax.set_ylim(0, 1.05)
     ax.set_title("UFO All in One vs one model per task (same steps; All in One uses 1/T of the compute)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
