@@ -1,8 +1,9 @@
 """`ufo demo`: the whole path that exists today, on data shipped with pip packages.
 
 Trains the All-in-One model of the packaged `configs/demo.yaml` (three tasks, two kinds),
-evaluates every task, extracts each task's path as a standalone timm ViT, checks that it equals
-the supernet to 1e-5, and saves it. Re-running continues or reuses the run folder.
+evaluates every task, extracts each task as a standalone task model (a plain timm ViT plus the
+task's head), checks that it equals the supernet to 1e-5, and saves it where `ufo export` and
+`ufo serve` take it. Re-running continues or reuses the run folder.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ufo.checkpoint import atomic_write_text, save_extracted
+from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, load_config
-from ufo.nn.extract import extract
+from ufo.errors import UFOError
+from ufo.deploy.package import extract_task_model, save_task_model
 from ufo.tasks import task_class
 from ufo.train.loop import Trainer
 
@@ -38,25 +40,32 @@ def run_demo(out: str | Path, cfg: Config | None = None, console: Console | None
     metrics = trainer.evaluate()
 
     table = Table(title="All in One: one backbone, every task")
-    for col in ("task", "kind", "metric", "subnet params", "MFLOPs", "max |diff| vs supernet", "file"):
-        table.add_column(col)
+    for col, kw in (("task", {}), ("kind", {}), ("metric", {}), ("params", {"justify": "right"}),
+                    ("MFLOPs", {"justify": "right"}), ("parity", {"justify": "right"})):
+        table.add_column(col, **kw)
     models_dir = out / "models"
     rows = {}
     for name in cfg.task_names:
-        sub = extract(model.backbone, trainer.arch, name)
+        # a standalone task model (plain timm backbone + the task's head) and its parity with the supernet
+        tm = extract_task_model(model, trainer.arch, name, cfg, {name: trainer.data[name]}, source=str(out))
         x = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
         with torch.no_grad():
-            diff = float((sub(x) - model.backbone(x, name)).abs().max())
+            diff = float((tm(x, name) - model(x, name)).abs().max())
+        if diff > 1e-5:
+            raise UFOError(f"task {name!r}: the extracted task model differs from the supernet by {diff:.2e} (> 1e-5)")
         path = models_dir / f"{name}.safetensors"
-        save_extracted(path, sub, model.space, extra={"task_kind": cfg.tasks[name].kind})
+        save_task_model(path, tm)
         kind = cfg.tasks[name].kind
         key = task_class(kind).primary
-        n = model.space.num_params(sub.ufo_arch, name)
-        mf = model.space.flops(sub.ufo_arch, name) / 1e6
-        table.add_row(name, kind, f"{key} {metrics[name][key]:.4f}", f"{n:,}", f"{mf:.1f}", f"{diff:.1e}", str(path))
-        rows[name] = {"kind": kind, "metrics": metrics[name], "params": n, "mflops": mf, "parity": diff}
+        n = tm.num_params()
+        mf = model.space.flops(tm.info.arch, name) / 1e6
+        table.add_row(name, kind, f"{key} {metrics[name][key]:.4f}", f"{n:,}", f"{mf:.1f}", f"{diff:.0e}")
+        rows[name] = {"kind": kind, "metrics": metrics[name], "params": n, "mflops": mf, "parity": diff,
+                      "file": str(path)}
     console.print(table)
     result = {"train": summary, "tasks": rows}
     atomic_write_text(out / "demo.json", json.dumps(result, indent=2))
-    console.print(f"results: {out / 'demo.json'}; extracted models: {models_dir}")
+    console.print(f"results: {out / 'demo.json'}; task models (backbone + head): {models_dir}\n"
+                  f"next: ufo export {models_dir / (cfg.task_names[0] + '.safetensors')} --format onnx "
+                  f"--out {cfg.task_names[0]}.onnx   |   ufo serve {out}")
     return result
