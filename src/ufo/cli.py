@@ -68,20 +68,9 @@ def inspect(checkpoint: Path = typer.Argument(..., help="a .safetensors checkpoi
 
 def resolve_arch_arg(arch: str, space, routes=None):
     """ARCH.json, or one of largest | smallest | random:SEED."""
-    from ufo.arch import Arch
-    from ufo.errors import ArchError
+    from ufo.train.store import arch_from_spec
 
-    if arch == "largest":
-        return space.largest(routes)
-    if arch == "smallest":
-        return space.smallest(routes)
-    if arch.startswith("random:"):
-        try:
-            seed = int(arch.split(":", 1)[1])
-        except ValueError:
-            raise ArchError(f"--arch {arch!r}: expected random:SEED with an integer seed") from None
-        return space.sample(seed, routes)
-    return Arch.load(arch)
+    return arch_from_spec(arch, space, routes)
 
 
 @app.command()
