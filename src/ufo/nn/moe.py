@@ -53,6 +53,8 @@ class TaskFFN(nn.Module):
         """x: (B, N, C) sorted by task; segments say which rows belong to which task."""
         if len(segments) == 1:
             return self._forward_task(x, segments[0][0])
+        if all(self.fixed[t] == SHARED for t, _, _ in segments):
+            return self.shared(x)  # every task on the shared path: one FFN call for the whole batch
         # split (not x[s:e]): its backward is one concatenation, not a zero-filled buffer per slice
         parts = x.split([e - s for _, s, e in segments])
         return torch.cat([self._forward_task(p, t) for p, (t, _, _) in zip(parts, segments)], 0)
