@@ -116,10 +116,11 @@ class TrainConfig(Strict):
 
 
 class InitConfig(Strict):
-    """Where the weights start: scratch, a timm ViT state dict, or a MIM pre-training run."""
+    """Where the weights start: scratch, a timm ViT state dict, a MIM pre-training run, or a
+    trained run of the same model and tasks (e.g. All in One, before the task supernet)."""
 
-    kind: Literal["scratch", "timm", "mim"] = "scratch"
-    path: str | None = None  # timm: a local .safetensors/.pth state dict; mim: a run dir or checkpoint
+    kind: Literal["scratch", "timm", "mim", "run"] = "scratch"
+    path: str | None = None  # timm: a .safetensors/.pth state dict; mim, run: a run folder or its model file
     timm_model: str | None = None  # timm: a model name loaded with pretrained=True (needs internet)
     timm_num_heads: int | None = Field(None, gt=0)  # timm: heads of a `path` state dict (default: inferred)
 
@@ -133,6 +134,8 @@ class InitConfig(Strict):
             raise ValueError("kind 'timm' needs exactly one of `path` (a local state dict file) or `timm_model`")
         if self.kind == "mim" and (self.path is None or self.timm_model is not None):
             raise ValueError("kind 'mim' needs `path` (a pretrain_mim run folder or its checkpoint) and no `timm_model`")
+        if self.kind == "run" and (self.path is None or self.timm_model is not None):
+            raise ValueError("kind 'run' needs `path` (a trained run folder or its model.safetensors) and no `timm_model`")
         return self
 
 
@@ -149,6 +152,23 @@ class MimConfig(Strict):
         return 2 * patch_size if img_size % (2 * patch_size) == 0 else patch_size
 
 
+class TaskSupernetConfig(Strict):
+    """Path routing (`train.stage: task_supernet`): Gumbel temperature schedule, expert cost, router LR."""
+
+    tau_start: float = Field(5.0, gt=0)  # Gumbel-Softmax temperature at the first step
+    tau_end: float = Field(0.1, gt=0)  # ... at the last step
+    anneal: Literal["exponential", "linear"] = "exponential"
+    expert_cost: float = Field(0.0, ge=0)  # weight of the expected extra task-expert parameters in the loss
+    router_lr_scale: float = Field(10.0, gt=0)  # router and mix logits learn at train.lr * this, without decay
+
+    @model_validator(mode="after")
+    def _cools(self) -> "TaskSupernetConfig":
+        if self.tau_end > self.tau_start:
+            raise ValueError(f"tau_end ({self.tau_end}) must not exceed tau_start ({self.tau_start}): "
+                             "the temperature is annealed down")
+        return self
+
+
 class Config(BaseModel):
     """A whole experiment. Unknown top-level sections are kept for later stages to validate."""
 
@@ -162,6 +182,7 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     mim: MimConfig = Field(default_factory=MimConfig)
+    task_supernet: TaskSupernetConfig = Field(default_factory=TaskSupernetConfig)
 
     @model_validator(mode="after")
     def _kinds(self) -> "Config":

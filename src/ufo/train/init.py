@@ -1,4 +1,5 @@
-"""Where the weights start: a timm ViT state dict, or the backbone of a SimMIM pre-training run.
+"""Where the weights start: a timm ViT state dict, the backbone of a SimMIM pre-training run, or
+a trained run of the same model and tasks (`init_from_run`, e.g. All in One before the task supernet).
 
 timm names map one to one onto the SuperViT's largest arch; timm's `mlp` goes into the shared
 expert and is copied into every task expert. Where shapes differ, the patch kernel and the
@@ -21,7 +22,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ufo.checkpoint import atomic_write_text, load_checkpoint
+from ufo.arch import Arch, SearchSpace
+from ufo.checkpoint import atomic_write_text, load_checkpoint, load_state_checked
 from ufo.config import Config
 from ufo.errors import CheckpointError, ConfigError
 from ufo.nn.vit import SuperViT
@@ -401,6 +403,74 @@ def init_from_mim(model: nn.Module, path: str | Path) -> InitReport:
     return report
 
 
+# ----- an earlier run of the same model -----
+
+UNTRAINED_EXPERT_STAGES = ("all_in_one", "pretrain_mim")  # stages that train only the paths their arch fixes
+
+
+def init_from_run(model: nn.Module, path: str | Path) -> InitReport:
+    """Load a trained `ufo_model` file (a run folder or its model.safetensors) into a UFOModel:
+    backbone, routers and heads. The search space, the task list and the heads must match.
+
+    Task experts the source never trained start as copies of their block's shared expert, so that
+    every path starts out computing the same function: an All-in-One (or MIM) run trains a task's
+    expert in a block only where its arch puts the task on `task` or `mix` there, or leaves it to
+    the router; with the default `train.paths: shared` no expert is trained.
+    """
+    vit, prefix = _backbone(model)
+    heads = getattr(model, "heads", None)
+    if not isinstance(heads, nn.ModuleDict):
+        raise TypeError(f"init_from_run loads a whole UFOModel (backbone and heads), got {type(model).__name__}")
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        hint = " (an unfinished run has only checkpoints/; finish it with --resume)" if path.is_dir() else ""
+        raise CheckpointError(f"init.path: {file} not found; expected a trained run folder or its model.safetensors{hint}")
+    tensors, manifest = load_checkpoint(file)
+    if manifest.get("kind") != "ufo_model":
+        raise CheckpointError(f"init.path: {file} holds a {manifest.get('kind')!r} checkpoint, not a trained model "
+                              "(ufo_model); give the run folder or its model.safetensors")
+    if list(manifest.get("tasks") or []) != vit.tasks:
+        raise CheckpointError(f"init.path: {file} was trained on tasks {manifest.get('tasks')}, this config has "
+                              f"{vit.tasks}; init kind 'run' needs the same tasks in the same order")
+    saved = SearchSpace.model_validate(manifest["space"])
+    if saved != vit.space:
+        diff = [f"{k} (run {getattr(saved, k)} vs config {getattr(vit.space, k)})"
+                for k in SearchSpace.model_fields if getattr(saved, k) != getattr(vit.space, k)]
+        raise CheckpointError(f"init.path: {file} has another search space; use that run's `model:` section. "
+                              f"Differing fields: {', '.join(diff)}")
+    theirs = manifest.get("heads") or {}
+    bad = [f"{t} (run {theirs.get(t)} vs config {{'kind': {h.kind!r}, 'num_classes': {h.num_classes}}})"
+           for t, h in heads.items() if theirs.get(t) != {"kind": h.kind, "num_classes": h.num_classes}]
+    if bad:
+        raise CheckpointError(f"init.path: {file} has other task heads: {', '.join(bad)}")
+    load_state_checked(model, tensors, file)
+
+    report = InitReport("run", str(file), mapped=[(k, k) for k in tensors])
+    stage = ((manifest.get("config") or {}).get("train") or {}).get("stage", "all_in_one")
+    if stage in UNTRAINED_EXPERT_STAGES:
+        arch = Arch.model_validate(manifest["arch"])
+        copied, replaced = [], set()
+        with torch.no_grad():
+            for i, blk in enumerate(vit.blocks):
+                for t in vit.tasks:
+                    if i < arch.depth and arch.path(t, i) != "shared":
+                        continue  # trained on its task's rows: kept
+                    blk.mlp.experts[t].load_state_dict(blk.mlp.shared.state_dict())
+                    copied.append(f"{t}@{i}")
+                    for k in blk.mlp.shared.state_dict():
+                        ours = f"{prefix}blocks.{i}.mlp.experts.{t}.{k}"
+                        replaced.add(ours)
+                        report.mapped.append((f"{prefix}blocks.{i}.mlp.shared.{k}", ours))
+        report.mapped = [(s, o) for s, o in report.mapped if not (s == o and o in replaced)]
+        report.unused_source = sorted(replaced)
+        if copied:
+            report.notes.append(f"the {stage} run never trained {len(copied)} of {len(vit.tasks) * len(vit.blocks)} "
+                                f"task experts (task@block: {', '.join(copied[:8])}{' ...' if len(copied) > 8 else ''}): "
+                                "they start as copies of the shared expert")
+    return report
+
+
 # ----- dispatch -----
 
 def apply_init(model: nn.Module, cfg: Config, out: str | Path | None = None) -> InitReport | None:
@@ -411,8 +481,10 @@ def apply_init(model: nn.Module, cfg: Config, out: str | Path | None = None) -> 
         return None
     if i.kind == "timm":
         report = init_from_timm(model, i.path, timm_model=i.timm_model, num_heads=i.timm_num_heads)
-    else:
+    elif i.kind == "mim":
         report = init_from_mim(model, i.path)
+    else:
+        report = init_from_run(model, i.path)
     if out is not None:
         dist.info(report.summary())
         if dist.is_main():
