@@ -226,13 +226,14 @@ def train(
     """Train the model the config describes (All in One by default)."""
     from ufo.train.loop import Trainer
     from ufo.train.mim import MimTrainer
+    from ufo.train.routing import RoutingTrainer
 
     cfg = _load(config, set_, data_dir)
     if only:
         cfg = cfg.only(only)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    trainer = (MimTrainer if cfg.train.stage == "pretrain_mim" else Trainer)(cfg, out)
+    trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
     summary = trainer.fit(resume=resume)
     console.print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
                   f"model: {out / 'model.safetensors'}")

@@ -73,7 +73,7 @@ class Trainer:
             raise ConfigError("train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
                               "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp")
         # FSDP shards in fit(), after the initial weights and any resumed state are in place
-        self.step_module = TrainStep(self.model) if self.fsdp else dist.wrap(TrainStep(self.model), self.world)
+        self.step_module = self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world)
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = None
@@ -111,6 +111,21 @@ class Trainer:
     def _manifest(self) -> dict[str, Any]:
         return {"config": self.cfg.model_dump(mode="json"), "arch": self.arch.model_dump(), "world_size": self.world}
 
+    # ----- what a stage may change -----
+    def build_step(self) -> nn.Module:
+        """The module that maps a batch to named losses (DDP wraps it)."""
+        return TrainStep(self.model)
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items())
+
+    def log_fields(self) -> list[str]:
+        """metrics.csv columns beyond the losses, lr and throughput."""
+        return []
+
+    def finish(self) -> None:
+        """Runs once after the last step, before the model file is written."""
+
     # ----- batches -----
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next mixed batch of this rank: images (grouped by task), task ids, labels."""
@@ -145,7 +160,7 @@ class Trainer:
             dist.warn(msg)
             return {"skipped": 1.0}
         self.bad_steps = 0
-        total = sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items())
+        total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.t.grad_clip:
@@ -200,7 +215,8 @@ class Trainer:
             self.ema.set(self.model)  # resumed runs restore their weights; fresh ones start from cfg.init
         if self.fsdp:
             self._shard()
-        log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0)
+        log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0,
+                        extra_fields=self.log_fields())
         t0, images = time.perf_counter(), 0.0
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
@@ -221,6 +237,7 @@ class Trainer:
                 progress.update(bar, completed=self.step)
         log.close()
         summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}
+        self.finish()
         final = self.eval_model()
         if self.fsdp:  # a plain copy of the gathered weights
             state, _ = fsdp.full_state(self.step_module)
@@ -246,12 +263,14 @@ class MetricLog:
     """metrics.csv (rows past a resumed step are dropped, so the log matches the weights) and
     TensorBoard scalars."""
 
-    def __init__(self, out: Path, tasks: list[str], start_step: int, enabled: bool = True) -> None:
+    def __init__(self, out: Path, tasks: list[str], start_step: int, enabled: bool = True,
+                 extra_fields: list[str] | None = None) -> None:
         self.enabled = enabled
         if not enabled:
             return
         self.path = out / "metrics.csv"
-        self.fields = ["step", "loss", *(f"loss/{t}" for t in tasks), "lr", "images_per_s", "skipped"]
+        self.fields = ["step", "loss", *(f"loss/{t}" for t in tasks), "lr", "images_per_s", "skipped",
+                       *(extra_fields or [])]
         rows = []
         if self.path.exists() and start_step > 0:
             with open(self.path) as f:
