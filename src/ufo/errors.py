@@ -26,3 +26,8 @@ class DataError(UFOError):
 
 class TaskError(UFOError):
     """An unknown task name or task kind."""
+
+
+class SearchError(UFOError):
+    """A latency measurement, predictor or search that cannot run as asked (unknown backend,
+    predictor fitted for another search space, unfitted predictor)."""

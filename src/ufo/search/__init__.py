@@ -1,0 +1,1 @@
+"""Predict and search: subnet latency measurement and GP-NAS style predictors."""

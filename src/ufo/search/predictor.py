@@ -1,0 +1,187 @@
+"""GP-NAS style predictors: a linear mean plus a Gaussian process on its residuals.
+
+`GPPredictor` is a scikit-learn estimator on plain numeric arrays (rows from
+`SearchSpace.encode`): features are standardised, a Bayesian ridge regression fits the linear
+trend, and a `GaussianProcessRegressor` with a learned ARD kernel
+(`ConstantKernel * Matern(nu) + WhiteKernel`, hyperparameters by marginal likelihood with seeded
+restarts) models what the trend misses. Unlike PaddleSlim's GP-NAS the kernel's length scales are
+learned, not fixed. Latency targets can be fitted in log space (`log_target=True`), where
+relative errors are what count. A fitted predictor saves to one safetensors file (fitted arrays,
+JSON manifest) tied to its search space by a fingerprint, so it is not reused on another space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Kernel, Matern, WhiteKernel
+from sklearn.linear_model import BayesianRidge
+from sklearn.model_selection import KFold
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+from ufo.arch import SearchSpace
+from ufo.checkpoint import load_checkpoint, save_checkpoint
+from ufo.errors import SearchError
+
+KIND = "gp_predictor"
+
+
+def space_fingerprint(space: SearchSpace) -> str:
+    """A stable hash of everything that defines `space` (its encodings depend on all of it)."""
+    text = json.dumps(space.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class GPPredictor(RegressorMixin, BaseEstimator):
+    """Linear mean + GP on the residuals, on standardised features.
+
+    `nu`: Matern smoothness (0.5, 1.5, 2.5 or inf). `n_restarts`: extra optimiser starts for the
+    kernel hyperparameters, drawn with `random_state`. `log_target`: fit log(y) (y must be
+    positive) and return exp of the prediction, with the std mapped by the delta method.
+    """
+
+    def __init__(self, log_target: bool = False, nu: float = 2.5, n_restarts: int = 3, random_state: int = 0) -> None:
+        self.log_target = log_target
+        self.nu = nu
+        self.n_restarts = n_restarts
+        self.random_state = random_state
+
+    def _kernel(self, d: int) -> Kernel:
+        return (ConstantKernel(1.0, (1e-3, 1e3)) * Matern(np.ones(d), (1e-2, 1e3), nu=self.nu)
+                + WhiteKernel(1e-2, (1e-8, 1e1)))
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.x_mean_) / self.x_scale_
+
+    def _fit_gp(self, Z: np.ndarray, resid: np.ndarray, kernel: Kernel, optimise: bool) -> None:
+        self.gp_ = GaussianProcessRegressor(kernel, normalize_y=True, optimizer="fmin_l_bfgs_b" if optimise else None,
+                                            n_restarts_optimizer=self.n_restarts if optimise else 0,
+                                            random_state=self.random_state)
+        with warnings.catch_warnings():
+            # Length scales of irrelevant or constant features (blocks past every arch's depth) run to
+            # their upper bound, and the noise of noiseless targets to its lower one: that is ARD working.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.gp_.fit(Z, resid)
+        self.residuals_ = resid
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "GPPredictor":
+        X, y = check_X_y(X, y, y_numeric=True, dtype=np.float64)
+        self.n_features_in_ = X.shape[1]
+        if len(y) < 3:
+            raise SearchError(f"GPPredictor needs at least 3 samples to fit, got {len(y)}")
+        if self.log_target:
+            if np.any(y <= 0):
+                raise SearchError(f"log_target=True needs positive targets; the smallest is {y.min():g}")
+            y = np.log(y)
+        self.x_mean_ = X.mean(0)
+        std = X.std(0)
+        self.x_scale_ = np.where(std > 0, std, 1.0)  # constant features (unused blocks) stay at 0
+        Z = self._scale(X)
+        lin = BayesianRidge().fit(Z, y)
+        self.coef_, self.intercept_ = np.asarray(lin.coef_, dtype=np.float64), float(lin.intercept_)
+        self.X_train_ = Z
+        self._fit_gp(Z, y - self._linear(Z), self._kernel(X.shape[1]), optimise=True)
+        return self
+
+    def _linear(self, Z: np.ndarray) -> np.ndarray:
+        return Z @ self.coef_ + self.intercept_
+
+    def predict(self, X: np.ndarray, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Predicted target (and its std: the GP's predictive std, noise included) for rows of `X`."""
+        check_is_fitted(self, "gp_")
+        X = check_array(X, dtype=np.float64)
+        if X.shape[1] != self.n_features_in_:
+            raise SearchError(f"X has {X.shape[1]} features but the predictor was fitted on {self.n_features_in_}; "
+                              "encode archs of the same search space and task")
+        Z = self._scale(X)
+        r, s = self.gp_.predict(Z, return_std=True)
+        mu = self._linear(Z) + r
+        if self.log_target:
+            mu = np.exp(mu)
+            s = mu * s  # delta method: d exp(m) = exp(m) dm
+        return (mu, s) if return_std else mu
+
+    # ----- files -----
+    def save(self, path: str | Path, space: SearchSpace, meta: dict[str, Any] | None = None) -> Path:
+        """Write the fitted predictor for `space` (features from `space.encode`) to one safetensors file.
+
+        `meta` (JSON-able: the target, task, backend, CV scores) is stored in the manifest.
+        """
+        check_is_fitted(self, "gp_")
+        arrays = {"x_mean": self.x_mean_, "x_scale": self.x_scale_, "coef": self.coef_, "X_train": self.X_train_,
+                  "residuals": self.residuals_, "kernel_theta": self.gp_.kernel_.theta}
+        manifest = {"kind": KIND, "params": self.get_params(), "intercept": self.intercept_,
+                    "n_features": int(self.n_features_in_), "n_train": len(self.residuals_),
+                    "kernel": repr(self.gp_.kernel_), "space_fingerprint": space_fingerprint(space),
+                    "space": space.model_dump(mode="json"), "meta": meta or {}}
+        save_checkpoint(path, {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()},
+                        manifest)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, space: SearchSpace) -> "GPPredictor":
+        """Read a predictor written by `save`; refuses one fitted for a different search space."""
+        tensors, manifest = load_checkpoint(path)
+        if manifest.get("kind") != KIND:
+            raise SearchError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a GP predictor")
+        if manifest.get("space_fingerprint") != space_fingerprint(space):
+            raise SearchError(f"{path} was fitted for another search space (fingerprint "
+                              f"{manifest.get('space_fingerprint')} vs {space_fingerprint(space)} for this one); "
+                              "its features would not mean the same thing: fit a predictor for this space")
+        a = {k: v.numpy().astype(np.float64) for k, v in tensors.items()}
+        try:
+            self = cls(**manifest["params"])
+            self.x_mean_, self.x_scale_, self.coef_ = a["x_mean"], a["x_scale"], a["coef"]
+            self.intercept_, self.n_features_in_ = float(manifest["intercept"]), int(manifest["n_features"])
+            self.X_train_ = a["X_train"]
+            kernel = self._kernel(self.n_features_in_).clone_with_theta(a["kernel_theta"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SearchError(f"{path}: incomplete or invalid GP predictor ({type(e).__name__}: {e})") from None
+        # Refitting with the stored hyperparameters and no optimiser recomputes the same GP exactly.
+        self._fit_gp(self.X_train_, a["residuals"], kernel, optimise=False)
+        self.meta_ = manifest.get("meta", {})
+        return self
+
+
+# ----- scores -----
+
+def kendall_tau(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Kendall's rank correlation (tau-b): how well the predictor orders archs."""
+    return float(kendalltau(np.asarray(y_true), np.asarray(y_pred)).statistic)
+
+
+def mape(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean absolute percentage error, as a fraction (0.05 is 5%); targets must be non-zero."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
+    if np.any(y_true == 0):
+        raise SearchError("MAPE is undefined for zero targets")
+    return float(np.mean(np.abs(y_pred - y_true) / np.abs(y_true)))
+
+
+def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """K-fold (shuffled with `seed`) scores of a fresh clone of `predictor` per fold.
+
+    `kendall_tau` and `mape` are over all out-of-fold predictions pooled; `*_folds` per fold.
+    """
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(y) < 2 * folds:
+        raise SearchError(f"cross-validation with {folds} folds needs at least {2 * folds} samples, got {len(y)}")
+    pred = np.empty_like(y)
+    taus, mapes = [], []
+    for tr, te in KFold(folds, shuffle=True, random_state=seed).split(X):
+        p = clone(predictor).fit(X[tr], y[tr]).predict(X[te])
+        pred[te] = p
+        taus.append(kendall_tau(y[te], p))
+        mapes.append(mape(y[te], p))
+    return {"kendall_tau": kendall_tau(y, pred), "mape": mape(y, pred), "kendall_tau_folds": taus,
+            "mape_folds": mapes, "folds": folds, "n": len(y), "predictions": pred.tolist()}

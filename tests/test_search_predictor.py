@@ -1,0 +1,114 @@
+"""GPPredictor: recovers smooth functions of the arch encoding, beats a linear fit on nonlinear
+targets, reports growing uncertainty away from data, plays with sklearn, and saves safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LinearRegression
+from sklearn.metrics import r2_score
+from sklearn.model_selection import KFold, cross_val_score
+
+from helpers import tiny_space
+from ufo.errors import SearchError
+from ufo.search.predictor import GPPredictor, cross_validate, kendall_tau, mape, space_fingerprint
+
+SPACE = tiny_space()
+
+
+def encoded(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([SPACE.encode(SPACE.sample(rng), ["cls"]) for _ in range(n)])
+
+
+def target(X: np.ndarray) -> np.ndarray:
+    """A smooth nonlinear function of the encoding: linear trend plus sine and cosine terms."""
+    z = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
+    return 5.0 + 0.3 * z[:, 1] + np.sin(1.5 * z[:, 0]) + 0.5 * np.cos(z[:, 2])
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    X = encoded(150, 0)
+    return X, target(X)
+
+
+@pytest.fixture(scope="module")
+def fitted(data) -> GPPredictor:
+    X, y = data
+    return GPPredictor(n_restarts=1).fit(X[:50], y[:50])
+
+
+def test_recovers_smooth_function_ranking(data, fitted):
+    X, y = data
+    assert kendall_tau(y[50:], fitted.predict(X[50:])) >= 0.9
+
+
+def test_beats_plain_linear_model_on_nonlinear_target(data, fitted):
+    X, y = data
+    lin = LinearRegression().fit(X[:50], y[:50])
+    gp_r2, lin_r2 = r2_score(y[50:], fitted.predict(X[50:])), r2_score(y[50:], lin.predict(X[50:]))
+    assert 1 - gp_r2 < 0.5 * (1 - lin_r2), (gp_r2, lin_r2)  # at most half the linear model's squared error
+    assert mape(y[50:], fitted.predict(X[50:])) < mape(y[50:], lin.predict(X[50:]))
+
+
+def test_std_positive_and_larger_far_from_data(data, fitted):
+    X, _ = data
+    _, near = fitted.predict(X[50:], return_std=True)
+    far_x = X.mean(0) + 8 * X.std(0) + 1.0
+    _, far = fitted.predict(far_x[None], return_std=True)
+    assert np.all(near > 0)
+    assert far[0] > near.max()
+
+
+def test_works_in_sklearn_cross_val_score(data):
+    X, y = data
+    est = GPPredictor(n_restarts=0)
+    assert clone(est).get_params() == est.get_params()
+    assert est.set_params(log_target=True).log_target
+    scores = cross_val_score(GPPredictor(n_restarts=0), X[:60], y[:60], cv=KFold(3, shuffle=True, random_state=0))
+    assert np.all(np.isfinite(scores)) and scores.mean() > 0.5
+
+
+def test_cross_validate_reports_tau_and_mape(data):
+    X, y = data
+    r = cross_validate(GPPredictor(n_restarts=0), X[:40], y[:40], folds=4, seed=0)
+    assert r["folds"] == 4 and len(r["kendall_tau_folds"]) == 4 and r["n"] == 40
+    assert r["kendall_tau"] > 0.7 and 0 <= r["mape"] < 0.2
+
+
+def test_log_target_positive_predictions_and_rejects_nonpositive(data):
+    X, y = data
+    est = GPPredictor(log_target=True, n_restarts=0).fit(X[:40], np.exp(y[:40] / 3))
+    mu, sd = est.predict(X[40:60], return_std=True)
+    assert np.all(mu > 0) and np.all(sd > 0)
+    with pytest.raises(SearchError, match="positive"):
+        GPPredictor(log_target=True).fit(X[:10], y[:10] - 10)
+
+
+def test_save_load_round_trip_identical(tmp_path, data, fitted):
+    X, _ = data
+    path = fitted.save(tmp_path / "p.safetensors", SPACE, meta={"target": "synthetic"})
+    back = GPPredictor.load(path, SPACE)
+    m0, s0 = fitted.predict(X[50:], return_std=True)
+    m1, s1 = back.predict(X[50:], return_std=True)
+    np.testing.assert_allclose(m1, m0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(s1, s0, rtol=1e-12, atol=1e-12)
+    assert back.get_params() == fitted.get_params() and back.meta_ == {"target": "synthetic"}
+
+
+def test_load_for_another_space_is_refused(tmp_path, fitted):
+    path = fitted.save(tmp_path / "p.safetensors", SPACE)
+    other = tiny_space(embed_dim=[16, 24, 32, 40])
+    assert space_fingerprint(other) != space_fingerprint(SPACE)
+    with pytest.raises(SearchError, match="another search space"):
+        GPPredictor.load(path, other)
+
+
+def test_wrong_feature_count_and_unfitted_errors(data, fitted):
+    X, _ = data
+    with pytest.raises(SearchError, match="features"):
+        fitted.predict(X[:, :5])
+    with pytest.raises(SearchError, match="at least 3"):
+        GPPredictor().fit(X[:2], X[:2, 0])
