@@ -152,6 +152,18 @@ class MimConfig(Strict):
         return 2 * patch_size if img_size % (2 * patch_size) == 0 else patch_size
 
 
+class ChipConfig(Strict):
+    """Architecture slimming (`train.stage: chip_supernet`): the sandwich rule with in-place distillation."""
+
+    num_random: int = Field(2, ge=0)  # random subnets per step, besides the largest and the smallest
+    distill: bool = True  # smaller subnets learn from the largest one's outputs (else from the labels)
+    distill_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)  # softens the logits in the KL term of classification tasks
+    label_weight: float = Field(0.0, ge=0)  # with distill: smaller subnets also learn from the labels (without: 1)
+    reorder: bool = True  # sort heads and FFN units by importance before the first step
+    tasks: list[str] | None = None  # train only these tasks' batches (so only their paths); None: every task
+
+
 class TaskSupernetConfig(Strict):
     """Path routing (`train.stage: task_supernet`): Gumbel temperature schedule, expert cost, router LR."""
 
@@ -182,6 +194,7 @@ class Config(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     mim: MimConfig = Field(default_factory=MimConfig)
+    chip_supernet: ChipConfig = Field(default_factory=ChipConfig)
     task_supernet: TaskSupernetConfig = Field(default_factory=TaskSupernetConfig)
 
     @model_validator(mode="after")

@@ -1,0 +1,267 @@
+"""Chip supernet (`train.stage: chip_supernet`): architecture slimming with the sandwich rule.
+
+Every step runs the same mixed batch through the largest subnet, the smallest and
+`chip_supernet.num_random` random ones, accumulates their gradients and takes one optimiser step
+(Yu et al., BigNAS / slimmable networks). The largest subnet learns from the labels; the smaller
+ones learn from its detached outputs (in-place distillation, `ufo.train.distill_losses`): a
+temperature KL on the logits of classification tasks, a cosine plus a relational loss on the
+embeddings of identity tasks.
+
+Random subnets are drawn from a generator seeded by (seed, step, k), so the sampler has no state
+and a resumed run draws the same subnets. Every subnet takes the model's routes: those of a task
+supernet run named by `init.kind: run`, else `train.paths` for every task and block.
+
+Before the first step the heads and FFN hidden units are sorted by importance (Once-for-All's
+`re_organize_middle_weights`), so the first-k slices of the smaller subnets keep the most
+important ones; the largest subnet's function is unchanged. Embedding channels keep their order:
+they are shared by every block, LayerNorm and head, and the patch embedding's slice is left as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ufo.arch import Arch, Routes, SearchSpace
+from ufo.checkpoint import load_checkpoint
+from ufo.config import Config
+from ufo.errors import CheckpointError, ConfigError
+from ufo.data.sampler import MixedTaskSampler
+from ufo.model import UFOModel
+from ufo.nn.attention import ElasticAttention
+from ufo.nn.mlp import ElasticMlp
+from ufo.nn.vit import SuperViT
+from ufo.tasks import TaskData
+from ufo.train import distributed as dist
+from ufo.train.distill_losses import distill_terms
+from ufo.train.loop import Trainer, TrainingError
+from ufo.train.optim import set_lr
+
+DISTILL_TERMS = ("kl", "cos", "rel")
+
+
+# ----- importance re-ordering -----
+
+@torch.no_grad()
+def reorder_mlp(mlp: ElasticMlp) -> torch.Tensor:
+    """Sort the hidden units by the L1 norm of their fc2 input column, most important first.
+
+    fc1's rows (and bias) and fc2's columns are permuted together, so the expert's function is
+    unchanged (GELU acts per unit). Returns the order applied (new position -> old unit)."""
+    order = torch.argsort(mlp.fc2.weight.abs().sum(0), descending=True, stable=True)
+    mlp.fc1.weight.copy_(mlp.fc1.weight[order])
+    if mlp.fc1.bias is not None:
+        mlp.fc1.bias.copy_(mlp.fc1.bias[order])
+    mlp.fc2.weight.copy_(mlp.fc2.weight[:, order])
+    return order
+
+
+@torch.no_grad()
+def reorder_heads(attn: ElasticAttention) -> torch.Tensor:
+    """Sort the heads by the L1 norm of their proj input columns, most important first.
+
+    q, k and v of each head move together through the (3, H, head_dim, C) view of qkv (and its
+    bias), and proj's columns through (C, H, head_dim): attention is computed per head and the
+    heads are concatenated in the order proj reads them, so the output is unchanged."""
+    H, hd, C = attn.num_heads, attn.head_dim, attn.dim
+    proj = attn.proj.weight.view(C, H, hd)
+    order = torch.argsort(proj.abs().sum((0, 2)), descending=True, stable=True)
+    proj.copy_(proj[:, order])
+    qkv = attn.qkv.weight.view(3, H, hd, C)
+    qkv.copy_(qkv[:, order])
+    if attn.qkv.bias is not None:
+        b = attn.qkv.bias.view(3, H, hd)
+        b.copy_(b[:, order])
+    return order
+
+
+def reorder_by_importance(vit: SuperViT) -> dict[str, list[int]]:
+    """Re-order every block's heads and the hidden units of its shared and task experts.
+
+    Returns the orders applied, keyed like `blocks.0.attn` or `blocks.0.mlp.experts.T`."""
+    orders = {}
+    for i, blk in enumerate(vit.blocks):
+        orders[f"blocks.{i}.attn"] = reorder_heads(blk.attn).tolist()
+        orders[f"blocks.{i}.mlp.shared"] = reorder_mlp(blk.mlp.shared).tolist()
+        for t, expert in blk.mlp.experts.items():
+            orders[f"blocks.{i}.mlp.experts.{t}"] = reorder_mlp(expert).tolist()
+    return orders
+
+
+# ----- routes -----
+
+def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
+    """The FFN path of every task and block that every subnet of the chip supernet takes.
+
+    A task supernet run given as `init.kind: run` brings its frozen routes (its routers' argmax);
+    otherwise `train.paths` holds for every task and block."""
+    if cfg.init.kind == "run" and cfg.init.path is not None:
+        path = Path(cfg.init.path)
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"init.path: {file} not found; expected a trained run folder or its model.safetensors")
+        manifest = load_checkpoint(file)[1]
+        stage = ((manifest.get("config") or {}).get("train") or {}).get("stage")
+        if stage == "task_supernet":
+            routes = manifest.get("routes") or {}
+            if sorted(routes) != sorted(space.tasks) or any(len(r) != space.max_depth for r in routes.values()):
+                raise CheckpointError(f"init.path: {file} has routes for {sorted(routes)} that do not fit this "
+                                      f"model's tasks {space.tasks} and depth {space.max_depth}")
+            return {t: list(routes[t]) for t in space.tasks}
+    if cfg.train.paths is None:
+        raise ConfigError("train.paths: null leaves the paths to the router, but train.stage chip_supernet needs "
+                          "fixed routes; set train.paths (e.g. shared) or init from a task_supernet run (init.kind: run)")
+    return {t: [cfg.train.paths] * space.max_depth for t in space.tasks}
+
+
+@torch.no_grad()
+def freeze_routes(vit: SuperViT, routes: Routes) -> None:
+    """Make each router's argmax pick `routes` (a no-op for routes a task supernet froze), so that
+    `ufo eval --arch`, extraction and search, which read the routers, take the trained paths."""
+    from ufo.arch import PATHS
+
+    for j, t in enumerate(vit.tasks):
+        for blk, p in zip(vit.blocks, routes[t]):
+            logits = blk.mlp.router_logits[j]
+            k = PATHS.index(p)
+            if int(logits.argmax()) != k:
+                logits[k] = logits.max() + 1.0
+
+
+# ----- the trainer -----
+
+class ChipTrainer(Trainer):
+    """Trainer whose step is the sandwich rule with in-place distillation; the loop, checkpoints
+    (exact resume), schedule, logging and the final model file are inherited."""
+
+    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
+                 show_progress: bool = True) -> None:
+        self.chip = cfg.chip_supernet
+        unknown = [t for t in self.chip.tasks or [] if t not in cfg.tasks]
+        if unknown:
+            raise ConfigError(f"chip_supernet.tasks: unknown task(s) {unknown}; this config's tasks are {cfg.task_names}")
+        super().__init__(cfg, out, data, show_progress)  # the sampler below sees self.chip
+        if self.world > 1:
+            raise ConfigError("train.stage chip_supernet runs on one process for now (its passes use different "
+                              "parameters, which DDP's one-backward-per-step model does not fit); run without torchrun")
+        self.routes = chip_routes(cfg, self.model.space)
+        self.arch = self.model.space.largest(self.routes)
+        self.model.set_arch(self.arch)
+
+    def _sampler(self) -> MixedTaskSampler:
+        """The Trainer's sampler over `chip_supernet.tasks` only (all tasks by default)."""
+        keep = self.chip.tasks
+        if not keep:
+            return super()._sampler()
+        full = self.cfg
+        self.cfg = full.model_copy(update={"tasks": {n: tc for n, tc in full.tasks.items() if n in keep}})
+        try:
+            return super()._sampler()
+        finally:
+            self.cfg = full
+
+    def log_fields(self) -> list[str]:
+        return ["loss/largest", "loss/smallest", "loss/random", *(f"distill/{k}" for k in DISTILL_TERMS)]
+
+    def sandwich(self, step: int) -> list[tuple[str, Arch]]:
+        """The subnets of a step: largest, smallest, then `num_random` drawn from (seed, step, k)."""
+        s, r = self.model.space, self.routes
+        archs = [("largest", s.largest(r)), ("smallest", s.smallest(r))]
+        return archs + [("random", s.sample(np.random.default_rng([self.cfg.seed, step, k]), r))
+                        for k in range(self.chip.num_random)]
+
+    def _pass(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, arch: Arch,
+              teacher: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One subnet on the batch: (its loss, logged terms, its detached outputs per task).
+
+        Without a teacher the loss is the weighted label loss; with one, the distillation terms
+        (plus the label loss at `label_weight`, or alone when distillation is off)."""
+        m, c = self.model, self.chip
+        m.set_arch(arch)
+        feats = m.backbone(x, ids)
+        total = feats.new_zeros((), dtype=torch.float32)
+        terms: dict[str, torch.Tensor] = {}
+        outs: dict[str, torch.Tensor] = {}
+        label_w = 1.0 if teacher is None or not c.distill else c.label_weight
+        for i, name in enumerate(m.tasks):
+            rows = (ids == i).nonzero().flatten()
+            if not rows.numel():
+                continue
+            head, f = m.heads[name], feats[rows]
+            if label_w > 0:
+                label = head.loss(f, y[rows])
+                terms[f"label/{name}"] = label.detach()
+                total = total + label_w * self.cfg.tasks[name].loss_weight * label
+            if teacher is None:
+                with torch.no_grad():
+                    outs[name] = head(f).detach()
+            elif c.distill:
+                for k, v in distill_terms(head.output, head(f), teacher[name], c.temperature).items():
+                    terms[f"distill/{k}"] = terms.get(f"distill/{k}", 0.0) + v.detach()
+                    total = total + c.distill_weight * v
+        return total, terms, outs
+
+    def accumulate(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor,
+                   archs: list[tuple[str, Arch]]) -> dict[str, torch.Tensor] | None:
+        """Forward and backward every subnet in turn (gradients add up); the first one is the
+        teacher of the rest. Returns the logged terms, or None after a non-finite loss."""
+        logged: dict[str, torch.Tensor] = {}
+        teacher = None
+        n_random = sum(kind == "random" for kind, _ in archs)
+        n_students = len(archs) - 1
+        amp = dict(device_type="cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+                   enabled=self.t.amp == "bf16")
+        for j, (kind, arch) in enumerate(archs):
+            with torch.autocast(**amp):
+                loss, terms, outs = self._pass(x, ids, y, arch, teacher if j else None)
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+            if j == 0:
+                teacher = outs
+                logged |= {f"loss/{k[6:]}": v for k, v in terms.items() if k.startswith("label/")}
+            for k, v in terms.items():
+                if k.startswith("distill/"):
+                    logged[k] = logged.get(k, 0.0) + v / max(1, n_students)
+            w = 1.0 / n_random if kind == "random" else 1.0
+            logged[f"loss/{kind}"] = logged.get(f"loss/{kind}", 0.0) + w * loss.detach()
+            logged["loss"] = logged.get("loss", 0.0) + loss.detach()
+        return logged
+
+    def train_step(self) -> dict[str, float]:
+        if self.step == 0 and self.chip.reorder:  # a fresh run: resumed weights are already re-ordered
+            reorder_by_importance(self.model.backbone)
+            if self.ema is not None:
+                self.ema.set(self.model)
+        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
+        x, ids, y = self.batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        logged = self.accumulate(x, ids, y, self.sandwich(self.step))
+        self.model.set_arch(self.arch)
+        if logged is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            msg = f"step {self.step}: non-finite loss in a sampled subnet; the step was skipped"
+            if self.bad_steps >= self.t.max_bad_steps:
+                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
+            dist.warn(msg)
+            return {"skipped": 1.0}
+        self.bad_steps = 0
+        if self.t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        logged = dist.mean_across_ranks({k: torch.as_tensor(v) for k, v in logged.items()})
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+
+    def finish(self) -> None:
+        """The shipped model sits at the largest subnet, with its routers picking the trained routes."""
+        for m in {id(self.model): self.model, id(self.eval_model()): self.eval_model()}.values():
+            freeze_routes(m.backbone, self.routes)
+            m.set_arch(self.arch)
+
+    def eval_model(self) -> UFOModel:
+        return self.ema.module if self.ema is not None else self.model
