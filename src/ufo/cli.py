@@ -227,13 +227,15 @@ def train(
     from ufo.train.loop import Trainer
     from ufo.train.mim import MimTrainer
     from ufo.train.routing import RoutingTrainer
+    from ufo.train.slimming import ChipTrainer
 
     cfg = _load(config, set_, data_dir)
     if only:
         cfg = cfg.only(only)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
+    trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer,
+               "chip_supernet": ChipTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
     summary = trainer.fit(resume=resume)
     console.print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
                   f"model: {out / 'model.safetensors'}")
