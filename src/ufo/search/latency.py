@@ -1,0 +1,270 @@
+"""Latency of extracted subnets on a named backend, and datasets of measured archs for predictors.
+
+`measure(space, arch, task, backend)` builds the plain timm ViT that `extract` would return for
+`task`'s path through `arch` and times its forward pass: a fixed batch size and thread count,
+`warmup` untimed calls, then the median of `repeats` timed calls with the interquartile range as
+the spread. Backends: `torch-cpu` (eager torch), `ort-cpu` (ONNX Runtime on CPU, exported through
+`ufo.deploy.onnx_export`) and `cuda` (eager torch on the GPU). `collect` measures N sampled archs
+(the largest and smallest included) into a `LatencyDataset` that saves to JSON with its space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ufo.arch import Arch, SearchSpace
+from ufo.checkpoint import atomic_write_text
+from ufo.errors import ArchError, SearchError
+from ufo.nn.extract import build_vit
+
+BACKENDS: tuple[str, ...] = ("torch-cpu", "ort-cpu", "cuda")
+DEFAULT_THREADS = 1
+
+
+class Latency(BaseModel):
+    """Milliseconds per forward pass: median and quartiles of `n` timed calls."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    n: int
+
+    @classmethod
+    def of(cls, times_ms: list[float]) -> "Latency":
+        q1, med, q3 = np.percentile(np.asarray(times_ms, dtype=np.float64), [25, 50, 75])
+        return cls(median_ms=float(med), q1_ms=float(q1), q3_ms=float(q3), n=len(times_ms))
+
+
+def check_backend(backend: str) -> None:
+    """Raise SearchError for an unknown backend (naming the available ones) or `cuda` without a GPU."""
+    if backend not in BACKENDS:
+        raise SearchError(f"unknown latency backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise SearchError("latency backend 'cuda' needs a CUDA GPU, and torch sees none on this machine "
+                          f"(torch {torch.__version__}); use torch-cpu or ort-cpu")
+
+
+def task_arch(space: SearchSpace, arch: Arch, task: str) -> Arch:
+    """`arch` checked against `space`, with only `task`'s paths kept (they decide the FFN widths)."""
+    space.check(arch)
+    space.check_task(task)
+    if task not in arch.paths:
+        raise ArchError(f"arch has no paths for task {task!r}; latency needs the task's path through every block "
+                        f"(the arch has paths for {sorted(arch.paths)})")
+    return arch.model_copy(update={"paths": {task: list(arch.paths[task])}})
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with exactly `threads` intra-op torch threads, restoring the previous count afterwards."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[], None] | None = None) -> Latency:
+    """`warmup` untimed calls, then `repeats` calls timed one by one (`sync` waits for async devices)."""
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Latency.of(times)
+
+
+def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: str, x: torch.Tensor,
+                threads: int, tmp: Path) -> Callable[[], Any]:
+    """Export `model` with the deployment exporter (wrapped as a TaskModel without a head) and
+    return a call of an ONNX Runtime session with `threads` intra-op threads on `x`."""
+    from ufo.deploy.onnx_export import INPUT, export_onnx, make_session
+    from ufo.deploy.package import HeadInfo, Preprocessing, TaskModel, TaskModelInfo
+
+    c = space.in_chans
+    info = TaskModelInfo(
+        tasks=[task], arch=arch, space=space,
+        heads={task: HeadInfo(kind="backbone", output="embedding", num_classes=0, embedding_dim=arch.embed_dim)},
+        preprocessing=Preprocessing(img_size=space.img_size, in_chans=c, mean=[0.0] * c, std=[1.0] * c),
+    )
+    tm = TaskModel(model, {task: torch.nn.Identity()}, info).eval()
+    path = export_onnx(tm, task, tmp / "subnet.onnx")
+    sess = make_session(path, threads)
+    feed = {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def measure(space: SearchSpace, arch: Arch, task: str, backend: str = "torch-cpu", batch: int = 1,
+            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, seed: int = 0) -> Latency:
+    """Latency of one forward pass of `task`'s path through `arch` (backbone only, no task head).
+
+    The model is `build_vit(space, arch, task)`, the exact layer shapes `extract` produces, with
+    default-initialised weights rather than trained ones: latency does not depend on the weight
+    values, so no checkpoint is needed. The input is a seeded random batch of `batch` images.
+    `threads` sets torch's intra-op threads (torch-cpu) or ORT's intra_op_num_threads (ort-cpu);
+    it is ignored on cuda.
+    """
+    check_backend(backend)
+    if batch < 1 or threads < 1 or repeats < 1 or warmup < 0:
+        raise SearchError(f"batch={batch}, threads={threads}, repeats={repeats}, warmup={warmup}: batch, threads and "
+                          "repeats must be at least 1 and warmup at least 0")
+    arch = task_arch(space, arch, task)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
+    with torch_threads(threads):
+        model = build_vit(space, arch, task).eval()
+        if backend == "ort-cpu":
+            with tempfile.TemporaryDirectory(prefix="ufo-latency-") as tmp:
+                run = _ort_runner(model, space, arch, task, x, threads, Path(tmp))
+                return time_calls(run, repeats, warmup)
+        if backend == "cuda":
+            model, x = model.cuda(), x.cuda()
+        sync = torch.cuda.synchronize if backend == "cuda" else None
+        with torch.inference_mode():
+            return time_calls(lambda: model(x), repeats, warmup, sync)
+
+
+# ----- datasets of measured archs -----
+
+class LatencyRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Arch
+    latency: Latency
+
+
+class LatencyDataset(BaseModel):
+    """Measured archs of one task on one backend, with the space and settings they were measured in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = "ufo-latency-dataset"
+    space: SearchSpace
+    task: str
+    backend: str
+    batch: int
+    threads: int
+    repeats: int
+    warmup: int
+    seed: int
+    machine: dict[str, Any] = Field(default_factory=dict)
+    records: list[LatencyRecord] = Field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def archs(self) -> list[Arch]:
+        return [r.arch for r in self.records]
+
+    def features(self) -> np.ndarray:
+        """(N, d) predictor features: `space.encode` of each arch for this dataset's task."""
+        return np.stack([self.space.encode(a, [self.task]) for a in self.archs])
+
+    def targets(self) -> np.ndarray:
+        """(N,) median latencies in milliseconds."""
+        return np.array([r.latency.median_ms for r in self.records], dtype=np.float64)
+
+    def save(self, path: str | Path) -> Path:
+        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyDataset":
+        """Read a dataset written by `save`, with errors that name the file."""
+        path = Path(path)
+        try:
+            ds = cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise SearchError(f"latency dataset not found: {path}") from None
+        except ValueError as e:
+            raise SearchError(f"{path} is not a valid latency dataset: {e}") from None
+        for i, a in enumerate(ds.archs):
+            try:
+                task_arch(ds.space, a, ds.task)
+            except ArchError as e:
+                raise SearchError(f"{path}: records[{i}].arch does not fit the dataset's space: {e}") from None
+        return ds
+
+
+def machine_info() -> dict[str, Any]:
+    """Where latencies were measured: CPU, core count, torch and ONNX Runtime versions, GPU."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0) -> list[Arch]:
+    """The largest and smallest arch plus `n - 2` distinct seeded samples, each with `task`'s paths only."""
+    if n < 2:
+        raise SearchError(f"n={n}: collect at least 2 archs (the largest and the smallest)")
+    space.check_task(task)
+    rng = np.random.default_rng(seed)
+    out = [task_arch(space, space.largest(), task), task_arch(space, space.smallest(), task)]
+    seen = {a.model_dump_json() for a in out}
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        a = task_arch(space, space.sample(rng), task)
+        if a.model_dump_json() not in seen:
+            seen.add(a.model_dump_json())
+            out.append(a)
+    if len(out) < n:
+        raise SearchError(f"n={n}: the search space has only {len(out)} distinct archs for task {task!r} "
+                          f"that sampling found; ask for fewer")
+    return out
+
+
+def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", seed: int = 0, batch: int = 1,
+            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, progress: bool = True) -> LatencyDataset:
+    """Measure `n` archs of `space` for `task` (see `sample_archs`) on `backend`, with a progress bar.
+
+    Archs are measured one after another, so a burst of load from other processes shows up as a
+    spread in that arch's IQR; measure on a quiet machine.
+    """
+    check_backend(backend)
+    archs = sample_archs(space, task, n, seed)
+    ds = LatencyDataset(space=space, task=task, backend=backend, batch=batch, threads=threads, repeats=repeats,
+                        warmup=warmup, seed=seed, machine={**machine_info(), "threads": threads})
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), disable=not progress)
+    with bar:
+        job = bar.add_task(f"latency {task} on {backend}", total=len(archs))
+        for a in archs:
+            lat = measure(space, a, task, backend, batch, threads, repeats, warmup, seed)
+            ds.records.append(LatencyRecord(arch=a, latency=lat))
+            bar.advance(job)
+    return ds
