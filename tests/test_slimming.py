@@ -16,7 +16,8 @@ from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
 from ufo.errors import ConfigError
 from ufo.train.distill_losses import cosine_embedding, distill_terms, kl_logits, relational
-from ufo.train.slimming import ChipTrainer, reorder_by_importance
+from ufo.train.slimming import ChipTrainer, chip_routes, freeze_routes, reorder_by_importance
+from ufo.train.store import build_model, save_model
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -195,6 +196,33 @@ def test_one_task_restricts_the_batches(tmp_path):
     assert ids.unique().tolist() == [0] and len(ids) == 16
     row = tr.train_step()
     assert "loss/digits" in row and "loss/mnist" not in row and "distill/cos" not in row
+
+
+def test_routes_come_from_a_task_supernet_run_else_train_paths(tmp_path):
+    cfg = _cfg()
+    space = cfg.space()
+    assert chip_routes(cfg, space) == {t: ["shared", "shared"] for t in space.tasks}
+    d = json.loads(json.dumps(TINY))
+    d["train"]["stage"] = "task_supernet"
+    src_cfg = parse_config(d)
+    model = build_model(src_cfg, {"digits": 10, "mnist": 10})
+    with torch.no_grad():  # routers that pick task in block 0 and mix in block 1 for every task
+        model.backbone.blocks[0].mlp.router_logits.copy_(torch.tensor([[0.0, 1.0, 0.0]] * 2))
+        model.backbone.blocks[1].mlp.router_logits.copy_(torch.tensor([[0.0, 0.0, 1.0]] * 2))
+    save_model(tmp_path / "model.safetensors", model, src_cfg, model.space.largest(model.backbone.routes()))
+    d = json.loads(json.dumps(TINY))
+    d["init"] = {"kind": "run", "path": str(tmp_path)}
+    routes = chip_routes(parse_config(d), space)
+    assert routes == {t: ["task", "mix"] for t in space.tasks}
+    d["train"]["paths"] = None
+    with pytest.raises(ConfigError, match="train.paths"):
+        chip_routes(_cfg_from(d | {"init": {"kind": "scratch"}}), space)
+    freeze_routes(model.backbone, {t: ["shared", "task"] for t in space.tasks})
+    assert model.backbone.routes() == {t: ["shared", "task"] for t in space.tasks}
+
+
+def _cfg_from(d: dict):
+    return parse_config(json.loads(json.dumps(d)))
 
 
 class _Stop(Exception):
