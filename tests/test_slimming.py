@@ -14,7 +14,7 @@ import yaml
 
 from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
-from ufo.errors import ConfigError
+from ufo.errors import CheckpointError, ConfigError
 from ufo.train.distill_losses import cosine_embedding, distill_terms, kl_logits, relational
 from ufo.train.slimming import ChipTrainer, chip_routes, freeze_routes, reorder_by_importance
 from ufo.train.store import build_model, save_model
@@ -188,6 +188,23 @@ def test_bad_chip_config_is_refused(tmp_path):
     d["chip_supernet"]["temperatur"] = 2.0
     with pytest.raises(ConfigError, match="temperatur"):
         parse_config(d)
+
+
+def test_train_arch_is_refused_and_resume_checks_the_routes(tmp_path):
+    d = json.loads(json.dumps(TINY))
+    d["train"]["arch"] = "smallest"
+    with pytest.raises(ConfigError, match="train.arch"):
+        ChipTrainer(_cfg_from(d), tmp_path, show_progress=False)
+    tr = ChipTrainer(_cfg(), tmp_path, show_progress=False)
+    tr.train_step()
+    tr.step = 1
+    tr.save()
+    other = ChipTrainer(_cfg(), tmp_path, show_progress=False)
+    other.routes = {t: ["task", "task"] for t in other.model.tasks}
+    other.arch = other.model.space.largest(other.routes)
+    with pytest.raises(CheckpointError, match="routes"):
+        other.resume()
+    assert ChipTrainer(_cfg(), tmp_path, show_progress=False).resume()
 
 
 def test_one_task_restricts_the_batches(tmp_path):

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ufo.arch import Arch, Routes, SearchSpace
-from ufo.checkpoint import load_checkpoint
+from ufo.arch import PATHS, Arch, Routes, SearchSpace
+from ufo.checkpoint import load_checkpoint, read_manifest
 from ufo.config import Config
-from ufo.errors import CheckpointError, ConfigError
 from ufo.data.sampler import MixedTaskSampler
+from ufo.errors import CheckpointError, ConfigError
 from ufo.model import UFOModel
 from ufo.nn.attention import ElasticAttention
 from ufo.nn.mlp import ElasticMlp
@@ -40,6 +40,7 @@ from ufo.train.loop import Trainer, TrainingError
 from ufo.train.optim import set_lr
 
 DISTILL_TERMS = ("kl", "cos", "rel")
+Tensors = dict[str, torch.Tensor]
 
 
 # ----- importance re-ordering -----
@@ -101,7 +102,8 @@ def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
         path = Path(cfg.init.path)
         file = path / "model.safetensors" if path.is_dir() else path
         if not file.is_file():
-            raise CheckpointError(f"init.path: {file} not found; expected a trained run folder or its model.safetensors")
+            raise CheckpointError(f"init.path: {file} not found; expected a trained run folder "
+                                  "or its model.safetensors")
         manifest = load_checkpoint(file)[1]
         stage = ((manifest.get("config") or {}).get("train") or {}).get("stage")
         if stage == "task_supernet":
@@ -112,7 +114,8 @@ def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
             return {t: list(routes[t]) for t in space.tasks}
     if cfg.train.paths is None:
         raise ConfigError("train.paths: null leaves the paths to the router, but train.stage chip_supernet needs "
-                          "fixed routes; set train.paths (e.g. shared) or init from a task_supernet run (init.kind: run)")
+                          "fixed routes; set train.paths (e.g. shared) or init from a task_supernet run "
+                          "(init.kind: run)")
     return {t: [cfg.train.paths] * space.max_depth for t in space.tasks}
 
 
@@ -120,8 +123,6 @@ def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
 def freeze_routes(vit: SuperViT, routes: Routes) -> None:
     """Make each router's argmax pick `routes` (a no-op for routes a task supernet froze), so that
     `ufo eval --arch`, extraction and search, which read the routers, take the trained paths."""
-    from ufo.arch import PATHS
-
     for j, t in enumerate(vit.tasks):
         for blk, p in zip(vit.blocks, routes[t]):
             logits = blk.mlp.router_logits[j]
@@ -139,9 +140,13 @@ class ChipTrainer(Trainer):
     def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
                  show_progress: bool = True) -> None:
         self.chip = cfg.chip_supernet
+        if cfg.train.arch not in (None, "largest"):
+            raise ConfigError(f"train.arch: {cfg.train.arch!r} fixes one subnet, but train.stage chip_supernet trains "
+                              "all of them (the largest, the smallest and random ones); remove train.arch")
         unknown = [t for t in self.chip.tasks or [] if t not in cfg.tasks]
         if unknown:
-            raise ConfigError(f"chip_supernet.tasks: unknown task(s) {unknown}; this config's tasks are {cfg.task_names}")
+            raise ConfigError(f"chip_supernet.tasks: unknown task(s) {unknown}; "
+                              f"this config's tasks are {cfg.task_names}")
         super().__init__(cfg, out, data, show_progress)  # the sampler below sees self.chip
         if self.world > 1:
             raise ConfigError("train.stage chip_supernet runs on one process for now (its passes use different "
@@ -149,6 +154,16 @@ class ChipTrainer(Trainer):
         self.routes = chip_routes(cfg, self.model.space)
         self.arch = self.model.space.largest(self.routes)
         self.model.set_arch(self.arch)
+
+    def resume(self) -> bool:
+        """The Trainer's exact resume, refused when the checkpoint was trained on other routes
+        (e.g. the task supernet run named by init.path has changed since)."""
+        if self.ckpt_path.exists():
+            saved = read_manifest(self.ckpt_path).get("arch")
+            if saved is not None and Arch.model_validate(saved) != self.arch:
+                raise CheckpointError(f"{self.ckpt_path} was trained at {saved}, but this run's largest subnet and "
+                                      f"routes are {self.arch.model_dump()}; use a new --out folder")
+        return super().resume()
 
     def _sampler(self) -> MixedTaskSampler:
         """The Trainer's sampler over `chip_supernet.tasks` only (all tasks by default)."""
@@ -173,7 +188,7 @@ class ChipTrainer(Trainer):
                         for k in range(self.chip.num_random)]
 
     def _pass(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, arch: Arch,
-              teacher: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+              teacher: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Tensors, Tensors]:
         """One subnet on the batch: (its loss, logged terms, its detached outputs per task).
 
         Without a teacher the loss is the weighted label loss; with one, the distillation terms
