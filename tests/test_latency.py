@@ -74,3 +74,10 @@ def test_arch_errors():
         measure(SPACE, SPACE.smallest(), "nope", repeats=1)
     with pytest.raises(SearchError, match="at least 2"):
         collect(SPACE, "cls", 1)
+
+
+@pytest.mark.slow
+def test_collect_on_onnx_runtime():
+    ds = collect(SPACE, "cls", 2, "ort-cpu", repeats=3, warmup=1, progress=False)
+    lat = [r.latency for r in ds.records]
+    assert all(0 < x.q1_ms <= x.median_ms <= x.q3_ms and x.n == 3 for x in lat)

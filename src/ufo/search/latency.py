@@ -95,10 +95,13 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[
     return Latency.of(times)
 
 
+Runner = tuple[Callable[[], Any], Callable[[], None] | None]  # (one forward pass, wait for the device)
+
+
 def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: str, x: torch.Tensor,
-                threads: int, tmp: Path) -> Callable[[], Any]:
-    """Export `model` with the deployment exporter (wrapped as a TaskModel without a head) and
-    return a call of an ONNX Runtime session with `threads` intra-op threads on `x`."""
+                threads: int, out: Path) -> Callable[[], Any]:
+    """Export `model` with the deployment exporter (wrapped as a TaskModel without a head) to `out`
+    and return a call of an ONNX Runtime session with `threads` intra-op threads on `x`."""
     from ufo.deploy.onnx_export import INPUT, export_onnx, make_session
     from ufo.deploy.package import HeadInfo, Preprocessing, TaskModel, TaskModelInfo
 
@@ -109,40 +112,56 @@ def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: st
         preprocessing=Preprocessing(img_size=space.img_size, in_chans=c, mean=[0.0] * c, std=[1.0] * c),
     )
     tm = TaskModel(model, {task: torch.nn.Identity()}, info).eval()
-    path = export_onnx(tm, task, tmp / "subnet.onnx")
-    sess = make_session(path, threads)
+    sess = make_session(export_onnx(tm, task, out), threads)
     feed = {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)}
     return lambda: sess.run(None, feed)
+
+
+def make_runner(space: SearchSpace, arch: Arch, task: str, backend: str, batch: int, threads: int,
+                workdir: Path, seed: int = 0) -> Runner:
+    """A no-argument forward pass of `task`'s path through `arch` on `backend` (ONNX files go to `workdir`).
+
+    The model is `build_vit(space, arch, task)`, the exact layer shapes `extract` produces, with
+    default-initialised weights rather than trained ones: latency does not depend on the weight
+    values, so no checkpoint is needed. The input is a seeded random batch of `batch` images.
+    Call it inside `torch_threads(threads)`.
+    """
+    arch = task_arch(space, arch, task)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
+    model = build_vit(space, arch, task).eval()
+    if backend == "ort-cpu":
+        name = f"subnet-{len(list(workdir.glob('*.onnx')))}.onnx"
+        return _ort_runner(model, space, arch, task, x, threads, workdir / name), None
+    if backend == "cuda":
+        model, x = model.cuda(), x.cuda()
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run, (torch.cuda.synchronize if backend == "cuda" else None)
+
+
+def _check_settings(batch: int, threads: int, repeats: int, warmup: int) -> None:
+    if batch < 1 or threads < 1 or repeats < 1 or warmup < 0:
+        raise SearchError(f"batch={batch}, threads={threads}, repeats={repeats}, warmup={warmup}: batch, threads and "
+                          "repeats must be at least 1 and warmup at least 0")
 
 
 def measure(space: SearchSpace, arch: Arch, task: str, backend: str = "torch-cpu", batch: int = 1,
             threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, seed: int = 0) -> Latency:
     """Latency of one forward pass of `task`'s path through `arch` (backbone only, no task head).
 
-    The model is `build_vit(space, arch, task)`, the exact layer shapes `extract` produces, with
-    default-initialised weights rather than trained ones: latency does not depend on the weight
-    values, so no checkpoint is needed. The input is a seeded random batch of `batch` images.
-    `threads` sets torch's intra-op threads (torch-cpu) or ORT's intra_op_num_threads (ort-cpu);
-    it is ignored on cuda.
+    The subnet is built with default-initialised weights (see `make_runner`): latency does not
+    depend on weight values, so no trained model is needed. `threads` sets torch's intra-op
+    threads (torch-cpu) or ORT's intra_op_num_threads (ort-cpu); it is ignored on cuda.
     """
     check_backend(backend)
-    if batch < 1 or threads < 1 or repeats < 1 or warmup < 0:
-        raise SearchError(f"batch={batch}, threads={threads}, repeats={repeats}, warmup={warmup}: batch, threads and "
-                          "repeats must be at least 1 and warmup at least 0")
-    arch = task_arch(space, arch, task)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
-    with torch_threads(threads):
-        model = build_vit(space, arch, task).eval()
-        if backend == "ort-cpu":
-            with tempfile.TemporaryDirectory(prefix="ufo-latency-") as tmp:
-                run = _ort_runner(model, space, arch, task, x, threads, Path(tmp))
-                return time_calls(run, repeats, warmup)
-        if backend == "cuda":
-            model, x = model.cuda(), x.cuda()
-        sync = torch.cuda.synchronize if backend == "cuda" else None
-        with torch.inference_mode():
-            return time_calls(lambda: model(x), repeats, warmup, sync)
+    _check_settings(batch, threads, repeats, warmup)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="ufo-latency-") as tmp:
+        run, sync = make_runner(space, arch, task, backend, batch, threads, Path(tmp), seed)
+        return time_calls(run, repeats, warmup, sync)
 
 
 # ----- datasets of measured archs -----
@@ -252,19 +271,39 @@ def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", s
             threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, progress: bool = True) -> LatencyDataset:
     """Measure `n` archs of `space` for `task` (see `sample_archs`) on `backend`, with a progress bar.
 
-    Archs are measured one after another, so a burst of load from other processes shows up as a
-    spread in that arch's IQR; measure on a quiet machine.
+    All `n` subnets are built first; then every round times each of them once, in a fresh seeded
+    order. On a shared machine a burst of load from other processes thus hits all archs alike
+    instead of inflating whichever arch happened to be measured during it; each arch's latency is
+    the median (and IQR) of its `repeats` rounds, as in `measure`.
     """
     check_backend(backend)
+    _check_settings(batch, threads, repeats, warmup)
     archs = sample_archs(space, task, n, seed)
     ds = LatencyDataset(space=space, task=task, backend=backend, batch=batch, threads=threads, repeats=repeats,
                         warmup=warmup, seed=seed, machine={**machine_info(), "threads": threads})
+    rng = np.random.default_rng(seed)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), disable=not progress)
-    with bar:
-        job = bar.add_task(f"latency {task} on {backend}", total=len(archs))
+    times: list[list[float]] = [[] for _ in archs]
+    with bar, torch_threads(threads), tempfile.TemporaryDirectory(prefix="ufo-latency-") as tmp:
+        build = bar.add_task(f"build {n} subnets ({backend})", total=n)
+        runners = []
         for a in archs:
-            lat = measure(space, a, task, backend, batch, threads, repeats, warmup, seed)
-            ds.records.append(LatencyRecord(arch=a, latency=lat))
-            bar.advance(job)
+            runners.append(make_runner(space, a, task, backend, batch, threads, Path(tmp), seed))
+            for _ in range(warmup):
+                runners[-1][0]()
+            bar.advance(build)
+        rounds = bar.add_task(f"time {task} on {backend}", total=repeats)
+        for _ in range(repeats):
+            for i in rng.permutation(len(archs)):
+                run, sync = runners[i]
+                if sync is not None:
+                    sync()
+                t0 = time.perf_counter()
+                run()
+                if sync is not None:
+                    sync()
+                times[i].append((time.perf_counter() - t0) * 1e3)
+            bar.advance(rounds)
+    ds.records = [LatencyRecord(arch=a, latency=Latency.of(t)) for a, t in zip(archs, times)]
     return ds
