@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -285,3 +286,33 @@ def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     res = json.loads((tmp_path / "full" / "eval-smallest.json").read_text())
     assert res["arch"]["depth"] == 1 and set(res["metrics"]) == {"digits", "mnist"}
     assert all(set(p) == {"shared"} for p in res["arch"]["paths"].values())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    d = json.loads(json.dumps(TINY))
+    d["tasks"] = {  # per-sample losses only: the relational term depends on how the batch is split
+        "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 8},
+        "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 300}, "batch": 8},
+    }
+    d["train"].update(steps=4, ckpt_every=4)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    one = subprocess.run([str(BIN / "ufo"), "train", str(path), "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
+                          str(path), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run: str) -> list[float]:
+        with open(tmp_path / run / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    l1, l2 = losses("one"), losses("two")
+    assert len(l1) == len(l2) == 4
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
+    w1 = load_checkpoint(tmp_path / "one" / "model.safetensors")[0]
+    w2 = load_checkpoint(tmp_path / "two" / "model.safetensors")[0]
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-3

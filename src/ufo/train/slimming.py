@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 
 from ufo.arch import PATHS, Arch, Routes, SearchSpace
 from ufo.checkpoint import load_checkpoint, read_manifest
@@ -148,9 +149,8 @@ class ChipTrainer(Trainer):
             raise ConfigError(f"chip_supernet.tasks: unknown task(s) {unknown}; "
                               f"this config's tasks are {cfg.task_names}")
         super().__init__(cfg, out, data, show_progress)  # the sampler below sees self.chip
-        if self.world > 1:
-            raise ConfigError("train.stage chip_supernet runs on one process for now (its passes use different "
-                              "parameters, which DDP's one-backward-per-step model does not fit); run without torchrun")
+        if self.fsdp:
+            raise ConfigError("train.parallel: fsdp is not supported by train.stage chip_supernet; use ddp")
         self.routes = chip_routes(cfg, self.model.space)
         self.arch = self.model.space.largest(self.routes)
         self.model.set_arch(self.arch)
@@ -255,6 +255,10 @@ class ChipTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         logged = self.accumulate(x, ids, y, self.sandwich(self.step))
         self.model.set_arch(self.arch)
+        if self.world > 1:  # every rank skips the step if one saw a non-finite loss
+            bad = torch.tensor(float(logged is None), device=self.device)
+            tdist.all_reduce(bad)
+            logged = None if bad.item() else logged
         if logged is None:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -264,6 +268,8 @@ class ChipTrainer(Trainer):
             dist.warn(msg)
             return {"skipped": 1.0}
         self.bad_steps = 0
+        if self.world > 1:
+            self._reduce_across_ranks()
         if self.t.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.optimizer.step()
@@ -271,6 +277,23 @@ class ChipTrainer(Trainer):
             self.ema.update(self.model, step=self.step)
         logged = dist.mean_across_ranks({k: torch.as_tensor(v) for k, v in logged.items()})
         return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+
+    def _reduce_across_ranks(self) -> None:
+        """Under torchrun: average the accumulated gradients over the ranks, and give every rank
+        rank 0's buffers (BatchNorm statistics), as DDP would. The passes of one step use different
+        parameters, so this is done once after all of them rather than by DDP's per-backward hooks.
+        A parameter that no rank used keeps no gradient, so the optimiser leaves it alone."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        used = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        tdist.all_reduce(used)
+        live = [p for p, u in zip(params, used.tolist()) if u > 0]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
+        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world
+        tdist.all_reduce(flat)
+        for p, g in zip(live, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+        for b in self.model.buffers():
+            tdist.broadcast(b, 0)
 
     def finish(self) -> None:
         """The shipped model sits at the largest subnet, with its routers picking the trained routes."""
