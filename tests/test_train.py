@@ -160,3 +160,17 @@ def test_nan_loss_skips_the_step_names_the_task_and_stops(tmp_path, monkeypatch)
     assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
     with pytest.raises(TrainingError, match="mnist.*2 in a row"):
         tr.train_step()
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_config_section(tmp_path):
+    """A section added to Config later (here: `mim`, at its defaults) does not block --resume."""
+    from ufo.checkpoint import load_checkpoint, save_checkpoint
+
+    path = _write(tmp_path, {**TINY, "train": {**TINY["train"], "steps": 8, "ckpt_every": 4}})
+    assert _ufo("train", str(path), "--out", str(tmp_path / "r"), "--set", "train.steps=4").returncode == 0
+    ckpt = tmp_path / "r" / "checkpoints" / "latest.safetensors"
+    tensors, manifest = load_checkpoint(ckpt)
+    del manifest["config"]["mim"]  # as written by a version without that section
+    save_checkpoint(ckpt, tensors, manifest)
+    res = _ufo("train", str(path), "--out", str(tmp_path / "r"), "--resume", "--set", "train.steps=4")
+    assert res.returncode == 0, res.stderr

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from ufo.checkpoint import atomic_write_text, read_manifest
-from ufo.config import Config
+from ufo.config import Config, parse_config
 from ufo.data.build import build_all
 from ufo.data.sampler import MixedTaskSampler, TaskSource
 from ufo.data.transforms import build_transform
@@ -196,8 +196,12 @@ class Trainer:
         if not self.ckpt_path.exists():
             return False
         saved = read_manifest(self.ckpt_path)
-        mine = self._manifest()
-        diff = [k for k in mine["config"] if mine["config"][k] != saved.get("config", {}).get(k)]
+        mine = self._manifest()["config"]
+        try:  # re-read through today's Config, so sections added since (at their defaults) compare equal
+            theirs = parse_config(saved.get("config", {}), str(self.ckpt_path)).model_dump(mode="json")
+        except ConfigError:
+            theirs = saved.get("config", {})
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
             raise CheckpointError(f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
                                   "Use a new --out folder, or the same config to resume.")
