@@ -81,3 +81,24 @@ def test_collect_on_onnx_runtime():
     ds = collect(SPACE, "cls", 2, "ort-cpu", repeats=3, warmup=1, progress=False)
     lat = [r.latency for r in ds.records]
     assert all(0 < x.q1_ms <= x.median_ms <= x.q3_ms and x.n == 3 for x in lat)
+
+
+def test_cli_latency_then_predictor_fit(tmp_path):
+    from typer.testing import CliRunner
+
+    from ufo.cli import app
+    from ufo.search.predictor import GPPredictor
+
+    space_file = tmp_path / "space.json"
+    space_file.write_text(SPACE.model_dump_json())
+    data, pred = tmp_path / "lat.json", tmp_path / "p.safetensors"
+    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--n", "10",
+                                 "--repeats", "3", "--warmup", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["predictor", "fit", str(data), "--out", str(pred), "--folds", "2"])
+    assert r.exit_code == 0, r.output
+    assert "Kendall tau" in r.output
+    gp = GPPredictor.load(pred, SPACE)
+    assert gp.meta_["task"] == "cls" and gp.meta_["backend"] == "torch-cpu"
+    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--backend", "tpu"])
+    assert r.exit_code == 2 and "available backends" in r.output

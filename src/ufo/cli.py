@@ -292,6 +292,57 @@ def demo(
     run_demo(out, load_config(demo_config_path(), set_), console)
 
 
+@app.command()
+@friendly
+def latency(
+    source: Path = typer.Argument(..., help="where the search space comes from: a run folder or checkpoint, a "
+                                            "config YAML, or a space / latency-dataset JSON"),
+    task: str = typer.Option(..., "--task", "-t", help="the task whose path is timed"),
+    out: Path = typer.Option(..., help="output latency dataset (.json)"),
+    n: int = typer.Option(60, help="archs to measure (the largest and smallest included)"),
+    backend: str = typer.Option("torch-cpu", help="torch-cpu, ort-cpu or cuda"),
+    batch: int = typer.Option(1, help="images per forward pass"),
+    threads: int = typer.Option(1, help="torch intra-op / ORT intra_op_num_threads"),
+    repeats: int = typer.Option(30, help="timed rounds per arch"),
+    warmup: int = typer.Option(5, help="untimed calls per arch first"),
+    seed: int = typer.Option(0, help="seed of the arch sample and the round order"),
+) -> None:
+    """Measure the latency of N sampled subnets of a search space on a backend (for `ufo predictor fit`)."""
+    from ufo.search.latency import collect, space_from
+
+    space = space_from(source)
+    ds = collect(space, task, n, backend, seed, batch, threads, repeats, warmup)
+    ds.save(out)
+    y = ds.targets()
+    console.print(f"wrote {out}: {len(ds)} archs of task {task!r} on {backend} (batch {batch}, {threads} threads), "
+                  f"median latency {y.min():.3g} to {y.max():.3g} ms")
+
+
+predictor_app = typer.Typer(no_args_is_help=True, help="Fit GP-NAS predictors of subnet latency.")
+app.add_typer(predictor_app, name="predictor")
+
+
+@predictor_app.command("fit")
+@friendly
+def predictor_fit(
+    data: Path = typer.Argument(..., help="a latency dataset written by `ufo latency`"),
+    out: Path = typer.Option(..., help="output predictor (.safetensors)"),
+    folds: int = typer.Option(5, help="cross-validation folds"),
+    seed: int = typer.Option(0, help="seed of the folds and the kernel optimiser"),
+    log_target: bool = typer.Option(True, "--log/--no-log", help="fit log latency (relative errors)"),
+) -> None:
+    """Cross-validate and fit a GP latency predictor; prints Kendall tau and MAPE."""
+    from ufo.search.latency import LatencyDataset
+    from ufo.search.predictor import fit_latency_predictor
+
+    ds = LatencyDataset.load(data)
+    gp, meta = fit_latency_predictor(ds, folds, seed, log_target)
+    gp.save(out, ds.space, meta)
+    cv = meta["cv"]
+    console.print(f"wrote {out}: GP latency predictor for task {ds.task!r} on {ds.backend}, {len(ds)} archs; "
+                  f"{folds}-fold CV Kendall tau {cv['kendall_tau']:.3f}, MAPE {100 * cv['mape']:.1f}%")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -11,6 +11,7 @@ the spread. Backends: `torch-cpu` (eager torch), `ort-cpu` (ONNX Runtime on CPU,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import tempfile
@@ -225,6 +226,31 @@ class LatencyDataset(BaseModel):
             except ArchError as e:
                 raise SearchError(f"{path}: records[{i}].arch does not fit the dataset's space: {e}") from None
         return ds
+
+
+def space_from(source: str | Path) -> SearchSpace:
+    """The search space of a run folder or checkpoint (its manifest), an experiment YAML, a latency
+    dataset JSON or a search-space JSON."""
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".safetensors":
+        from ufo.checkpoint import read_manifest
+
+        f = path / "model.safetensors" if path.is_dir() else path
+        manifest = read_manifest(f)
+        if "space" not in manifest:
+            raise SearchError(f"{f} ({manifest.get('kind')!r} checkpoint) has no search space in its manifest")
+        return SearchSpace.model_validate(manifest["space"])
+    if path.suffix in (".yaml", ".yml"):
+        from ufo.config import load_config
+
+        return load_config(path).space()
+    if not path.is_file():
+        raise SearchError(f"{path} not found: give a run folder, a checkpoint, a config YAML or a space JSON")
+    try:
+        doc = json.loads(path.read_text())
+        return SearchSpace.model_validate(doc["space"] if isinstance(doc, dict) and "space" in doc else doc)
+    except (ValueError, TypeError) as e:
+        raise SearchError(f"{path} holds neither a search space nor a latency dataset: {e}") from None
 
 
 def machine_info() -> dict[str, Any]:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 from ufo.arch import SearchSpace
 from ufo.checkpoint import load_checkpoint, save_checkpoint
 from ufo.errors import SearchError
+
+if TYPE_CHECKING:
+    from ufo.search.latency import LatencyDataset
 
 KIND = "gp_predictor"
 
@@ -185,3 +188,16 @@ def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds
         mapes.append(mape(y[te], p))
     return {"kendall_tau": kendall_tau(y, pred), "mape": mape(y, pred), "kendall_tau_folds": taus,
             "mape_folds": mapes, "folds": folds, "n": len(y), "predictions": pred.tolist()}
+
+
+def fit_latency_predictor(ds: "LatencyDataset", folds: int = 5, seed: int = 0,
+                          log_target: bool = True) -> tuple[GPPredictor, dict[str, Any]]:
+    """Cross-validate, then fit on all of `ds`, a GP predictor of median latency from the arch
+    encoding. Returns the predictor and the manifest `meta` to save it with (CV scores included)."""
+    X, y = ds.features(), ds.targets()
+    gp = GPPredictor(log_target=log_target, random_state=seed)
+    cv = cross_validate(gp, X, y, folds, seed)
+    gp.fit(X, y)
+    meta = {"target": "latency_ms", "task": ds.task, "backend": ds.backend, "batch": ds.batch, "threads": ds.threads,
+            "n": len(ds), "machine": ds.machine, "cv": {k: v for k, v in cv.items() if k != "predictions"}}
+    return gp, meta
