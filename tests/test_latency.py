@@ -7,7 +7,7 @@ import torch
 
 from helpers import tiny_space
 from ufo.errors import ArchError, SearchError
-from ufo.search.latency import BACKENDS, LatencyDataset, collect, measure
+from ufo.search.latency import BACKENDS, LatencyDataset, collect, measure, space_from
 
 SPACE = tiny_space()
 
@@ -42,6 +42,15 @@ def test_dataset_round_trips_through_json(tmp_path):
     assert back == ds
     assert back.features().shape == (5, len(SPACE.encode(ds.archs[0], ["faces"])))
     assert (back.targets() > 0).all()
+    assert space_from(tmp_path / "lat.json") == SPACE
+
+
+def test_space_from_config_and_missing_file(tmp_path):
+    from ufo.demo import demo_config_path
+
+    assert space_from(demo_config_path()).tasks
+    with pytest.raises(SearchError, match="not found"):
+        space_from(tmp_path / "nope.json")
 
 
 def test_dataset_load_errors_name_the_file(tmp_path):

@@ -294,7 +294,8 @@ def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0) -> list[A
 
 
 def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", seed: int = 0, batch: int = 1,
-            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, progress: bool = True) -> LatencyDataset:
+            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
+            progress: bool = True) -> LatencyDataset:
     """Measure `n` archs of `space` for `task` (see `sample_archs`) on `backend`, with a progress bar.
 
     All `n` subnets are built first; then every round times each of them once, in a fresh seeded

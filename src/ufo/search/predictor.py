@@ -127,8 +127,8 @@ class GPPredictor(RegressorMixin, BaseEstimator):
                     "n_features": int(self.n_features_in_), "n_train": len(self.residuals_),
                     "kernel": repr(self.gp_.kernel_), "space_fingerprint": space_fingerprint(space),
                     "space": space.model_dump(mode="json"), "meta": meta or {}}
-        save_checkpoint(path, {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()},
-                        manifest)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
+        save_checkpoint(path, tensors, manifest)
         return Path(path)
 
     @classmethod
@@ -171,7 +171,8 @@ def mape(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.abs(y_pred - y_true) / np.abs(y_true)))
 
 
-def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: int = 5,
+                   seed: int = 0) -> dict[str, Any]:
     """K-fold (shuffled with `seed`) scores of a fresh clone of `predictor` per fold.
 
     `kendall_tau` and `mape` are over all out-of-fold predictions pooled; `*_folds` per fold.
