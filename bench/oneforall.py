@@ -1,0 +1,393 @@
+"""One-for-All benchmark: subnets inherited from the two-level supernet against the same archs
+trained alone, learned routes against fixed ones, and the training cost of elasticity, on CPU.
+
+The suite is `configs/suite.yaml` over ../shared/data, restricted to `--tasks` (default `alnum`
+classification and `faces` verification, the cheapest pair); the global batch is the sum of the
+tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
+`init: {kind: run}`:
+
+1. task supernet (`train.stage: task_supernet`, RoutingTrainer, `--steps` steps): Gumbel routing
+   of each (task, block)'s FFN path, routes frozen at the end;
+2. chip supernet (`train.stage: chip_supernet`, ChipTrainer, `--chip-steps` steps) from (1): the
+   sandwich rule with N=2 random subnets (4 forward/backward passes a step) and in-place
+   distillation from the largest subnet, on (1)'s routes;
+3. inherited vs standalone: for the smallest, a middle (middle depth and width, `random:SEED`)
+   and the largest arch (each with (1)'s routes), every task's primary metric with the weights
+   inherited from (2) (set the arch, evaluate, no fine-tuning), against the same arch trained
+   alone by the All-in-One Trainer (`train.arch` = that arch's JSON, same tasks) for as many
+   optimiser steps as the inherited weights got in (1) + (2). Target per (arch, task):
+   inherited >= standalone - 0.01. A few extra random subnets are evaluated (inherited only)
+   to draw the metric-vs-parameters curve;
+4. routing: the task supernet's learned routes against All-in-One training with every path
+   shared (`train.paths: shared`) and every path the task's own (`train.paths: task`), same
+   steps: each task's metric and parameters (`SearchSpace.num_params` of the largest arch with
+   that task's routes, i.e. the model `ufo extract` gives for it);
+5. cost of elasticity: time per chip-supernet step (sandwich N=2) against a plain All-in-One
+   step of the largest arch on the same routes, timed in alternating rounds; reported as a
+   ratio (no target).
+
+Defaults: 1500 task-supernet steps, 1500 chip-supernet steps, standalone runs of 3000 steps
+(3 archs), 1500 steps each for the all-shared and all-task runs, 20 timing rounds. Measured in
+the `--quick` run (batch 36, alnum + faces, 2 cores): a plain step of the largest arch ~50 ms,
+a chip-supernet step ~130 ms (2.7x), so the defaults come to about 15 minutes on a quiet 2-core
+machine and 25-35 minutes if another job shares it. `--quick` (4 steps per run, checks the
+script end to end) takes about 15 s, 1-1.5 min on a loaded machine. Run it alone.
+
+Writes bench/results/oneforall.{json,md} and oneforall.png (per task: metric against parameters,
+inherited subnets as a line, standalone runs and the routing variants as points).
+Run from the repository root: `.venv/bin/python bench/oneforall.py [--quick] [--steps N] [--tasks a,b]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import RESULTS_DIR, compare, load_average, target, time_interleaved, write_results
+from ufo.arch import Arch, SearchSpace
+from ufo.config import Config, InitConfig, load_config, parse_config
+from ufo.data.build import build_all
+from ufo.tasks import TaskData, task_class
+from ufo.train.evaluate import evaluate_tasks
+from ufo.train.loop import Trainer
+from ufo.train.routing import RoutingTrainer
+from ufo.train.slimming import ChipTrainer
+from ufo.train.store import arch_from_spec, load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "configs" / "suite.yaml"
+DEFAULT_TASKS = ["alnum", "faces"]
+TOLERANCE = 0.01  # inherited may trail standalone by at most one point
+
+
+# ----- configs -----
+
+def suite_config(tasks: list[str], steps: int, extra: list[str]) -> Config:
+    """The suite restricted to `tasks`, global batch = the sum of their `batch:` shares."""
+    base = load_config(SUITE, extra).model_dump(mode="json")
+    unknown = [t for t in tasks if t not in base["tasks"]]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task(s) {unknown}; the suite's tasks are {list(base['tasks'])}")
+    base["tasks"] = {t: base["tasks"][t] for t in tasks}
+    shares = [base["tasks"][t].get("batch") for t in tasks]
+    if all(shares):
+        base["train"]["batch_size"] = sum(shares)
+    base["train"].update(steps=steps, log_every=25, ckpt_every=steps)
+    base["name"] = f"suite-{'-'.join(tasks)}"
+    return parse_config(base, f"{SUITE} (tasks {tasks})")
+
+
+def with_train(cfg: Config, **kw: Any) -> Config:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=kw)})
+
+
+def with_init_run(cfg: Config, path: Path) -> Config:
+    return cfg.model_copy(update={"init": InitConfig(kind="run", path=str(path))})
+
+
+def uniform_path(arch: Arch) -> str | None:
+    """The one path every task takes in every block of `arch`, or None when they differ."""
+    ps = {p for r in arch.paths.values() for p in r}
+    return ps.pop() if len(ps) == 1 else None
+
+
+def fixed_arch_trainer(cfg: Config, arch: Arch, out: Path, data: dict[str, TaskData], arch_file: Path,
+                       show_progress: bool = True) -> Trainer:
+    """An All-in-One Trainer of exactly `arch` (widths and routes): `train.arch` is its JSON file.
+
+    `train.paths` gives one path to every task and block; when `arch`'s routes differ per task or
+    block (frozen task-supernet routes), the trainer is set to `arch` after construction (nothing
+    has been trained yet, and the model file's manifest takes `trainer.arch`)."""
+    arch.save(arch_file)
+    path = uniform_path(arch)
+    tr = Trainer(with_train(cfg, stage="all_in_one", arch=str(arch_file), paths=path or "shared"), out,
+                 data=data, show_progress=show_progress)
+    if path is None:
+        tr.arch = arch
+        for m in {id(tr.model): tr.model, id(tr.eval_model()): tr.eval_model()}.values():
+            m.set_arch(arch)
+    assert tr.arch == arch, (tr.arch, arch)
+    return tr
+
+
+# ----- helpers -----
+
+def primary(cfg: Config, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {n: metrics[n][task_class(cfg.tasks[n].kind).primary] for n in cfg.task_names}
+
+
+def params(space: SearchSpace, arch: Arch) -> dict[str, int]:
+    return {t: space.num_params(arch, t) for t in space.tasks}
+
+
+def fit_and_eval(name: str, tr: Trainer) -> dict[str, Any]:
+    cfg = tr.cfg
+    print(f"\n== {name}: tasks {cfg.task_names}, {cfg.train.steps} steps, stage {cfg.train.stage}, "
+          f"init {cfg.init.kind}")
+    t0 = time.perf_counter()
+    summary = tr.fit()
+    train_s = time.perf_counter() - t0
+    metrics = tr.evaluate()
+    p = primary(cfg, metrics)
+    print(f"   {train_s:.0f} s, {summary['images_per_s']:.0f} images/s: " + ", ".join(f"{n} {v:.4f}" for n, v in p.items()))
+    return {"primary": p, "metrics": metrics, "train_s": round(train_s, 1), "images_per_s": summary["images_per_s"],
+            "arch": tr.arch.model_dump(), "params": params(tr.model.space, tr.arch)}
+
+
+def middle_arch(space: SearchSpace, routes: dict[str, list[str]], tries: int = 500) -> tuple[str, Arch]:
+    """A `random:SEED` subnet with the middle depth and width whose all-task parameter count is
+    nearest the geometric mean of the smallest's and the largest's."""
+    d, e = space.depth[len(space.depth) // 2], space.embed_dim[len(space.embed_dim) // 2]
+    goal = np.sqrt(space.num_params(space.smallest(routes)) * space.num_params(space.largest(routes)))
+    best = None
+    for seed in range(tries):
+        a = arch_from_spec(f"random:{seed}", space, routes)
+        if a.depth == d and a.embed_dim == e:
+            gap = abs(np.log(space.num_params(a) / goal))
+            if best is None or gap < best[0]:
+                best = (gap, seed, a)
+    if best is None:
+        raise SystemExit(f"no random:SEED in {tries} tries has depth {d} and width {e}")
+    return f"random:{best[1]}", best[2]
+
+
+def extra_archs(space: SearchSpace, routes: dict[str, list[str]], n: int, taken: list[Arch]) -> list[tuple[str, Arch]]:
+    """`n` more distinct random subnets (seeds 1000, 1001, ...), for the inherited curve."""
+    out: list[tuple[str, Arch]] = []
+    seed = 1000
+    while len(out) < n and seed < 2000:
+        a = arch_from_spec(f"random:{seed}", space, routes)
+        if a not in taken and all(a != b for _, b in out):
+            out.append((f"random:{seed}", a))
+        seed += 1
+    return out
+
+
+# ----- sections -----
+
+def throughput(chip_cfg: Config, plain_cfg: Config, data: dict[str, TaskData], out: Path, arch: Arch,
+               rounds: int) -> dict[str, Any]:
+    """ms per chip-supernet step (sandwich) vs a plain All-in-One step of the largest arch."""
+    chip = ChipTrainer(chip_cfg, out / "tp-chip", data=data, show_progress=False)
+    plain = fixed_arch_trainer(plain_cfg, arch, out / "tp-plain", data, out / "tp-arch.json", show_progress=False)
+    assert chip.arch == arch, (chip.arch, arch)
+
+    def stepper(tr: Trainer):
+        def f() -> None:
+            tr.train_step()
+            tr.step += 1  # fit() does this: new subnets, new batch, the LR schedule moves on
+        return f
+
+    times = time_interleaved({"chip": stepper(chip), "plain": stepper(plain)}, repeats=rounds, warmup=3)
+    c = compare(times, "chip", "plain")  # ratio = chip step time / plain step time
+    batch = chip_cfg.train.batch_size
+    passes = 2 + chip_cfg.chip_supernet.num_random
+    return {"batch": batch, "sandwich_passes": passes,
+            "chip_images_per_s": batch / (c["chip_ms"]["median"] / 1e3),
+            "plain_images_per_s": batch / (c["plain_ms"]["median"] / 1e3),
+            "chip_step_over_plain_step": c["ratio"], "chip_throughput_over_plain": 1 / c["ratio"],
+            "step_ms": c}
+
+
+def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    inh, alone = results["inherited"], results["standalone"]
+    for ax, t in zip(axes[0], tasks):
+        pts = sorted((v["params"][t], v["primary"][t], k) for k, v in inh.items())
+        ax.plot([p for p, _, _ in pts], [m for _, m, _ in pts], "o-", color="#4c72b0", label="inherited (chip supernet)")
+        xs = [alone[k]["params"][t] for k in alone]
+        ax.plot(xs, [alone[k]["primary"][t] for k in alone], "s", color="#dd8452", ms=8,
+                label="standalone (same arch, trained alone)")
+        for k in alone:
+            ax.annotate(k, (alone[k]["params"][t], alone[k]["primary"][t]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+        for (name, v), mk in zip(results["routing"].items(), ("^", "v", "D")):
+            ax.plot([v["params"][t]], [v["primary"][t]], mk, color="#55a868", alpha=0.8, ms=6,
+                    label=f"largest arch, routes {name} (stage 1 length)")
+        ax.set_xscale("log")
+        ax.margins(x=0.12)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k" if str(int(v))[0] in "25" else ""))
+        ax.set_xlabel(f"parameters of {t}'s extracted model (log scale)")
+        ax.set_ylabel(results["primary_metric"][t])
+        ax.set_title(f"{t} ({results['kinds'][t]})")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    fig.suptitle("One for All: subnets inherited from the supernet vs the same archs trained alone", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few steps per run, to check the script")
+    p.add_argument("--steps", type=int, default=None, help="task-supernet steps, and of the all-shared/all-task runs "
+                   "(default 1500)")
+    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (default: --steps)")
+    p.add_argument("--standalone-steps", type=int, default=None,
+                   help="steps of each standalone run (default: --steps + --chip-steps, what the inherited weights got)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated suite tasks")
+    p.add_argument("--extra-subnets", type=int, default=None, help="extra random subnets on the inherited curve (4)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds of the elasticity cost (20)")
+    p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
+    args = p.parse_args()
+    steps = args.steps or (4 if args.quick else 1500)
+    chip_steps = args.chip_steps or steps
+    alone_steps = args.standalone_steps or steps + chip_steps
+    n_extra = args.extra_subnets if args.extra_subnets is not None else (1 if args.quick else 4)
+    rounds = args.rounds or (3 if args.quick else 20)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    t_start = time.perf_counter()
+    load_before = load_average()
+
+    cfg = suite_config(tasks, steps, args.set)
+    data = build_all(cfg)
+    kinds = {n: cfg.tasks[n].kind for n in tasks}
+    space = cfg.space()
+    results: dict[str, Any] = {
+        "quick": args.quick, "tasks": tasks, "kinds": kinds,
+        "primary_metric": {n: task_class(kinds[n]).primary for n in tasks},
+        "steps": {"task_supernet": steps, "chip_supernet": chip_steps, "standalone": alone_steps,
+                  "all_shared": steps, "all_task": steps},
+        "batch_size": cfg.train.batch_size,
+        "model": {k: v for k, v in cfg.model.model_dump().items() if k not in ("mean", "std", "paths")},
+        "train_images": {n: len(data[n].train) for n in tasks},
+        "chip_supernet": cfg.chip_supernet.model_dump(),
+        "task_supernet": cfg.task_supernet.model_dump(),
+    }
+    train_s: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ufo-oneforall-") as tmp:
+        out = Path(tmp)
+        # 1. task supernet (learned routes)
+        ts = fit_and_eval("task supernet (learned routes)",
+                          RoutingTrainer(with_train(cfg, stage="task_supernet", paths=None), out / "ts", data=data))
+        train_s["task_supernet"] = ts["train_s"]
+        routes = ts["arch"]["paths"]
+        results["routes"] = routes
+
+        # 4. routing comparison: fixed paths, same steps
+        routing = {"learned": ts}
+        for path in ("shared", "task"):
+            tr = Trainer(with_train(cfg, stage="all_in_one", paths=path), out / f"all-{path}", data=data)
+            routing[f"all_{path}"] = fit_and_eval(f"All in One, every path {path}", tr)
+            train_s[f"all_{path}"] = routing[f"all_{path}"]["train_s"]
+        results["routing"] = {k: {"primary": v["primary"], "params": v["params"]} for k, v in routing.items()}
+
+        # 2. chip supernet from the task supernet
+        chip_cfg = with_init_run(with_train(cfg, stage="chip_supernet", steps=chip_steps, ckpt_every=chip_steps,
+                                            arch=None, paths=None), out / "ts")
+        chip_cfg = chip_cfg.model_copy(update={"chip_supernet": chip_cfg.chip_supernet.model_copy(
+            update={"num_random": 2, "distill": True})})
+        print(f"\n== chip supernet: {chip_steps} steps from the task supernet, sandwich N=2, in-place distillation")
+        t0 = time.perf_counter()
+        chip_summary = ChipTrainer(chip_cfg, out / "chip", data=data).fit()
+        train_s["chip_supernet"] = round(time.perf_counter() - t0, 1)
+        results["chip_images_per_s"] = chip_summary["images_per_s"]
+
+        # 3. inherited subnets (no fine-tuning)
+        model, mcfg, manifest = load_model(out / "chip" / "model.safetensors")
+        assert manifest["routes"] == {t: list(routes[t]) for t in tasks}, (manifest["routes"], routes)
+        mid_spec, mid = middle_arch(space, routes)
+        archs = {"smallest": arch_from_spec("smallest", space, routes), mid_spec: mid,
+                 "largest": arch_from_spec("largest", space, routes)}
+        curve = dict(archs) | dict(extra_archs(space, routes, n_extra, list(archs.values())))
+        inherited: dict[str, Any] = {}
+        for name, arch in curve.items():
+            model.set_arch(arch)
+            m = evaluate_tasks(model, data, mcfg)
+            inherited[name] = {"primary": primary(mcfg, m), "metrics": m, "params": params(space, arch),
+                               "arch": arch.model_dump(), "compared": name in archs}
+            print(f"   inherited {name}: " + ", ".join(f"{t} {v:.4f}" for t, v in inherited[name]["primary"].items()))
+        results["inherited"] = inherited
+
+        # 3. the same archs trained alone
+        standalone: dict[str, Any] = {}
+        for name, arch in archs.items():
+            safe = name.replace(":", "-")
+            tr = fixed_arch_trainer(with_train(cfg, steps=alone_steps, ckpt_every=alone_steps), arch,
+                                    out / f"alone-{safe}", data, out / f"arch-{safe}.json")
+            standalone[name] = fit_and_eval(f"standalone {name}", tr)
+            train_s[f"standalone_{name}"] = standalone[name]["train_s"]
+        results["standalone"] = {k: {"primary": v["primary"], "metrics": v["metrics"], "params": v["params"],
+                                     "images_per_s": v["images_per_s"]} for k, v in standalone.items()}
+
+        # 5. cost of elasticity
+        print(f"\n== cost of elasticity: {rounds} interleaved rounds")
+        results["elasticity"] = throughput(chip_cfg, cfg, data, out, archs["largest"], rounds)
+
+    pairs = {f"{a}/{t}": {"inherited": inherited[a]["primary"][t], "standalone": standalone[a]["primary"][t],
+                          "delta": inherited[a]["primary"][t] - standalone[a]["primary"][t]}
+             for a in archs for t in tasks}
+    met = sum(v["delta"] >= -TOLERANCE for v in pairs.values())
+    results["inherited_vs_standalone"] = pairs
+    results["pairs_meeting_target"] = f"{met}/{len(pairs)}"
+    results["routing_metric_delta_vs_all_shared"] = {
+        t: routing["learned"]["primary"][t] - routing["all_shared"]["primary"][t] for t in tasks}
+    results["train_s"] = train_s
+    results["load_average"] = {"before": load_before, "after": load_average()}
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    targets = [target(f"inherited - standalone, {a} {t} ({results['primary_metric'][t]})", v["delta"], ">=", -TOLERANCE)
+               for k, v in pairs.items() for a, t in [k.split("/", 1)]]
+    targets.append(target("(arch, task) pairs with inherited >= standalone - 0.01", met, ">=", len(pairs)))
+    png = RESULTS_DIR / "oneforall.png"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot(results, tasks, png)
+    results["plot"] = png.name
+    cmd = ".venv/bin/python bench/oneforall.py" + (" --quick" if args.quick else "")
+    if args.steps or args.chip_steps or args.standalone_steps:
+        cmd += f" --steps {steps} --chip-steps {chip_steps} --standalone-steps {alone_steps}"
+    if tasks != DEFAULT_TASKS:
+        cmd += f" --tasks {','.join(tasks)}"
+    jpath, mpath = write_results("oneforall", results, targets, command=cmd)
+    _prepend_tables(mpath, results, list(archs), tasks)
+    for t in targets:
+        print(f"{'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.4g} {t['op']} {t['target']:.4g}")
+    print(f"wrote {jpath}, {mpath} and {png} in {results['wall_s']:.0f} s")
+
+
+def _prepend_tables(path: Path, results: dict[str, Any], compared: list[str], tasks: list[str]) -> None:
+    """The three comparisons as people read them, before the targets and the flat results."""
+    pm = results["primary_metric"]
+    lines = ["## Inherited vs standalone (primary metric, test split)", "",
+             "| arch | task | metric | params | inherited | standalone | delta | within 0.01 |", "|---|---|---|---|---|---|---|---|"]
+    for a in compared:
+        for t in tasks:
+            v = results["inherited_vs_standalone"][f"{a}/{t}"]
+            lines.append(f"| {a} | {t} | {pm[t]} | {results['inherited'][a]['params'][t]:,} | {v['inherited']:.4f} | "
+                         f"{v['standalone']:.4f} | {v['delta']:+.4f} | {'yes' if v['delta'] >= -TOLERANCE else '**no**'} |")
+    lines += ["", f"Pairs meeting the target: {results['pairs_meeting_target']}.", "",
+              "## Routing (largest arch, task-supernet stage)", "",
+              "| task | metric | " + " | ".join(f"{k} metric | {k} params" for k in results["routing"]) + " |",
+              "|---|---|" + "---|---|" * len(results["routing"])]
+    for t in tasks:
+        cells = [f"{v['primary'][t]:.4f} | {v['params'][t]:,}" for v in results["routing"].values()]
+        lines.append(f"| {t} | {pm[t]} | " + " | ".join(cells) + " |")
+    routes = results["routes"]
+    lines += ["", "Learned routes (S shared, T task, M mix): "
+              + "; ".join(f"{t} {' '.join(p[0].upper() for p in r)}" for t, r in routes.items()) + "."]
+    e = results["elasticity"]
+    lines += ["", "## Cost of elasticity", "",
+              f"A chip-supernet step ({e['sandwich_passes']} sandwich passes) takes {e['chip_step_over_plain_step']:.2f}x "
+              f"a plain step of the largest arch (batch {e['batch']}): {e['chip_images_per_s']:.0f} vs "
+              f"{e['plain_images_per_s']:.0f} images/s.", "", f"![metric vs parameters]({results['plot']})", ""]
+    text = path.read_text()
+    head, sep, rest = text.partition("## Targets")
+    path.write_text(head + "\n".join(lines) + "\n" + sep + rest)
+
+
+if __name__ == "__main__":
+    main()
