@@ -152,13 +152,7 @@ class Trainer:
             losses = self.step_module(x, ids, y)
         bad = [n for n, v in losses.items() if not torch.isfinite(v)]
         if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            msg = f"step {self.step}: non-finite loss in task(s) {bad}; the step was skipped"
-            if self.bad_steps >= self.t.max_bad_steps:
-                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
-            dist.warn(msg)
-            return {"skipped": 1.0}
+            return self.skip_step(f"task(s) {bad}")
         self.bad_steps = 0
         total = self.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,6 +164,17 @@ class Trainer:
             self.ema.update(self.model, step=self.step)
         logged = dist.mean_across_ranks({f"loss/{n}": v.detach() for n, v in losses.items()} | {"loss": total.detach()})
         return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+
+    def skip_step(self, where: str) -> dict[str, float]:
+        """After a non-finite loss: drop the step's gradients, warn naming `where`, and stop the run
+        after `train.max_bad_steps` in a row (the last checkpoint, written before, stays valid)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        msg = f"step {self.step}: non-finite loss in {where}; the step was skipped"
+        if self.bad_steps >= self.t.max_bad_steps:
+            raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
+        dist.warn(msg)
+        return {"skipped": 1.0}
 
     # ----- checkpoints -----
     def save(self) -> None:

@@ -23,7 +23,7 @@ from ufo.model import UFOModel
 from ufo.nn.vit import SuperViT
 from ufo.tasks import TaskData
 from ufo.train import distributed as dist
-from ufo.train.loop import Trainer, TrainingError
+from ufo.train.loop import Trainer
 from ufo.train.optim import build_optimizer, set_lr
 
 
@@ -131,13 +131,7 @@ class MimTrainer(Trainer):
                             enabled=self.t.amp == "bf16"):
             loss = self.step_module(x, mask)
         if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            msg = f"step {self.step}: non-finite MIM loss; the step was skipped"
-            if self.bad_steps >= self.t.max_bad_steps:
-                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
-            dist.warn(msg)
-            return {"skipped": 1.0}
+            return self.skip_step("the masked-pixel (MIM) objective")
         self.bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

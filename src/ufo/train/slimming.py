@@ -37,7 +37,7 @@ from ufo.nn.vit import SuperViT
 from ufo.tasks import TaskData
 from ufo.train import distributed as dist
 from ufo.train.distill_losses import distill_terms
-from ufo.train.loop import Trainer, TrainingError
+from ufo.train.loop import Trainer
 from ufo.train.optim import set_lr
 
 DISTILL_TERMS = ("kl", "cos", "rel")
@@ -260,13 +260,7 @@ class ChipTrainer(Trainer):
             tdist.all_reduce(bad)
             logged = None if bad.item() else logged
         if logged is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            msg = f"step {self.step}: non-finite loss in a sampled subnet; the step was skipped"
-            if self.bad_steps >= self.t.max_bad_steps:
-                raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
-            dist.warn(msg)
-            return {"skipped": 1.0}
+            return self.skip_step("a sampled subnet")
         self.bad_steps = 0
         if self.world > 1:
             self._reduce_across_ranks()
