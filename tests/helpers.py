@@ -1,6 +1,12 @@
-"""Tiny search spaces and hypothesis strategies shared by the core tests."""
+"""Tiny search spaces, hypothesis strategies and a torchrun harness shared by the tests."""
 
 from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from hypothesis import strategies as st
 
@@ -27,3 +33,22 @@ def archs(draw, space: SearchSpace, with_paths: bool = True) -> Arch:
         mlp_ratio=draw(st.lists(st.sampled_from(space.mlp_ratio), min_size=d, max_size=d)),
         paths=paths,
     )
+
+
+def train_one_and_two_processes(config: Path, tmp_path: Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """`ufo train CONFIG` in one process (run "one") and under `torchrun` with 2 CPU processes
+    (run "two"); returns both metrics.csv logs. Fails the test if either run fails."""
+    bin_dir = Path(sys.executable).parent
+    one = subprocess.run([str(bin_dir / "ufo"), "train", str(config), "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli",
+                          "train", str(config), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def log(run: str) -> list[dict[str, str]]:
+        with open(tmp_path / run / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    return log("one"), log("two")

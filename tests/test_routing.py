@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import train_one_and_two_processes
 from timm.models.vision_transformer import VisionTransformer
 
 from ufo.arch import PATHS
@@ -353,26 +354,12 @@ def test_cli_trains_a_task_supernet(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
-    import os
-
     tasks = {"digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
              "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16}}
     cfg = _cfg({"steps": 6, "ckpt_every": 6, "batch_size": 32}, tasks=tasks, task_supernet={"expert_cost": 1.0})
     path = tmp_path / "ts.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    one = subprocess.run([str(BIN / "ufo"), "train", str(path), "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
-                          str(path), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def log(run: str) -> list[dict[str, str]]:
-        with open(tmp_path / run / "metrics.csv") as f:
-            return list(csv.DictReader(f))
-
-    l1, l2 = log("one"), log("two")
+    l1, l2 = train_one_and_two_processes(path, tmp_path)
     assert len(l1) == len(l2) == 6
     for key in ("loss", "loss/cost"):  # every rank draws the same Gumbel noise (same seed), so the same paths
         assert max(abs(float(a[key]) - float(b[key])) for a, b in zip(l1, l2)) <= 1e-4, key

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import train_one_and_two_processes
 
 from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
@@ -298,19 +298,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     d["train"].update(steps=4, ckpt_every=4)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(d))
-    one = subprocess.run([str(BIN / "ufo"), "train", str(path), "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
-                          str(path), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def losses(run: str) -> list[float]:
-        with open(tmp_path / run / "metrics.csv") as f:
-            return [float(r["loss"]) for r in csv.DictReader(f)]
-
-    l1, l2 = losses("one"), losses("two")
+    runs = train_one_and_two_processes(path, tmp_path)
+    l1, l2 = ([float(r["loss"]) for r in log] for log in runs)
     assert len(l1) == len(l2) == 4
     assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
     w1 = load_checkpoint(tmp_path / "one" / "model.safetensors")[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import train_one_and_two_processes
 
 from ufo.checkpoint import load_checkpoint, read_manifest
 from ufo.config import parse_config
@@ -96,18 +96,8 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     }
     cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 6, "parallel": parallel}
     path = _write(tmp_path, cfg)
-    one = _ufo("train", str(path), "--out", str(tmp_path / "one"))  # one process: parallel has no effect
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli", "train",
-                          str(path), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def losses(run: str) -> list[float]:
-        with open(tmp_path / run / "metrics.csv") as f:
-            return [float(r["loss"]) for r in csv.DictReader(f)]
-
-    l1, l2 = losses("one"), losses("two")
+    runs = train_one_and_two_processes(path, tmp_path)  # in one process `parallel` has no effect
+    l1, l2 = ([float(r["loss"]) for r in log] for log in runs)
     assert len(l1) == len(l2) == 12
     # Same global batch split over 2 ranks: equal up to float summation order.
     assert max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
