@@ -30,10 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import io
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,7 +40,6 @@ from typing import Any, Callable
 
 import httpx
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 
@@ -52,6 +48,7 @@ from ufo.config import load_config
 from ufo.demo import demo_config_path
 from ufo.deploy.onnx_export import (OnnxTaskModel, calibration_inputs, evaluate_predict, export_onnx, make_session,
                                     max_abs_diff, quantize, sample_inputs)
+from ufo.deploy.process import ServeProcess
 from ufo.deploy.package import extract_task_model, load_task_data, load_trained, save_task_model
 from ufo.train.store import arch_from_spec
 
@@ -60,7 +57,6 @@ TASK = "digits"
 MODEL_OVERRIDES = ["model.img_size=32", "model.patch_size=4", "model.head_dim=64", "model.depth=[4, 6]",
                    "model.embed_dim=[128, 192]", "model.num_heads=[2, 3]", "model.mlp_ratio=[2.0, 4.0]",
                    "model.drop_path_rate=0.0"]
-BIN = Path(sys.executable).parent
 NOTES = [
     "The widened model is trained only briefly: a ViT from scratch stays near chance for the first few hundred "
     "steps, and its weights do not change the timings or the serving figures. INT8 accuracy is therefore "
@@ -199,40 +195,6 @@ def _torch_predict(tm, pre, task: str):
 
 # ----- 3: serving -----
 
-class Server:
-    def __init__(self, args: list[str], threads: int) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen([str(BIN / "ufo"), "serve", *args, "--port", str(self.port),
-                                      "--threads", str(threads)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, env=env)
-
-    def wait(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise RuntimeError("server did not start")
-
-    def rss(self) -> int:
-        return psutil.Process(self.proc.pid).memory_info().rss
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def _png(img: torch.Tensor) -> bytes:
     arr = img.numpy()
     buf = io.BytesIO()
@@ -280,11 +242,11 @@ def serving(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any], list[dic
         files[t] = work / f"{t}.safetensors"
         save_task_model(files[t], extract_task_model(model, None, [t], cfg, data))
     pngs = {t: [_png(img) for img in data[t].eval["test"].images[:16]] for t in tasks}
-    multi = Server([str(run)], threads=THREADS)
-    singles = {t: Server([str(files[t])], threads=1) for t in tasks}
+    multi = ServeProcess([str(run)], threads=THREADS, capture_output=False)
+    singles = {t: ServeProcess([str(files[t])], threads=1, capture_output=False) for t in tasks}
     try:
         for s in (multi, *singles.values()):
-            s.wait()
+            s.wait_ready(180)
         urls = {"multi": {t: multi.url for t in tasks}, "single": {t: singles[t].url for t in tasks}}
         for u in urls.values():  # warm-up: every task path once per server, then a short burst
             load_round(u, pngs, len(tasks), 0.5)

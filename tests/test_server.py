@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,15 +19,9 @@ from PIL import Image
 
 from test_deploy import make_run
 from ufo.deploy.package import load_task_data, load_trained
+from ufo.deploy.process import ServeProcess
 from ufo.train.evaluate import make_predict
 
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(img: torch.Tensor) -> bytes:
@@ -41,32 +32,11 @@ def _png(img: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-class Server:
-    def __init__(self, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([str(BIN / "ufo"), "serve", *args, "--port", str(self.port), "--threads", "1"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ufo serve exited with {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("ufo serve did not come up within 120 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def Server(*args: str) -> ServeProcess:
+    """The real `ufo serve ARGS` on a free loopback port, ready to answer."""
+    server = ServeProcess(list(args), threads=1)
+    server.wait_ready(120)
+    return server
 
 
 @pytest.fixture(scope="module")
