@@ -343,6 +343,22 @@ def predictor_fit(
                   f"{folds}-fold CV Kendall tau {cv['kendall_tau']:.3f}, MAPE {100 * cv['mape']:.1f}%")
 
 
+def _register_command_modules() -> None:
+    """Commands that live in their own module under `ufo.commands` (one module per capability, so
+    that they can grow without touching this file) define `register(app)`; add them all here."""
+    import importlib
+    import pkgutil
+
+    import ufo.commands
+
+    for info in sorted(pkgutil.iter_modules(ufo.commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"ufo.commands.{info.name}")
+        module.register(app)
+
+
+_register_command_modules()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
