@@ -151,6 +151,34 @@ def test_reorder_keeps_the_largest_function_and_sorts_importance(trainer):
     m.train()
 
 
+# ----- BatchNorm recalibration of inherited subnets -----
+
+def test_recalibrate_bn_gives_the_subnets_own_statistics(trainer):
+    from ufo.data.transforms import build_transform
+    from ufo.train.evaluate import recalibrate_bn
+
+    m, cfg = trainer.model, trainer.cfg
+    small = m.space.smallest(trainer.routes)
+    m.set_arch(small)
+    bn = m.heads["mnist"].bn
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)  # stale statistics, as a blend over the sandwich's subnets leaves
+        bn.running_var.fill_(9.0)
+    momentum = bn.momentum
+    m.eval()
+    assert recalibrate_bn(m, trainer.data, cfg, max_images=64) == 1  # digits has no BN, mnist one
+    images = trainer.data["mnist"].train.images
+    idx = torch.linspace(0, len(images) - 1, 64).round().long().unique()
+    tf = build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=False, in_chans=cfg.model.in_chans)
+    assert bn.momentum == momentum and not m.training and not bn.training  # settings put back
+    with torch.no_grad():
+        z = m.heads["mnist"].neck(m.backbone(tf(images[idx]), "mnist"))
+    torch.testing.assert_close(bn.running_mean, z.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bn.running_var, z.var(0, unbiased=True), atol=1e-5, rtol=1e-4)
+    m.set_arch(trainer.arch)
+    m.train()
+
+
 # ----- distillation losses -----
 
 def test_distill_losses_zero_at_the_teacher_positive_elsewhere():

@@ -248,11 +248,14 @@ def eval_(
     arch: Optional[str] = typer.Option(None, help="evaluate this subnet: ARCH.json, largest, smallest, random:SEED"),
     task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="only these tasks"),
     data_dir: Optional[Path] = DataDirOpt,
+    recalibrate_bn: bool = typer.Option(True, "--recalibrate-bn/--no-recalibrate-bn",
+                                        help="with --arch: re-estimate the heads' BatchNorm statistics for that "
+                                             "subnet on training images first (as Once-for-All does)"),
 ) -> None:
     """Run every task's protocol; writes RUN_DIR/eval.json and eval.md."""
     from ufo.checkpoint import atomic_write_text
     from ufo.data.build import build_task_data
-    from ufo.train.evaluate import evaluate_tasks
+    from ufo.train.evaluate import evaluate_tasks, recalibrate_bn as recalibrate
     from ufo.train.store import arch_from_spec, load_model
 
     model, cfg, manifest = load_model(run_dir / "model.safetensors")
@@ -262,6 +265,8 @@ def eval_(
     if arch is not None:
         model.set_arch(arch_from_spec(arch, model.space, model.backbone.routes()))
     data = {n: build_task_data(n, cfg.tasks[n], cfg) for n in tasks}
+    if arch is not None and recalibrate_bn:
+        recalibrate(model, data, cfg, tasks)
     results = evaluate_tasks(model, data, cfg, tasks)
     payload = {"run": str(run_dir), "arch": model.arch.model_dump(), "metrics": results}
     name = "eval" if arch is None else f"eval-{Path(arch).stem.replace(':', '-')}"

@@ -36,3 +36,39 @@ def evaluate_tasks(model: nn.Module, data: dict[str, TaskData], cfg: Config, tas
         head = model.heads[name]
         out[name] = head.evaluate(make_predict(model, name, cfg, cfg.train.eval_batch_size), data[name], seed=cfg.seed)
     return out
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: dict[str, TaskData], cfg: Config, tasks: list[str] | None = None,
+                   max_images: int = 1024, batch_size: int = 256) -> int:
+    """Re-estimate the BatchNorm statistics of each task's head for the model's active subnet.
+
+    The chip-supernet stage runs several subnets per step in training mode, so the running
+    statistics of a BN-neck head are a blend over subnets and fit none of them (Once-for-All's
+    `set_running_statistics` fixes the same thing). For each task, the BN layers of its head are
+    reset and fed a fixed, evenly spaced subset of its training images (eval transform) with a
+    cumulative average. The backbone has no BatchNorm. Returns the number of BN layers reset."""
+    tf = build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=False, in_chans=cfg.model.in_chans)
+    was_training = model.training
+    model.eval()
+    n_bn = 0
+    for name in tasks or list(data):
+        bns = [m for m in model.heads[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            continue
+        saved = [(m.momentum, m.training) for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the calibration batches
+            m.train()
+        images = data[name].train.images
+        idx = torch.linspace(0, len(images) - 1, min(max_images, len(images))).round().long().unique()
+        for chunk in idx.split(batch_size):
+            if len(chunk) > 1:  # BatchNorm needs two samples for batch statistics
+                model(tf(images[chunk]), name)
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+        n_bn += len(bns)
+    model.train(was_training)
+    return n_bn
