@@ -4,34 +4,37 @@ trained alone, learned routes against fixed ones, and the training cost of elast
 The suite is `configs/suite.yaml` over ../shared/data, restricted to `--tasks` (default `alnum`
 classification and `faces` verification, the cheapest pair); the global batch is the sum of the
 tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
-`init: {kind: run}`:
+`init: {kind: run}` as UFO does (routing and slimming start from a trained All-in-One model):
 
-1. task supernet (`train.stage: task_supernet`, RoutingTrainer, `--steps` steps): Gumbel routing
-   of each (task, block)'s FFN path, routes frozen at the end;
+0. All in One (`train.stage: all_in_one`, every path shared, `--aio-steps` steps);
+1. task supernet (`train.stage: task_supernet`, RoutingTrainer, `--steps` steps) from (0):
+   Gumbel routing of each (task, block)'s FFN path from a low temperature (`--tau-start` 1.0 ->
+   `--tau-end` 0.1) with an expert cost (`--expert-cost` 0.1) so that `mix` is not free; routes
+   frozen at the end;
 2. chip supernet (`train.stage: chip_supernet`, ChipTrainer, `--chip-steps` steps) from (1): the
    sandwich rule with N=2 random subnets (4 forward/backward passes a step) and in-place
    distillation from the largest subnet, on (1)'s routes;
 3. inherited vs standalone: for the smallest, a middle (middle depth and width, `random:SEED`)
    and the largest arch (each with (1)'s routes), every task's primary metric with the weights
-   inherited from (2) (set the arch, evaluate, no fine-tuning), against the same arch trained
-   alone by the All-in-One Trainer (`train.arch` = that arch's JSON, same tasks) for as many
-   optimiser steps as the inherited weights got in (1) + (2). Target per (arch, task):
+   inherited from (2) (set the arch, re-estimate the heads' BatchNorm statistics on training
+   images, evaluate; no fine-tuning), against the same arch trained alone by the All-in-One
+   Trainer (`train.arch` = that arch's JSON, same tasks) for as many optimiser steps as the
+   inherited weights got in (0) + (1) + (2), evaluated the same way. Target per (arch, task):
    inherited >= standalone - 0.01. A few extra random subnets are evaluated (inherited only)
    to draw the metric-vs-parameters curve;
-4. routing: the task supernet's learned routes against All-in-One training with every path
-   shared (`train.paths: shared`) and every path the task's own (`train.paths: task`), same
+4. routing: (0) + (1) with learned routes against All-in-One training with every path shared
+   (`train.paths: shared`) and every path the task's own (`train.paths: task`) for as many
    steps: each task's metric and parameters (`SearchSpace.num_params` of the largest arch with
    that task's routes, i.e. the model `ufo extract` gives for it);
 5. cost of elasticity: time per chip-supernet step (sandwich N=2) against a plain All-in-One
    step of the largest arch on the same routes, timed in alternating rounds; reported as a
    ratio (no target).
 
-Defaults: 1500 task-supernet steps, 1500 chip-supernet steps, standalone runs of 3000 steps
-(3 archs), 1500 steps each for the all-shared and all-task runs, 20 timing rounds. Measured in
-the `--quick` run (batch 36, alnum + faces, 2 cores): a plain step of the largest arch ~50 ms,
-a chip-supernet step ~130 ms (2.7x), so the defaults come to about 15 minutes on a quiet 2-core
-machine and 25-35 minutes if another job shares it. `--quick` (4 steps per run, checks the
-script end to end) takes about 15 s, 1-1.5 min on a loaded machine. Run it alone.
+Defaults: 1000 All-in-One steps, 1000 task-supernet steps, 1500 chip-supernet steps,
+standalone runs of 3500 steps (3 archs), 2000 steps each for the all-shared and all-task runs,
+20 timing rounds: about 20 minutes on a quiet 2-core machine (a plain step of the largest arch
+~50 ms at batch 36, a chip-supernet step ~2.4x that). `--quick` (4 steps per run) checks the
+script end to end in under a minute. Run it alone.
 
 Writes bench/results/oneforall.{json,md} and oneforall.png (per task: metric against parameters,
 inherited subnets as a line, standalone runs and the routing variants as points).
@@ -54,7 +57,7 @@ from ufo.arch import Arch, SearchSpace
 from ufo.config import Config, InitConfig, load_config, parse_config
 from ufo.data.build import build_all
 from ufo.tasks import TaskData, task_class
-from ufo.train.evaluate import evaluate_tasks
+from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
 from ufo.train.loop import Trainer
 from ufo.train.routing import RoutingTrainer
 from ufo.train.slimming import ChipTrainer
@@ -133,7 +136,9 @@ def fit_and_eval(name: str, tr: Trainer) -> dict[str, Any]:
     t0 = time.perf_counter()
     summary = tr.fit()
     train_s = time.perf_counter() - t0
-    metrics = tr.evaluate()
+    model = tr.eval_model()
+    recalibrate_bn(model, tr.data, cfg)  # the same protocol as the inherited subnets
+    metrics = evaluate_tasks(model, tr.data, cfg)
     p = primary(cfg, metrics)
     print(f"   {train_s:.0f} s, {summary['images_per_s']:.0f} images/s: " + ", ".join(f"{n} {v:.4f}" for n, v in p.items()))
     return {"primary": p, "metrics": metrics, "train_s": round(train_s, 1), "images_per_s": summary["images_per_s"],
@@ -215,7 +220,7 @@ def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
                         xytext=(4, -10), textcoords="offset points")
         for (name, v), mk in zip(results["routing"].items(), ("^", "v", "D")):
             ax.plot([v["params"][t]], [v["primary"][t]], mk, color="#55a868", alpha=0.8, ms=6,
-                    label=f"largest arch, routes {name} (stage 1 length)")
+                    label=f"largest arch, routes {name} (stages 0+1 length)")
         ax.set_xscale("log")
         ax.margins(x=0.12)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
@@ -234,9 +239,13 @@ def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps per run, to check the script")
-    p.add_argument("--steps", type=int, default=None, help="task-supernet steps, and of the all-shared/all-task runs "
-                   "(default 1500)")
-    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (default: --steps)")
+    p.add_argument("--steps", type=int, default=None, help="task-supernet steps (1000); the all-shared and all-task "
+                   "runs get --aio-steps + --steps")
+    p.add_argument("--aio-steps", type=int, default=None, help="All-in-One steps before the task supernet (1000)")
+    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (1500)")
+    p.add_argument("--tau-start", type=float, default=1.0, help="task supernet: first Gumbel temperature")
+    p.add_argument("--tau-end", type=float, default=0.1, help="task supernet: last Gumbel temperature")
+    p.add_argument("--expert-cost", type=float, default=0.1, help="task supernet: weight of the expert cost")
     p.add_argument("--standalone-steps", type=int, default=None,
                    help="steps of each standalone run (default: --steps + --chip-steps, what the inherited weights got)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated suite tasks")
@@ -244,9 +253,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds of the elasticity cost (20)")
     p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
     args = p.parse_args()
-    steps = args.steps or (4 if args.quick else 1500)
-    chip_steps = args.chip_steps or steps
-    alone_steps = args.standalone_steps or steps + chip_steps
+    steps = args.steps or (4 if args.quick else 1000)
+    aio_steps = args.aio_steps or (4 if args.quick else 1000)
+    chip_steps = args.chip_steps or (4 if args.quick else 1500)
+    alone_steps = args.standalone_steps or aio_steps + steps + chip_steps
+    ts_settings = {"tau_start": args.tau_start, "tau_end": min(args.tau_end, args.tau_start),
+                   "expert_cost": args.expert_cost}
     n_extra = args.extra_subnets if args.extra_subnets is not None else (1 if args.quick else 4)
     rounds = args.rounds or (3 if args.quick else 20)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -260,28 +272,36 @@ def main() -> None:
     results: dict[str, Any] = {
         "quick": args.quick, "tasks": tasks, "kinds": kinds,
         "primary_metric": {n: task_class(kinds[n]).primary for n in tasks},
-        "steps": {"task_supernet": steps, "chip_supernet": chip_steps, "standalone": alone_steps,
-                  "all_shared": steps, "all_task": steps},
+        "steps": {"all_in_one": aio_steps, "task_supernet": steps, "chip_supernet": chip_steps,
+                  "standalone": alone_steps, "all_shared": aio_steps + steps, "all_task": aio_steps + steps},
         "batch_size": cfg.train.batch_size,
         "model": {k: v for k, v in cfg.model.model_dump().items() if k not in ("mean", "std", "paths")},
         "train_images": {n: len(data[n].train) for n in tasks},
         "chip_supernet": cfg.chip_supernet.model_dump(),
-        "task_supernet": cfg.task_supernet.model_dump(),
     }
     train_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ufo-oneforall-") as tmp:
         out = Path(tmp)
-        # 1. task supernet (learned routes)
-        ts = fit_and_eval("task supernet (learned routes)",
-                          RoutingTrainer(with_train(cfg, stage="task_supernet", paths=None), out / "ts", data=data))
+        # 0. All in One, every path shared: the trained start that UFO routes on top of
+        aio_cfg = with_train(cfg, stage="all_in_one", paths="shared", steps=aio_steps, ckpt_every=aio_steps)
+        aio = fit_and_eval("All in One (every path shared)", Trainer(aio_cfg, out / "aio", data=data))
+        train_s["all_in_one"] = aio["train_s"]
+        results["all_in_one"] = {"primary": aio["primary"], "params": aio["params"]}
+
+        # 1. task supernet (learned routes) from (0)
+        ts_cfg = with_init_run(with_train(cfg, stage="task_supernet", paths=None, warmup_steps=0), out / "aio")
+        ts_cfg = ts_cfg.model_copy(update={"task_supernet": ts_cfg.task_supernet.model_copy(update=ts_settings)})
+        ts = fit_and_eval("task supernet (learned routes), from (0)", RoutingTrainer(ts_cfg, out / "ts", data=data))
         train_s["task_supernet"] = ts["train_s"]
         routes = ts["arch"]["paths"]
         results["routes"] = routes
+        results["task_supernet"] = ts_cfg.task_supernet.model_dump()
 
-        # 4. routing comparison: fixed paths, same steps
+        # 4. routing comparison: fixed paths, as many steps as (0) + (1)
         routing = {"learned": ts}
         for path in ("shared", "task"):
-            tr = Trainer(with_train(cfg, stage="all_in_one", paths=path), out / f"all-{path}", data=data)
+            tr = Trainer(with_train(cfg, stage="all_in_one", paths=path, steps=aio_steps + steps,
+                                    ckpt_every=aio_steps + steps), out / f"all-{path}", data=data)
             routing[f"all_{path}"] = fit_and_eval(f"All in One, every path {path}", tr)
             train_s[f"all_{path}"] = routing[f"all_{path}"]["train_s"]
         results["routing"] = {k: {"primary": v["primary"], "params": v["params"]} for k, v in routing.items()}
@@ -307,6 +327,7 @@ def main() -> None:
         inherited: dict[str, Any] = {}
         for name, arch in curve.items():
             model.set_arch(arch)
+            recalibrate_bn(model, data, mcfg)  # the heads' BN statistics of this subnet, not a blend
             m = evaluate_tasks(model, data, mcfg)
             inherited[name] = {"primary": primary(mcfg, m), "metrics": m, "params": params(space, arch),
                                "arch": arch.model_dump(), "compared": name in archs}
@@ -348,8 +369,10 @@ def main() -> None:
     plot(results, tasks, png)
     results["plot"] = png.name
     cmd = ".venv/bin/python bench/oneforall.py" + (" --quick" if args.quick else "")
-    if args.steps or args.chip_steps or args.standalone_steps:
-        cmd += f" --steps {steps} --chip-steps {chip_steps} --standalone-steps {alone_steps}"
+    if args.steps or args.aio_steps or args.chip_steps or args.standalone_steps:
+        cmd += f" --aio-steps {aio_steps} --steps {steps} --chip-steps {chip_steps} --standalone-steps {alone_steps}"
+    if (args.tau_start, args.tau_end, args.expert_cost) != (1.0, 0.1, 0.1):
+        cmd += f" --tau-start {args.tau_start} --tau-end {args.tau_end} --expert-cost {args.expert_cost}"
     if tasks != DEFAULT_TASKS:
         cmd += f" --tasks {','.join(tasks)}"
     jpath, mpath = write_results("oneforall", results, targets, command=cmd)
@@ -370,7 +393,7 @@ def _prepend_tables(path: Path, results: dict[str, Any], compared: list[str], ta
             lines.append(f"| {a} | {t} | {pm[t]} | {results['inherited'][a]['params'][t]:,} | {v['inherited']:.4f} | "
                          f"{v['standalone']:.4f} | {v['delta']:+.4f} | {'yes' if v['delta'] >= -TOLERANCE else '**no**'} |")
     lines += ["", f"Pairs meeting the target: {results['pairs_meeting_target']}.", "",
-              "## Routing (largest arch, task-supernet stage)", "",
+              "## Routing (largest arch, All in One + task supernet vs fixed routes, same steps)", "",
               "| task | metric | " + " | ".join(f"{k} metric | {k} params" for k in results["routing"]) + " |",
               "|---|---|" + "---|---|" * len(results["routing"])]
     for t in tasks:
