@@ -181,6 +181,76 @@ class TaskSupernetConfig(Strict):
         return self
 
 
+class StageSteps(Strict):
+    """One training stage of `ufo run`: its length and config overrides on top of the experiment's."""
+
+    steps: int | None = Field(None, gt=0)  # optimiser steps (default: train.steps)
+    set: list[str] = Field(default_factory=list)  # KEY=VALUE overrides for this stage only, e.g. train.lr=5e-4
+
+
+class BaselinesConfig(Strict):
+    """Single-task baselines trained beside the All-in-One model (same recipe, one task each)."""
+
+    enabled: bool = False
+    steps: int | None = Field(None, gt=0)  # default: the All-in-One steps
+
+
+class ChipEvalConfig(StageSteps):
+    """The chip-supernet stage, plus the inherited subnets evaluated for the metric-vs-parameters plot."""
+
+    eval_subnets: int = Field(6, ge=2)  # the smallest, the largest and random ones (no fine-tuning)
+
+
+class PredictorsConfig(Strict):
+    """GP-NAS predictor data: subnets evaluated on each task (metric) and timed (latency)."""
+
+    metric_samples: int = Field(50, ge=4)
+    latency_samples: int = Field(100, ge=4)
+
+
+class SearchBudget(Strict):
+    """What one task's chosen subnet may cost; unset limits do not bind."""
+
+    max_latency_ms: float | None = Field(None, gt=0)  # predicted then measured on `backend`, batch 1
+    max_params: int | None = Field(None, gt=0)  # parameters of the extracted task model's backbone
+    max_flops: int | None = Field(None, gt=0)  # FLOPs of one image through the task's path
+    backend: Literal["torch-cpu", "ort-cpu", "cuda"] | None = None  # default: pipeline.search.backend
+
+
+class SearchStageConfig(Strict):
+    """The search stage: the latency backend and a budget per task (tasks without one: `default`)."""
+
+    backend: Literal["torch-cpu", "ort-cpu", "cuda"] = "torch-cpu"  # where latency is predicted and measured
+    default: SearchBudget = Field(default_factory=SearchBudget)
+    budgets: dict[str, SearchBudget] = Field(default_factory=dict)
+
+    def budget(self, task: str) -> SearchBudget:
+        """`task`'s budget with the backend resolved."""
+        b = self.budgets.get(task, self.default)
+        return b.model_copy(update={"backend": b.backend or self.backend})
+
+
+class ExportStageConfig(Strict):
+    """The export stage: ONNX of every chosen task model, optionally INT8, timed with ONNX Runtime."""
+
+    int8: Literal["dynamic", "static"] | None = None
+    opset: int = Field(18, ge=17)
+    latency_repeats: int = Field(30, gt=0)  # timed batch-1 calls per model (1 thread)
+
+
+class PipelineConfig(Strict):
+    """`ufo run`: the stages after All in One and their settings. Every field has a default."""
+
+    tasks: list[str] | None = None  # tasks to search, extract and export (default: every task)
+    all_in_one: StageSteps = Field(default_factory=StageSteps)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    task_supernet: StageSteps = Field(default_factory=StageSteps)
+    chip_supernet: ChipEvalConfig = Field(default_factory=ChipEvalConfig)
+    predictors: PredictorsConfig = Field(default_factory=PredictorsConfig)
+    search: SearchStageConfig = Field(default_factory=SearchStageConfig)
+    export: ExportStageConfig = Field(default_factory=ExportStageConfig)
+
+
 class Config(BaseModel):
     """A whole experiment. Unknown top-level sections are kept for later stages to validate."""
 
@@ -196,6 +266,7 @@ class Config(BaseModel):
     mim: MimConfig = Field(default_factory=MimConfig)
     chip_supernet: ChipConfig = Field(default_factory=ChipConfig)
     task_supernet: TaskSupernetConfig = Field(default_factory=TaskSupernetConfig)
+    pipeline: PipelineConfig | None = None  # `ufo run` settings (None: the defaults)
 
     @model_validator(mode="after")
     def _kinds(self) -> "Config":
@@ -208,6 +279,17 @@ class Config(BaseModel):
         if m is not None and (m % p or self.model.img_size % m):
             raise ValueError(f"mim.mask_patch_size: {m} must be a multiple of model.patch_size ({p}) "
                              f"and divide model.img_size ({self.model.img_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline_tasks(self) -> "Config":
+        p = self.pipeline
+        if p is None:
+            return self
+        for where, names in (("pipeline.tasks", p.tasks or []), ("pipeline.search.budgets", list(p.search.budgets))):
+            unknown = [n for n in names if n not in self.tasks]
+            if unknown:
+                raise ValueError(f"{where}: unknown task(s) {unknown}; the config's tasks are {list(self.tasks)}")
         return self
 
     @property

@@ -1,0 +1,167 @@
+"""The stages of `ufo run` after training: GP-NAS predictors, search, extraction and export.
+
+- predictors: per task, the accuracy predictor (inherited subnets of the chip supernet
+  evaluated) and the latency predictor (subnets timed on the task's backend),
+  `ufo.search.pipeline.fit_predictors`;
+- search: per task, the subnet that maximises the predicted metric under the task's budget,
+  re-measured, with its Pareto front (`ufo.search.pipeline.search_task`);
+- extract: the chosen subnet of every task cut out of the chip supernet as a task model
+  (plain timm backbone + head, the file `ufo export` and `ufo serve` take), checked against the
+  supernet to 1e-5 and evaluated;
+- export: each task model to ONNX (optionally INT8) with parity, size and batch-1 latency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ufo.arch import Arch
+from ufo.errors import UFOError
+from ufo.run.context import RunContext
+from ufo.run.state import PipelineError
+
+PARITY_TOL = 1e-5
+
+
+def _search_api():
+    try:
+        from ufo.search import pipeline
+    except ImportError as e:  # pragma: no cover - only before issue 6's module exists
+        raise PipelineError(f"the predictor and search stages need ufo.search.pipeline, which this install lacks ({e})")
+    return pipeline
+
+
+def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
+    """Fit each task's accuracy and latency predictors on the chip supernet."""
+    api = _search_api()
+    out, p = ctx.dir("predictors"), ctx.pipe
+    results: dict[str, Any] = {}
+    for t in ctx.tasks:
+        ctx.console.print(f"[bold]predictors[/]: {t} ({p.predictors.metric_samples} subnets evaluated, "
+                          f"{p.predictors.latency_samples} timed on {p.search.budget(t).backend})")
+        results[t] = api.fit_predictors(ctx.dir("chip_supernet"), t, backend=p.search.budget(t).backend,
+                                        metric_samples=p.predictors.metric_samples,
+                                        latency_samples=p.predictors.latency_samples, seed=ctx.cfg.seed,
+                                        out_dir=out / t, console=ctx.console)
+    files = [ctx.write_json(out / "predictors.json", results)]
+    return files, {}
+
+
+def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
+    """Each task's best subnet under its budget, with the Pareto front plotted."""
+    api = _search_api()
+    out = ctx.dir("search")
+    results: dict[str, Any] = {}
+    for t in ctx.tasks:
+        b = ctx.pipe.search.budget(t)
+        ctx.console.print(f"[bold]search[/]: {t} under " + (", ".join(
+            f"{k} {v}" for k, v in b.model_dump().items() if v is not None and k != "backend") or "no limit")
+            + f" on {b.backend}")
+        res = api.search_task(ctx.dir("chip_supernet"), t, max_latency_ms=b.max_latency_ms, max_params=b.max_params,
+                              max_flops=b.max_flops, backend=b.backend, out_dir=out / t, seed=ctx.cfg.seed,
+                              predictors_dir=ctx.dir("predictors") / t, console=ctx.console)
+        results[t] = {"budget": b.model_dump(), **res.model_dump(mode="json")}
+    files = [ctx.write_json(out / "search.json", results)]
+    return files, {t: {k: results[t].get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
+                   for t in results}
+
+
+def chosen_arch(ctx: RunContext, task: str) -> Arch:
+    """The subnet the search stage chose for `task`."""
+    import json
+
+    f = ctx.dir("search") / "search.json"
+    res = json.loads(f.read_text()).get(task)
+    if res is None or "arch" not in res:
+        raise PipelineError(f"{f}: no chosen arch for task {task!r}; run the search stage again (--from search)")
+    return Arch.model_validate(res["arch"])
+
+
+def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
+    """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
+    from ufo.deploy.package import extract_task_model, save_task_model
+    from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
+    from ufo.train.store import load_model
+
+    out = ctx.dir("extract")
+    rows: dict[str, Any] = {}
+    files = []
+    for t in ctx.tasks:
+        model, cfg, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
+        cfg.data_root = ctx.cfg.data_root
+        arch = chosen_arch(ctx, t)
+        model.set_arch(arch)
+        recalibrate_bn(model, {t: ctx.data[t]}, cfg, [t])
+        tm = extract_task_model(model, arch, t, cfg, {t: ctx.data[t]}, source=str(ctx.dir("chip_supernet")))
+        x = torch.randn(8, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+        with torch.no_grad():
+            diff = float((tm(x, t) - model(x, t)).abs().max())
+        if diff > PARITY_TOL:
+            raise UFOError(f"task {t!r}: the extracted task model differs from the supernet by {diff:.2e} (> {PARITY_TOL})")
+        path = out / f"{t}.safetensors"
+        save_task_model(path, tm)
+        metrics = evaluate_tasks(tm, {t: ctx.data[t]}, cfg, [t])[t]
+        rows[t] = {"file": str(path.relative_to(ctx.run_dir)), "kind": cfg.tasks[t].kind, "arch": arch.model_dump(),
+                   "params": tm.num_params(), "backbone_params": model.space.num_params(arch, t),
+                   "mflops": model.space.flops(arch, t) / 1e6, "parity": diff, "metrics": metrics,
+                   "primary": metrics[ctx.primary(t)]}
+        files.append(path)
+    files.append(ctx.write_json(out / "extract.json", rows))
+    return files, {t: r["primary"] for t, r in rows.items()}
+
+
+def _latency_ms(fn, repeats: int) -> float:
+    from ufo.search.latency import time_calls, torch_threads
+
+    with torch_threads(1):
+        return time_calls(fn, repeats, max(3, repeats // 10)).median_ms
+
+
+def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
+    """ONNX (and INT8) of every extracted task model: parity, metrics, size and batch-1 latency
+    (1 thread) of torch eager, ONNX Runtime fp32 and INT8."""
+    from ufo.deploy.onnx_export import OnnxTaskModel, export_task
+    from ufo.deploy.package import load_task_model
+
+    e = ctx.pipe.export
+    out = ctx.dir("export")
+    rows: dict[str, Any] = {}
+    files = []
+    for t in ctx.tasks:
+        src = ctx.dir("extract") / f"{t}.safetensors"
+        tm = load_task_model(src)
+        onnx_path = out / f"{t}.onnx"
+        ctx.console.print(f"[bold]export[/]: {t} -> {onnx_path}" + (f" (INT8 {e.int8})" if e.int8 else ""))
+        r = export_task(tm, t, onnx_path, e.int8, ctx.cfg, ctx.data[t], opset=e.opset)
+        fp32 = Path(r["fp32"])
+        x = torch.randn(1, ctx.cfg.model.in_chans, ctx.cfg.model.img_size, ctx.cfg.model.img_size)
+        path_module = tm.for_task(t).eval()
+
+        def eager() -> None:
+            with torch.inference_mode():
+                path_module(x)
+
+        m32 = OnnxTaskModel(fp32, threads=1)
+        lat = {"torch": _latency_ms(eager, e.latency_repeats),
+               "onnx_fp32": _latency_ms(lambda: m32(x), e.latency_repeats)}
+        row: dict[str, Any] = {"task": t, "source": str(src.relative_to(ctx.run_dir)),
+                               "fp32": str(fp32.relative_to(ctx.run_dir)), "fp32_bytes": fp32.stat().st_size,
+                               "parity_max_abs_diff": r["parity_max_abs_diff"], "parity_tol": r["parity_tol"],
+                               "metrics_fp32": r.get("metrics_fp32"), "primary": r.get("primary")}
+        files.append(fp32)
+        if "int8" in r:
+            q = r["int8"]
+            m8 = OnnxTaskModel(q["path"], threads=1)
+            lat["onnx_int8"] = _latency_ms(lambda: m8(x), e.latency_repeats)
+            row.update(int8=str(Path(q["path"]).relative_to(ctx.run_dir)), int8_bytes=q["size_bytes"],
+                       int8_max_abs_diff=q["max_abs_diff_vs_torch"], metrics_int8=r.get("metrics_int8"))
+            files.append(Path(q["path"]))
+        row["latency_ms"] = lat
+        rows[t] = row
+    files.append(ctx.write_json(out / "export.json", rows))
+    return files, {}
+
