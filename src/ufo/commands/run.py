@@ -1,0 +1,33 @@
+"""`ufo run CONFIG --out RUN_DIR`: the whole pipeline, resumable stage by stage (ufo.run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ufo.cli import DataDirOpt, SetOpt, _load, console, friendly
+
+    @app.command("run")
+    @friendly
+    def run(
+        config: Path = typer.Argument(..., help="experiment YAML (its optional `pipeline:` section sets the stages)"),
+        out: Path = typer.Option(..., help="run folder: one sub-folder and done.json per stage"),
+        from_: Optional[str] = typer.Option(None, "--from", help="redo this stage and every later one: all_in_one, "
+                                            "task_supernet, chip_supernet, predictors, search, extract, export, report"),
+        until: Optional[str] = typer.Option(None, help="stop after this stage"),
+        set_: Optional[list[str]] = SetOpt,
+        data_dir: Optional[Path] = DataDirOpt,
+    ) -> None:
+        """All in One -> task supernet -> chip supernet -> predictors -> search -> extract -> export ->
+        report. Finished stages whose inputs have not changed are skipped; an interrupted one resumes."""
+        from ufo.run import run_pipeline
+
+        cfg = _load(config, set_, data_dir)
+        run_pipeline(cfg, out, from_stage=from_, until=until, console=console)
+        html = out / "report" / "index.html"
+        if html.is_file():
+            console.print(f"report: {html}")
