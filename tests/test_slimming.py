@@ -315,6 +315,16 @@ def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     assert res["arch"]["depth"] == 1 and set(res["metrics"]) == {"digits", "mnist"}
     assert all(set(p) == {"shared"} for p in res["arch"]["paths"].values())
 
+    ev = subprocess.run([str(BIN / "ufo"), "eval", str(tmp_path / "full"), "--arch", "smallest", "--arch", "largest",
+                         "--random", "2"], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    rows = json.loads((tmp_path / "full" / "eval-subnets.json").read_text())["subnets"]
+    assert [r["name"] for r in rows][:2] == ["smallest", "largest"] and len(rows) == 4
+    assert len({json.dumps(r["arch"], sort_keys=True) for r in rows}) == 4  # distinct subnets
+    assert rows[0]["params"]["digits"] < rows[1]["params"]["digits"]
+    assert rows[0]["metrics"]["digits"]["top1"] == res["metrics"]["digits"]["top1"]  # same as the single eval
+    assert (tmp_path / "full" / "eval-subnets.png").stat().st_size > 0
+
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):

@@ -245,31 +245,48 @@ def train(
 @friendly
 def eval_(
     run_dir: Path = typer.Argument(..., help="a run folder written by `ufo train`"),
-    arch: Optional[str] = typer.Option(None, help="evaluate this subnet: ARCH.json, largest, smallest, random:SEED"),
+    arch: Optional[list[str]] = typer.Option(None, help="evaluate this subnet with inherited weights: ARCH.json, "
+                                                        "largest, smallest or random:SEED; repeat for several"),
+    random: int = typer.Option(0, help="also evaluate N more random subnets (metric against parameters)"),
     task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="only these tasks"),
     data_dir: Optional[Path] = DataDirOpt,
     recalibrate_bn: bool = typer.Option(True, "--recalibrate-bn/--no-recalibrate-bn",
-                                        help="with --arch: re-estimate the heads' BatchNorm statistics for that "
-                                             "subnet on training images first (as Once-for-All does)"),
+                                        help="for subnets: re-estimate the heads' BatchNorm statistics for each one "
+                                             "on training images first (as Once-for-All does)"),
 ) -> None:
-    """Run every task's protocol; writes RUN_DIR/eval.json and eval.md."""
+    """Run every task's protocol; writes RUN_DIR/eval.json and eval.md. With --arch / --random,
+    evaluates subnets with inherited weights (eval-NAME.* for one, eval-subnets.* and a plot of
+    metric against parameters for several)."""
     from ufo.checkpoint import atomic_write_text
     from ufo.data.build import build_task_data
-    from ufo.train.evaluate import evaluate_tasks, recalibrate_bn as recalibrate
-    from ufo.train.store import arch_from_spec, load_model
+    from ufo.train.evaluate import evaluate_tasks
+    from ufo.train.store import load_model
+    from ufo.train.subnets import evaluate_subnets, plot_subnets, subnet_specs, subnets_markdown
 
     model, cfg, manifest = load_model(run_dir / "model.safetensors")
     if data_dir is not None:
         cfg.data_root = str(data_dir)
     tasks = task or cfg.task_names
-    if arch is not None:
-        model.set_arch(arch_from_spec(arch, model.space, model.backbone.routes()))
+    specs = subnet_specs(model.space, model.backbone.routes(), list(arch or []), random, seed=cfg.seed)
     data = {n: build_task_data(n, cfg.tasks[n], cfg) for n in tasks}
-    if arch is not None and recalibrate_bn:
-        recalibrate(model, data, cfg, tasks)
-    results = evaluate_tasks(model, data, cfg, tasks)
-    payload = {"run": str(run_dir), "arch": model.arch.model_dump(), "metrics": results}
-    name = "eval" if arch is None else f"eval-{Path(arch).stem.replace(':', '-')}"
+    if len(specs) > 1:
+        rows = evaluate_subnets(model, cfg, data, specs, tasks, recalibrate_bn)
+        payload = {"run": str(run_dir), "recalibrate_bn": recalibrate_bn, "subnets": rows}
+        atomic_write_text(run_dir / "eval-subnets.json", json.dumps(payload, indent=2))
+        md = subnets_markdown(rows, cfg, tasks)
+        atomic_write_text(run_dir / "eval-subnets.md", md)
+        plot_subnets(rows, cfg, tasks, run_dir / "eval-subnets.png", f"{run_dir.name}: subnets, inherited weights")
+        console.print(md)
+        console.print(f"wrote {run_dir / 'eval-subnets.json'}, .md and .png ({len(rows)} subnets)")
+        return
+    if specs:
+        (name, a), = specs.items()
+        results = evaluate_subnets(model, cfg, data, specs, tasks, recalibrate_bn, show_progress=False)[0]["metrics"]
+        name = f"eval-{Path(name).stem.replace(':', '-')}"
+    else:
+        a, name = model.arch, "eval"
+        results = evaluate_tasks(model, data, cfg, tasks)
+    payload = {"run": str(run_dir), "arch": a.model_dump(), "metrics": results}
     atomic_write_text(run_dir / f"{name}.json", json.dumps(payload, indent=2))
     table = Table(title=f"{run_dir}: {name}")
     table.add_column("task")
