@@ -40,7 +40,7 @@ def test_dataset_round_trips_through_json(tmp_path):
     assert len({a.model_dump_json() for a in ds.archs}) == 5
     back = LatencyDataset.load(ds.save(tmp_path / "lat.json"))
     assert back == ds
-    assert back.features().shape == (5, len(SPACE.encode(ds.archs[0], ["faces"])))
+    assert back.features().shape == (5, len(SPACE.encode(ds.archs[0], ["faces"])) + 2)  # + log params, log FLOPs
     assert (back.targets() > 0).all()
     assert space_from(tmp_path / "lat.json") == SPACE
 

@@ -327,24 +327,59 @@ def latency(
                   f"median latency {y.min():.3g} to {y.max():.3g} ms")
 
 
-predictor_app = typer.Typer(no_args_is_help=True, help="Fit GP-NAS predictors of subnet latency.")
+predictor_app = typer.Typer(no_args_is_help=True, help="Fit GP-NAS predictors of subnet metric and latency.")
 app.add_typer(predictor_app, name="predictor")
 
 
 @predictor_app.command("fit")
 @friendly
 def predictor_fit(
-    data: Path = typer.Argument(..., help="a latency dataset written by `ufo latency`"),
-    out: Path = typer.Option(..., help="output predictor (.safetensors)"),
-    folds: int = typer.Option(5, help="cross-validation folds"),
-    seed: int = typer.Option(0, help="seed of the folds and the kernel optimiser"),
-    log_target: bool = typer.Option(True, "--log/--no-log", help="fit log latency (relative errors)"),
+    source: Path = typer.Argument(..., help="a run folder (collect, then fit) or a latency dataset written by "
+                                            "`ufo latency`"),
+    out: Optional[Path] = typer.Option(None, help="output predictor (.safetensors) for a latency dataset; for a run "
+                                                  "folder, the output folder (default RUN_DIR/predictors)"),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="run folder: the task"),
+    metric: bool = typer.Option(False, "--metric", help="run folder: fit the task-metric predictor"),
+    latency: bool = typer.Option(False, "--latency", help="run folder: fit the latency predictor"),
+    backend: str = typer.Option("torch-cpu", help="run folder: latency backend (torch-cpu, ort-cpu, cuda)"),
+    samples: Optional[int] = typer.Option(None, help="run folder: subnets to evaluate / time (default 50 for the "
+                                                     "metric, 100 for latency)"),
+    threads: int = typer.Option(1, help="run folder: threads for latency measurement"),
+    refit: bool = typer.Option(False, help="run folder: collect and fit again even if a cached predictor matches"),
+    data_dir: Optional[Path] = DataDirOpt,
+    folds: int = typer.Option(5, help="cross-validation folds (latency dataset)"),
+    seed: int = typer.Option(0, help="seed of the subnet sample, folds and the kernel optimiser"),
+    log_target: bool = typer.Option(True, "--log/--no-log", help="latency dataset: fit log latency"),
 ) -> None:
-    """Cross-validate and fit a GP latency predictor; prints Kendall tau and MAPE."""
+    """Cross-validate and fit GP predictors; prints Kendall tau and MAPE. From a run folder
+    (`--task T --metric` and/or `--latency --backend B`, `--samples N`) the subnets are first
+    evaluated with inherited weights or timed, and everything is cached under RUN_DIR/predictors."""
+    if source.is_dir():
+        from ufo.search.pipeline import fit_predictors
+
+        if task is None:
+            raise UFOError(f"{source} is a run folder: give --task and --metric and/or --latency")
+        if not (metric or latency):
+            raise UFOError("give --metric and/or --latency: which predictor to fit")
+        n = {} if samples is None else {"metric_samples": samples, "latency_samples": samples}
+        r = fit_predictors(source, task, backend=backend, seed=seed, out_dir=out, console=console, metric=metric,
+                           latency=latency, threads=threads, refit=refit,
+                           data_root=None if data_dir is None else str(data_dir), **n)
+        for k in ("metric", "latency"):
+            if k in r:
+                p = r[k]
+                tau = "n/a" if p["cv_kendall_tau"] is None else f"{p['cv_kendall_tau']:.3f}"
+                mp = "n/a" if p["cv_mape"] is None else f"{100 * p['cv_mape']:.1f}%"
+                what = f"{task} {r['metric_name']}" if k == "metric" else f"{task} latency on {backend}"
+                console.print(f"{'reused' if p['cached'] else 'wrote'} {p['predictor']}: {what}, {p['n']} subnets; "
+                              f"5-fold CV Kendall tau {tau}, MAPE {mp}")
+        return
     from ufo.search.latency import LatencyDataset
     from ufo.search.predictor import fit_latency_predictor
 
-    ds = LatencyDataset.load(data)
+    if out is None:
+        raise UFOError("--out: give the output predictor file (.safetensors)")
+    ds = LatencyDataset.load(source)
     gp, meta = fit_latency_predictor(ds, folds, seed, log_target)
     gp.save(out, ds.space, meta)
     cv = meta["cv"]

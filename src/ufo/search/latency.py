@@ -199,8 +199,10 @@ class LatencyDataset(BaseModel):
         return [r.arch for r in self.records]
 
     def features(self) -> np.ndarray:
-        """(N, d) predictor features: `space.encode` of each arch for this dataset's task."""
-        return np.stack([self.space.encode(a, [self.task]) for a in self.archs])
+        """(N, d) predictor features of each arch for this dataset's task (`arch_features`)."""
+        from ufo.search.features import arch_features
+
+        return arch_features(self.space, self.archs, self.task)
 
     def targets(self) -> np.ndarray:
         """(N,) median latencies in milliseconds."""
@@ -272,18 +274,25 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0) -> list[Arch]:
-    """The largest and smallest arch plus `n - 2` distinct seeded samples, each with `task`'s paths only."""
-    if n < 2:
-        raise SearchError(f"n={n}: collect at least 2 archs (the largest and the smallest)")
+def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0, routes: dict[str, list[str]] | None = None,
+                 exclude: list[Arch] | None = None, extremes: bool = True) -> list[Arch]:
+    """The largest and smallest arch (with `extremes`) plus distinct seeded samples, `n` in all,
+    each with `task`'s paths only: `routes` (a trained run's frozen routes) when given, else
+    sampled. Archs in `exclude` are not drawn (held-out sets disjoint from training sets)."""
+    if n < (2 if extremes else 1):
+        raise SearchError(f"n={n}: collect at least {2 if extremes else 1} archs")
     space.check_task(task)
     rng = np.random.default_rng(seed)
-    out = [task_arch(space, space.largest(), task), task_arch(space, space.smallest(), task)]
-    seen = {a.model_dump_json() for a in out}
+    out = [task_arch(space, space.largest(routes), task), task_arch(space, space.smallest(routes), task)]
+    seen = {a.model_dump_json() for a in [*out, *(exclude or [])]}
+    if not extremes:
+        out = []
+    elif exclude:
+        out = [a for a in out if a not in exclude]
     for _ in range(100 * n):
         if len(out) == n:
             break
-        a = task_arch(space, space.sample(rng), task)
+        a = task_arch(space, space.sample(rng, routes), task)
         if a.model_dump_json() not in seen:
             seen.add(a.model_dump_json())
             out.append(a)
@@ -293,22 +302,14 @@ def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0) -> list[A
     return out
 
 
-def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", seed: int = 0, batch: int = 1,
-            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
-            progress: bool = True) -> LatencyDataset:
-    """Measure `n` archs of `space` for `task` (see `sample_archs`) on `backend`, with a progress bar.
-
-    All `n` subnets are built first; then every round times each of them once, in a fresh seeded
-    order. On a shared machine a burst of load from other processes thus hits all archs alike
-    instead of inflating whichever arch happened to be measured during it; each arch's latency is
-    the median (and IQR) of its `repeats` rounds, as in `measure`.
-    """
+def measure_many(space: SearchSpace, archs: list[Arch], task: str, backend: str = "torch-cpu", seed: int = 0,
+                 batch: int = 1, threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
+                 progress: bool = True) -> list[Latency]:
+    """Latency of each of `archs`, timed in interleaved rounds (see `collect`), with a progress bar."""
     check_backend(backend)
     _check_settings(batch, threads, repeats, warmup)
-    archs = sample_archs(space, task, n, seed)
-    ds = LatencyDataset(space=space, task=task, backend=backend, batch=batch, threads=threads, repeats=repeats,
-                        warmup=warmup, seed=seed, machine={**machine_info(), "threads": threads})
     rng = np.random.default_rng(seed)
+    n = len(archs)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), disable=not progress)
     times: list[list[float]] = [[] for _ in archs]
@@ -322,7 +323,7 @@ def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", s
             bar.advance(build)
         rounds = bar.add_task(f"time {task} on {backend}", total=repeats)
         for _ in range(repeats):
-            for i in rng.permutation(len(archs)):
+            for i in rng.permutation(n):
                 run, sync = runners[i]
                 if sync is not None:
                     sync()
@@ -332,5 +333,27 @@ def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", s
                     sync()
                 times[i].append((time.perf_counter() - t0) * 1e3)
             bar.advance(rounds)
-    ds.records = [LatencyRecord(arch=a, latency=Latency.of(t)) for a, t in zip(archs, times)]
+    return [Latency.of(t) for t in times]
+
+
+def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", seed: int = 0, batch: int = 1,
+            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
+            progress: bool = True, routes: dict[str, list[str]] | None = None,
+            archs: list[Arch] | None = None) -> LatencyDataset:
+    """Measure `n` archs of `space` for `task` (see `sample_archs`; `archs` to give them) on
+    `backend`, with a progress bar.
+
+    All `n` subnets are built first; then every round times each of them once, in a fresh seeded
+    order. On a shared machine a burst of load from other processes thus hits all archs alike
+    instead of inflating whichever arch happened to be measured during it; each arch's latency is
+    the median (and IQR) of its `repeats` rounds, as in `measure`.
+    """
+    check_backend(backend)
+    _check_settings(batch, threads, repeats, warmup)
+    archs = [task_arch(space, a, task) for a in archs] if archs is not None else sample_archs(space, task, n, seed,
+                                                                                                routes)
+    ds = LatencyDataset(space=space, task=task, backend=backend, batch=batch, threads=threads, repeats=repeats,
+                        warmup=warmup, seed=seed, machine={**machine_info(), "threads": threads})
+    lats = measure_many(space, archs, task, backend, seed, batch, threads, repeats, warmup, progress)
+    ds.records = [LatencyRecord(arch=a, latency=lat) for a, lat in zip(archs, lats)]
     return ds

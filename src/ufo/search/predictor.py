@@ -176,6 +176,7 @@ def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds
     """K-fold (shuffled with `seed`) scores of a fresh clone of `predictor` per fold.
 
     `kendall_tau` and `mape` are over all out-of-fold predictions pooled; `*_folds` per fold.
+    `mape` is None where a target is zero.
     """
     X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(y) < 2 * folds:
@@ -186,8 +187,9 @@ def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds
         p = clone(predictor).fit(X[tr], y[tr]).predict(X[te])
         pred[te] = p
         taus.append(kendall_tau(y[te], p))
-        mapes.append(mape(y[te], p))
-    return {"kendall_tau": kendall_tau(y, pred), "mape": mape(y, pred), "kendall_tau_folds": taus,
+        mapes.append(mape(y[te], p) if np.all(y[te] != 0) else None)
+    pooled = mape(y, pred) if np.all(y != 0) else None  # undefined where a target is 0 (an accuracy of 0)
+    return {"kendall_tau": kendall_tau(y, pred), "mape": pooled, "kendall_tau_folds": taus,
             "mape_folds": mapes, "folds": folds, "n": len(y), "predictions": pred.tolist()}
 
 
@@ -199,6 +201,9 @@ def fit_latency_predictor(ds: "LatencyDataset", folds: int = 5, seed: int = 0,
     gp = GPPredictor(log_target=log_target, random_state=seed)
     cv = cross_validate(gp, X, y, folds, seed)
     gp.fit(X, y)
+    from ufo.search.features import FEATURES
+
     meta = {"target": "latency_ms", "task": ds.task, "backend": ds.backend, "batch": ds.batch, "threads": ds.threads,
-            "n": len(ds), "machine": ds.machine, "cv": {k: v for k, v in cv.items() if k != "predictions"}}
+            "n": len(ds), "features": FEATURES, "machine": ds.machine,
+            "cv": {k: v for k, v in cv.items() if k != "predictions"}}
     return gp, meta

@@ -1,0 +1,206 @@
+"""Task metrics of subnets with inherited weights, and datasets of them for accuracy predictors.
+
+A trained run (a chip supernet, or any run) is loaded once; every subnet is activated with
+`set_arch` on the run's frozen routes and evaluated by its task's own protocol on the task's
+eval split, with the weights it inherits from the supernet and nothing re-trained. The ViT has
+LayerNorm only, so no BatchNorm recalibration is needed per subnet; the identity heads' BN-neck
+statistics are shared by all subnets, as in the chip stage. `MetricDataset` saves (arch, metric)
+pairs to JSON with the space, task and run they came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ufo.arch import Arch, SearchSpace
+from ufo.checkpoint import atomic_write_text
+from ufo.config import Config
+from ufo.data.dataset import ImageSet
+from ufo.data.transforms import build_transform
+from ufo.errors import ArchError, SearchError
+from ufo.model import UFOModel
+from ufo.search.features import arch_features
+from ufo.search.latency import sample_archs, task_arch
+from ufo.tasks import TaskData, task_class
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 prefix of a file: ties metric data and predictors to the exact weights they came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class TrainedRun:
+    """A trained run loaded once for evaluating many subnets of one task: model, config, the
+    task's data, its primary metric and the run's frozen routes."""
+
+    def __init__(self, run_dir: str | Path, task: str, data_root: str | None = None, with_data: bool = True) -> None:
+        from ufo.data.build import build_task_data
+        from ufo.deploy.package import model_file
+        from ufo.train.store import load_model
+
+        self.run_dir = Path(run_dir)
+        self.model_path = model_file(run_dir)
+        if not self.model_path.is_file():
+            raise SearchError(f"{self.model_path} not found: give a run folder written by `ufo train`")
+        model, cfg, _ = load_model(self.model_path)
+        if data_root is not None:
+            cfg.data_root = data_root
+        if task not in cfg.tasks:
+            raise SearchError(f"unknown task {task!r}; the run {run_dir} has tasks {cfg.task_names}")
+        self.model: UFOModel = model.eval()
+        self.cfg: Config = cfg
+        self.task = task
+        self.space: SearchSpace = model.space
+        self.routes: dict[str, list[str]] = model.backbone.routes()
+        self.metric: str = task_class(cfg.tasks[task].kind).primary
+        self.data: TaskData | None = build_task_data(task, cfg.tasks[task], cfg) if with_data else None
+        self.digest = file_digest(self.model_path)
+        self._inputs: dict[int, tuple[ImageSet, torch.Tensor]] = {}
+
+    def arch(self, arch: Arch) -> Arch:
+        """`arch` on the run's frozen route for this task (its own paths for the task if it has them)."""
+        if self.task not in arch.paths:
+            arch = arch.model_copy(update={"paths": {**arch.paths, self.task: self.routes[self.task][: arch.depth]}})
+        return task_arch(self.space, arch, self.task)
+
+    def sample(self, n: int, seed: int, exclude: list[Arch] | None = None, extremes: bool = True) -> list[Arch]:
+        """`n` distinct subnets on the run's routes (largest and smallest first with `extremes`)."""
+        return sample_archs(self.space, self.task, n, seed, self.routes, exclude, extremes)
+
+    @torch.inference_mode()
+    def _predict(self, ds: ImageSet) -> torch.Tensor:
+        """The task head's outputs on `ds` at the active arch. The eval transform of each image set
+        is computed once and kept: every subnet sees the same inputs, so only the model runs again."""
+        key = id(ds)
+        if key not in self._inputs:
+            tf = build_transform(self.cfg.model.img_size, self.cfg.model.mean, self.cfg.model.std, train=False,
+                                 in_chans=self.cfg.model.in_chans)
+            self._inputs[key] = (ds, tf(ds.images))  # ds kept alive so that its id stays unique
+        x = self._inputs[key][1]
+        bs = self.cfg.train.eval_batch_size
+        return torch.cat([self.model(x[i : i + bs], self.task).float() for i in range(0, len(x), bs)])
+
+    def evaluate(self, arch: Arch) -> dict[str, float]:
+        """The task's metrics with `arch` active and the inherited weights (the model is left at `arch`)."""
+        if self.data is None:
+            raise SearchError(f"run {self.run_dir} was loaded without its data; load it with with_data=True")
+        self.model.set_arch(self.arch(arch))
+        self.model.eval()
+        head = self.model.heads[self.task]
+        return {k: float(v) for k, v in head.evaluate(self._predict, self.data, seed=self.cfg.seed).items()}
+
+    def evaluate_many(self, archs: list[Arch], progress: bool = True,
+                      description: str | None = None) -> list[dict[str, float]]:
+        """`evaluate` of each arch, with a progress bar."""
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), disable=not progress)
+        out = []
+        with bar:
+            job = bar.add_task(description or f"evaluate {self.task} ({self.metric})", total=len(archs))
+            for a in archs:
+                out.append(self.evaluate(a))
+                bar.advance(job)
+        return out
+
+
+class MetricRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Arch
+    value: float  # the primary metric
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class MetricDataset(BaseModel):
+    """Subnets of one run evaluated on one task: (arch, primary metric) records, with the space,
+    the run and its weights' digest, and the eval split they were scored on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = "ufo-metric-dataset"
+    space: SearchSpace
+    task: str
+    metric: str
+    run: str
+    model_digest: str
+    split: str = "eval"
+    seed: int = 0
+    eval_s: float = 0.0
+    records: list[MetricRecord] = Field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def archs(self) -> list[Arch]:
+        return [r.arch for r in self.records]
+
+    def features(self) -> np.ndarray:
+        """(N, d) predictor features (`arch_features`)."""
+        return arch_features(self.space, self.archs, self.task)
+
+    def targets(self) -> np.ndarray:
+        """(N,) primary metric of each arch."""
+        return np.array([r.value for r in self.records], dtype=np.float64)
+
+    def save(self, path: str | Path) -> Path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MetricDataset":
+        """Read a dataset written by `save`, with errors that name the file."""
+        path = Path(path)
+        try:
+            ds = cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise SearchError(f"metric dataset not found: {path}") from None
+        except ValueError as e:
+            raise SearchError(f"{path} is not a valid metric dataset: {e}") from None
+        for i, a in enumerate(ds.archs):
+            try:
+                task_arch(ds.space, a, ds.task)
+            except ArchError as e:
+                raise SearchError(f"{path}: records[{i}].arch does not fit the dataset's space: {e}") from None
+        return ds
+
+
+def collect_metrics(run: TrainedRun, n: int, seed: int = 0, progress: bool = True,
+                    archs: list[Arch] | None = None) -> MetricDataset:
+    """Evaluate `n` subnets of `run` (the largest, the smallest and seeded samples on the run's
+    routes; or `archs`) on its task with inherited weights, into a `MetricDataset`."""
+    archs = [run.arch(a) for a in archs] if archs is not None else run.sample(n, seed)
+    t0 = time.perf_counter()
+    ms = run.evaluate_many(archs, progress)
+    splits = "+".join(run.data.eval)
+    return MetricDataset(space=run.space, task=run.task, metric=run.metric, run=str(run.run_dir),
+                         model_digest=run.digest, split=splits, seed=seed, eval_s=round(time.perf_counter() - t0, 2),
+                         records=[MetricRecord(arch=a, value=m[run.metric], metrics=m) for a, m in zip(archs, ms)])
+
+
+def fit_metric_predictor(ds: MetricDataset, folds: int = 5, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Cross-validate, then fit on all of `ds`, a GP predictor of the task metric. Returns the
+    predictor and the manifest `meta` to save it with (CV Kendall tau and MAPE included)."""
+    from ufo.search.features import FEATURES
+    from ufo.search.predictor import GPPredictor, cross_validate
+
+    X, y = ds.features(), ds.targets()
+    gp = GPPredictor(log_target=False, random_state=seed)
+    cv = cross_validate(gp, X, y, folds, seed) if len(ds) >= 2 * folds else None
+    gp.fit(X, y)
+    meta = {"target": ds.metric, "task": ds.task, "run": ds.run, "model_digest": ds.model_digest, "n": len(ds),
+            "features": FEATURES, "cv": None if cv is None else {k: v for k, v in cv.items() if k != "predictions"}}
+    return gp, meta
