@@ -7,6 +7,10 @@ outputs equal the UFOModel's at that arch. The file (`kind: task_model`) carries
 deployment needs without the training code's data: per-task head kind, output kind, class names,
 the verification threshold (calibrated on held-out pairs when the data is at hand), and the
 preprocessing (input size, channels, mean, std).
+
+A task model's backbone is either that extracted ViT or, for a distilled student (`ufo distill`),
+any timm model named in `info.backbone` (`TimmBackbone`: name, kwargs, feature width), rebuilt
+with `pretrained=False` on load. A student's `arch`/`space` are its teacher's (where it came from).
 """
 
 from __future__ import annotations
@@ -75,6 +79,33 @@ class HeadInfo(BaseModel):
     options: dict[str, Any] = {}
 
 
+class TimmBackbone(BaseModel):
+    """A timm backbone in place of the extracted ViT: `timm.create_model(name, pretrained=False,
+    num_classes=0, in_chans=..., **kwargs)`, whose pooled features (width `num_features`) feed the heads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kwargs: dict[str, Any] = {}
+    num_features: int
+    distilled_from: dict[str, Any] | None = None  # teacher source, task, arch, params and metrics
+
+
+def build_timm_backbone(spec: TimmBackbone, in_chans: int) -> nn.Module:
+    """The feature extractor `spec` names (random weights; nothing is downloaded)."""
+    import timm
+
+    try:
+        model = timm.create_model(spec.name, pretrained=False, num_classes=0, in_chans=in_chans, **spec.kwargs)
+    except Exception as e:  # unknown name, bad kwargs: timm's own messages vary
+        raise DeployError(f"timm model {spec.name!r} with kwargs {spec.kwargs} cannot be built: "
+                          f"{type(e).__name__}: {e}") from None
+    if model.num_features != spec.num_features:
+        raise DeployError(f"timm model {spec.name!r} has {model.num_features} features, the file says "
+                          f"{spec.num_features}")
+    return model
+
+
 class TaskModelInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,6 +116,12 @@ class TaskModelInfo(BaseModel):
     preprocessing: Preprocessing
     config: dict[str, Any] | None = None  # the training config, so data and protocols can be found again
     source: str | None = None
+    backbone: TimmBackbone | None = None  # None: the extracted ViT of `arch`; else a timm model (a student)
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the backbone features the heads take."""
+        return self.arch.embed_dim if self.backbone is None else self.backbone.num_features
 
 
 class LinearHead(nn.Module):
@@ -277,8 +314,10 @@ def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, ar
 def save_task_model(path: str | Path, tm: TaskModel) -> None:
     """Write a TaskModel to one safetensors file (`kind: task_model`), atomically."""
     info = tm.info
+    backbone_params = (info.space.num_params(info.arch, info.tasks) if info.backbone is None
+                       else sum(p.numel() for p in tm.backbone.parameters()))
     manifest = {"kind": KIND, **info.model_dump(mode="json"), "num_params": tm.num_params(),
-                "backbone_params": info.space.num_params(info.arch, info.tasks)}
+                "backbone_params": backbone_params}
     save_checkpoint(path, tm.state_dict(), manifest)
 
 
@@ -293,11 +332,17 @@ def load_task_model(path: str | Path) -> TaskModel:
         info = TaskModelInfo.model_validate({k: manifest.get(k) for k in TaskModelInfo.model_fields if k in manifest})
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid task-model manifest: {e}") from None
-    backbone = build_extracted(info.space, info.arch, info.tasks)
-    heads = {t: build_head(info.heads[t], info.arch.embed_dim) for t in info.tasks}
+    if info.backbone is None:
+        backbone = build_extracted(info.space, info.arch, info.tasks)
+    elif len(info.tasks) != 1:
+        raise CheckpointError(f"{path}: a timm-backbone task model serves one task, the manifest lists {info.tasks}")
+    else:
+        backbone = build_timm_backbone(info.backbone, info.preprocessing.in_chans)
+    heads = {t: build_head(info.heads[t], info.feature_dim) for t in info.tasks}
     tm = TaskModel(backbone, heads, info)
     load_state_checked(tm, tensors, path)
-    backbone.ufo_arch, backbone.ufo_tasks = info.arch, list(info.tasks)
+    if info.backbone is None:
+        backbone.ufo_arch, backbone.ufo_tasks = info.arch, list(info.tasks)
     return tm.eval()
 
 
