@@ -1,0 +1,159 @@
+"""One task's training loop for the deployment stages (`ufo distill`, `ufo extend`).
+
+Like the All-in-One Trainer, but for a single task and any module: batches from the
+MixedTaskSampler (P x K for identity tasks), the task's own augmentations, warm-up + cosine LR
+(`ufo.train.optim.set_lr`), gradient clipping, a rich progress bar, `metrics.csv`, and atomic
+checkpoints (`checkpoints/latest.safetensors`) that resume exactly: weights, optimiser, torch RNG
+and sampler position. The caller supplies `loss_fn(x, y) -> {name: loss}`; the sum is minimised.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from ufo.checkpoint import read_manifest
+from ufo.config import TaskConfig, TrainConfig
+from ufo.data.sampler import MixedTaskSampler, TaskSource
+from ufo.data.transforms import BatchTransform, build_transform
+from ufo.errors import CheckpointError, UFOError
+from ufo.tasks import TaskData
+from ufo.train.loop import MetricLog
+from ufo.train.optim import set_lr
+from ufo.train.state import load_train_state, save_train_state
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class TuneError(UFOError):
+    """A distillation or extension run that cannot go on."""
+
+
+@dataclass
+class TuneLoop:
+    """Train `module`'s trainable parameters (those in `optimizer`) on one task's training split.
+
+    `recipe` is stored in every checkpoint; a resume with another recipe is refused.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: LossFn
+    task: str
+    task_cfg: TaskConfig
+    data: TaskData
+    train: TrainConfig  # steps, batch_size, lr schedule, grad_clip, log/ckpt cadence
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int
+    out: Path
+    recipe: dict[str, Any]
+    loss_names: list[str]  # the keys loss_fn returns: metrics.csv columns loss/<name>
+    seed: int = 0
+    k: int = 4
+    show_progress: bool = True
+    step: int = 0
+    base_lrs: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        ds = self.data.train
+        groups = self.data.groups.numpy() if self.data.groups is not None else None
+        self.batch_size = self.train.batch_size
+        if groups is not None:  # P x K: at most (identities with 2+ images) x K per batch
+            _, counts = np.unique(groups, return_counts=True)
+            cap = int((counts >= 2).sum()) * self.k
+            if self.batch_size > cap:
+                warnings.warn(f"task {self.task!r}: batch_size {self.batch_size} lowered to {cap} "
+                              f"({cap // self.k} identities with 2+ images, K={self.k})", stacklevel=2)
+                self.batch_size = cap
+        self.sampler = MixedTaskSampler([TaskSource(self.task, len(ds), groups, self.k)], self.batch_size,
+                                        seed=self.seed)
+        self.transform: BatchTransform = build_transform(self.img_size, self.mean, self.std, train=True,
+                                                         augment=self.task_cfg.augment.model_dump(),
+                                                         in_chans=self.in_chans)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "latest.safetensors"
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(np.asarray(self.sampler.next()[self.task], dtype=np.int64))
+        ds = self.data.train
+        return self.transform(ds.images[idx]), ds.labels[idx]
+
+    def train_step(self) -> dict[str, float]:
+        f = set_lr(self.optimizer, self.base_lrs, self.step, self.train)
+        x, y = self.batch()
+        losses = self.loss_fn(x, y)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            raise TuneError(f"step {self.step}: non-finite loss ({ {k: float(v) for k, v in losses.items()} }); "
+                            f"the last checkpoint {self.ckpt_path} is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.train.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
+        self.optimizer.step()
+        return {"loss": float(total.detach()), **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+                "lr": self.base_lrs[0] * f, "images": float(len(x))}
+
+    def save(self) -> None:
+        save_train_state(self.ckpt_path, self.module, self.optimizer, self.step, {"recipe": self.recipe},
+                         sampler_state=self.sampler.state_dict())
+
+    def resume(self) -> bool:
+        """Continue from `checkpoints/latest.safetensors`; False when there is none."""
+        if not self.ckpt_path.exists():
+            return False
+        saved = read_manifest(self.ckpt_path).get("recipe")
+        mine = json.loads(json.dumps(self.recipe))
+        if saved != mine:
+            diff = sorted(k for k in set(mine) | set(saved or {}) if (saved or {}).get(k) != mine.get(k))
+            raise CheckpointError(f"{self.ckpt_path} was written by another recipe (differs in {diff}); "
+                                  "use a new --out folder, or the same settings to resume")
+        m = load_train_state(self.ckpt_path, self.module, self.optimizer)
+        self.sampler.load_state_dict(m["sampler"])
+        self.step = int(m["step"])
+        return True
+
+    def fit(self, resume: bool = False, description: str = "train") -> dict[str, float]:
+        """Run to `train.steps`; returns steps and throughput."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        self.module.train()
+        log = MetricLog(self.out, self.loss_names, self.step)
+        t0, images = time.perf_counter(), 0.0
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                            disable=not self.show_progress)
+        with progress:
+            bar = progress.add_task(description, total=self.train.steps, completed=self.step, losses="")
+            while self.step < self.train.steps:
+                row = self.train_step()
+                self.step += 1
+                images += row.pop("images")
+                if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+                    row["images_per_s"] = images / (time.perf_counter() - t0)
+                    log.write(self.step, row)
+                    progress.update(bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items()
+                                                         if k.startswith("loss/")))
+                if self.step % self.train.ckpt_every == 0 or self.step == self.train.steps:
+                    self.save()
+                progress.update(bar, completed=self.step)
+        log.close()
+        self.module.eval()
+        return {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}
