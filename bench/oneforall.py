@@ -9,7 +9,7 @@ tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
 0. All in One (`train.stage: all_in_one`, every path shared, `--aio-steps` steps);
 1. task supernet (`train.stage: task_supernet`, RoutingTrainer, `--steps` steps) from (0):
    Gumbel routing of each (task, block)'s FFN path from a low temperature (`--tau-start` 1.0 ->
-   `--tau-end` 0.1) with an expert cost (`--expert-cost` 0.1) so that `mix` is not free; routes
+   `--tau-end` 0.1) with an expert cost (`--expert-cost` 0.05) so that `mix` is not free; routes
    frozen at the end;
 2. chip supernet (`train.stage: chip_supernet`, ChipTrainer, `--chip-steps` steps) from (1): the
    sandwich rule with N=2 random subnets (4 forward/backward passes a step) and in-place
@@ -30,9 +30,9 @@ tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
    step of the largest arch on the same routes, timed in alternating rounds; reported as a
    ratio (no target).
 
-Defaults: 1000 All-in-One steps, 1000 task-supernet steps, 1500 chip-supernet steps,
-standalone runs of 3500 steps (3 archs), 2000 steps each for the all-shared and all-task runs,
-20 timing rounds: about 20 minutes on a quiet 2-core machine (a plain step of the largest arch
+Defaults: 800 All-in-One steps, 800 task-supernet steps, 1200 chip-supernet steps,
+standalone runs of 2800 steps (3 archs), 1600 steps each for the all-shared and all-task runs,
+20 timing rounds: about 15 minutes on a quiet 2-core machine (a plain step of the largest arch
 ~50 ms at batch 36, a chip-supernet step ~2.4x that). `--quick` (4 steps per run) checks the
 script end to end in under a minute. Run it alone.
 
@@ -239,13 +239,13 @@ def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps per run, to check the script")
-    p.add_argument("--steps", type=int, default=None, help="task-supernet steps (1000); the all-shared and all-task "
+    p.add_argument("--steps", type=int, default=None, help="task-supernet steps (800); the all-shared and all-task "
                    "runs get --aio-steps + --steps")
-    p.add_argument("--aio-steps", type=int, default=None, help="All-in-One steps before the task supernet (1000)")
-    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (1500)")
+    p.add_argument("--aio-steps", type=int, default=None, help="All-in-One steps before the task supernet (800)")
+    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (1200)")
     p.add_argument("--tau-start", type=float, default=1.0, help="task supernet: first Gumbel temperature")
     p.add_argument("--tau-end", type=float, default=0.1, help="task supernet: last Gumbel temperature")
-    p.add_argument("--expert-cost", type=float, default=0.1, help="task supernet: weight of the expert cost")
+    p.add_argument("--expert-cost", type=float, default=0.05, help="task supernet: weight of the expert cost")
     p.add_argument("--standalone-steps", type=int, default=None,
                    help="steps of each standalone run (default: --steps + --chip-steps, what the inherited weights got)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated suite tasks")
@@ -253,9 +253,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds of the elasticity cost (20)")
     p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
     args = p.parse_args()
-    steps = args.steps or (4 if args.quick else 1000)
-    aio_steps = args.aio_steps or (4 if args.quick else 1000)
-    chip_steps = args.chip_steps or (4 if args.quick else 1500)
+    steps = args.steps or (4 if args.quick else 800)
+    aio_steps = args.aio_steps or (4 if args.quick else 800)
+    chip_steps = args.chip_steps or (4 if args.quick else 1200)
     alone_steps = args.standalone_steps or aio_steps + steps + chip_steps
     ts_settings = {"tau_start": args.tau_start, "tau_end": min(args.tau_end, args.tau_start),
                    "expert_cost": args.expert_cost}
@@ -371,7 +371,7 @@ def main() -> None:
     cmd = ".venv/bin/python bench/oneforall.py" + (" --quick" if args.quick else "")
     if args.steps or args.aio_steps or args.chip_steps or args.standalone_steps:
         cmd += f" --aio-steps {aio_steps} --steps {steps} --chip-steps {chip_steps} --standalone-steps {alone_steps}"
-    if (args.tau_start, args.tau_end, args.expert_cost) != (1.0, 0.1, 0.1):
+    if (args.tau_start, args.tau_end, args.expert_cost) != (1.0, 0.1, 0.05):
         cmd += f" --tau-start {args.tau_start} --tau-end {args.tau_end} --expert-cost {args.expert_cost}"
     if tasks != DEFAULT_TASKS:
         cmd += f" --tasks {','.join(tasks)}"
