@@ -27,7 +27,8 @@ from ufo.arch import Arch
 from ufo.checkpoint import atomic_write_text
 from ufo.errors import CheckpointError, SearchError
 from ufo.search.features import FEATURES, arch_features
-from ufo.search.latency import BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, measure_many
+from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, machine_info,
+                                measure_many, sample_archs)
 from ufo.search.metric import MetricDataset, TrainedRun, collect_metrics, fit_metric_predictor
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.predictor import GPPredictor, fit_latency_predictor
@@ -89,10 +90,18 @@ def _latency_predictor(run: TrainedRun, paths: dict[str, Path], backend: str, n:
     gp = None if refit else _load_cached(paths["latency"], run, want)
     if gp is not None:
         return gp, {**gp.meta_, "cached": True}
-    _say(console, f"measuring {n} subnets of {run.task} on {backend} (batch {batch}, {threads} threads)")
-    ds = collect(run.space, run.task, n, backend, seed, batch, threads, LATENCY_REPEATS, progress=progress,
-                 routes=run.routes)
-    ds.save(paths["latency_data"])
+    archs = sample_archs(run.space, run.task, n, seed, run.routes)
+    ds = None
+    if paths["latency_data"].is_file() and not refit:  # same subnets, settings and machine: reuse the timings
+        old = LatencyDataset.load(paths["latency_data"])
+        same = (old.backend, old.threads, old.batch, old.space, old.archs) == (backend, threads, batch, run.space, archs)
+        if same and old.machine.get("cpu") == machine_info().get("cpu"):
+            ds = old
+    if ds is None:
+        _say(console, f"measuring {n} subnets of {run.task} on {backend} (batch {batch}, {threads} threads)")
+        ds = collect(run.space, run.task, n, backend, seed, batch, threads, LATENCY_REPEATS, progress=progress,
+                     archs=archs)
+        ds.save(paths["latency_data"])
     gp, meta = fit_latency_predictor(ds, seed=seed)
     meta.update(seed=seed, routes=run.routes[run.task])
     gp.save(paths["latency"], run.space, meta)
@@ -266,16 +275,16 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     run = TrainedRun(run_dir, task, data_root)
     small = _check_feasible(run, budget)
     use_lat = "max_latency_ms" in budget
-    gps, report = _fit(run, backend=backend, metric_samples=metric_samples, latency_samples=latency_samples,
-                       seed=seed, out_dir=Path(predictor_dir) if predictor_dir else run.run_dir / "predictors",
-                       console=console, latency=use_lat, threads=threads, batch=batch, progress=progress, refit=False)
-    space = run.space
     if use_lat:  # impossible latency budget: the smallest subnet, measured, is already too slow
-        lat = measure_many(space, [small], task, backend, seed, batch, threads, repeats, progress=False)[0]
+        lat = measure_many(run.space, [small], task, backend, seed, batch, threads, repeats, progress=False)[0]
         if lat.q3_ms > budget["max_latency_ms"]:
             raise SearchError(f"max-latency-ms {budget['max_latency_ms']:g} is impossible on {backend}: no subnet of "
                               f"task {task!r} meets it; the smallest subnet measures {lat.median_ms:.3f} ms "
                               f"(median; upper quartile {lat.q3_ms:.3f} ms, batch {batch}, {threads} threads)")
+    gps, report = _fit(run, backend=backend, metric_samples=metric_samples, latency_samples=latency_samples,
+                       seed=seed, out_dir=Path(predictor_dir) if predictor_dir else run.run_dir / "predictors",
+                       console=console, latency=use_lat, threads=threads, batch=batch, progress=progress, refit=False)
+    space = run.space
     objective = "latency_ms" if use_lat else "flops" if "max_flops" in budget else "params"
 
     def score(archs: list[Arch]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,193 @@
+"""Predict and search on a tiny trained chip supernet: budgets met (exactly for params/FLOPs, when
+re-measured for latency), impossible budgets, unknown backend, a predictor of another space,
+the saved task model, cached predictors, the Pareto front and the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_space
+from typer.testing import CliRunner
+
+from ufo.arch import Arch
+from ufo.config import parse_config
+from ufo.deploy.package import load_task_model
+from ufo.errors import SearchError
+from ufo.search.latency import measure
+from ufo.search.metric import TrainedRun
+from ufo.search.optimize import Point, nsga2_search, pareto_front
+from ufo.search.pipeline import fit_predictors, search_task
+from ufo.search.predictor import GPPredictor
+from ufo.train.evaluate import evaluate_tasks
+from ufo.train.slimming import ChipTrainer
+
+TASK = "digits"
+TINY = {
+    "name": "tiny-search",
+    "seed": 3,
+    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
+              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
+    "tasks": {TASK: {"kind": "classification", "data": {"recipe": "digits"}}},
+    "train": {"stage": "chip_supernet", "steps": 100, "batch_size": 32, "log_every": 50, "ckpt_every": 100,
+              "warmup_steps": 5, "threads": 2, "lr": 3e-3},
+    "chip_supernet": {"num_random": 1},
+}
+FAST = {"trials": 150, "top_k": 3, "metric_samples": 12, "latency_samples": 10, "repeats": 15, "progress": False}
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("search-run")
+    ChipTrainer(parse_config(TINY), out, show_progress=False).fit()
+    return out
+
+
+@pytest.fixture(scope="session")
+def run(run_dir) -> TrainedRun:
+    return TrainedRun(run_dir, TASK)
+
+
+@pytest.fixture(scope="session")
+def params_search(run_dir, tmp_path_factory):
+    space = TrainedRun(run_dir, TASK, with_data=False).space
+    lo, hi = space.num_params(space.smallest(), TASK), space.num_params(space.largest(), TASK)
+    budget = int(np.sqrt(lo * hi))
+    return budget, search_task(run_dir, TASK, max_params=budget, out_dir=tmp_path_factory.mktemp("s-params"), **FAST)
+
+
+def test_subnet_metric_is_the_eval_protocol_with_inherited_weights(run):
+    a = run.sample(3, seed=4)[2]
+    got = run.evaluate(a)
+    run.model.set_arch(run.arch(a))
+    want = evaluate_tasks(run.model, {TASK: run.data}, run.cfg, [TASK])[TASK]
+    assert got == pytest.approx(want)
+
+
+def test_params_search_meets_the_budget_exactly(params_search, run):
+    budget, r = params_search
+    assert r.params <= budget and run.space.num_params(r.arch, TASK) == r.params
+    kept = [c for c in r.candidates if c.meets_budget]
+    assert r.arch in [c.arch for c in kept]
+    assert all(run.space.num_params(c.arch, TASK) <= budget for c in kept)
+    assert all(p.feasible and p.cost <= budget for p in r.front)
+    assert r.measured_metric == max(c.measured_metric for c in kept)
+    assert 0.0 <= r.measured_metric <= 1.0 and r.metric == "top1"
+    doc = json.loads(Path(r.json_path).read_text())
+    assert Arch.model_validate(doc["arch"]) == r.arch and len(doc["front"]) == len(r.front)
+    assert Path(r.png_path).stat().st_size > 10_000
+
+
+def test_saved_subnet_is_a_task_model_equal_to_the_supernet_at_that_arch(params_search, run):
+    _, r = params_search
+    tm = load_task_model(r.model_path)
+    assert tm.tasks == [TASK] and tm.info.arch == r.arch
+    assert run.space.num_params(r.arch, TASK) == sum(p.numel() for p in tm.backbone.parameters())
+    x = torch.randn(4, 3, 16, 16)
+    run.model.set_arch(r.arch)
+    with torch.no_grad():
+        assert torch.allclose(tm(x, TASK), run.model(x, TASK), atol=1e-5)
+
+
+def test_second_search_reuses_the_cached_predictors(params_search, run_dir, tmp_path):
+    params_search  # the first search fitted and cached the metric predictor
+    r = search_task(run_dir, TASK, max_flops=10**9, out_dir=tmp_path, **FAST)
+    assert r.predictors["metric"]["cached"] is True
+    assert r.predictors["metric"]["predictor"] == str(run_dir / "predictors" / f"{TASK}-metric.safetensors")
+
+
+def test_latency_search_result_meets_the_budget_when_re_measured(run_dir, run, tmp_path):
+    small, large = run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))
+    lo = measure(run.space, small, TASK, repeats=30)
+    hi = measure(run.space, large, TASK, repeats=30)
+    budget = max((lo.median_ms + hi.median_ms) / 2, 2 * lo.q3_ms)
+    r = search_task(run_dir, TASK, max_latency_ms=budget, backend="torch-cpu", out_dir=tmp_path, **FAST)
+    assert r.measured_latency_ms is not None and r.predicted_latency_ms is not None
+    assert all(c.measured_latency is not None for c in r.candidates)
+    assert all(c.measured_latency.q3_ms <= budget for c in r.candidates if c.meets_budget)
+    # Other jobs share the test machine: a burst of their load can inflate one re-measurement, so
+    # the chosen subnet gets three tries (the search itself keeps only upper quartiles within budget).
+    again = [measure(run.space, r.arch, TASK, "torch-cpu", repeats=30).median_ms for _ in range(3)]
+    assert min(again) <= budget, (again, budget)
+    assert (run_dir / "predictors" / f"{TASK}-latency-torch-cpu.safetensors").is_file()
+
+
+@pytest.mark.parametrize("budget, pattern", [
+    ({"max_params": 100}, r"smallest subnet has 2,264 parameters"),
+    ({"max_flops": 1000}, r"smallest subnet has 68,\d{3} FLOPs"),
+    ({"max_latency_ms": 1e-4}, r"smallest subnet measures \d+\.\d+ ms"),
+])
+def test_impossible_budget_names_the_smallest_achievable_value(run_dir, tmp_path, budget, pattern):
+    with pytest.raises(SearchError, match=pattern):
+        search_task(run_dir, TASK, out_dir=tmp_path, **budget, **FAST)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_unknown_backend_and_missing_budget(run_dir, tmp_path):
+    with pytest.raises(SearchError, match="unknown latency backend 'tpu'; available backends: torch-cpu, ort-cpu, cuda"):
+        search_task(run_dir, TASK, max_latency_ms=1.0, backend="tpu", out_dir=tmp_path, **FAST)
+    with pytest.raises(SearchError, match="give a budget"):
+        search_task(run_dir, TASK, out_dir=tmp_path, **FAST)
+    with pytest.raises(SearchError, match="unknown task 'faces'"):
+        search_task(run_dir, "faces", max_params=10**6, out_dir=tmp_path, **FAST)
+
+
+def test_a_predictor_of_another_space_is_refused(run_dir, tmp_path):
+    other = tiny_space(tasks=[TASK])
+    rng = np.random.default_rng(0)
+    X = np.stack([other.encode(other.sample(rng), [TASK]) for _ in range(8)])
+    pred_dir = tmp_path / "predictors"
+    pred_dir.mkdir()
+    GPPredictor(n_restarts=0).fit(X, rng.random(8)).save(pred_dir / f"{TASK}-metric.safetensors", other)
+    with pytest.raises(SearchError, match="another search space"):
+        search_task(run_dir, TASK, max_params=10**6, out_dir=tmp_path / "out", predictor_dir=pred_dir, **FAST)
+
+
+def test_pareto_front_and_nsga2_respect_the_constraint():
+    a = Arch(depth=1, embed_dim=16, num_heads=[1], mlp_ratio=[1.0])
+    pts = [Point(arch=a, metric=m, metric_std=0, cost=c, feasible=f, trial=i)
+           for i, (m, c, f) in enumerate([(0.5, 1, True), (0.4, 2, True), (0.7, 3, True), (0.9, 5, False),
+                                          (0.7, 4, True)])]
+    assert [(p.metric, p.cost) for p in pareto_front(pts)] == [(0.5, 1), (0.7, 3)]
+    space = tiny_space(tasks=[TASK])
+
+    def score(archs):  # bigger is better, budget on params
+        n = np.array([space.num_params(x, TASK) for x in archs], dtype=float)
+        return np.log(n), np.zeros(len(n)), n, (n - 3000)[:, None]
+
+    points, _ = nsga2_search(space, TASK, ["shared"] * 3, score, trials=200, population=20, seed=1)
+    front = pareto_front(points)
+    assert front and all(space.num_params(p.arch, TASK) <= 3000 for p in front)
+    assert all(p.feasible == (space.num_params(p.arch, TASK) <= 3000) for p in points)
+    assert max(p.metric for p in points if p.feasible) == front[-1].metric
+
+
+def test_commands_predictor_fit_and_search(run_dir, tmp_path):
+    from ufo.cli import app
+
+    cli = CliRunner()
+    r = cli.invoke(app, ["predictor", "fit", str(run_dir), "--task", TASK, "--metric", "--samples", "12"])
+    assert r.exit_code == 0, r.output
+    assert "Kendall tau" in r.output and (run_dir / "predictors" / f"{TASK}-metric.safetensors").is_file()
+    r = cli.invoke(app, ["search", str(run_dir), "--task", TASK, "--max-params", "5000", "--out", str(tmp_path / "s"),
+                         "--trials", "100", "--top-k", "2", "--metric-samples", "12"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "model.safetensors").is_file() and "chose depth" in r.output
+    r = cli.invoke(app, ["search", str(run_dir), "--task", TASK, "--max-params", "10", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "smallest subnet has" in r.output
+
+
+def test_fit_predictors_reports_cross_validation_and_caches(run_dir):
+    # the same settings as the searches above: when they ran first, everything here is reused
+    r = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False)
+    assert r["metric"]["n"] == 12 and r["latency"]["n"] == 10
+    assert -1.0 <= r["latency"]["cv_kendall_tau"] <= 1.0 and r["latency"]["cv_mape"] > 0
+    assert r["metric"]["dataset"] == str(run_dir / "predictors" / f"{TASK}-metric.json")
+    again = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False)
+    assert again["metric"]["cached"] and again["latency"]["cached"]
+    refit = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False, latency=False,
+                           seed=1)
+    assert not refit["metric"]["cached"] and "latency" not in refit
