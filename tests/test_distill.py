@@ -167,5 +167,6 @@ def test_cli_distill_with_the_no_teacher_comparison(run, tmp_path):
     report = json.loads((out / "distill.json").read_text())
     assert report["with_teacher"] and "gain" in report and (out / "no_teacher" / "model.safetensors").exists()
     assert not json.loads((out / "no_teacher" / "distill.json").read_text())["with_teacher"]
-    bad = CliRunner().invoke(app, ["distill", str(run), "--task", "nope", "--out", str(out / "x"), "--steps", "1"])
+    bad = CliRunner().invoke(app, ["distill", str(run), "--task", "nope", "--student", "test_efficientnet", "--out",
+                                   str(out / "x"), "--steps", "1"])
     assert bad.exit_code == 2 and "nope" in bad.output

@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
     def distill(
         run_dir: Path = typer.Argument(..., help="a trained run folder (or its model.safetensors): the teacher"),
         task: str = typer.Option(..., "--task", "-t", help="the task to distil"),
-        student: str = typer.Option("mobilenetv3_small_050", help="timm model name (built with pretrained=False)"),
+        student: str = typer.Option(..., help="timm model name, built with pretrained=False (e.g. test_efficientnet, "
+                                              "test_resnet, mobilenetv3_small_050)"),
         student_kwargs: str = typer.Option("{}", help="JSON of extra timm.create_model arguments, "
                                                       "e.g. '{\"channel_multiplier\": 0.5}'"),
         out: Path = typer.Option(..., help="output folder: model.safetensors (task model), distill.json, logs"),
