@@ -58,7 +58,7 @@ class DistillConfig(BaseModel):
     warmup_steps: int = Field(30, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
     temperature: float = Field(4.0, gt=0)  # softens both logit distributions in the KL term
-    label_weight: float = Field(1.0, ge=0)  # the task's own loss (CE, margin or metric loss)
+    label_weight: float = Field(1.0, ge=0)  # the task's own loss (CE, margin or metric loss), times its loss_weight
     kl_weight: float = Field(1.0, ge=0)
     embed_loss: Literal["cosine", "mse"] = "cosine"
     embed_weight: float = Field(5.0, ge=0)
@@ -194,7 +194,10 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     optimizer = build_optimizer(student, tcfg)
     recipe = {"run": str(Path(run_dir).resolve()), "task": task, **cfg.model_dump(mode="json")}
     t_used = teacher if cfg.teacher else None
-    loop = TuneLoop(student, optimizer, lambda x, y: distill_terms(student, t_used, x, y, cfg), task, tc, data,
+    # the task's loss_weight balanced its loss against the others' in the run (margin losses are ~10x
+    # cross-entropy); it balances it against the distillation terms here in the same way
+    terms_cfg = cfg.model_copy(update={"label_weight": cfg.label_weight * tc.loss_weight})
+    loop = TuneLoop(student, optimizer, lambda x, y: distill_terms(student, t_used, x, y, terms_cfg), task, tc, data,
                     tcfg.train, m.img_size, m.mean, m.std, m.in_chans, out, recipe,
                     loss_names=["label"] + ((["kl"] if t_info.output == "logits" else ["embed", "rel"])
                                            if cfg.teacher else []),
