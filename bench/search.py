@@ -1,0 +1,315 @@
+"""Predict-and-search benchmark: GP-NAS accuracy and latency predictors on a chip supernet trained
+here, constrained NSGA-II search with a measured re-check, and random search as the baseline.
+
+1. Train a chip supernet (`train.stage: chip_supernet`, sandwich rule with 2 random subnets and
+   in-place distillation) on one task of `configs/suite.yaml` (default `signs`, GTSRB
+   classification: its 4,300 test images make the metric of a subnet precise) for `--steps`
+   (1000) steps of `--batch` (32) images.
+2. Accuracy predictor: evaluate 50 subnets (largest, smallest, 48 random, on the run's routes)
+   with inherited weights on the task's test split; fit `GPPredictor` on them and score Kendall
+   tau (and MAPE) on 50 further, disjoint random subnets. Target tau >= 0.8.
+3. Latency predictor: time 200 + 50 held-out subnets on torch-cpu (batch 1, 1 thread), all 250
+   in interleaved rounds in a fresh random order each round, so load bursts hit training and
+   held-out archs alike; fit on the 200 (log target), score on the 50. Targets MAPE <= 3% and
+   tau >= 0.95. Both data sets are saved where `search_task` caches them, so the searches
+   below start from these predictors (the one-off collection is not search time).
+4. Searches (`ufo.search.pipeline.search_task`, 2000 NSGA-II trials, top 8 measured): under a
+   parameter budget, a FLOP budget (both the geometric mean of the smallest and the largest
+   subnet's) and two latency budgets (30% and 60% of the way from the smallest to the largest
+   measured latency). Search wall time is `total_s` (load, NSGA-II, measuring the candidates,
+   extraction, files) with cached predictors. Target < 60 s.
+5. Constraint satisfaction: every returned subnet (the chosen ones and every candidate the
+   search kept as meeting its budget) re-measured afresh: exact params / FLOPs, and latency timed
+   again in new interleaved rounds (median within the budget). Target 100%.
+6. Random search with the same number of real evaluations: a pool of random subnets is
+   evaluated (and, for the latency budget, timed); random search with N evaluations is the best
+   measured metric among N pool members drawn without replacement (only those that meet the
+   budget count; under a parameter budget the exact count filters for free). Its expected best
+   (mean over 2,000 draws) is reported for N = the search's candidate evaluations and for N =
+   those plus the 50 evaluations that trained the accuracy predictor.
+
+Writes bench/results/search.{json,md} and search.png. Defaults take about 12-15 minutes alone on
+the 2-core machine; `--quick` (few steps, small samples) checks the script in 2-3 minutes.
+Run from the repository root, alone: `flock /tmp/ufo-cpu.lock .venv/bin/python bench/search.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import RESULTS_DIR, load_average, target, write_results
+from ufo.arch import Arch
+from ufo.config import Config, load_config, parse_config
+from ufo.search.features import arch_features
+from ufo.search.latency import LatencyDataset, LatencyRecord, machine_info, measure_many, sample_archs
+from ufo.search.metric import MetricDataset, MetricRecord, TrainedRun, fit_metric_predictor
+from ufo.search.pipeline import SearchResult, predictor_paths, search_task
+from ufo.search.predictor import GPPredictor, cross_validate, fit_latency_predictor, kendall_tau, mape
+from ufo.train.slimming import ChipTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "configs" / "suite.yaml"
+BACKEND, THREADS, BATCH = "torch-cpu", 1, 1
+
+
+def chip_config(task: str, steps: int, batch: int, extra: list[str]) -> Config:
+    """The suite restricted to `task`, as a chip-supernet stage of `steps` steps."""
+    base = load_config(SUITE, extra).model_dump(mode="json")
+    if task not in base["tasks"]:
+        raise SystemExit(f"--task {task!r}: not a suite task; the suite's tasks are {list(base['tasks'])}")
+    base["tasks"] = {task: {**base["tasks"][task], "batch": None}}
+    base["train"].update(stage="chip_supernet", steps=steps, batch_size=batch, log_every=25, ckpt_every=steps,
+                         warmup_steps=min(base["train"]["warmup_steps"], max(1, steps // 10)))
+    base["chip_supernet"] = {"num_random": 2, "distill": True}
+    base["name"] = f"search-bench-{task}"
+    return parse_config(base, f"{SUITE} (task {task}, chip supernet)")
+
+
+def train(cfg: Config, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    summary = ChipTrainer(cfg, out).fit()
+    return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": round(time.perf_counter() - t0, 1),
+            "images_per_s": summary["images_per_s"]}
+
+
+def accuracy_predictor(run: TrainedRun, n_train: int, n_test: int, pred_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Fit on `n_train` evaluated subnets, score on `n_test` disjoint ones; cache the training set
+    where `search_task` looks for it."""
+    tr = run.sample(n_train, seed=0)
+    te = run.sample(n_test, seed=1, exclude=tr, extremes=False)
+    t0 = time.perf_counter()
+    ms = run.evaluate_many(tr + te, description=f"evaluate {len(tr) + len(te)} subnets ({run.metric})")
+    eval_s = time.perf_counter() - t0
+    y = np.array([m[run.metric] for m in ms])
+    ds = MetricDataset(space=run.space, task=run.task, metric=run.metric, run=str(run.run_dir),
+                       model_digest=run.digest, split="+".join(run.data.eval), seed=0, eval_s=round(eval_s, 2),
+                       records=[MetricRecord(arch=a, value=v, metrics=m) for a, v, m in zip(tr, y, ms)])
+    ds.save(predictor_paths(pred_dir, run.task, BACKEND)["metric_data"])
+    gp, meta = fit_metric_predictor(ds, seed=0)
+    p = gp.predict(arch_features(run.space, te, run.task))
+    y_te = y[len(tr):]
+    log_params = np.log([run.space.num_params(a, run.task) for a in te])
+    res = {"n_train": len(tr), "n_test": len(te), "kendall_tau": kendall_tau(y_te, p), "mape": mape(y_te, p),
+           "cv_kendall_tau_train": meta["cv"]["kendall_tau"], "params_only_kendall_tau": kendall_tau(y_te, log_params),
+           "metric_range": [float(y.min()), float(y.max())], "eval_s_per_subnet": eval_s / len(ms),
+           "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()}}
+    return res, (te, y_te, p)
+
+
+def latency_predictor(run: TrainedRun, n_train: int, n_test: int, repeats: int,
+                      pred_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Time train and held-out subnets together in interleaved rounds; fit on the train ones."""
+    tr = sample_archs(run.space, run.task, n_train, 0, run.routes)
+    te = sample_archs(run.space, run.task, n_test, 1, run.routes, exclude=tr, extremes=False)
+    t0 = time.perf_counter()
+    lats = measure_many(run.space, tr + te, run.task, BACKEND, 0, BATCH, THREADS, repeats, warmup=5)
+    meas_s = time.perf_counter() - t0
+    ds = LatencyDataset(space=run.space, task=run.task, backend=BACKEND, batch=BATCH, threads=THREADS,
+                        repeats=repeats, warmup=5, seed=0, machine={**machine_info(), "threads": THREADS},
+                        records=[LatencyRecord(arch=a, latency=lat) for a, lat in zip(tr, lats)])
+    ds.save(predictor_paths(pred_dir, run.task, BACKEND)["latency_data"])
+    gp, meta = fit_latency_predictor(ds, seed=0)
+    y_te = np.array([lat.median_ms for lat in lats[len(tr):]])
+    p = gp.predict(arch_features(run.space, te, run.task))
+    flops = np.array([run.space.flops(a, run.task) for a in te], dtype=np.float64)
+    rel_iqr = [(lat.q3_ms - lat.q1_ms) / lat.median_ms for lat in lats]
+    res = {"n_train": len(tr), "n_test": len(te), "repeats": repeats, "kendall_tau": kendall_tau(y_te, p),
+           "mape": mape(y_te, p), "cv_kendall_tau_train": meta["cv"]["kendall_tau"], "cv_mape_train": meta["cv"]["mape"],
+           "flops_only_kendall_tau": kendall_tau(y_te, flops), "median_relative_iqr": float(np.median(rel_iqr)),
+           "latency_range_ms": [float(min(lt.median_ms for lt in lats)), float(max(lt.median_ms for lt in lats))],
+           "measure_s": round(meas_s, 1), "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()}}
+    return res, (te, y_te, p, lats[:len(tr)])
+
+
+def random_best(values: np.ndarray, ok: np.ndarray, n: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Best metric among `n` pool members drawn without replacement, counting only those that meet
+    the budget (`ok`); a draw with none that meets it has no result and is counted apart."""
+    rng = np.random.default_rng(seed)
+    n = min(n, len(values))
+    best = []
+    for _ in range(draws):
+        idx = rng.choice(len(values), n, replace=False)
+        feas = values[idx][ok[idx]]
+        best.append(feas.max() if len(feas) else np.nan)
+    b = np.array(best)
+    return {"n": n, "mean_best": float(np.nanmean(b)), "median_best": float(np.nanmedian(b)),
+            "p_none_feasible": float(np.isnan(b).mean())}
+
+
+def summary(r: SearchResult) -> dict[str, Any]:
+    kept = [c for c in r.candidates if c.meets_budget]
+    return {"budget": r.budget, "chosen": {"depth": r.arch.depth, "embed_dim": r.arch.embed_dim,
+                                           "num_heads": r.arch.num_heads, "mlp_ratio": r.arch.mlp_ratio},
+            "predicted_metric": r.predicted_metric, "measured_metric": r.measured_metric,
+            "predicted_latency_ms": r.predicted_latency_ms, "measured_latency_ms": r.measured_latency_ms,
+            "params": r.params, "flops": r.flops, "candidates_measured": len(r.candidates), "candidates_kept": len(kept),
+            "front_size": len(r.front), "distinct_archs": r.distinct_archs, "nsga_s": r.search_s,
+            "measure_s": r.measure_s, "total_s": r.total_s,
+            "predictors_cached": {k: v["cached"] for k, v in r.predictors.items() if isinstance(v, dict)}}
+
+
+def plot(acc: Any, lat: Any, searches: dict[str, SearchResult], pool: dict[str, Any], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    for a, (name, (_, y, p, *_)) in zip(ax[:2], (("accuracy", acc), ("latency (ms)", lat))):
+        a.scatter(y, p, s=12)
+        lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
+        a.plot([lo, hi], [lo, hi], "k--", lw=1)
+        a.set_xlabel(f"measured {name}")
+        a.set_ylabel(f"predicted {name}")
+        a.set_title(f"{name} predictor, held-out subnets: tau {kendall_tau(y, p):.3f}, MAPE {100 * mape(y, p):.1f}%")
+    r = searches["params"]
+    a = ax[2]
+    a.scatter(pool["params"], pool["metric"], s=10, c="0.6", label="random subnets (measured)")
+    a.plot([q.cost for q in r.front], [q.metric for q in r.front], "-o", ms=3, c="tab:blue",
+           label="predicted Pareto front")
+    a.scatter([c.params for c in r.candidates], [c.measured_metric for c in r.candidates], c="tab:orange", s=25,
+              label="search candidates (measured)")
+    a.scatter([r.params], [r.measured_metric], marker="*", s=250, c="tab:red", zorder=5, label="chosen")
+    a.axvline(r.budget["max_params"], ls="--", c="k", lw=1, label="budget")
+    a.set_xscale("log")
+    a.set_xlabel("parameters")
+    a.set_ylabel(metric)
+    a.set_title("search under a parameter budget")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few steps and small samples, to check the script")
+    p.add_argument("--task", default="signs", help="suite task (classification works best: a precise metric)")
+    p.add_argument("--steps", type=int, default=None, help="chip-supernet steps (1000)")
+    p.add_argument("--batch", type=int, default=32, help="chip-supernet batch size")
+    p.add_argument("--work", type=Path, default=None, help="keep the run, predictor data and searches here "
+                   "(default: a temporary folder)")
+    p.add_argument("--trials", type=int, default=None, help="NSGA-II trials per search (2000)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per subnet for the latency data (60)")
+    p.add_argument("--pool", type=int, default=None, help="random-search pool size per budget (100)")
+    p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
+    args = p.parse_args()
+    q = args.quick
+    steps = args.steps or (20 if q else 1000)
+    trials = args.trials or (300 if q else 2000)
+    repeats = args.repeats or (10 if q else 60)
+    pool_n = args.pool or (10 if q else 100)
+    n_acc, n_acc_test = (12, 8) if q else (50, 50)
+    n_lat, n_lat_test = (20, 10) if q else (200, 50)
+    top_k = 4 if q else 8
+    t_start = time.perf_counter()
+    load_before = load_average()
+    results: dict[str, Any] = {"quick": q, "task": args.task, "backend": BACKEND, "threads": THREADS, "batch": BATCH}
+    with tempfile.TemporaryDirectory(prefix="ufo-bench-search-") as tmp_dir:
+        tmp = str(args.work) if args.work is not None else tmp_dir
+        run_dir = Path(tmp) / "chip"
+        cfg = chip_config(args.task, steps, args.batch, args.set)
+        print(f"== chip supernet on {args.task}: {steps} steps, batch {args.batch}")
+        results["training"] = train(cfg, run_dir)
+        run = TrainedRun(run_dir, args.task)
+        results["metric"] = run.metric
+        results["space"] = run.space.model_dump(include={"depth", "embed_dim", "num_heads", "mlp_ratio", "img_size",
+                                                         "patch_size", "head_dim"})
+        pred_dir = run_dir / "predictors"
+        print(f"== accuracy predictor: {n_acc} training + {n_acc_test} held-out subnets")
+        results["accuracy_predictor"], acc = accuracy_predictor(run, n_acc, n_acc_test, pred_dir)
+        held_out = {"archs": [a.model_dump() for a in acc[0]], "measured": acc[1].tolist()}
+        (pred_dir / f"{args.task}-metric-held-out.json").write_text(json.dumps(held_out))
+        print(f"== latency predictor: {n_lat} training + {n_lat_test} held-out subnets, {repeats} rounds")
+        results["latency_predictor"], lat = latency_predictor(run, n_lat, n_lat_test, repeats, pred_dir)
+        held_out = {"archs": [a.model_dump() for a in lat[0]], "measured": lat[1].tolist()}
+        (pred_dir / f"{args.task}-latency-held-out.json").write_text(json.dumps(held_out))
+
+        space, task = run.space, run.task
+        small, large = run.arch(space.smallest(run.routes)), run.arch(space.largest(run.routes))
+        lat_lo, lat_hi = results["latency_predictor"]["latency_range_ms"]
+        budgets = {
+            "params": {"max_params": float(np.sqrt(space.num_params(small, task) * space.num_params(large, task)))},
+            "flops": {"max_flops": float(np.sqrt(space.flops(small, task) * space.flops(large, task)))},
+            "latency_30": {"max_latency_ms": lat_lo + 0.3 * (lat_hi - lat_lo)},
+            "latency_60": {"max_latency_ms": lat_lo + 0.6 * (lat_hi - lat_lo)},
+        }
+        searches: dict[str, SearchResult] = {}
+        kw = dict(backend=BACKEND, trials=trials, top_k=top_k, seed=0, metric_samples=n_acc, latency_samples=n_lat,
+                  threads=THREADS, batch=BATCH)
+        for name, b in budgets.items():
+            print(f"== search under {b}")
+            searches[name] = search_task(run_dir, task, out_dir=Path(tmp) / f"search-{name}", **b, **kw)
+        results["searches"] = {k: summary(v) for k, v in searches.items()}
+
+        # constraint satisfaction: every returned subnet, re-measured afresh
+        returned = [(k, c) for k, r in searches.items() for c in r.candidates if c.meets_budget]
+        lat_ret = [(k, c) for k, c in returned if "max_latency_ms" in budgets[k]]
+        print(f"== re-measuring {len(returned)} returned subnets ({len(lat_ret)} timed)")
+        again = measure_many(space, [c.arch for _, c in lat_ret], task, BACKEND, 1, BATCH, THREADS, repeats, warmup=5)
+        ok = []
+        for k, c in returned:
+            b = budgets[k]
+            ok.append(space.num_params(c.arch, task) <= b.get("max_params", np.inf)
+                      and space.flops(c.arch, task) <= b.get("max_flops", np.inf))
+        for (k, c), lt in zip(lat_ret, again):
+            i = returned.index((k, c))
+            ok[i] = ok[i] and lt.median_ms <= budgets[k]["max_latency_ms"]
+        results["constraint_satisfaction"] = {"returned": len(returned), "meet_when_re_measured": int(sum(ok)),
+                                              "fraction": float(np.mean(ok)) if ok else float("nan"),
+                                              "latency_re_measured_ms": [lt.median_ms for lt in again]}
+
+        # random search with the same number of real evaluations
+        print(f"== random search pools: {pool_n} subnets under the parameter budget, {pool_n} timed")
+        pool_archs = run.sample(pool_n, seed=7, extremes=False)
+        pool_metric = np.array([m[run.metric] for m in run.evaluate_many(pool_archs, description="random pool")])
+        pool_params = np.array([space.num_params(a, task) for a in pool_archs])
+        pool_lat = measure_many(space, pool_archs, task, BACKEND, 2, BATCH, THREADS, repeats, warmup=5)
+        comp = {}
+        for name, feasible in (("params", pool_params <= budgets["params"]["max_params"]),
+                               ("latency_60", np.array([lt.q3_ms for lt in pool_lat])
+                                <= budgets["latency_60"]["max_latency_ms"])):
+            r = searches[name]
+            n_cand = len(r.candidates)
+            # under an exact size budget random search skips infeasible draws for free
+            vals, okm = (pool_metric[feasible], np.ones(int(feasible.sum()), bool)) if name == "params" else \
+                (pool_metric, feasible)
+            comp[name] = {"search_measured_metric": r.measured_metric, "search_real_evaluations": n_cand,
+                          "search_real_evaluations_with_predictor_data": n_cand + n_acc,
+                          "pool": len(vals), "pool_feasible": int(okm.sum()),
+                          "random_same_evaluations": random_best(vals, okm, n_cand),
+                          "random_same_evaluations_with_predictor_data": random_best(vals, okm, n_cand + n_acc)}
+        results["random_search"] = comp
+        plot(acc, lat, searches, {"params": pool_params, "metric": pool_metric}, f"{task} {run.metric}",
+             RESULTS_DIR / "search.png")
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    results["load_average_before"], results["load_average_after"] = load_before, load_average()
+    ap, lp = results["accuracy_predictor"], results["latency_predictor"]
+    targets = [
+        target(f"accuracy predictor Kendall tau, {ap['n_test']} held-out subnets ({ap['n_train']} train)",
+               ap["kendall_tau"], ">=", 0.8),
+        target(f"latency predictor MAPE, {lp['n_test']} held-out ({lp['n_train']} train)", lp["mape"], "<=", 0.03),
+        target(f"latency predictor Kendall tau, {lp['n_test']} held-out", lp["kendall_tau"], ">=", 0.95),
+        target("returned subnets meeting the budget when re-measured", results["constraint_satisfaction"]["fraction"],
+               ">=", 1.0),
+        target("search wall time (s, cached predictors, slowest of the searches)",
+               max(s["total_s"] for s in results["searches"].values()), "<", 60.0),
+    ]
+    if q:
+        for t in targets:
+            t["name"] += " (--quick)"
+    write_results("search", results, targets)
+    print(f"wrote {RESULTS_DIR / 'search.json'}, search.md, search.png in {results['total_s']:.0f} s")
+    for t in targets:
+        print(f"  {'met ' if t['met'] else 'MISS'} {t['name']}: {t['value']:.4g} {t['op']} {t['target']}")
+
+
+if __name__ == "__main__":
+    main()
