@@ -189,7 +189,9 @@ class StageSteps(Strict):
 
 
 class BaselinesConfig(Strict):
-    """Single-task baselines trained beside the All-in-One model (same recipe, one task each)."""
+    """Single-task baselines trained beside the All-in-One model: the same recipe on one task, with
+    that task's share of the batch (`tasks.T.batch`, else batch_size / number of tasks), so that
+    at the default length each costs 1/T of the All-in-One compute."""
 
     enabled: bool = False
     steps: int | None = Field(None, gt=0)  # default: the All-in-One steps
@@ -204,12 +206,13 @@ class ChipEvalConfig(StageSteps):
 class PredictorsConfig(Strict):
     """GP-NAS predictor data: subnets evaluated on each task (metric) and timed (latency)."""
 
-    metric_samples: int = Field(50, ge=4)
-    latency_samples: int = Field(100, ge=4)
+    metric_samples: int = Field(50, ge=10)  # (5-fold cross-validation needs 10)
+    latency_samples: int = Field(100, ge=10)  # timed only for tasks with a latency budget
 
 
 class SearchBudget(Strict):
-    """What one task's chosen subnet may cost; unset limits do not bind."""
+    """What one task's chosen subnet may cost; unset limits do not bind (with none set, the search
+    takes the largest subnet's parameter count as the limit: the best predicted metric wins)."""
 
     max_latency_ms: float | None = Field(None, gt=0)  # predicted then measured on `backend`, batch 1
     max_params: int | None = Field(None, gt=0)  # parameters of the extracted task model's backbone
@@ -223,6 +226,8 @@ class SearchStageConfig(Strict):
     backend: Literal["torch-cpu", "ort-cpu", "cuda"] = "torch-cpu"  # where latency is predicted and measured
     default: SearchBudget = Field(default_factory=SearchBudget)
     budgets: dict[str, SearchBudget] = Field(default_factory=dict)
+    trials: int = Field(2000, gt=0)  # NSGA-II evaluations of the predictors
+    top_k: int = Field(8, gt=0)  # candidates of the predicted front evaluated and timed for real
 
     def budget(self, task: str) -> SearchBudget:
         """`task`'s budget with the backend resolved."""

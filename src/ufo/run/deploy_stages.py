@@ -35,38 +35,46 @@ def _search_api():
 
 
 def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
-    """Fit each task's accuracy and latency predictors on the chip supernet."""
+    """Fit each task's accuracy predictor, and its latency predictor where its budget has a latency."""
     api = _search_api()
     out, p = ctx.dir("predictors"), ctx.pipe
     results: dict[str, Any] = {}
     for t in ctx.tasks:
-        ctx.console.print(f"[bold]predictors[/]: {t} ({p.predictors.metric_samples} subnets evaluated, "
-                          f"{p.predictors.latency_samples} timed on {p.search.budget(t).backend})")
-        results[t] = api.fit_predictors(ctx.dir("chip_supernet"), t, backend=p.search.budget(t).backend,
+        b = p.search.budget(t)
+        results[t] = api.fit_predictors(ctx.dir("chip_supernet"), t, backend=b.backend,
                                         metric_samples=p.predictors.metric_samples,
                                         latency_samples=p.predictors.latency_samples, seed=ctx.cfg.seed,
-                                        out_dir=out / t, console=ctx.console)
+                                        out_dir=out, console=ctx.console, latency=b.max_latency_ms is not None,
+                                        data_root=ctx.cfg.data_root)
     files = [ctx.write_json(out / "predictors.json", results)]
-    return files, {}
+    return files, {t: {k: (r.get(k) or {}).get("cv_kendall_tau") for k in ("metric", "latency")} for t, r in results.items()}
 
 
 def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Each task's best subnet under its budget, with the Pareto front plotted."""
     api = _search_api()
-    out = ctx.dir("search")
+    out, p = ctx.dir("search"), ctx.pipe
     results: dict[str, Any] = {}
     for t in ctx.tasks:
-        b = ctx.pipe.search.budget(t)
-        ctx.console.print(f"[bold]search[/]: {t} under " + (", ".join(
-            f"{k} {v}" for k, v in b.model_dump().items() if v is not None and k != "backend") or "no limit")
-            + f" on {b.backend}")
-        res = api.search_task(ctx.dir("chip_supernet"), t, max_latency_ms=b.max_latency_ms, max_params=b.max_params,
-                              max_flops=b.max_flops, backend=b.backend, out_dir=out / t, seed=ctx.cfg.seed,
-                              predictors_dir=ctx.dir("predictors") / t, console=ctx.console)
-        results[t] = {"budget": b.model_dump(), **res.model_dump(mode="json")}
+        b = p.search.budget(t)
+        limits = {k: v for k, v in b.model_dump().items() if v is not None and k != "backend"}
+        if not limits:  # no limit: the largest subnet's size binds nothing, the best predicted metric wins
+            from ufo.train.store import load_model
+
+            model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
+            limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
+        ctx.console.print(f"[bold]search[/]: {t} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
+                          + f" ({b.backend})")
+        res = api.search_task(ctx.dir("chip_supernet"), t, **limits, backend=b.backend, out_dir=out / t,
+                              trials=p.search.trials, top_k=p.search.top_k, seed=ctx.cfg.seed, console=ctx.console,
+                              metric_samples=p.predictors.metric_samples, latency_samples=p.predictors.latency_samples,
+                              predictor_dir=ctx.dir("predictors"), data_root=ctx.cfg.data_root)
+        results[t] = {**api.result_summary(res), "arch": res.arch.model_dump(), "objective": res.objective,
+                      "png_path": res.png_path, "json_path": res.json_path, "front_size": len(res.front),
+                      "candidates": len(res.candidates)}
     files = [ctx.write_json(out / "search.json", results)]
-    return files, {t: {k: results[t].get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
-                   for t in results}
+    return files, {t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
+                   for t, r in results.items()}
 
 
 def chosen_arch(ctx: RunContext, task: str) -> Arch:
@@ -83,7 +91,8 @@ def chosen_arch(ctx: RunContext, task: str) -> Arch:
 def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
     from ufo.deploy.package import extract_task_model, save_task_model
-    from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
+    from ufo.deploy.onnx_export import evaluate_predict
+    from ufo.train.evaluate import make_predict, recalibrate_bn
     from ufo.train.store import load_model
 
     out = ctx.dir("extract")
@@ -104,7 +113,8 @@ def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             raise UFOError(f"task {t!r}: the extracted task model differs from the supernet by {diff:.2e} (> {PARITY_TOL})")
         path = out / f"{t}.safetensors"
         save_task_model(path, tm)
-        metrics = evaluate_tasks(tm, {t: ctx.data[t]}, cfg, [t])[t]
+        metrics = evaluate_predict(make_predict(tm, t, cfg, cfg.train.eval_batch_size), t, tm.info.heads[t], cfg,
+                                   ctx.data[t])
         rows[t] = {"file": str(path.relative_to(ctx.run_dir)), "kind": cfg.tasks[t].kind, "arch": arch.model_dump(),
                    "params": tm.num_params(), "backbone_params": model.space.num_params(arch, t),
                    "mflops": model.space.flops(arch, t) / 1e6, "parity": diff, "metrics": metrics,

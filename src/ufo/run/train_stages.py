@@ -67,11 +67,14 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         base: dict[str, Any] = {}
         for t in cfg.task_names:
             one = cfg.only(t)
-            one = one.model_copy(update={"train": one.train.model_copy(update={"steps": b.steps or cfg.train.steps})})
-            ctx.console.print(f"[bold]baseline[/]: {t} alone, {one.train.steps} steps")
+            # 1/T of the All-in-One compute: the task's share of each batch, for as many steps
+            batch = cfg.tasks[t].batch or max(1, cfg.train.batch_size // len(cfg.tasks))
+            one = one.model_copy(update={"train": one.train.model_copy(
+                update={"steps": b.steps or cfg.train.steps, "batch_size": batch})})
+            ctx.console.print(f"[bold]baseline[/]: {t} alone, {one.train.steps} steps of batch {batch}")
             btr = fit(ctx, Trainer, one, out / "baselines" / t, {t: ctx.data[t]})
             m = btr.evaluate()
-            base[t] = {"steps": one.train.steps, "metrics": m[t], "primary": m[t][ctx.primary(t)]}
+            base[t] = {"steps": one.train.steps, "batch_size": batch, "metrics": m[t], "primary": m[t][ctx.primary(t)]}
         result["baselines"] = base
     files = [out / "model.safetensors", _write_config(ctx, cfg, out), ctx.write_json(out / "metrics.json", result)]
     return files, {"primary": result["primary"]}

@@ -1,0 +1,161 @@
+"""`ufo run`: a tiny config through every stage, skip logic, --from, changed inputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from pipeline_helpers import TINY_RUN, tiny_config, tiny_run
+from ufo.cli import app
+from ufo.config import load_config, parse_config
+from ufo.errors import ConfigError
+from ufo.run import STAGE_NAMES, PipelineError, run_pipeline
+from ufo.run.context import stage_config
+from ufo.run.state import inputs_of, read_record
+
+BIN = Path(sys.executable).parent
+HAVE_SEARCH = True
+try:
+    import ufo.search.pipeline  # noqa: F401  (issue 6: the predictor and search stages call it)
+except ImportError:
+    HAVE_SEARCH = False
+needs_search = pytest.mark.skipif(not HAVE_SEARCH, reason="ufo.search.pipeline (issue 6) is not in this tree yet")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    if not HAVE_SEARCH:
+        pytest.skip("ufo.search.pipeline (issue 6) is not in this tree yet")
+    return tiny_run(tmp_path_factory.mktemp("pipeline"))
+
+
+def _records(run_dir: Path) -> dict[str, str]:
+    return {s: (run_dir / s / "done.json").read_text() for s in STAGE_NAMES}
+
+
+def _quiet() -> Console:
+    return Console(quiet=True)
+
+
+@needs_search
+def test_every_stage_writes_its_folder_and_done_json(run):
+    for s in STAGE_NAMES:
+        rec = read_record(run / s)
+        assert rec is not None and rec.stage == s, s
+        assert rec.outputs and all((run / o).exists() for o in rec.outputs), (s, rec.outputs)
+    # chaining: each training stage started from the one before it
+    assert load_config(run / "task_supernet" / "config.yaml").init.path.endswith("all_in_one")
+    assert load_config(run / "chip_supernet" / "config.yaml").train.stage == "chip_supernet"
+    assert (run / "task_supernet" / "routing_map.png").stat().st_size > 1000
+    aio = json.loads((run / "all_in_one" / "metrics.json").read_text())
+    assert set(aio["baselines"]) == {"digits", "mnist"}  # pipeline.baselines.enabled
+    chip = json.loads((run / "chip_supernet" / "metrics.json").read_text())
+    assert {"smallest", "largest"} <= set(chip["subnets"])
+
+
+@needs_search
+def test_search_extract_export_meet_the_budgets(run):
+    from ufo.deploy.package import load_task_model
+
+    ext = json.loads((run / "extract" / "extract.json").read_text())
+    assert ext["digits"]["backbone_params"] <= 12000  # pipeline.search.budgets.digits.max_params
+    assert ext["mnist"]["mflops"] * 1e6 <= 400000
+    for t, row in ext.items():
+        assert row["parity"] <= 1e-5
+        tm = load_task_model(run / row["file"])
+        assert tm.tasks == [t]
+        assert torch.isfinite(tm(torch.zeros(2, 3, 16, 16), t)).all()
+    exp = json.loads((run / "export" / "export.json").read_text())
+    for t, row in exp.items():
+        assert (run / row["fp32"]).is_file() and (run / row["int8"]).is_file()  # export.int8: dynamic
+        assert row["parity_max_abs_diff"] <= row["parity_tol"]
+        assert set(row["latency_ms"]) == {"torch", "onnx_fp32", "onnx_int8"}
+        assert all(v > 0 for v in row["latency_ms"].values())
+
+
+@needs_search
+def test_rerun_skips_every_valid_stage(run):
+    before = _records(run)
+    run_pipeline(load_config(run.parent / "tiny.yaml"), run, console=_quiet())
+    assert _records(run) == before
+
+
+@needs_search
+def test_changed_section_reruns_that_stage_and_later_ones_only(run, tmp_path):
+    before = _records(run)
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", export={"int8": "dynamic", "latency_repeats": 6}))
+    run_pipeline(cfg, run, console=_quiet())
+    after = _records(run)
+    assert [s for s in STAGE_NAMES if before[s] != after[s]] == ["export", "report"]
+    # --from redoes the named stage and the ones after it, even when nothing changed
+    run_pipeline(cfg, run, from_stage="extract", console=_quiet())
+    again = _records(run)
+    assert [s for s in STAGE_NAMES if again[s] != after[s]] == ["extract", "export", "report"]
+    run_pipeline(load_config(run.parent / "tiny.yaml"), run, console=_quiet())  # back to the fixture's state
+
+
+@needs_search
+def test_cli_run_skips_and_prints_the_report(run):
+    res = subprocess.run([str(BIN / "ufo"), "run", str(run.parent / "tiny.yaml"), "--out", str(run)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("skipped") == len(STAGE_NAMES)
+    assert "report/index.html" in res.stdout
+
+
+def test_interrupted_training_stage_resumes(tmp_path, monkeypatch):
+    from ufo.train.loop import Trainer
+
+    cfg = parse_config(TINY_RUN)
+    run_dir = tmp_path / "run"
+    tr = Trainer(stage_config(cfg, "all_in_one", run_dir), run_dir / "all_in_one", show_progress=False)
+    for _ in range(4):  # "killed" after 4 of 8 steps, with a checkpoint
+        tr.train_step()
+        tr.step += 1
+    tr.save()
+    resumed: list[int] = []
+    original = Trainer.resume
+
+    def spy(self) -> bool:
+        ok = original(self)
+        resumed.append(self.step if ok else -1)
+        return ok
+
+    monkeypatch.setattr(Trainer, "resume", spy)
+    run_pipeline(cfg, run_dir, until="all_in_one", console=_quiet())
+    assert resumed[0] == 4  # the All-in-One run went on from step 4 (then the baselines started afresh)
+    assert json.loads((run_dir / "all_in_one" / "train_summary.json").read_text())["steps"] == 8
+    assert read_record(run_dir / "all_in_one") is not None
+
+
+def test_training_stages_chain_and_skip_without_search(tmp_path):
+    run_dir = tiny_run(tmp_path, until="task_supernet")
+    assert [s for s in STAGE_NAMES if (run_dir / s / "done.json").exists()] == ["all_in_one", "task_supernet"]
+    before = _records_some(run_dir, ["all_in_one", "task_supernet"])
+    tiny_run(tmp_path, until="task_supernet")
+    assert _records_some(run_dir, ["all_in_one", "task_supernet"]) == before
+
+
+def _records_some(run_dir: Path, stages: list[str]) -> dict[str, str]:
+    return {s: (run_dir / s / "done.json").read_text() for s in stages}
+
+
+def test_errors_name_the_stage_or_field(tmp_path):
+    cfg = parse_config(TINY_RUN)
+    with pytest.raises(PipelineError, match="unknown stage.*all_in_one"):
+        run_pipeline(cfg, tmp_path / "r", from_stage="training", console=_quiet())
+    with pytest.raises(PipelineError, match="stage 'chip_supernet' has not finished"):
+        inputs_of(tmp_path, {}, ["chip_supernet"])
+    bad = json.loads(json.dumps(TINY_RUN))
+    bad["pipeline"]["search"]["budgets"]["faces"] = {"max_params": 10}
+    with pytest.raises(ConfigError, match=r"pipeline.search.budgets: unknown task\(s\) \['faces'\]"):
+        parse_config(bad)
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "config file not found" in res.output
