@@ -32,8 +32,8 @@ TINY = {
     "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
               "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
     "tasks": {TASK: {"kind": "classification", "data": {"recipe": "digits"}}},
-    "train": {"stage": "chip_supernet", "steps": 100, "batch_size": 32, "log_every": 50, "ckpt_every": 100,
-              "warmup_steps": 5, "threads": 2, "lr": 3e-3},
+    "train": {"stage": "chip_supernet", "steps": 60, "batch_size": 32, "log_every": 50, "ckpt_every": 100,
+              "warmup_steps": 5, "threads": 1, "lr": 3e-3},
     "chip_supernet": {"num_random": 1},
 }
 FAST = {"trials": 150, "top_k": 3, "metric_samples": 12, "latency_samples": 10, "repeats": 15, "progress": False}
