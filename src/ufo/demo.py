@@ -65,9 +65,18 @@ def run_demo(out: str | Path = "runs/demo", suite: str = "builtin", overrides: S
     out = Path(out)
     console.print(f"[bold]UFO demo[/] ({suite}): {len(cfg.tasks)} tasks ({', '.join(cfg.task_names)}) -> {out}")
     records = run_pipeline(cfg, out, from_stage=from_stage, console=console)
+    from rich.table import Table
+
+    from ufo.report import load_run, metrics_table
+
+    cols, rows = metrics_table(load_run(out))
+    view = Table(title="Primary metric of each task after each stage (test split)")
+    for c in cols:
+        view.add_column(c, justify="left" if c in ("task", "kind", "metric") else "right")
+    for r in rows:
+        view.add_row(*r)
+    console.print(view)
     table = final_table(out)
-    console.print("\n[bold]Primary metric of each task after each stage[/] (test split)")
-    console.print(table, markup=False, highlight=False)
     html = out / "report" / "index.html"
     console.print(f"\nreport: {html.resolve()}\n(also {out / 'report' / 'report.md'}; serve the task models with "
                   f"`ufo serve {out / 'extract'}/*.safetensors`)")
