@@ -33,7 +33,7 @@ needs_search = pytest.mark.skipif(not HAVE_SEARCH, reason="ufo.search.pipeline (
 def run(tmp_path_factory) -> Path:
     if not HAVE_SEARCH:
         pytest.skip("ufo.search.pipeline (issue 6) is not in this tree yet")
-    return tiny_run(tmp_path_factory.mktemp("pipeline"))
+    return tiny_run(tmp_path_factory.getbasetemp() / "tiny-shared")  # shared with test_report
 
 
 def _records(run_dir: Path) -> dict[str, str]:
