@@ -47,6 +47,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         "all_in_one": _json(run_dir / "all_in_one" / "metrics.json"),
         "task_supernet": _json(run_dir / "task_supernet" / "metrics.json"),
         "chip_supernet": _json(run_dir / "chip_supernet" / "metrics.json"),
+        "predictors": _json(run_dir / "predictors" / "predictors.json"),
         "search": _json(run_dir / "search" / "search.json"),
         "extract": _json(run_dir / "extract" / "extract.json"),
         "export": _json(run_dir / "export" / "export.json"),
@@ -87,6 +88,23 @@ def export_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      f"{e['int8_bytes'] / 1024:.0f}" if "int8_bytes" in e else "–",
                      _f(lat.get("torch"), 3), _f(lat.get("onnx_fp32"), 3), _f(lat.get("onnx_int8"), 3),
                      f"{e['parity_max_abs_diff']:.1e}", f"{e['int8_max_abs_diff']:.2g}" if "int8_max_abs_diff" in e else "–"])
+    return cols, rows
+
+
+def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per task: the budget, the chosen subnet (predicted vs measured), and the predictors' CV quality."""
+    cols = ["task", "budget", "chosen params", "MFLOPs", "predicted metric", "measured metric", "predicted ms",
+            "measured ms", "metric GP tau (CV)", "latency GP tau / MAPE (CV)"]
+    rows = []
+    for t, r in (run["search"] or {}).items():
+        p = (run["predictors"] or {}).get(t) or {}
+        m, lat = p.get("metric") or {}, p.get("latency") or {}
+        budget = ", ".join(f"{k.removeprefix('max_')} <= {v:g}" for k, v in (r.get("budget") or {}).items())
+        rows.append([t, budget, f"{r['params']:,}", f"{r['flops'] / 1e6:.2f}", _f(r.get("predicted_metric")),
+                     _f(r.get("measured_metric")), _f(r.get("predicted_latency_ms"), 3),
+                     _f(r.get("measured_latency_ms"), 3), _f(m.get("cv_kendall_tau"), 2),
+                     f"{lat['cv_kendall_tau']:.2f} / {100 * lat['cv_mape']:.1f}%" if lat.get("cv_mape") is not None
+                     else "–"])
     return cols, rows
 
 
@@ -143,7 +161,9 @@ def _md_table(cols: list[str], rows: list[list[str]]) -> str:
 
 def _html_table(cols: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    num = re.compile(r"^[-+0-9.,e–]+$")  # numbers right-aligned, text left-aligned
+    body = "".join("<tr>" + "".join(f'<td{"" if num.match(c) else " class=t"}>{html.escape(c)}</td>' for c in r)
+                   + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -153,7 +173,7 @@ def _data_uri(path: Path) -> str:
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
+td.t,th{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
 pre{background:#f6f6f6;padding:1em;overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"""
 
 
@@ -168,13 +188,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     intro = (f"Tasks: {kinds}. Primary metric of each "
              "task on its test split after each stage; 'chosen subnet' is the model the search picked under the "
              "task's budget, extracted as a plain timm ViT plus head.")
-    sections = [("Metrics per task", metrics_table(run)), ("Exported models", export_table(run)),
-                ("Stages", stage_table(run))]
+    sections = [("Metrics per task", metrics_table(run)), ("Search under each task's budget", search_table(run)),
+                ("Exported models", export_table(run)), ("Stages", stage_table(run))]
     figs = images(run_dir, run)
     cmds = commands(run_dir, run)
     md = [f"# {title}", "", intro, ""]
     doc = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
-    for name, (cols, rows) in sections[:2]:
+    for name, (cols, rows) in sections[:3]:
         md += [f"## {name}", "", _md_table(cols, rows) if rows else "(stage not run)", ""]
         doc += [f"<h2>{name}</h2>", _html_table(cols, rows) if rows else "<p>(stage not run)</p>"]
     last = None
@@ -190,7 +210,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if cmds:
         md += ["## Serve or export", "", "```bash", *cmds, "```", ""]
         doc += ["<h2>Serve or export</h2>", f"<pre>{html.escape(chr(10).join(cmds))}</pre>"]
-    name, (cols, rows) = sections[2]
+    name, (cols, rows) = sections[3]
     md += [f"## {name}", "", _md_table(cols, rows), ""]
     doc += [f"<h2>{name}</h2>", _html_table(cols, rows)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
