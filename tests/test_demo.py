@@ -17,7 +17,7 @@ from ufo.run import STAGE_NAMES
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["train.steps=10", "pipeline.baselines.steps=5", "pipeline.task_supernet.steps=5",
+SHORT = ["train.steps=10", "train.threads=1", "pipeline.baselines.steps=5", "pipeline.task_supernet.steps=5",
          "pipeline.chip_supernet.steps=5", "pipeline.chip_supernet.eval_subnets=2",
          "pipeline.predictors.metric_samples=10", "pipeline.predictors.latency_samples=10",
          "pipeline.search.trials=100", "pipeline.search.top_k=1", "pipeline.tasks=[digits, mnist_retrieval]",
