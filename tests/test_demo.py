@@ -57,3 +57,16 @@ def test_demo_short_run_end_to_end(tmp_path):
         assert y.shape[0] == 2 and torch.isfinite(y).all()
     exp = json.loads((out / "export" / "export.json").read_text())
     assert all((out / e["int8"]).is_file() for e in exp.values())  # the demo exports static INT8
+
+
+def test_full_suite_needs_its_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from ufo.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "--suite", "full", "--data-dir", str(tmp_path / "none"), "--out",
+                                   str(tmp_path / "r")], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "--suite full needs the datasets folder" in res.output
+    res = CliRunner().invoke(app, ["demo", "--suite", "tiny", "--out", str(tmp_path / "r")], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "expected one of builtin, full" in res.output
+    assert not (tmp_path / "r").exists()
