@@ -142,7 +142,8 @@ def plot(distill: dict[str, Any], ext: dict[str, Any], path: Path) -> None:
     for ax, task in zip(axes, tasks):
         rows = distill[task]
         first = next(iter(rows.values()))
-        ax.scatter([first["teacher_params"]], [first["teacher_metric"]], marker="*", s=160, c="k", label="teacher (ViT)")
+        ax.scatter([first["teacher_params"]], [first["teacher_metric"]], marker="*", s=160, c="k",
+                   label="teacher (ViT)")
         for i, (label, r) in enumerate(rows.items()):
             c = f"C{i}"
             ax.scatter([r["student_params"]], [r["student_metric"]], c=c, marker="o", label=f"{label} distilled")
@@ -225,9 +226,8 @@ def main() -> None:
     targets.append(target(f"+{args.held_out}: extension at 10% - scratch at 10%", e10 - ext["scratch@0.1"]["metric"],
                           ">", 0.0))
     exact = [k for k, r in ext["runs"].items() if not k.startswith("all@")]
-    targets.append(target("base tasks bitwise unchanged and metrics equal (exact modes)",
-                          float(all(ext["runs"][k]["others_bitwise_unchanged"] and ext["runs"][k]["others_metrics_equal"]
-                                    for k in exact)), "==", 1.0))
+    same = all(ext["runs"][k]["others_bitwise_unchanged"] and ext["runs"][k]["others_metrics_equal"] for k in exact)
+    targets.append(target("base tasks bitwise unchanged and metrics equal (exact modes)", float(same), "==", 1.0))
     name = "distill_extend_quick" if args.quick else "distill_extend"
     write_results(name, results, targets)
     plot(results["distill"], ext, RESULTS_DIR / f"{name}.png")

@@ -144,7 +144,8 @@ def test_fraction_subset_is_deterministic_nested_and_keeps_every_class(cls_data,
     s = fraction_subset(ver, 0.3, 0, grouped=True)
     ids = np.unique(s.train.labels.numpy())
     assert len(ids) >= 2 and ids.tolist() == list(range(len(ids))) and torch.equal(s.groups, s.train.labels)
-    full, sub = Counter(np.bincount(ver.train.labels.numpy()).tolist()), Counter(np.bincount(s.train.labels.numpy()).tolist())
+    full = Counter(np.bincount(ver.train.labels.numpy()).tolist())
+    sub = Counter(np.bincount(s.train.labels.numpy()).tolist())
     assert all(full[c] >= n for c, n in sub.items())  # whole identities: their image counts are the full ones
 
 
@@ -166,7 +167,8 @@ def test_extended_run_evaluates_extracts_and_keeps_old_extractions(run, extended
         new_tm = extract_task_model(model, None, ["digits"], cfg)
         assert torch.equal(old_tm(x, "digits"), new_tm(x, "digits"))
     out = tmp_path / "multi.safetensors"
-    res = CliRunner().invoke(app, ["extract", str(folder), "--task", "digits", "--task", "mnist_cls", "--out", str(out)])
+    res = CliRunner().invoke(app, ["extract", str(folder), "--task", "digits", "--task", "mnist_cls",
+                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
 
 

@@ -203,7 +203,8 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
                                            if cfg.teacher else []),
                     seed=cfg.seed, k=int(getattr(head.opts, "k", 4)), show_progress=show_progress)
     t0 = time.perf_counter()
-    summary = loop.fit(resume, description=f"distill {task} -> {cfg.student}" + ("" if cfg.teacher else " (no teacher)"))
+    what = f"distill {task} -> {cfg.student}" + ("" if cfg.teacher else " (no teacher)")
+    summary = loop.fit(resume, description=what)
     train_s = time.perf_counter() - t0
 
     tm = package_student(student, spec, teacher, tcfg, data)
@@ -238,7 +239,8 @@ def distill_and_compare(run_dir: str | Path, task: str, out: str | Path, cfg: Di
     if data_root is not None:
         run_cfg.data_root = data_root
     data = build_task_data(task, run_cfg.tasks[task], run_cfg) if task in run_cfg.tasks else None
-    report = distill(run_dir, task, out, cfg.model_copy(update={"teacher": True}), data_root, resume, show_progress, data)
+    report = distill(run_dir, task, out, cfg.model_copy(update={"teacher": True}), data_root, resume, show_progress,
+                     data)
     base = distill(run_dir, task, out / "no_teacher", cfg.model_copy(update={"teacher": False}), data_root, resume,
                    show_progress, data)
     p = report["primary"]

@@ -137,7 +137,8 @@ class TuneLoop:
         self.module.train()
         log = MetricLog(self.out, self.loss_names, self.step)
         t0, images = time.perf_counter(), 0.0
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                             disable=not self.show_progress)
         with progress:
