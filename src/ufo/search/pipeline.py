@@ -88,8 +88,8 @@ def _latency_predictor(run: TrainedRun, paths: dict[str, Path], backend: str, n:
     want = {"backend": backend, "n": n, "seed": seed, "threads": threads, "batch": batch, "features": FEATURES,
             "routes": run.routes[run.task]}
     gp = None if refit else _load_cached(paths["latency"], run, want)
-    if gp is not None:
-        return gp, {**gp.meta_, "cached": True}
+    if gp is not None and gp.meta_.get("machine", {}).get("cpu") == machine_info().get("cpu"):
+        return gp, {**gp.meta_, "cached": True}  # timings of another CPU are not reused
     archs = sample_archs(run.space, run.task, n, seed, run.routes)
     ds = None
     if paths["latency_data"].is_file() and not refit:  # same subnets, settings and machine: reuse the timings
