@@ -64,7 +64,7 @@ def metrics_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     aio, ts, chip, ext, exp = (run[k] or {} for k in ("all_in_one", "task_supernet", "chip_supernet", "extract", "export"))
     base = aio.get("baselines") or {}
     cols = ["task", "kind", "metric"] + (["alone"] if base else []) + [
-        "All in One", "task supernet", "chip supernet (largest)", "chosen subnet", "chosen params", "ONNX fp32", "INT8"]
+        "All in One", "task supernet", "chip supernet (largest)", "chosen subnet", "its model's params", "ONNX fp32", "INT8"]
     rows = []
     for t, tc in cfg["tasks"].items():
         e = exp.get(t) or {}
@@ -80,7 +80,7 @@ def metrics_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def export_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     cols = ["task", "ONNX file", "size (KB)", "INT8 size (KB)", "torch ms", "ONNX ms", "INT8 ms",
-            "parity max |diff|", "INT8 max |diff|"]
+            "parity: max abs diff", "INT8: max abs diff"]
     rows = []
     for t, e in (run["export"] or {}).items():
         lat = e.get("latency_ms") or {}
@@ -156,7 +156,9 @@ def images(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]]:
 
 
 def _md_table(cols: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows])
+    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+    return "\n".join(["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
+                     + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
 
 
 def _html_table(cols: list[str], rows: list[list[str]]) -> str:
