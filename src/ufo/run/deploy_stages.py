@@ -111,15 +111,17 @@ def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             diff = float((tm(x, t) - model(x, t)).abs().max())
         if diff > PARITY_TOL:
             raise UFOError(f"task {t!r}: the extracted task model differs from the supernet by {diff:.2e} (> {PARITY_TOL})")
-        path = out / f"{t}.safetensors"
+        path, arch_file = out / f"{t}.safetensors", out / f"{t}.arch.json"
         save_task_model(path, tm)
+        arch.save(arch_file)  # for `ufo extract RUN/chip_supernet --task T --arch FILE`
         metrics = evaluate_predict(make_predict(tm, t, cfg, cfg.train.eval_batch_size), t, tm.info.heads[t], cfg,
                                    ctx.data[t])
-        rows[t] = {"file": str(path.relative_to(ctx.run_dir)), "kind": cfg.tasks[t].kind, "arch": arch.model_dump(),
+        rows[t] = {"file": str(path.relative_to(ctx.run_dir)), "arch_file": str(arch_file.relative_to(ctx.run_dir)),
+                   "kind": cfg.tasks[t].kind, "arch": arch.model_dump(),
                    "params": tm.num_params(), "backbone_params": model.space.num_params(arch, t),
                    "mflops": model.space.flops(arch, t) / 1e6, "parity": diff, "metrics": metrics,
                    "primary": metrics[ctx.primary(t)]}
-        files.append(path)
+        files += [path, arch_file]
     files.append(ctx.write_json(out / "extract.json", rows))
     return files, {t: r["primary"] for t, r in rows.items()}
 
