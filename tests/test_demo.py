@@ -41,7 +41,8 @@ def test_demo_short_run_end_to_end(tmp_path):
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "report:" in res.stdout and (out / "report" / "index.html").is_file()
-    rows = [line for line in res.stdout.splitlines() if line.lstrip("│ ").startswith(("digits ", "mnist ", "mnist_retrieval "))]
+    rows = [line for line in res.stdout.splitlines()
+            if line.lstrip("│| ").startswith(("digits ", "mnist ", "mnist_retrieval "))]
     assert len(rows) == 3 and "chosen subnet" in res.stdout and "All in One" in res.stdout, res.stdout[-3000:]
     assert all((out / s / "done.json").is_file() for s in STAGE_NAMES)
     aio = json.loads((out / "all_in_one" / "metrics.json").read_text())

@@ -75,8 +75,11 @@ def run_demo(out: str | Path = "runs/demo", suite: str = "builtin", overrides: S
         view.add_column(c, justify="left" if c in ("task", "kind", "metric") else "right")
     for r in rows:
         view.add_row(*r)
-    console.print(view, width=None if console.is_terminal else max(console.width, 140))  # logs: no truncation
     table = final_table(out)
+    if console.is_terminal:
+        console.print(view)
+    else:  # a log file or a pipe: the Markdown table, never truncated to the console width
+        console.print(f"\n{view.title}\n{table}", markup=False, highlight=False, soft_wrap=True)
     html = out / "report" / "index.html"
     console.print(f"\nreport: {html.resolve()}\n(also {out / 'report' / 'report.md'}; serve the task models with "
                   f"`ufo serve {out / 'extract'}/*.safetensors`)")
