@@ -101,6 +101,24 @@ def test_task_model_equals_trained_model_at_its_arch(trained, data, spec):
     assert tm.info.heads["digits"].class_names is None and tm.info.heads["digits"].threshold is None
 
 
+def test_task_model_from_run_at_a_subnet_has_that_subnets_bn_statistics(run, data):
+    from ufo.deploy.package import task_model_from_run
+    from ufo.train.evaluate import recalibrate_bn
+
+    model, cfg, _ = load_trained(run)  # a fresh copy: recalibration changes the heads' buffers
+    arch = arch_from_spec("smallest", model.space, model.backbone.routes())
+    stale = model.heads["mnist_ret"].bn.running_mean.clone()
+    tm = task_model_from_run(run, ["mnist_ret"], "smallest")
+    model.set_arch(arch)
+    recalibrate_bn(model, data, cfg, ["mnist_ret"])
+    assert not torch.allclose(model.heads["mnist_ret"].bn.running_mean, stale)  # the subnet's own statistics
+    x = _images(data, "mnist_ret")
+    with torch.no_grad():
+        assert (tm(x, "mnist_ret") - model.eval()(x, "mnist_ret")).abs().max() <= 1e-5
+    plain = task_model_from_run(run, ["mnist_ret"], "smallest", recalibrate_bn=False)
+    torch.testing.assert_close(plain.heads["mnist_ret"].bn.running_mean, stale)
+
+
 def test_save_load_roundtrip_and_manifest(task_model, data, tmp_path):
     path = tmp_path / "tm.safetensors"
     save_task_model(path, task_model)

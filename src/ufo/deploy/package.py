@@ -291,10 +291,13 @@ def load_trained(path: str | Path) -> tuple[UFOModel, Config, dict[str, Any]]:
 
 
 def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, arch: str | Arch | None = None,
-                        with_data: bool = True, data_root: str | None = None) -> TaskModel:
+                        with_data: bool = True, data_root: str | None = None, recalibrate_bn: bool = True) -> TaskModel:
     """A TaskModel for `tasks` (default: all) of a trained run at `arch` (default: the run's arch;
     or largest | smallest | random:SEED | ARCH.json). With `with_data`, the tasks' data (under
-    `data_root`, default the config's) gives class names and verification thresholds."""
+    `data_root`, default the config's) gives class names and verification thresholds, and, for a
+    subnet other than the run's own arch, the heads' BatchNorm statistics re-estimated for that
+    subnet (`recalibrate_bn`, as `ufo eval --arch` and `ufo run` do)."""
+    from ufo.train.evaluate import recalibrate_bn as recalibrate
     from ufo.train.store import arch_from_spec
 
     model, cfg, _ = load_trained(path)
@@ -306,6 +309,9 @@ def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, ar
         raise DeployError(f"unknown task {unknown[0]!r}; the model's tasks are {model.tasks}")
     a = arch_from_spec(arch, model.space, model.backbone.routes()) if isinstance(arch, str) else arch
     data = load_task_data(cfg, tasks) if with_data else None
+    if a is not None and a != model.arch and data and recalibrate_bn:
+        model.set_arch(a)
+        recalibrate(model, data, cfg, [t for t in tasks if t in data])
     return extract_task_model(model, a, tasks, cfg, data, source=str(path))
 
 
