@@ -61,17 +61,18 @@ SUITE = ROOT / "configs" / "suite.yaml"
 BACKEND, THREADS, BATCH = "torch-cpu", 1, 1
 
 
-def chip_config(task: str, steps: int, batch: int, extra: list[str]) -> Config:
-    """The suite restricted to `task`, as a chip-supernet stage of `steps` steps."""
-    base = load_config(SUITE, extra).model_dump(mode="json")
+def chip_config(config: Path, task: str, steps: int, batch: int, extra: list[str]) -> Config:
+    """`config` (default the suite) restricted to `task`, as a chip-supernet stage of `steps` steps."""
+    base = load_config(config, extra).model_dump(mode="json")
     if task not in base["tasks"]:
-        raise SystemExit(f"--task {task!r}: not a suite task; the suite's tasks are {list(base['tasks'])}")
+        raise SystemExit(f"--task {task!r}: not a task of {config}; its tasks are {list(base['tasks'])}")
     base["tasks"] = {task: {**base["tasks"][task], "batch": None}}
+    base.pop("pipeline", None)  # `ufo run` settings (budgets per task) do not apply to one stage
     base["train"].update(stage="chip_supernet", steps=steps, batch_size=batch, log_every=25, ckpt_every=steps,
                          warmup_steps=min(base["train"]["warmup_steps"], max(1, steps // 10)))
     base["chip_supernet"] = {"num_random": 2, "distill": True}
     base["name"] = f"search-bench-{task}"
-    return parse_config(base, f"{SUITE} (task {task}, chip supernet)")
+    return parse_config(base, f"{config} (task {task}, chip supernet)")
 
 
 def train(cfg: Config, out: Path) -> dict[str, Any]:
@@ -195,7 +196,9 @@ def plot(acc: Any, lat: Any, searches: dict[str, SearchResult], pool: dict[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few steps and small samples, to check the script")
-    p.add_argument("--task", default="signs", help="suite task (classification works best: a precise metric)")
+    p.add_argument("--config", type=Path, default=SUITE, help="experiment config whose task is used (default the "
+                   "suite over ../shared/data; configs/demo.yaml needs no data folder)")
+    p.add_argument("--task", default="signs", help="task of --config (classification works best: a precise metric)")
     p.add_argument("--steps", type=int, default=None, help="chip-supernet steps (3000)")
     p.add_argument("--batch", type=int, default=64, help="chip-supernet batch size")
     p.add_argument("--work", type=Path, default=None, help="keep the run, predictor data and searches here "
@@ -215,11 +218,12 @@ def main() -> None:
     top_k = 4 if q else 8
     t_start = time.perf_counter()
     load_before = load_average()
-    results: dict[str, Any] = {"quick": q, "task": args.task, "backend": BACKEND, "threads": THREADS, "batch": BATCH}
+    results: dict[str, Any] = {"quick": q, "config": str(args.config.resolve().relative_to(ROOT))
+                               if args.config.resolve().is_relative_to(ROOT) else str(args.config), "task": args.task, "backend": BACKEND, "threads": THREADS, "batch": BATCH}
     with tempfile.TemporaryDirectory(prefix="ufo-bench-search-") as tmp_dir:
         tmp = str(args.work) if args.work is not None else tmp_dir
         run_dir = Path(tmp) / "chip"
-        cfg = chip_config(args.task, steps, args.batch, args.set)
+        cfg = chip_config(args.config, args.task, steps, args.batch, args.set)
         print(f"== chip supernet on {args.task}: {steps} steps, batch {args.batch}")
         results["training"] = train(cfg, run_dir)
         run = TrainedRun(run_dir, args.task)
