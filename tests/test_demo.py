@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["train.steps=10", "train.threads=1", "pipeline.baselines.steps=5", "pipeline.task_supernet.steps=5",
          "pipeline.chip_supernet.steps=5", "pipeline.chip_supernet.eval_subnets=2",
          "pipeline.predictors.metric_samples=10", "pipeline.predictors.latency_samples=10",
-         "pipeline.search.trials=100", "pipeline.search.top_k=1", "pipeline.tasks=[digits, mnist_retrieval]",
+         "pipeline.search.trials=100", "pipeline.search.top_k=1",
          "pipeline.export.latency_repeats=5",
          "tasks.mnist_retrieval.data.test_fraction=0.2"]  # half the retrieval evaluation
 
@@ -48,9 +48,11 @@ def test_demo_short_run_end_to_end(tmp_path):
     aio = json.loads((out / "all_in_one" / "metrics.json").read_text())
     assert set(aio["primary"]) == {"digits", "mnist", "mnist_retrieval"} and set(aio["baselines"]) == set(aio["primary"])
     ext = json.loads((out / "extract" / "extract.json").read_text())
-    assert set(ext) == {"digits", "mnist_retrieval"}
+    assert set(ext) == {"digits", "mnist", "mnist_retrieval"}
     assert ext["digits"]["backbone_params"] <= 40000  # the demo's budgets
     assert ext["mnist_retrieval"]["mflops"] * 1e6 <= 2_000_000
+    found = json.loads((out / "search" / "search.json").read_text())["mnist"]  # max_latency_fraction 0.5, timed here
+    assert found["budget"]["max_latency_ms"] > 0 and found["measured_latency_ms"] <= found["budget"]["max_latency_ms"]
     for name, row in ext.items():
         assert row["parity"] <= 1e-5 and 0.0 <= row["primary"] <= 1.0
         tm = load_task_model(out / row["file"])  # what `ufo export` and `ufo serve` take

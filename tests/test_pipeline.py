@@ -153,5 +153,8 @@ def test_errors_name_the_stage_or_field(tmp_path):
     bad["pipeline"]["search"]["budgets"]["faces"] = {"max_params": 10}
     with pytest.raises(ConfigError, match=r"pipeline.search.budgets: unknown task\(s\) \['faces'\]"):
         parse_config(bad)
+    bad["pipeline"]["search"]["budgets"] = {"digits": {"max_latency_ms": 2.0, "max_latency_fraction": 0.5}}
+    with pytest.raises(ConfigError, match="max_latency_ms .* or max_latency_fraction .* not both"):
+        parse_config(bad)
     res = CliRunner().invoke(app, ["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "config file not found" in res.output

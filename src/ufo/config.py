@@ -215,9 +215,18 @@ class SearchBudget(Strict):
     takes the largest subnet's parameter count as the limit: the best predicted metric wins)."""
 
     max_latency_ms: float | None = Field(None, gt=0)  # predicted then measured on `backend`, batch 1
+    # floor = the smallest subnet's upper-quartile latency + 5%, timed with the largest one on `backend`
+    max_latency_fraction: float | None = Field(None, ge=0, le=1)  # relative budget: floor + fraction x (largest - floor)
     max_params: int | None = Field(None, gt=0)  # parameters of the extracted task model's backbone
     max_flops: int | None = Field(None, gt=0)  # FLOPs of one image through the task's path
     backend: Literal["torch-cpu", "ort-cpu", "cuda"] | None = None  # default: pipeline.search.backend
+
+    @model_validator(mode="after")
+    def _one_latency_limit(self) -> "SearchBudget":
+        if self.max_latency_ms is not None and self.max_latency_fraction is not None:
+            raise ValueError(f"give max_latency_ms ({self.max_latency_ms}) or max_latency_fraction "
+                             f"({self.max_latency_fraction}), not both")
+        return self
 
 
 class SearchStageConfig(Strict):

@@ -41,10 +41,11 @@ def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     results: dict[str, Any] = {}
     for t in ctx.tasks:
         b = p.search.budget(t)
+        latency = b.max_latency_ms is not None or b.max_latency_fraction is not None
         results[t] = api.fit_predictors(ctx.dir("chip_supernet"), t, backend=b.backend,
                                         metric_samples=p.predictors.metric_samples,
                                         latency_samples=p.predictors.latency_samples, seed=ctx.cfg.seed,
-                                        out_dir=out, console=ctx.console, latency=b.max_latency_ms is not None,
+                                        out_dir=out, console=ctx.console, latency=latency,
                                         data_root=ctx.cfg.data_root)
     files = [ctx.write_json(out / "predictors.json", results)]
     return files, {t: {k: (r.get(k) or {}).get("cv_kendall_tau") for k in ("metric", "latency")} for t, r in results.items()}
@@ -57,7 +58,9 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     results: dict[str, Any] = {}
     for t in ctx.tasks:
         b = p.search.budget(t)
-        limits = {k: v for k, v in b.model_dump().items() if v is not None and k != "backend"}
+        limits = {k: v for k, v in b.model_dump().items() if v is not None and k not in ("backend", "max_latency_fraction")}
+        if b.max_latency_fraction is not None:
+            limits["max_latency_ms"] = latency_from_fraction(ctx, t, b.max_latency_fraction, b.backend)
         if not limits:  # no limit: the largest subnet's size binds nothing, the best predicted metric wins
             from ufo.train.store import load_model
 
@@ -75,6 +78,27 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     files = [ctx.write_json(out / "search.json", results)]
     return files, {t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
                    for t, r in results.items()}
+
+
+def latency_from_fraction(ctx: RunContext, task: str, fraction: float, backend: str) -> float:
+    """`max_latency_fraction` on this machine: the smallest and the largest subnet of `task` timed
+    together on `backend` (interleaved rounds, as the search measures), then
+    floor + fraction x (largest - floor) in ms. The floor is the smallest subnet's upper quartile
+    plus 5%: the search accepts a subnet by its re-measured upper quartile, so fraction 0 still
+    leaves the smallest subnet feasible when it is timed again (at batch 1 tiny subnets differ
+    by less than the machine's noise)."""
+    from ufo.search.latency import measure_many
+    from ufo.search.metric import TrainedRun
+    from ufo.search.pipeline import LATENCY_REPEATS
+
+    run = TrainedRun(ctx.dir("chip_supernet"), task, with_data=False)
+    archs = [run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))]
+    small, large = measure_many(run.space, archs, task, backend, ctx.cfg.seed, repeats=LATENCY_REPEATS, progress=False)
+    floor = 1.05 * small.q3_ms
+    ms = floor + fraction * max(0.0, large.median_ms - floor)
+    ctx.console.print(f"  {task}: max_latency_fraction {fraction:g} -> {ms:.3f} ms on {backend} (smallest subnet "
+                      f"{small.median_ms:.3f} ms, largest {large.median_ms:.3f} ms)")
+    return ms
 
 
 def chosen_arch(ctx: RunContext, task: str) -> Arch:
