@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ufo.arch import Arch, SearchSpace
-from ufo.checkpoint import atomic_write_text
 from ufo.errors import ArchError, SearchError
 from ufo.nn.extract import build_vit
+from ufo.search.dataset import ArchDataset
 
 BACKENDS: tuple[str, ...] = ("torch-cpu", "ort-cpu", "cuda")
 DEFAULT_THREADS = 1
@@ -174,14 +174,12 @@ class LatencyRecord(BaseModel):
     latency: Latency
 
 
-class LatencyDataset(BaseModel):
+class LatencyDataset(ArchDataset):
     """Measured archs of one task on one backend, with the space and settings they were measured in."""
 
-    model_config = ConfigDict(extra="forbid")
+    what = "latency dataset"
 
     kind: str = "ufo-latency-dataset"
-    space: SearchSpace
-    task: str
     backend: str
     batch: int
     threads: int
@@ -191,43 +189,9 @@ class LatencyDataset(BaseModel):
     machine: dict[str, Any] = Field(default_factory=dict)
     records: list[LatencyRecord] = Field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def archs(self) -> list[Arch]:
-        return [r.arch for r in self.records]
-
-    def features(self) -> np.ndarray:
-        """(N, d) predictor features of each arch for this dataset's task (`arch_features`)."""
-        from ufo.search.features import arch_features
-
-        return arch_features(self.space, self.archs, self.task)
-
     def targets(self) -> np.ndarray:
         """(N,) median latencies in milliseconds."""
         return np.array([r.latency.median_ms for r in self.records], dtype=np.float64)
-
-    def save(self, path: str | Path) -> Path:
-        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "LatencyDataset":
-        """Read a dataset written by `save`, with errors that name the file."""
-        path = Path(path)
-        try:
-            ds = cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise SearchError(f"latency dataset not found: {path}") from None
-        except ValueError as e:
-            raise SearchError(f"{path} is not a valid latency dataset: {e}") from None
-        for i, a in enumerate(ds.archs):
-            try:
-                task_arch(ds.space, a, ds.task)
-            except ArchError as e:
-                raise SearchError(f"{path}: records[{i}].arch does not fit the dataset's space: {e}") from None
-        return ds
 
 
 def space_from(source: str | Path) -> SearchSpace:

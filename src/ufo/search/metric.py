@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ufo.arch import Arch, SearchSpace
-from ufo.checkpoint import atomic_write_text
 from ufo.config import Config
 from ufo.data.dataset import ImageSet
 from ufo.data.transforms import build_transform
-from ufo.errors import ArchError, SearchError
+from ufo.errors import SearchError
 from ufo.model import UFOModel
+from ufo.search.dataset import ArchDataset
 from ufo.search.features import arch_features
 from ufo.search.latency import sample_archs, task_arch
 from ufo.tasks import TaskData, task_class
@@ -123,15 +123,13 @@ class MetricRecord(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-class MetricDataset(BaseModel):
+class MetricDataset(ArchDataset):
     """Subnets of one run evaluated on one task: (arch, primary metric) records, with the space,
     the run and its weights' digest, and the eval split they were scored on."""
 
-    model_config = ConfigDict(extra="forbid")
+    what = "metric dataset"
 
     kind: str = "ufo-metric-dataset"
-    space: SearchSpace
-    task: str
     metric: str
     run: str
     model_digest: str
@@ -140,42 +138,9 @@ class MetricDataset(BaseModel):
     eval_s: float = 0.0
     records: list[MetricRecord] = Field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def archs(self) -> list[Arch]:
-        return [r.arch for r in self.records]
-
-    def features(self) -> np.ndarray:
-        """(N, d) predictor features (`arch_features`)."""
-        return arch_features(self.space, self.archs, self.task)
-
     def targets(self) -> np.ndarray:
         """(N,) primary metric of each arch."""
         return np.array([r.value for r in self.records], dtype=np.float64)
-
-    def save(self, path: str | Path) -> Path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MetricDataset":
-        """Read a dataset written by `save`, with errors that name the file."""
-        path = Path(path)
-        try:
-            ds = cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise SearchError(f"metric dataset not found: {path}") from None
-        except ValueError as e:
-            raise SearchError(f"{path} is not a valid metric dataset: {e}") from None
-        for i, a in enumerate(ds.archs):
-            try:
-                task_arch(ds.space, a, ds.task)
-            except ArchError as e:
-                raise SearchError(f"{path}: records[{i}].arch does not fit the dataset's space: {e}") from None
-        return ds
 
 
 def collect_metrics(run: TrainedRun, n: int, seed: int = 0, progress: bool = True,
