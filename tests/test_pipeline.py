@@ -18,18 +18,10 @@ from ufo.run import STAGE_NAMES, PipelineError, run_pipeline
 from ufo.run.context import stage_config
 from ufo.run.state import inputs_of, read_record
 
-HAVE_SEARCH = True
-try:
-    import ufo.search.pipeline  # noqa: F401  (issue 6: the predictor and search stages call it)
-except ImportError:
-    HAVE_SEARCH = False
-needs_search = pytest.mark.skipif(not HAVE_SEARCH, reason="ufo.search.pipeline (issue 6) is not in this tree yet")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    if not HAVE_SEARCH:
-        pytest.skip("ufo.search.pipeline (issue 6) is not in this tree yet")
     return tiny_run(tmp_path_factory.getbasetemp() / "tiny-shared")  # shared with test_report
 
 
@@ -41,7 +33,6 @@ def _quiet() -> Console:
     return Console(quiet=True)
 
 
-@needs_search
 def test_every_stage_writes_its_folder_and_done_json(run):
     for s in STAGE_NAMES:
         rec = read_record(run / s)
@@ -57,7 +48,6 @@ def test_every_stage_writes_its_folder_and_done_json(run):
     assert {"smallest", "largest"} <= set(chip["subnets"])
 
 
-@needs_search
 def test_search_extract_export_meet_the_budgets(run):
     from ufo.deploy.package import load_task_model
 
@@ -77,14 +67,12 @@ def test_search_extract_export_meet_the_budgets(run):
         assert all(v > 0 for v in row["latency_ms"].values())
 
 
-@needs_search
 def test_rerun_skips_every_valid_stage(run):
     before = _records(run)
     run_pipeline(load_config(run.parent / "tiny.yaml"), run, console=_quiet())
     assert _records(run) == before
 
 
-@needs_search
 def test_changed_section_reruns_that_stage_and_later_ones_only(run, tmp_path):
     before = _records(run)
     cfg = load_config(tiny_config(tmp_path / "c.yaml", export={"int8": "dynamic", "latency_repeats": 6}))
@@ -98,7 +86,6 @@ def test_changed_section_reruns_that_stage_and_later_ones_only(run, tmp_path):
     run_pipeline(load_config(run.parent / "tiny.yaml"), run, console=_quiet())  # back to the fixture's state
 
 
-@needs_search
 def test_cli_run_skips_and_prints_the_report(run):
     res = CliRunner().invoke(app, ["run", str(run.parent / "tiny.yaml"), "--out", str(run)], env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output[-3000:]

@@ -27,10 +27,8 @@ PARITY_TOL = 1e-5
 
 
 def _search_api():
-    try:
-        from ufo.search import pipeline
-    except ImportError as e:  # pragma: no cover - only before issue 6's module exists
-        raise PipelineError(f"the predictor and search stages need ufo.search.pipeline, which this install lacks ({e})")
+    from ufo.search import pipeline
+
     return pipeline
 
 
