@@ -25,15 +25,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ufo.checkpoint import atomic_write_text
-from ufo.config import Config, TrainConfig
+from ufo.config import Config
 from ufo.data.build import build_task_data
 from ufo.deploy.package import (DeployError, TaskModel, TaskModelInfo, TimmBackbone, _calibrate, load_trained,
                                 save_task_model, slice_head, task_model_from_run)
-from ufo.deploy.tune import TuneLoop
+from ufo.deploy.tune import TuneLoop, TuneRecipe
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask, Task
 from ufo.train.distill_losses import cosine_embedding, kl_logits, relational
@@ -41,22 +41,18 @@ from ufo.train.evaluate import make_predict
 from ufo.train.optim import build_optimizer
 
 
-class DistillConfig(BaseModel):
-    """The distillation recipe (the same for the run without a teacher)."""
-
-    model_config = ConfigDict(extra="forbid")
+class DistillConfig(TuneRecipe):
+    """The distillation recipe (the same for the run without a teacher); longer, with a longer
+    warm-up and looser clipping than TuneRecipe's defaults."""
 
     student: str = "mobilenetv3_small_050"
     student_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model arguments
     teacher: bool = True  # False: the same student on the labels alone (the baseline)
     arch: str | None = None  # the teacher subnet: largest | smallest | random:SEED | ARCH.json (default: the run's)
     steps: int = Field(600, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(30, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
+    ckpt_every: int = Field(200, gt=0)
     temperature: float = Field(4.0, gt=0)  # softens both logit distributions in the KL term
     label_weight: float = Field(1.0, ge=0)  # the task's own loss (CE, margin or metric loss), times its loss_weight
     kl_weight: float = Field(1.0, ge=0)
@@ -64,15 +60,6 @@ class DistillConfig(BaseModel):
     embed_weight: float = Field(5.0, ge=0)
     rel_weight: float = Field(20.0, ge=0)
     embedding_dim: int | None = Field(None, gt=0)  # identity tasks: student embedding size (default: teacher's)
-    seed: int = 0
-    log_every: int = Field(10, gt=0)
-    ckpt_every: int = Field(200, gt=0)
-    threads: int | None = Field(None, gt=0)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=min(self.min_lr, self.lr),
-                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-                           log_every=self.log_every, ckpt_every=self.ckpt_every)
 
 
 class StudentModel(nn.Module):

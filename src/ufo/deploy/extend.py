@@ -31,15 +31,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from torch import nn
 
 from ufo.arch import PATHS, Arch
 from ufo.checkpoint import atomic_write_text
-from ufo.config import Config, TaskConfig, TrainConfig, parse_config
+from ufo.config import Config, TaskConfig, parse_config
 from ufo.data.build import build_task_data
 from ufo.deploy.package import load_trained
-from ufo.deploy.tune import TuneError, TuneLoop
+from ufo.deploy.tune import TuneError, TuneLoop, TuneRecipe
 from ufo.errors import ConfigError
 from ufo.model import UFOModel
 from ufo.nn.mlp import ElasticMlp
@@ -54,29 +54,11 @@ MODES: tuple[str, ...] = ("head", "head+expert", "head+expert+norms", "all")
 EXACT_MODES = ("head", "head+expert", "head+expert+norms")  # the others' outputs stay bitwise equal
 
 
-class ExtendConfig(BaseModel):
-    """What trains, on how much data, and the optimisation recipe."""
-
-    model_config = ConfigDict(extra="forbid")
+class ExtendConfig(TuneRecipe):
+    """What trains, on how much data, and the optimisation recipe (TuneRecipe's defaults)."""
 
     train: Mode = "head+expert"
     fraction: float = Field(1.0, gt=0, le=1)  # share of the new task's training labels
-    steps: int = Field(300, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    log_every: int = Field(10, gt=0)
-    ckpt_every: int = Field(100, gt=0)
-    threads: int | None = Field(None, gt=0)
-
-    def train_config(self, eval_batch_size: int) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=min(self.min_lr, self.lr),
-                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-                           log_every=self.log_every, ckpt_every=self.ckpt_every, eval_batch_size=eval_batch_size)
 
 
 # ----- the new task's config and data -----

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
@@ -32,6 +33,32 @@ from ufo.train.optim import set_lr
 from ufo.train.state import load_train_state, save_train_state
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class TuneRecipe(BaseModel):
+    """The optimisation recipe of a one-task run (distillation, extension); subclasses add their
+    own fields and may change the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    ckpt_every: int = Field(100, gt=0)
+    threads: int | None = Field(None, gt=0)
+
+    def train_config(self, eval_batch_size: int | None = None) -> TrainConfig:
+        """The recipe as the TrainConfig that TuneLoop and the optimiser builders read."""
+        extra = {} if eval_batch_size is None else {"eval_batch_size": eval_batch_size}
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=min(self.min_lr, self.lr),
+                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+                           log_every=self.log_every, ckpt_every=self.ckpt_every, **extra)
 
 
 class TuneError(UFOError):
