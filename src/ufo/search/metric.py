@@ -93,10 +93,17 @@ class TrainedRun:
         return torch.cat([self.model(x[i : i + bs], self.task).float() for i in range(0, len(x), bs)])
 
     def evaluate(self, arch: Arch) -> dict[str, float]:
-        """The task's metrics with `arch` active and the inherited weights (the model is left at `arch`)."""
+        """The task's metrics with `arch` active and the inherited weights (the model is left at `arch`).
+
+        The head's BatchNorm statistics (identity tasks' BN-neck) are re-estimated for `arch` first,
+        as `ufo eval --arch` and the extracted task model do, so the predictor learns the metric
+        that the extracted subnet will have."""
+        from ufo.train.evaluate import recalibrate_bn
+
         if self.data is None:
             raise SearchError(f"run {self.run_dir} was loaded without its data; load it with with_data=True")
         self.model.set_arch(self.arch(arch))
+        recalibrate_bn(self.model, {self.task: self.data}, self.cfg, [self.task])
         self.model.eval()
         head = self.model.heads[self.task]
         return {k: float(v) for k, v in head.evaluate(self._predict, self.data, seed=self.cfg.seed).items()}
