@@ -106,6 +106,38 @@ def accuracy_predictor(run: TrainedRun, n_train: int, n_test: int, pred_dir: Pat
     return res, (te, y_te, p)
 
 
+def measurement_ceiling(run: TrainedRun, archs: list[Arch], halves: int = 20, seed: int = 0) -> dict[str, Any]:
+    """How well can any predictor rank `archs` against their measured top-1, given the test set's size?
+
+    For a classification task, each subnet's per-image correctness on the test split is split in
+    random halves: the Kendall tau between the two halves' accuracies (mean over `halves` splits) is
+    the split-half reliability of the ranking. Mapped to a Pearson correlation (Greiner's relation
+    for a bivariate normal, r = sin(pi tau / 2)), stepped up to the full test set (Spearman-Brown,
+    R = 2r / (1 + r)), the measured accuracy correlates with the noise-free one at sqrt(R), i.e. at
+    tau = 2/pi asin(sqrt(R)): the most a perfect predictor of the noise-free accuracy can reach
+    against the measured one. Other task kinds have no per-image metric here: None."""
+    if run.cfg.tasks[run.task].kind != "classification" or "test" not in run.data.eval:
+        return {"kind": run.cfg.tasks[run.task].kind, "ceiling_kendall_tau": None}
+    test = run.data.eval["test"]
+    rows = []
+    for a in archs:
+        run.model.set_arch(run.arch(a))
+        rows.append((run._predict(test).argmax(1) == test.labels).double().numpy())
+    correct = np.stack(rows)
+    n = correct.shape[1]
+    rng = np.random.default_rng(seed)
+    taus = []
+    for _ in range(halves):
+        perm = rng.permutation(n)
+        taus.append(kendall_tau(correct[:, perm[: n // 2]].mean(1), correct[:, perm[n // 2 :]].mean(1)))
+    r = float(np.sin(np.pi * np.mean(taus) / 2))
+    reliability = 2 * r / (1 + r) if r > 0 else 0.0
+    ceiling = float(2 / np.pi * np.arcsin(np.sqrt(reliability)))
+    return {"kind": "classification", "test_images": n, "split_half_kendall_tau": float(np.mean(taus)),
+            "split_half_kendall_tau_sd": float(np.std(taus)), "full_test_reliability": reliability,
+            "ceiling_kendall_tau": ceiling}
+
+
 def latency_predictor(run: TrainedRun, n_train: int, n_test: int, repeats: int,
                       pred_dir: Path) -> tuple[dict[str, Any], Any]:
     """Time train and held-out subnets together in interleaved rounds; fit on the train ones."""
@@ -235,6 +267,9 @@ def main() -> None:
         results["accuracy_predictor"], acc = accuracy_predictor(run, n_acc, n_acc_test, pred_dir)
         held_out = {"archs": [a.model_dump() for a in acc[0]], "measured": acc[1].tolist()}
         (pred_dir / f"{args.task}-metric-held-out.json").write_text(json.dumps(held_out))
+        results["accuracy_predictor"]["measurement"] = measurement_ceiling(run, acc[0])
+        print(f"   held-out tau {results['accuracy_predictor']['kendall_tau']:.3f}; noise ceiling of the "
+              f"measurement {results['accuracy_predictor']['measurement']['ceiling_kendall_tau']}")
         print(f"== latency predictor: {n_lat} training + {n_lat_test} held-out subnets, {repeats} rounds")
         results["latency_predictor"], lat = latency_predictor(run, n_lat, n_lat_test, repeats, pred_dir)
         held_out = {"archs": [a.model_dump() for a in lat[0]], "measured": lat[1].tolist()}
