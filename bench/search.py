@@ -9,6 +9,9 @@ here, constrained NSGA-II search with a measured re-check, and random search as 
 2. Accuracy predictor: evaluate 50 subnets (largest, smallest, 48 random, on the run's routes)
    with inherited weights on the task's test split; fit `GPPredictor` on them and score Kendall
    tau (and MAPE) on 50 further, disjoint random subnets. Target tau >= 0.8.
+   For a classification task, the noise ceiling of that tau is reported beside it
+   (`measurement_ceiling`: what a perfect predictor could reach against a metric measured on
+   this many test images).
 3. Latency predictor: time 200 + 50 held-out subnets on torch-cpu (batch 1, 1 thread), all 250
    in interleaved rounds in a fresh random order each round, so load bursts hit training and
    held-out archs alike; fit on the 200 (log target), score on the 50. Targets MAPE <= 3% and
