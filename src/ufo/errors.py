@@ -31,3 +31,12 @@ class TaskError(UFOError):
 class SearchError(UFOError):
     """A latency measurement, predictor or search that cannot run as asked (unknown backend,
     predictor fitted for another search space, unfitted predictor)."""
+
+
+class InfeasibleBudget(SearchError):
+    """A latency budget that even the smallest subnet, timed now, does not meet. `smallest_q3_ms`
+    is that subnet's upper-quartile latency (a relative budget can be re-derived from it)."""
+
+    def __init__(self, message: str, smallest_q3_ms: float) -> None:
+        super().__init__(message)
+        self.smallest_q3_ms = smallest_q3_ms

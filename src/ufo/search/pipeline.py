@@ -25,7 +25,7 @@ from rich.console import Console
 
 from ufo.arch import Arch
 from ufo.checkpoint import atomic_write_text
-from ufo.errors import CheckpointError, SearchError
+from ufo.errors import CheckpointError, InfeasibleBudget, SearchError
 from ufo.search.features import FEATURES, arch_features
 from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, machine_info,
                                 measure_many, sample_archs)
@@ -278,9 +278,10 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     if use_lat:  # impossible latency budget: the smallest subnet, measured, is already too slow
         lat = measure_many(run.space, [small], task, backend, seed, batch, threads, repeats, progress=False)[0]
         if lat.q3_ms > budget["max_latency_ms"]:
-            raise SearchError(f"max-latency-ms {budget['max_latency_ms']:g} is impossible on {backend}: no subnet of "
-                              f"task {task!r} meets it; the smallest subnet measures {lat.median_ms:.3f} ms "
-                              f"(median; upper quartile {lat.q3_ms:.3f} ms, batch {batch}, {threads} threads)")
+            raise InfeasibleBudget(f"max-latency-ms {budget['max_latency_ms']:g} is impossible on {backend}: no subnet "
+                                   f"of task {task!r} meets it; the smallest subnet measures {lat.median_ms:.3f} ms "
+                                   f"(median; upper quartile {lat.q3_ms:.3f} ms, batch {batch}, {threads} threads)",
+                                   lat.q3_ms)
     gps, report = _fit(run, backend=backend, metric_samples=metric_samples, latency_samples=latency_samples,
                        seed=seed, out_dir=Path(predictor_dir) if predictor_dir else run.run_dir / "predictors",
                        console=console, latency=use_lat, threads=threads, batch=batch, progress=progress, refit=False)
