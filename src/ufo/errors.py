@@ -34,8 +34,9 @@ class SearchError(UFOError):
 
 
 class InfeasibleBudget(SearchError):
-    """A latency budget that even the smallest subnet, timed now, does not meet. `smallest_q3_ms`
-    is that subnet's upper-quartile latency (a relative budget can be re-derived from it)."""
+    """A latency budget that no subnet met when timed: the smallest subnet before the search, or
+    every measured candidate after it. `smallest_q3_ms` is the fastest one's upper-quartile latency
+    (the caller of a relative budget can time the budget again)."""
 
     def __init__(self, message: str, smallest_q3_ms: float) -> None:
         super().__init__(message)

@@ -83,7 +83,7 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
                 # timing the budget and timing the search (a load burst). Time the budget again.
                 if b.max_latency_fraction is None or attempt == FRACTION_RETIMES:
                     raise
-                ctx.console.print(f"  [yellow]timing moved[/]: the smallest subnet now measures {e.smallest_q3_ms:.3f} ms "
+                ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.smallest_q3_ms:.3f} ms "
                                   f"(upper quartile) against a budget of {limits['max_latency_ms']:.3f} ms; "
                                   "timing the relative budget again")
                 limits["max_latency_ms"] = latency_from_fraction(ctx, t, b.max_latency_fraction, b.backend)

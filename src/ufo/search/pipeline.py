@@ -312,9 +312,10 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     measure_s = time.perf_counter() - t_measure
     ok = [c for c in cands if c.meets_budget]
     if not ok:
-        worst = min(cands, key=lambda c: c.measured_latency.q3_ms if c.measured_latency else np.inf)
-        raise SearchError(f"no measured candidate meets the budget {budget} (lowest measured: "
-                          f"{worst.measured_latency}); the machine may be loaded: try again or raise the budget")
+        lowest = min(cands, key=lambda c: c.measured_latency.q3_ms if c.measured_latency else np.inf)
+        raise InfeasibleBudget(f"no measured candidate meets the budget {budget} (lowest measured: "
+                               f"{lowest.measured_latency}); the machine may be loaded: try again or raise the budget",
+                               lowest.measured_latency.q3_ms if lowest.measured_latency else float("inf"))
     chosen = max(ok, key=lambda c: (c.measured_metric, -c.params))
     out.mkdir(parents=True, exist_ok=True)
     model_path = _save_model(run, chosen.arch, out / "model.safetensors")
