@@ -68,31 +68,39 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
 
             model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
             limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
-        for attempt in range(FRACTION_RETIMES + 1):
-            ctx.console.print(f"[bold]search[/]: {t} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
-                              + f" ({b.backend})")
-            try:
-                res = api.search_task(ctx.dir("chip_supernet"), t, **limits, backend=b.backend, out_dir=out / t,
-                                      trials=p.search.trials, top_k=p.search.top_k, seed=ctx.cfg.seed,
-                                      console=ctx.console, metric_samples=p.predictors.metric_samples,
-                                      latency_samples=p.predictors.latency_samples,
-                                      predictor_dir=ctx.dir("predictors"), data_root=ctx.cfg.data_root)
-                break
-            except InfeasibleBudget as e:
-                # A relative budget is feasible by construction; the machine's speed moved between
-                # timing the budget and timing the search (a load burst). Time the budget again.
-                if b.max_latency_fraction is None or attempt == FRACTION_RETIMES:
-                    raise
-                ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.smallest_q3_ms:.3f} ms "
-                                  f"(upper quartile) against a budget of {limits['max_latency_ms']:.3f} ms; "
-                                  "timing the relative budget again")
-                limits["max_latency_ms"] = latency_from_fraction(ctx, t, b.max_latency_fraction, b.backend)
+        res = _search_under(ctx, api, t, b, limits)
         results[t] = {**api.result_summary(res), "arch": res.arch.model_dump(), "objective": res.objective,
                       "png_path": res.png_path, "json_path": res.json_path, "front_size": len(res.front),
                       "candidates": len(res.candidates)}
     files = [ctx.write_json(out / "search.json", results)]
     return files, {t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
                    for t, r in results.items()}
+
+
+def _search_under(ctx: RunContext, api: Any, task: str, budget: Any, limits: dict[str, float]) -> Any:
+    """`search_task` for `task` under `limits`. A relative budget (`max_latency_fraction`) is feasible
+    by construction, so when the search finds it infeasible the machine's speed moved between timing
+    the budget and timing the search (a load burst): the budget is timed again, up to
+    FRACTION_RETIMES times. An absolute budget is what the user asked for: infeasible stays an error."""
+    p = ctx.pipe
+    retimes = 0
+    while True:
+        ctx.console.print(f"[bold]search[/]: {task} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
+                          + f" ({budget.backend})")
+        try:
+            return api.search_task(ctx.dir("chip_supernet"), task, **limits, backend=budget.backend,
+                                   out_dir=ctx.dir("search") / task, trials=p.search.trials, top_k=p.search.top_k,
+                                   seed=ctx.cfg.seed, console=ctx.console, metric_samples=p.predictors.metric_samples,
+                                   latency_samples=p.predictors.latency_samples, predictor_dir=ctx.dir("predictors"),
+                                   data_root=ctx.cfg.data_root)
+        except InfeasibleBudget as e:
+            if budget.max_latency_fraction is None or retimes == FRACTION_RETIMES:
+                raise
+            retimes += 1
+            ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.fastest_q3_ms:.3f} ms "
+                              f"(upper quartile) against a budget of {limits['max_latency_ms']:.3f} ms; "
+                              "timing the relative budget again")
+            limits["max_latency_ms"] = latency_from_fraction(ctx, task, budget.max_latency_fraction, budget.backend)
 
 
 def latency_from_fraction(ctx: RunContext, task: str, fraction: float, backend: str) -> float:
