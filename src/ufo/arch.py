@@ -82,6 +82,13 @@ class Arch(BaseModel):
         Path(path).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
 
 
+def default_stem_channels(patch_size: int, embed_dim: int) -> list[int]:
+    """Conv stem widths doubling up to `embed_dim` at the last layer, e.g. [24, 48, 96] for 8 x 8
+    patches and width 96 (Xiao et al.'s stems double the channels at each stride-2 layer)."""
+    n = patch_size.bit_length() - 1
+    return [max(8, embed_dim >> (n - 1 - k)) for k in range(n)]
+
+
 def _sorted_unique(v: list) -> list:
     if not v:
         raise ValueError("must list at least one value")
@@ -104,6 +111,8 @@ class SearchSpace(BaseModel):
     in_chans: int = 3
     head_dim: int = 32
     qkv_bias: bool = True
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: list[int] = Field(default_factory=list)  # conv stem widths; [] = default_stem_channels
 
     @field_validator("depth", "embed_dim", "num_heads", "mlp_ratio")
     @classmethod
@@ -128,6 +137,19 @@ class SearchSpace(BaseModel):
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if min(self.depth) < 1 or min(self.embed_dim) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratio) <= 0:
             raise ValueError("depth, embed_dim, num_heads and mlp_ratio must be positive")
+        if self.stem == "patch":
+            if self.stem_channels:
+                raise ValueError("stem_channels is set but stem is 'patch'; use stem: conv")
+            return self
+        n = self.patch_size.bit_length() - 1
+        if self.patch_size < 2 or 2**n != self.patch_size:
+            raise ValueError(f"stem 'conv' needs a power-of-two patch_size (one stride-2 conv per halving); "
+                             f"got {self.patch_size}")
+        if not self.stem_channels:
+            self.stem_channels = default_stem_channels(self.patch_size, self.max_embed_dim)
+        if len(self.stem_channels) != n or min(self.stem_channels) < 1:
+            raise ValueError(f"stem_channels {self.stem_channels}: a conv stem for patch_size {self.patch_size} "
+                             f"has {n} positive widths (one per stride-2 layer)")
         return self
 
     # ----- the supernet's maximum dimensions -----
@@ -274,7 +296,7 @@ class SearchSpace(BaseModel):
         self.check(arch)
         tasks = self.tasks if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
         e, hd, b = arch.embed_dim, self.head_dim, int(self.qkv_bias)
-        n = self.in_chans * self.patch_size**2 * e + e  # patch embedding conv
+        n = self._embed_params(e)
         n += e + (self.num_patches + 1) * e  # cls token, position embedding
         for i in range(arch.depth):
             inner = arch.num_heads[i] * hd
@@ -284,11 +306,30 @@ class SearchSpace(BaseModel):
             n += sum(e * w + w + w * e + e for w in self._ffn_widths(arch, tasks, i))
         return n + 2 * e  # final norm
 
+    def _embed_params(self, e: int) -> int:
+        """Parameters of the token embedding at width e: the patch conv, or the conv stem (3x3 convs
+        without bias, GroupNorm affine pairs) and its 1x1 projection."""
+        if self.stem == "patch":
+            return self.in_chans * self.patch_size**2 * e + e
+        chans = [self.in_chans, *self.stem_channels]
+        return sum(9 * a * c + 2 * c for a, c in zip(chans, chans[1:])) + chans[-1] * e + e
+
+    def _embed_flops(self, e: int) -> int:
+        """Conv FLOPs of the token embedding for one image (2 x MACs; norms and ReLUs are not counted,
+        as in torch's FlopCounterMode)."""
+        if self.stem == "patch":
+            return 2 * self.num_patches * e * self.in_chans * self.patch_size**2
+        chans, side, f = [self.in_chans, *self.stem_channels], self.img_size, 0
+        for a, c in zip(chans, chans[1:]):
+            side = (side + 1) // 2  # 3x3, stride 2, padding 1
+            f += 2 * side * side * c * a * 9
+        return f + 2 * self.num_patches * e * chans[-1]
+
     def flops(self, arch: Arch, task: str) -> int:
         """Matmul FLOPs (2 x MACs) of one image through `task`'s path, as torch's FlopCounterMode counts."""
         self.check(arch)
         e, hd, T = arch.embed_dim, self.head_dim, self.num_patches + 1
-        f = 2 * self.num_patches * e * self.in_chans * self.patch_size**2
+        f = self._embed_flops(e)
         for i in range(arch.depth):
             inner = arch.num_heads[i] * hd
             f += 2 * T * e * 3 * inner + 2 * 2 * T * T * inner + 2 * T * inner * e

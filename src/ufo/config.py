@@ -70,6 +70,8 @@ class ModelConfig(Strict):
     in_chans: int = 3
     head_dim: int = 32
     qkv_bias: bool = True
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: list[int] = []
     depth: list[int] = [4, 5, 6]
     embed_dim: list[int] = [64, 96, 128]
     num_heads: list[int] = [2, 3, 4]
@@ -83,7 +85,7 @@ class ModelConfig(Strict):
         return SearchSpace(tasks=tasks, depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
                            mlp_ratio=self.mlp_ratio, paths=self.paths, img_size=self.img_size,
                            patch_size=self.patch_size, in_chans=self.in_chans, head_dim=self.head_dim,
-                           qkv_bias=self.qkv_bias)
+                           qkv_bias=self.qkv_bias, stem=self.stem, stem_channels=self.stem_channels)
 
 
 class TrainConfig(Strict):

@@ -51,6 +51,9 @@ NOTES = {
     "ModelConfig.in_chans": "input channels (1 or 3; grey images are repeated to 3)",
     "ModelConfig.head_dim": "width of one attention head (fixed; heads are elastic)",
     "ModelConfig.qkv_bias": "bias in the qkv projection",
+    "ModelConfig.stem": "token embedding: one patch_size conv ('patch'), or log2(patch_size) 3x3 stride-2 convs "
+                        "with GroupNorm + ReLU and a 1x1 projection ('conv', Xiao et al. 2021: learns faster from scratch)",
+    "ModelConfig.stem_channels": "conv stem widths, one per stride-2 layer ([] doubles up to the largest embed_dim)",
     "ModelConfig.depth": "elastic: number of blocks",
     "ModelConfig.embed_dim": "elastic: token width",
     "ModelConfig.num_heads": "elastic: heads per block",

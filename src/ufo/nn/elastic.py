@@ -83,8 +83,8 @@ class ElasticPatchEmbed(nn.Module):
         x = F.conv2d(x, self.proj.weight[:k], self.proj.bias[:k], stride=self.patch_size)  # (B, k, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, N, k)
 
-    def extract_into(self, conv: nn.Conv2d) -> None:
-        """Copy the active slice into timm's `PatchEmbed.proj` of the right size."""
+    def extract_into(self, embed: nn.Module) -> None:
+        """Copy the active slice into an extracted model's timm `PatchEmbed` (its `proj`)."""
         k = self.active_dim
-        conv.weight.data.copy_(self.proj.weight[:k])
-        conv.bias.data.copy_(self.proj.bias[:k])
+        embed.proj.weight.data.copy_(self.proj.weight[:k])
+        embed.proj.bias.data.copy_(self.proj.bias[:k])

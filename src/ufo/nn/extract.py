@@ -11,12 +11,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from timm.layers import Attention, Mlp, PatchEmbed
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ufo.arch import Arch, SearchSpace, hidden_dim
 from ufo.errors import ArchError
+from ufo.nn.stem import static_embed
 from ufo.nn.vit import SuperViT
 
 
@@ -40,6 +41,8 @@ def build_vit(space: SearchSpace, arch: Arch, task: str) -> VisionTransformer:
         embed_dim=e, depth=arch.depth, num_heads=1, mlp_ratio=1.0,  # blocks are replaced below
         qkv_bias=space.qkv_bias, global_pool="token", weight_init="skip",
     )
+    if space.stem != "patch":
+        vit.patch_embed = static_embed(space, e)
     for i, blk in enumerate(vit.blocks):
         width = hidden_dim(e, arch.mlp_ratio[i]) * (2 if arch.paths[task][i] == "mix" else 1)
         blk.attn = Attention(e, arch.num_heads[i], attn_head_dim=hd, qkv_bias=space.qkv_bias)
@@ -90,7 +93,7 @@ class MultiTaskViT(nn.Module):
         super().__init__()
         e = arch.embed_dim
         self.tasks = list(tasks)
-        self.patch_embed = PatchEmbed(space.img_size, space.patch_size, space.in_chans, e)
+        self.patch_embed = static_embed(space, e)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, e))
         self.blocks = nn.ModuleList(
@@ -134,7 +137,7 @@ def extract(model: SuperViT, arch: Arch | None = None, tasks: str | Sequence[str
     try:
         out = build_extracted(model.space, arch, tasks)
         e = arch.embed_dim
-        model.patch_embed.extract_into(out.patch_embed.proj)
+        model.patch_embed.extract_into(out.patch_embed)
         out.cls_token.copy_(model.cls_token[:, :, :e])
         out.pos_embed.copy_(model.pos_embed[:, :, :e])
         out.norm.load_state_dict(model.norm.extract().state_dict())

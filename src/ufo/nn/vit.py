@@ -17,8 +17,9 @@ from torch import nn
 from ufo.arch import PATHS, Arch, Routes, SearchSpace, hidden_dim
 from ufo.errors import TaskError
 from ufo.nn.attention import ElasticAttention
-from ufo.nn.elastic import ElasticLayerNorm, ElasticPatchEmbed
+from ufo.nn.elastic import ElasticLayerNorm
 from ufo.nn.moe import Segment, TaskFFN
+from ufo.nn.stem import elastic_embed
 
 TaskArg = str | int | torch.Tensor
 
@@ -53,7 +54,7 @@ class SuperViT(nn.Module):
         self.space = space
         self.tasks = list(space.tasks)
         E = space.max_embed_dim
-        self.patch_embed = ElasticPatchEmbed(space.img_size, space.patch_size, space.in_chans, E)
+        self.patch_embed = elastic_embed(space)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
         self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, E))
         dpr = torch.linspace(0, drop_path_rate, space.max_depth).tolist()

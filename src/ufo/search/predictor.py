@@ -41,7 +41,10 @@ KIND = "gp_predictor"
 
 def space_fingerprint(space: SearchSpace) -> str:
     """A stable hash of everything that defines `space` (its encodings depend on all of it)."""
-    text = json.dumps(space.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    d = space.model_dump(mode="json")
+    if d["stem"] == "patch":  # spaces from before the conv stem keep their fingerprint
+        del d["stem"], d["stem_channels"]
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

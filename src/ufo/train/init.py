@@ -211,10 +211,8 @@ def _prefix_tokens(sd: StateDict, source: str) -> tuple[int, int]:
     raise CheckpointError(f"{source}: pos_embed of {n} tokens is not a square patch grid plus {npt} prefix tokens")
 
 
-def _map_embeddings(w: _Writer, sd: StateDict, vit: SuperViT) -> None:
-    s = vit.space
-    if "cls_token" in sd:
-        w.put("cls_token", "cls_token", sd["cls_token"])
+def _map_patch_conv(w: _Writer, sd: StateDict, s: SearchSpace) -> None:
+    """timm's patch conv into ours: input channels adapted, kernel resampled, first-k embed dim."""
     kernel = sd["patch_embed.proj.weight"]  # (D, C, p, p)
     how = []
     if kernel.shape[1] != s.in_chans:
@@ -234,6 +232,16 @@ def _map_embeddings(w: _Writer, sd: StateDict, vit: SuperViT) -> None:
           sd["patch_embed.proj.weight"].shape)
     if "patch_embed.proj.bias" in sd:
         w.put("patch_embed.proj.bias", "patch_embed.proj.bias", sd["patch_embed.proj.bias"])
+
+
+def _map_embeddings(w: _Writer, sd: StateDict, vit: SuperViT) -> None:
+    s = vit.space
+    if "cls_token" in sd:
+        w.put("cls_token", "cls_token", sd["cls_token"])
+    if s.stem == "conv":
+        w.report.notes.append("model.stem is 'conv': timm's patch_embed conv has no counterpart; the stem keeps its fresh init")
+    else:
+        _map_patch_conv(w, sd, s)
     if "pos_embed" in sd:
         pos, (prefix, grid) = sd["pos_embed"], _prefix_tokens(sd, w.report.source)
         g = s.img_size // s.patch_size
