@@ -87,6 +87,44 @@ def test_log_target_positive_predictions_and_rejects_nonpositive(data):
         GPPredictor(log_target=True).fit(X[:10], y[:10] - 10)
 
 
+def test_logit_target_stays_in_the_unit_interval_and_rejects_bounds(data):
+    X, y = data
+    acc = 1 / (1 + np.exp(-(y - 5.0)))  # an accuracy-like target in (0, 1), saturating at both ends
+    est = GPPredictor(logit_target=True, n_restarts=0).fit(X[:50], acc[:50])
+    mu, sd = est.predict(X[50:], return_std=True)
+    assert np.all((mu > 0) & (mu < 1)) and np.all(sd > 0)
+    assert kendall_tau(acc[50:], mu) > 0.8
+    # on the logit scale the target is the smooth function itself: better than fitting it raw
+    raw = GPPredictor(n_restarts=0).fit(X[:50], acc[:50]).predict(X[50:])
+    assert np.mean(np.abs(mu - acc[50:])) < np.mean(np.abs(raw - acc[50:]))
+    with pytest.raises(SearchError, match="strictly between 0 and 1"):
+        GPPredictor(logit_target=True).fit(X[:10], np.r_[acc[:9], 1.0])
+    with pytest.raises(SearchError, match="exclusive"):
+        GPPredictor(logit_target=True, log_target=True).fit(X[:10], acc[:10])
+
+
+def test_fit_metric_predictor_picks_smoothness_by_cv_and_fits_logits(data):
+    from ufo.search.metric import NU_CHOICES, MetricDataset, MetricRecord, fit_metric_predictor
+
+    rng = np.random.default_rng(1)
+    archs = [SPACE.sample(rng) for _ in range(30)]
+    # accuracy grows with capacity: depth and width, plus a small arch-dependent wiggle
+    acc = [0.5 + 0.1 * a.depth + 0.002 * a.embed_dim + 0.01 * np.sin(sum(a.num_heads)) for a in archs]
+    ds = MetricDataset(space=SPACE, task="cls", metric="top1", run="synthetic", model_digest="0" * 16,
+                       split="test", seed=0, eval_s=0.0,
+                       records=[MetricRecord(arch=a, value=v, metrics={"top1": v})
+                       for a, v in zip(archs, acc)])
+    gp, meta = fit_metric_predictor(ds, folds=3)
+    assert meta["target_transform"] == "logit" and gp.logit_target
+    assert set(meta["cv_by_nu"]) == {str(nu) for nu in NU_CHOICES}
+    assert meta["nu"] == gp.nu and meta["cv"]["kendall_tau"] == max(meta["cv_by_nu"].values())
+    assert meta["cv"]["kendall_tau"] > 0.7
+    # a metric that reaches 1 cannot be fitted in logit space: the identity is used
+    ds.records[0].value = 1.0
+    _, meta = fit_metric_predictor(ds, folds=3)
+    assert meta["target_transform"] == "identity"
+
+
 def test_save_load_round_trip_identical(tmp_path, data, fitted):
     X, _ = data
     path = fitted.save(tmp_path / "p.safetensors", SPACE, meta={"target": "synthetic"})

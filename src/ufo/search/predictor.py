@@ -6,7 +6,9 @@ trend, and a `GaussianProcessRegressor` with a learned ARD kernel
 (`ConstantKernel * Matern(nu) + WhiteKernel`, hyperparameters by marginal likelihood with seeded
 restarts) models what the trend misses. Unlike PaddleSlim's GP-NAS the kernel's length scales are
 learned, not fixed. Latency targets can be fitted in log space (`log_target=True`), where
-relative errors are what count. A fitted predictor saves to one safetensors file (fitted arrays,
+relative errors are what count, and metrics bounded in (0, 1) (accuracy, mAP, recall) in logit space
+(`logit_target=True`), where a metric that saturates near 1 is close to linear in log capacity
+again. A fitted predictor saves to one safetensors file (fitted arrays,
 JSON manifest) tied to its search space by a fingerprint, so it is not reused on another space.
 """
 
@@ -54,10 +56,14 @@ class GPPredictor(RegressorMixin, BaseEstimator):
     `nu`: Matern smoothness (0.5, 1.5, 2.5 or inf). `n_restarts`: extra optimiser starts for the
     kernel hyperparameters, drawn with `random_state`. `log_target`: fit log(y) (y must be
     positive) and return exp of the prediction, with the std mapped by the delta method.
+    `logit_target`: fit log(y / (1 - y)) (every y strictly between 0 and 1) and return the
+    sigmoid of the prediction, the std again by the delta method.
     """
 
-    def __init__(self, log_target: bool = False, nu: float = 2.5, n_restarts: int = 3, random_state: int = 0) -> None:
+    def __init__(self, log_target: bool = False, nu: float = 2.5, n_restarts: int = 3, random_state: int = 0,
+                 logit_target: bool = False) -> None:
         self.log_target = log_target
+        self.logit_target = logit_target
         self.nu = nu
         self.n_restarts = n_restarts
         self.random_state = random_state
@@ -89,6 +95,13 @@ class GPPredictor(RegressorMixin, BaseEstimator):
             if np.any(y <= 0):
                 raise SearchError(f"log_target=True needs positive targets; the smallest is {y.min():g}")
             y = np.log(y)
+        if self.logit_target:
+            if self.log_target:
+                raise SearchError("log_target and logit_target are exclusive: choose one transform of the target")
+            if np.any((y <= 0) | (y >= 1)):
+                raise SearchError(f"logit_target=True needs targets strictly between 0 and 1; they span "
+                                  f"[{y.min():g}, {y.max():g}]")
+            y = np.log(y / (1 - y))
         self.x_mean_ = X.mean(0)
         std = X.std(0)
         self.x_scale_ = np.where(std > 0, std, 1.0)  # constant features (unused blocks) stay at 0
@@ -115,6 +128,9 @@ class GPPredictor(RegressorMixin, BaseEstimator):
         if self.log_target:
             mu = np.exp(mu)
             s = mu * s  # delta method: d exp(m) = exp(m) dm
+        elif self.logit_target:
+            mu = 1 / (1 + np.exp(-mu))
+            s = mu * (1 - mu) * s  # d sigmoid(m) = sigmoid(m) (1 - sigmoid(m)) dm
         return (mu, s) if return_std else mu
 
     # ----- files -----
