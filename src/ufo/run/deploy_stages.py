@@ -110,15 +110,14 @@ def latency_from_fraction(ctx: RunContext, task: str, fraction: float, backend: 
     plus 5%: the search accepts a subnet by its re-measured upper quartile, so fraction 0 still
     leaves the smallest subnet feasible when it is timed again (at batch 1 tiny subnets differ
     by less than the machine's noise)."""
-    from ufo.search.latency import measure_many
+    from ufo.search.latency import latency_at_fraction
     from ufo.search.metric import TrainedRun
     from ufo.search.pipeline import LATENCY_REPEATS
 
     run = TrainedRun(ctx.dir("chip_supernet"), task, with_data=False)
-    archs = [run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))]
-    small, large = measure_many(run.space, archs, task, backend, ctx.cfg.seed, repeats=LATENCY_REPEATS, progress=False)
-    floor = 1.05 * small.q3_ms
-    ms = floor + fraction * max(0.0, large.median_ms - floor)
+    ms, small, large = latency_at_fraction(run.space, run.arch(run.space.smallest(run.routes)),
+                                           run.arch(run.space.largest(run.routes)), task, fraction, backend,
+                                           ctx.cfg.seed, repeats=LATENCY_REPEATS)
     ctx.console.print(f"  {task}: max_latency_fraction {fraction:g} -> {ms:.3f} ms on {backend} (smallest subnet "
                       f"{small.median_ms:.3f} ms, largest {large.median_ms:.3f} ms)")
     return ms

@@ -321,3 +321,22 @@ def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", s
     lats = measure_many(space, archs, task, backend, seed, batch, threads, repeats, warmup, progress)
     ds.records = [LatencyRecord(arch=a, latency=lat) for a, lat in zip(archs, lats)]
     return ds
+
+
+def latency_at_fraction(space: SearchSpace, small: Arch, large: Arch, task: str, fraction: float,
+                        backend: str = "torch-cpu", seed: int = 0, batch: int = 1, threads: int = DEFAULT_THREADS,
+                        repeats: int = 30) -> tuple[float, Latency, Latency]:
+    """A latency budget `fraction` of the way from the smallest subnet `small` to the largest
+    `large`, both timed now, together (interleaved rounds, as a search measures its candidates).
+
+    Returns (budget_ms, small's latency, large's latency). The floor is `small`'s upper quartile
+    plus 5%: a search accepts a subnet by its re-measured upper quartile, so fraction 0 still leaves
+    the smallest subnet feasible when it is timed again (tiny subnets at batch 1 differ by less
+    than a shared machine's noise).
+    """
+    if not 0 <= fraction <= 1:
+        raise SearchError(f"latency fraction must lie in [0, 1], got {fraction}")
+    lo, hi = measure_many(space, [small, large], task, backend, seed, batch, threads, repeats, progress=False)
+    floor = 1.05 * lo.q3_ms
+    return floor + fraction * max(0.0, hi.median_ms - floor), lo, hi
+
