@@ -30,8 +30,9 @@ tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
    step of the largest arch on the same routes, timed in alternating rounds; reported as a
    ratio (no target).
 
-Defaults: 800 All-in-One steps, 800 task-supernet steps, 1200 chip-supernet steps,
-standalone runs of 2800 steps (3 archs), 1600 steps each for the all-shared and all-task runs,
+Defaults: 400 All-in-One steps, 400 task-supernet steps, 2000 chip-supernet steps (the sandwich
+stage needs the most: at 800/800/1200, 2 of 6 pairs were within a point, at 400/400/2000 3 of 6),
+standalone runs of 2800 steps (3 archs), 800 steps each for the all-shared and all-task runs,
 20 timing rounds: about 15 minutes on a quiet 2-core machine (a plain step of the largest arch
 ~50 ms at batch 36, a chip-supernet step ~2.4x that). `--quick` (4 steps per run) checks the
 script end to end in under a minute. Run it alone.
@@ -239,10 +240,10 @@ def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps per run, to check the script")
-    p.add_argument("--steps", type=int, default=None, help="task-supernet steps (800); the all-shared and all-task "
+    p.add_argument("--steps", type=int, default=None, help="task-supernet steps (400); the all-shared and all-task "
                    "runs get --aio-steps + --steps")
-    p.add_argument("--aio-steps", type=int, default=None, help="All-in-One steps before the task supernet (800)")
-    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (1200)")
+    p.add_argument("--aio-steps", type=int, default=None, help="All-in-One steps before the task supernet (400)")
+    p.add_argument("--chip-steps", type=int, default=None, help="chip-supernet steps (2000)")
     p.add_argument("--tau-start", type=float, default=1.0, help="task supernet: first Gumbel temperature")
     p.add_argument("--tau-end", type=float, default=0.1, help="task supernet: last Gumbel temperature")
     p.add_argument("--expert-cost", type=float, default=0.05, help="task supernet: weight of the expert cost")
@@ -253,9 +254,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds of the elasticity cost (20)")
     p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
     args = p.parse_args()
-    steps = args.steps or (4 if args.quick else 800)
-    aio_steps = args.aio_steps or (4 if args.quick else 800)
-    chip_steps = args.chip_steps or (4 if args.quick else 1200)
+    steps = args.steps or (4 if args.quick else 400)
+    aio_steps = args.aio_steps or (4 if args.quick else 400)
+    chip_steps = args.chip_steps or (4 if args.quick else 2000)
     alone_steps = args.standalone_steps or aio_steps + steps + chip_steps
     ts_settings = {"tau_start": args.tau_start, "tau_end": min(args.tau_end, args.tau_start),
                    "expert_cost": args.expert_cost}
