@@ -19,8 +19,9 @@ here, constrained NSGA-II search with a measured re-check, and random search as 
    held-out archs alike (200 rounds); fit on the 200 (log target), score on the 50. Targets
    MAPE <= 3% and tau >= 0.95. The 50 held-out subnets are timed a second time, in new rounds:
    the tau between the two timings (`retest_kendall_tau`) is how well the measurement itself
-   ranks them, and the predictor is scored against that second timing too. Both data sets are saved where `search_task` caches them, so the searches
-   below start from these predictors (the one-off collection is not search time).
+   ranks them, and the predictor is scored against that second timing too. Both data sets are
+   saved where `search_task` caches them, so the searches below start from these predictors (the
+   one-off collection is not search time).
 4. Searches (`ufo.search.pipeline.search_task`, 2000 NSGA-II trials, top 8 measured): under a
    parameter budget, a FLOP budget (both the geometric mean of the smallest and the largest
    subnet's) and two latency budgets (30% and 60% of the way from the smallest to the largest
@@ -307,7 +308,7 @@ def main() -> None:
                 if name in fractions:
                     # timed now, beside the search: a budget from the predictor data's range can fall
                     # below the smallest subnet once the machine's load moves
-                    ms, lo, hi = latency_at_fraction(space, small, large, task, fractions[name], BACKEND, 0, BATCH,
+                    ms, _, _ = latency_at_fraction(space, small, large, task, fractions[name], BACKEND, 0, BATCH,
                                                      THREADS, repeats)
                     budgets[name] = {"max_latency_ms": ms}
                 print(f"== search under {budgets[name]}")

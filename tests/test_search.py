@@ -191,3 +191,15 @@ def test_fit_predictors_reports_cross_validation_and_caches(run_dir):
     refit = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False, latency=False,
                            seed=1)
     assert not refit["metric"]["cached"] and "latency" not in refit
+
+
+def test_latency_at_fraction_floors_at_the_smallest_and_rejects_bad_fractions(run):
+    from ufo.search.latency import latency_at_fraction
+
+    small, large = run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))
+    ms0, lo, hi = latency_at_fraction(run.space, small, large, TASK, 0.0, repeats=5)
+    assert ms0 == pytest.approx(1.05 * lo.q3_ms)  # fraction 0 still admits the smallest subnet
+    ms1, lo, hi = latency_at_fraction(run.space, small, large, TASK, 1.0, repeats=5)
+    assert ms1 == pytest.approx(max(1.05 * lo.q3_ms, hi.median_ms))
+    with pytest.raises(SearchError, match=r"\[0, 1\], got 1.5"):
+        latency_at_fraction(run.space, small, large, TASK, 1.5)

@@ -104,12 +104,8 @@ def _search_under(ctx: RunContext, api: Any, task: str, budget: Any, limits: dic
 
 
 def latency_from_fraction(ctx: RunContext, task: str, fraction: float, backend: str) -> float:
-    """`max_latency_fraction` on this machine: the smallest and the largest subnet of `task` timed
-    together on `backend` (interleaved rounds, as the search measures), then
-    floor + fraction x (largest - floor) in ms. The floor is the smallest subnet's upper quartile
-    plus 5%: the search accepts a subnet by its re-measured upper quartile, so fraction 0 still
-    leaves the smallest subnet feasible when it is timed again (at batch 1 tiny subnets differ
-    by less than the machine's noise)."""
+    """`max_latency_fraction` on this machine, in ms: `ufo.search.latency.latency_at_fraction`
+    for the smallest and the largest subnet of `task` on `backend`."""
     from ufo.search.latency import latency_at_fraction
     from ufo.search.metric import TrainedRun
     from ufo.search.pipeline import LATENCY_REPEATS

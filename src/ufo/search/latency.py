@@ -339,4 +339,3 @@ def latency_at_fraction(space: SearchSpace, small: Arch, large: Arch, task: str,
     lo, hi = measure_many(space, [small, large], task, backend, seed, batch, threads, repeats, progress=False)
     floor = 1.05 * lo.q3_ms
     return floor + fraction * max(0.0, hi.median_ms - floor), lo, hi
-
