@@ -237,7 +237,9 @@ def plot(results: dict[str, Any], tasks: list[str], path: Path) -> None:
         ax.set_title(f"{t} ({results['kinds'][t]})")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    fig.suptitle("One for All: subnets inherited from the supernet vs the same archs trained alone", fontsize=10)
+    n = len(results["seeds"])
+    fig.suptitle("One for All: subnets inherited from the supernet vs the same archs trained alone"
+                 + (f" (mean of {n} seeds)" if n > 1 else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
