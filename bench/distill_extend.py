@@ -38,6 +38,7 @@ import torch
 from _common import RESULTS_DIR, load_average, target, write_results
 from ufo.config import Config, load_config, parse_config
 from ufo.data.build import build_task_data
+from ufo.data.sampler import pk_capacity
 from ufo.deploy.distill import DistillConfig, distill_and_compare
 from ufo.deploy.extend import ExtendConfig, extend, fraction_subset
 from ufo.tasks import task_class
@@ -121,6 +122,8 @@ def run_extension(run: Path, held: str, suite: Config, base_tasks: list[str], ba
         print(out["runs"][key])
     # the same task alone, from scratch, on the same 10% subset, for as many steps
     sub = fraction_subset(data, 0.1, 0, task_class(tc.kind).uses_groups)
+    if sub.groups is not None:  # as the extension's loop does: P x K cannot exceed the subset's identities
+        batch = min(batch, pk_capacity(sub.groups.numpy(), int(tc.options.get("k", 4))))
     alone = suite.only(held)
     alone = alone.model_copy(update={"train": alone.train.model_copy(update={
         "steps": steps, "batch_size": batch, "ckpt_every": steps, "log_every": 25, "threads": threads})})
@@ -129,7 +132,8 @@ def run_extension(run: Path, held: str, suite: Config, base_tasks: list[str], ba
     tr = Trainer(alone, work / "scratch-0.1", data={held: sub})
     tr.fit()
     m = evaluate_tasks(tr.eval_model(), {held: data}, alone, [held])[held]
-    out["scratch@0.1"] = {"metric": m[p], "train_samples": len(sub.train), "train_seconds": time.perf_counter() - t0,
+    out["scratch@0.1"] = {"metric": m[p], "train_samples": len(sub.train), "batch": batch,
+                          "train_seconds": time.perf_counter() - t0,
                           "params": sum(q.numel() for q in tr.model.parameters())}
     print(out["scratch@0.1"])
     return out

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ufo.data.sampler import MixedTaskSampler, TaskSource
+from ufo.data.sampler import MixedTaskSampler, TaskSource, pk_capacity
 from ufo.errors import DataError
 
 
@@ -128,6 +128,17 @@ def test_too_few_groups_raises_with_counts() -> None:
     one = np.array([0, 0, 0, 1, 2])
     with pytest.raises(DataError, match=r"'solo'.*P=2.*3 groups.*only 1 have >= 2"):
         MixedTaskSampler([TaskSource("cls", 10), TaskSource("solo", 5, groups=one, k=2)], 16)
+
+
+
+def test_pk_capacity_is_the_largest_batch_a_grouped_task_fills() -> None:
+    groups = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])  # 4 groups, 3 with >= 2 samples
+    assert pk_capacity(groups, 4) == 12 and pk_capacity(groups, 2) == 6
+    solo = [TaskSource("reid", len(groups), groups=groups, k=2)]
+    batch = MixedTaskSampler(solo, pk_capacity(groups, 2)).next()["reid"]
+    assert len(batch) == 6 and len(set(groups[batch])) == 3  # every eligible group, K each
+    with pytest.raises(DataError, match="distinct groups"):
+        MixedTaskSampler(solo, pk_capacity(groups, 2) + 2)
 
 
 # ---- other modes ----

@@ -183,6 +183,13 @@ def _group_members(groups: np.ndarray) -> tuple[int, list[np.ndarray], str]:
     return len(counts), eligible, hashlib.sha256(codes.astype("<i8").tobytes()).hexdigest()[:16]
 
 
+def pk_capacity(groups: Any, k: int) -> int:
+    """The largest P x K batch a grouped task can fill with distinct groups: (groups with >= 2
+    samples) x K."""
+    _, counts = np.unique(np.asarray(groups), return_counts=True)
+    return int((counts >= 2).sum()) * k
+
+
 def _check_groups(t: TaskSource, n_groups: int, n_eligible: int, p: int, share: int | None) -> None:
     """P x K needs P (and at least 2) distinct groups that have >= 2 samples each."""
     p = max(p, 2)

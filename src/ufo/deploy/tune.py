@@ -24,7 +24,7 @@ from torch import nn
 
 from ufo.checkpoint import read_manifest
 from ufo.config import TaskConfig, TrainConfig
-from ufo.data.sampler import MixedTaskSampler, TaskSource
+from ufo.data.sampler import MixedTaskSampler, TaskSource, pk_capacity
 from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, UFOError
 from ufo.tasks import TaskData
@@ -99,8 +99,7 @@ class TuneLoop:
         groups = self.data.groups.numpy() if self.data.groups is not None else None
         self.batch_size = self.train.batch_size
         if groups is not None:  # P x K: at most (identities with 2+ images) x K per batch
-            _, counts = np.unique(groups, return_counts=True)
-            cap = int((counts >= 2).sum()) * self.k
+            cap = pk_capacity(groups, self.k)
             if self.batch_size > cap:
                 warnings.warn(f"task {self.task!r}: batch_size {self.batch_size} lowered to {cap} "
                               f"({cap // self.k} identities with 2+ images, K={self.k})", stacklevel=2)
