@@ -130,7 +130,6 @@ def test_too_few_groups_raises_with_counts() -> None:
         MixedTaskSampler([TaskSource("cls", 10), TaskSource("solo", 5, groups=one, k=2)], 16)
 
 
-
 def test_pk_capacity_is_the_largest_batch_a_grouped_task_fills() -> None:
     groups = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])  # 4 groups, 3 with >= 2 samples
     assert pk_capacity(groups, 4) == 12 and pk_capacity(groups, 2) == 6
