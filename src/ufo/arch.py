@@ -21,6 +21,19 @@ PATHS: tuple[str, ...] = ("shared", "task", "mix")
 Routes = dict[str, list[str]]  # task -> path per block of the largest depth
 
 
+ImageSize = int | tuple[int, int]
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an image size given as one side (square) or as (height, width)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size), int(size)
+    hw = tuple(size)
+    if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in hw):
+        raise ValueError(f"an image size is one int or (height, width), got {size!r}")
+    return int(hw[0]), int(hw[1])
+
+
 def hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
     """FFN width of one expert for an embedding width and ratio (monotone in both)."""
     return int(round(embed_dim * mlp_ratio))
@@ -106,7 +119,8 @@ class SearchSpace(BaseModel):
     num_heads: list[int]
     mlp_ratio: list[float]
     paths: list[PathName] = Field(default_factory=lambda: list(PATHS))
-    img_size: int = 32
+    img_size: ImageSize = 32  # the position-embedding grid (and every task's input unless task_img_size says)
+    task_img_size: dict[str, tuple[int, int]] = Field(default_factory=dict)  # (height, width) of tasks that differ
     patch_size: int = 4
     in_chans: int = 3
     head_dim: int = 32
@@ -133,8 +147,14 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _dims(self) -> "SearchSpace":
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for where, size in (("img_size", self.img_size), *((f"task_img_size[{t!r}]", s)
+                                                          for t, s in self.task_img_size.items())):
+            h, w = as_hw(size)
+            if min(h, w) < 1 or h % self.patch_size or w % self.patch_size:
+                raise ValueError(f"{where} {h}x{w} (HxW) is not a positive multiple of patch_size {self.patch_size}")
+        unknown = [t for t in self.task_img_size if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"task_img_size names unknown task(s) {unknown}; the tasks are {self.tasks}")
         if min(self.depth) < 1 or min(self.embed_dim) < 1 or min(self.num_heads) < 1 or min(self.mlp_ratio) <= 0:
             raise ValueError("depth, embed_dim, num_heads and mlp_ratio must be positive")
         if self.stem == "patch":
@@ -169,9 +189,26 @@ class SearchSpace(BaseModel):
     def max_hidden(self) -> int:
         return hidden_dim(self.embed_dim[-1], self.mlp_ratio[-1])
 
+    def input_size(self, task: str | None = None) -> tuple[int, int]:
+        """(height, width) of `task`'s input (None: the base size, on which pos_embed is laid out)."""
+        if task is not None and task in self.task_img_size:
+            return as_hw(self.task_img_size[task])
+        return as_hw(self.img_size)
+
+    def grid(self, task: str | None = None) -> tuple[int, int]:
+        """Token grid (rows, columns) of `task`'s input."""
+        h, w = self.input_size(task)
+        return h // self.patch_size, w // self.patch_size
+
+    def tokens(self, task: str | None = None) -> int:
+        """Patch tokens of one image of `task` (without the class token)."""
+        gh, gw = self.grid(task)
+        return gh * gw
+
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        """Patch tokens at the base size: the length of the position embedding (without the class token)."""
+        return self.tokens(None)
 
     # ----- canonical archs -----
     def _make(self, depth: int, embed: int, heads: Sequence[int], ratios: Sequence[float],
@@ -292,12 +329,15 @@ class SearchSpace(BaseModel):
         return widths + [h for p in paths if p in ("task", "mix")]
 
     def num_params(self, arch: Arch, tasks: str | Sequence[str] | None = None) -> int:
-        """Exact parameter count of the model that `extract(model, arch, tasks)` returns."""
+        """Exact parameter count of the model that `extract(model, arch, tasks)` returns.
+
+        One task's model holds the position embedding resampled to that task's token grid; a model
+        of several tasks keeps the base grid and resamples it per task at run time."""
         self.check(arch)
         tasks = self.tasks if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
         e, hd, b = arch.embed_dim, self.head_dim, int(self.qkv_bias)
         n = self._embed_params(e)
-        n += e + (self.num_patches + 1) * e  # cls token, position embedding
+        n += e + (self.tokens(tasks[0] if len(tasks) == 1 else None) + 1) * e  # cls token, position embedding
         for i in range(arch.depth):
             inner = arch.num_heads[i] * hd
             n += 2 * e  # norm1
@@ -314,22 +354,23 @@ class SearchSpace(BaseModel):
         chans = [self.in_chans, *self.stem_channels]
         return sum(9 * a * c + 2 * c for a, c in zip(chans, chans[1:])) + chans[-1] * e + e
 
-    def _embed_flops(self, e: int) -> int:
-        """Conv FLOPs of the token embedding for one image (2 x MACs; norms and ReLUs are not counted,
-        as in torch's FlopCounterMode)."""
+    def _embed_flops(self, e: int, task: str | None = None) -> int:
+        """Conv FLOPs of the token embedding for one image of `task` (2 x MACs; norms and ReLUs are
+        not counted, as in torch's FlopCounterMode)."""
+        n = self.tokens(task)
         if self.stem == "patch":
-            return 2 * self.num_patches * e * self.in_chans * self.patch_size**2
-        chans, side, f = [self.in_chans, *self.stem_channels], self.img_size, 0
+            return 2 * n * e * self.in_chans * self.patch_size**2
+        chans, (h, w), f = [self.in_chans, *self.stem_channels], self.input_size(task), 0
         for a, c in zip(chans, chans[1:]):
-            side = (side + 1) // 2  # 3x3, stride 2, padding 1
-            f += 2 * side * side * c * a * 9
-        return f + 2 * self.num_patches * e * chans[-1]
+            h, w = (h + 1) // 2, (w + 1) // 2  # 3x3, stride 2, padding 1
+            f += 2 * h * w * c * a * 9
+        return f + 2 * n * e * chans[-1]
 
     def flops(self, arch: Arch, task: str) -> int:
         """Matmul FLOPs (2 x MACs) of one image through `task`'s path, as torch's FlopCounterMode counts."""
         self.check(arch)
-        e, hd, T = arch.embed_dim, self.head_dim, self.num_patches + 1
-        f = self._embed_flops(e)
+        e, hd, T = arch.embed_dim, self.head_dim, self.tokens(task) + 1
+        f = self._embed_flops(e, task)
         for i in range(arch.depth):
             inner = arch.num_heads[i] * hd
             f += 2 * T * e * 3 * inner + 2 * 2 * T * T * inner + 2 * T * inner * e

@@ -12,10 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ufo.arch import PathName, SearchSpace
+from ufo.arch import ImageSize, PathName, SearchSpace, as_hw
 from ufo.errors import ConfigError
 
-READERS = ("image_folder", "csv", "npz", "zip", "gtsrb", "alphadigits_mat")
+READERS = ("image_folder", "imagenet", "csv", "market1501", "lfw", "sop", "webdataset", "npz", "zip", "gtsrb",
+           "alphadigits_mat")
+ReaderName = Literal["image_folder", "imagenet", "csv", "market1501", "lfw", "sop", "webdataset", "npz", "zip",
+                     "gtsrb", "alphadigits_mat"]
 
 
 class Strict(BaseModel):
@@ -26,10 +29,14 @@ class DataConfig(Strict):
     """Where a task's images come from: a named recipe, or a reader over the user's own files."""
 
     recipe: str | None = None
-    reader: Literal["image_folder", "csv", "npz", "zip", "gtsrb", "alphadigits_mat"] | None = None
+    reader: ReaderName | None = None
     path: str | None = None  # file or folder for `reader`
     root: str | None = None  # data folder for recipes that read local files (default ../shared/data)
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: fail, or skip with a counted warning
+    # memory: decode the whole set once at the task's input size; stream: decode each image when a batch
+    # needs it (DataLoader workers); auto: memory for small sets (cache_max_mb), else stream
+    cache: Literal["auto", "memory", "stream"] = "auto"
+    cache_max_mb: float = Field(256.0, ge=0)  # auto: the largest decoded set (uint8 at the input size) kept in memory
     test_fraction: float = Field(0.2, gt=0, lt=1)
     use_official_split: bool = True
     max_train: int | None = Field(None, gt=0)  # keep a deterministic subset of the training split
@@ -47,7 +54,7 @@ class DataConfig(Strict):
 class AugmentConfig(Strict):
     hflip: bool = False
     crop_padding: int = 0
-    random_resized_crop: bool = False
+    random_resized_crop: bool | float = False  # true (area 0.35-1), or the smallest area fraction in (0, 1]
     random_erasing: float = 0.0
     rotation: float = 0.0
 
@@ -59,13 +66,14 @@ class TaskConfig(Strict):
     loss_weight: float = Field(1.0, ge=0)
     lr_scale: float = Field(1.0, gt=0)
     batch: int | None = Field(None, gt=0)  # explicit share of each heterogeneous batch
+    img_size: ImageSize | None = None  # this task's input, one side or [height, width] (default: model.img_size)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class ModelConfig(Strict):
     """The supernet: fixed dimensions plus the elastic search space."""
 
-    img_size: int = 32
+    img_size: ImageSize = 32
     patch_size: int = 4
     in_chans: int = 3
     head_dim: int = 32
@@ -81,9 +89,10 @@ class ModelConfig(Strict):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def space(self, tasks: list[str]) -> SearchSpace:
+    def space(self, tasks: list[str], task_img_size: dict[str, tuple[int, int]] | None = None) -> SearchSpace:
         return SearchSpace(tasks=tasks, depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
                            mlp_ratio=self.mlp_ratio, paths=self.paths, img_size=self.img_size,
+                           task_img_size=task_img_size or {},
                            patch_size=self.patch_size, in_chans=self.in_chans, head_dim=self.head_dim,
                            qkv_bias=self.qkv_bias, stem=self.stem, stem_channels=self.stem_channels)
 
@@ -110,6 +119,8 @@ class TrainConfig(Strict):
     ckpt_every: int = Field(100, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     max_bad_steps: int = Field(5, gt=0)  # consecutive non-finite losses before the run stops
+    workers: int | None = Field(None, ge=0)  # DataLoader workers decoding streamed tasks (None: min(8, CPU cores))
+    prefetch: int = Field(4, gt=0)  # batches each worker prepares ahead
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this rank when there is one
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
@@ -147,11 +158,11 @@ class MimConfig(Strict):
     mask_ratio: float = Field(0.6, gt=0, lt=1)
     mask_patch_size: int | None = Field(None, gt=0)  # default: 2 x model.patch_size if it divides img_size
 
-    def patch(self, img_size: int, patch_size: int) -> int:
+    def patch(self, img_size: ImageSize, patch_size: int) -> int:
         """The mask patch size in pixels (the default resolved against the model's sizes)."""
         if self.mask_patch_size is not None:
             return self.mask_patch_size
-        return 2 * patch_size if img_size % (2 * patch_size) == 0 else patch_size
+        return 2 * patch_size if all(v % (2 * patch_size) == 0 for v in as_hw(img_size)) else patch_size
 
 
 class ChipConfig(Strict):
@@ -295,7 +306,13 @@ class Config(BaseModel):
             if t.kind not in TASK_KINDS:
                 raise ValueError(f"tasks.{name}.kind: unknown task kind {t.kind!r}; available: {sorted(TASK_KINDS)}")
         m, p = self.mim.mask_patch_size, self.model.patch_size
-        if m is not None and (m % p or self.model.img_size % m):
+        for where, size in (("model.img_size", self.model.img_size),
+                            *((f"tasks.{n}.img_size", t.img_size) for n, t in self.tasks.items() if t.img_size)):
+            h, w = as_hw(size)
+            if min(h, w) < 1 or h % p or w % p:
+                raise ValueError(f"{where}: {h}x{w} (HxW) must be a positive multiple of model.patch_size ({p}) "
+                                 "in both sides")
+        if m is not None and (m % p or any(v % m for v in as_hw(self.model.img_size))):
             raise ValueError(f"mim.mask_patch_size: {m} must be a multiple of model.patch_size ({p}) "
                              f"and divide model.img_size ({self.model.img_size})")
         return self
@@ -315,8 +332,15 @@ class Config(BaseModel):
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    def input_size(self, task: str | None = None) -> tuple[int, int]:
+        """(height, width) of `task`'s input: its own img_size, else the model's."""
+        t = self.tasks.get(task) if task is not None else None
+        return as_hw(t.img_size if t is not None and t.img_size is not None else self.model.img_size)
+
     def space(self) -> SearchSpace:
-        return self.model.space(self.task_names)
+        base = as_hw(self.model.img_size)
+        sizes = {n: self.input_size(n) for n in self.task_names if self.input_size(n) != base}
+        return self.model.space(self.task_names, sizes)
 
     def only(self, task: str) -> "Config":
         """The same experiment restricted to one task (single-task baselines)."""

@@ -1,13 +1,21 @@
-"""Readers that decode a whole image set into an `ImageSet` (uint8, in memory).
+"""Readers: a labelled image set from the layouts users already have.
 
-Every reader takes the same decoding options:
+File-based readers (`read_image_folder`, `read_csv_manifest`, `read_gtsrb`, and the layouts in
+`ufo.data.layouts` and `ufo.data.shards`) only list the files and their labels; with
+`lazy=True` they return a streamed `ImageSet` whose images are decoded when a batch needs them,
+otherwise the set is decoded into memory (`ImageSet.to_memory`). Array readers (`read_npz`,
+`read_alphadigits_mat`) and `read_zip_images` always hold their images in memory.
+
+The decoding options:
 - `image_size`: None keeps the native size (all images must then share it; the error names two
   files that differ), an int for square images, or (height, width). Resizing uses PIL bilinear at
   decode time, so the set is stored at the size the model needs.
 - `channels`: 1 or 3 forces grayscale or RGB; None keeps grayscale sets at 1 channel and lifts
   everything to 3 as soon as one image is in colour.
 - `on_error`: "raise" stops at the first unreadable image with a `DataError` naming it; "skip"
-  drops it, counts it and warns once with the count and the first few files.
+  drops it, counts it and warns once with the count and the first few files. A streamed set
+  applies the policy when a batch reads the file (see `ufo.data.loader`); missing files are
+  found when the set is listed.
 
 Results are cached per process (see `ufo.data.dataset.cached`), keyed by the reader, the files'
 mtimes and these options.
@@ -17,18 +25,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import os
 import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ufo.data.dataset import ImageSet, cached, encode_values
+from ufo.data.dataset import Collector, ImageSet, cached, check_options, encode_values
+from ufo.data.decode import decode as _decode  # noqa: F401  (the server's import; ufo.data.decode is its home)
+from ufo.data.store import FileStore
 from ufo.errors import DataError
 
 ImageSize = int | tuple[int, int] | None
@@ -36,7 +45,6 @@ OnError = Literal["raise", "skip"]
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
 )  # fmt: skip
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SHOW = 3  # files named in a skip warning
 
 
@@ -54,134 +62,9 @@ def _size_hw(image_size: ImageSize) -> tuple[int, int] | None:
     return int(hw[0]), int(hw[1])
 
 
-def _check_options(channels: int | None, on_error: str) -> None:
-    if channels not in (None, 1, 3):
-        raise DataError(f"channels must be 1, 3 or None, got {channels!r}")
-    if on_error not in ("raise", "skip"):
-        raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-
-
 def _natural_key(s: str) -> list:
     """Sort key that orders "s2" before "s10"."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _adapt(arr: np.ndarray, size_hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """uint8 (H, W) or (H, W, 3) -> (C, H, W), resized (PIL bilinear) and with forced channels."""
-    if size_hw is not None and arr.shape[:2] != size_hw:
-        arr = np.asarray(Image.fromarray(arr).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    if channels == 3 and arr.shape[0] == 1:
-        arr = np.repeat(arr, 3, axis=0)
-    elif channels == 1 and arr.shape[0] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
-        arr = np.round(arr.astype(np.float32).transpose(1, 2, 0) @ np.array([0.299, 0.587, 0.114], np.float32))
-        arr = np.clip(arr, 0, 255).astype(np.uint8)[None]
-    return np.ascontiguousarray(arr)
-
-
-_PNM_HEADER = re.compile(rb"\A(P[56])\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s")
-
-
-def _decode_pnm(data: bytes) -> np.ndarray | None:
-    """Fast path for 8-bit binary PGM/PPM (P5/P6; ORL and GTSRB): about 20x faster than PIL on
-    tiny files. Returns None for anything else, which then goes through PIL."""
-    m = _PNM_HEADER.match(data)
-    if m is None or int(m.group(4)) != 255:
-        return None
-    w, h, c = int(m.group(2)), int(m.group(3)), 1 if m.group(1) == b"P5" else 3
-    need = w * h * c
-    body = memoryview(data)[m.end() : m.end() + need]
-    if len(body) < need:
-        raise OSError(f"image file is truncated ({len(body)} of {need} pixel bytes)")
-    arr = np.frombuffer(body, dtype=np.uint8)
-    return arr.reshape(h, w) if c == 1 else arr.reshape(h, w, 3)
-
-
-def _decode(src: Any, size_hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    """Decode one image file (path, bytes or file object) to uint8 (C, H, W)."""
-    if isinstance(src, Path) and src.suffix.lower() in (".pgm", ".ppm", ".pnm"):
-        src = src.read_bytes()
-    if isinstance(src, bytes):
-        arr = _decode_pnm(src) if src[:2] in (b"P5", b"P6") else None
-        if arr is not None:
-            if channels is None or channels == (1 if arr.ndim == 2 else 3):
-                return _adapt(arr, size_hw, None)
-            return _adapt(arr, size_hw, channels)
-        src = io.BytesIO(src)
-    with Image.open(src) as im:
-        im.load()
-        gray = channels == 1 or (channels is None and im.mode in _GRAY_MODES)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F") and gray:
-            a = np.asarray(im, dtype=np.float64)
-            a = np.clip(a * (255.0 / 65535.0) if a.max() > 255 else a, 0, 255).astype(np.uint8)
-            return _adapt(a, size_hw, channels)
-        im = im.convert("L" if gray else "RGB")
-        return _adapt(np.asarray(im), size_hw, channels)
-
-
-class _Collector:
-    """Decodes images one by one under the on_error policy and stacks them at the end."""
-
-    def __init__(self, where: str, image_size: ImageSize, channels: int | None, on_error: str):
-        _check_options(channels, on_error)
-        self.where, self.size_hw, self.channels, self.on_error = where, _size_hw(image_size), channels, on_error
-        self.arrays: list[np.ndarray] = []
-        self.kept: list[int] = []
-        self.skipped: list[str] = []
-        self._first: tuple[str, tuple[int, int]] | None = None
-        self._n = 0
-
-    def _reject(self, problem: str) -> None:
-        if self.on_error == "raise":
-            raise DataError(f"{problem} (pass on_error='skip' to drop unreadable images)")
-        self.skipped.append(problem)
-
-    def fail(self, problem: str) -> None:
-        """Take the next sample position for a sample that cannot be read (e.g. a missing file):
-        raise a DataError with `problem`, or count it as skipped."""
-        self._n += 1
-        self._reject(problem)
-
-    def add(self, origin: str, src: Callable[[], Any] | np.ndarray) -> None:
-        """Decode `src()` (a path or file object) or adapt an array, as the next sample."""
-        i, self._n = self._n, self._n + 1
-        try:
-            if isinstance(src, np.ndarray):
-                arr = _adapt(src, self.size_hw, self.channels)
-            else:
-                arr = _decode(src(), self.size_hw, self.channels)
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
-            self._reject(f"cannot read image {origin}: {type(e).__name__}: {e}")
-            return
-        hw = (int(arr.shape[1]), int(arr.shape[2]))
-        if self._first is None:
-            self._first = (origin, hw)
-        elif hw != self._first[1] and self.size_hw is None:
-            (o0, (h0, w0)), (h, w) = self._first, hw
-            raise DataError(
-                f"images in {self.where} differ in size: {o0} is {h0}x{w0} (HxW) but {origin} is {h}x{w}; "
-                f"set image_size (e.g. image_size: 32) to resize them when they are read"
-            )
-        self.arrays.append(arr)
-        self.kept.append(i)
-
-    def finish(self) -> torch.Tensor:
-        """uint8 (N, C, H, W) of the kept images; warns about the skipped ones."""
-        if self.skipped:
-            more = f" and {len(self.skipped) - _SHOW} more" if len(self.skipped) > _SHOW else ""
-            warnings.warn(
-                f"skipped {len(self.skipped)} unreadable image(s) in {self.where}: "
-                f"{'; '.join(self.skipped[:_SHOW])}{more}",
-                stacklevel=3,
-            )
-        if not self.arrays:
-            raise DataError(f"no readable images in {self.where}")
-        if self.channels is None and len({a.shape[0] for a in self.arrays}) > 1:
-            self.arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in self.arrays]
-        return torch.from_numpy(np.stack(self.arrays))
 
 
 def _need(path: Path, what: str) -> Path:
@@ -191,7 +74,33 @@ def _need(path: Path, what: str) -> Path:
 
 
 def _params(image_size: ImageSize, channels: int | None, on_error: str, **kw: Any) -> dict:
+    check_options(channels, on_error)
     return dict(image_size=_size_hw(image_size), channels=channels, on_error=on_error, **kw)
+
+
+class _Collector(Collector):
+    """`Collector` taking the reader options as given (image_size an int, a pair or None)."""
+
+    def __init__(self, where: str, image_size: ImageSize, channels: int | None, on_error: str):
+        super().__init__(where, _size_hw(image_size), channels, on_error)
+
+
+def decode_set(ds: ImageSet, lazy: bool, image_size: ImageSize, channels: int | None, on_error: str,
+               relabel: bool = True) -> ImageSet:
+    """A listed set as the reader returns it: streamed (`lazy`), else decoded into memory, with
+    classes left empty by skipped images dropped (`relabel`)."""
+    if lazy:
+        return ds
+    out = ds.to_memory(_size_hw(image_size), channels, on_error)
+    return out.relabel() if relabel and len(out) < len(ds) else out
+
+
+def list_images(folder: Path, exts: Sequence[str]) -> list[str]:
+    """Names of the image files directly in `folder`, in natural order (no per-file stat)."""
+    with os.scandir(folder) as it:
+        names = [e.name for e in it if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in exts
+                 and e.is_file()]
+    return sorted(names, key=_natural_key)
 
 
 def _ids(values: list, kept: list[int]) -> torch.Tensor:
@@ -209,49 +118,52 @@ def read_image_folder(
     channels: int | None = None,
     on_error: OnError = "raise",
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    lazy: bool = False,
 ) -> ImageSet:
-    """One sub-folder per class (`root/<class>/<image>`), classes and files in natural order
-    ("s2" before "s10"). Files with other extensions are ignored. An empty class folder is an
-    error (or, with on_error="skip", dropped with a warning)."""
+    """One sub-folder per class (`root/<class>/<image>`, the ImageNet training layout), classes and
+    files in natural order ("s2" before "s10"). Files with other extensions are ignored. An empty
+    class folder is an error (or, with on_error="skip", dropped with a warning). With `lazy` the
+    files are only listed (one `scandir` per folder, no per-file stat), not decoded."""
     root = _need(Path(root), "image folder")
     exts = tuple(e.lower() for e in extensions)
 
     def load() -> ImageSet:
-        if not root.is_dir():
-            raise DataError(f"image folder {root} is not a folder; expected one sub-folder per class")
-        class_dirs = sorted(
-            (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: _natural_key(d.name)
-        )
-        if not class_dirs:
-            raise DataError(f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>")
-        col = _Collector(str(root), image_size, channels, on_error)
-        names, labels, origins, empty = [], [], [], []
-        for d in class_dirs:
-            files = sorted(
-                (f for f in d.iterdir() if f.is_file() and f.suffix.lower() in exts), key=lambda f: _natural_key(f.name)
-            )
-            if not files:
-                if on_error == "raise":
-                    raise DataError(
-                        f"class folder {d} has no images (extensions {', '.join(exts)}); add images or remove it"
-                    )
-                empty.append(str(d))
-                continue
-            for f in files:
-                labels.append(len(names))
-                origins.append(str(f))
-                col.add(str(f), lambda f=f: f)
-            names.append(d.name)
-        if empty:
-            warnings.warn(f"skipped {len(empty)} empty class folder(s) in {root}: {', '.join(empty)}", stacklevel=2)
-        images = col.finish()
-        ds = ImageSet(
-            images=images, labels=_ids(labels, col.kept), class_names=names,
-            origin=[origins[i] for i in col.kept], name=root.name,
-        )  # fmt: skip
-        return ds.relabel() if col.skipped else ds
+        names, rel, labels = folder_classes(root, exts, on_error)
+        ds = ImageSet(FileStore(root, rel), labels=torch.tensor(labels, dtype=torch.int64), class_names=names,
+                      name=root.name)
+        return decode_set(ds, lazy, image_size, channels, on_error)
 
-    return cached("read_image_folder", [root], _params(image_size, channels, on_error, ext=exts), load)
+    return cached("read_image_folder", [root], _params(image_size, channels, on_error, ext=exts, lazy=lazy), load)
+
+
+def folder_classes(root: Path, exts: Sequence[str], on_error: str, prefix: str = ""
+                   ) -> tuple[list[str], list[str], list[int]]:
+    """(class names, file paths relative to root's parent folder `prefix`, label of each file) of
+    `root/<class>/<image>`; empty class folders raise, or are skipped with a warning."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a folder; expected one sub-folder per class")
+    with os.scandir(root) as it:
+        class_dirs = sorted((e.name for e in it if e.is_dir() and not e.name.startswith(".")), key=_natural_key)
+    if not class_dirs:
+        raise DataError(f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>")
+    names: list[str] = []
+    rel: list[str] = []
+    labels: list[int] = []
+    empty = []
+    for d in class_dirs:
+        files = list_images(root / d, exts)
+        if not files:
+            if on_error == "raise":
+                raise DataError(f"class folder {root / d} has no images (extensions {', '.join(exts)}); "
+                                "add images or remove it")
+            empty.append(str(root / d))
+            continue
+        rel += [os.path.join(prefix, d, f) for f in files]
+        labels += [len(names)] * len(files)
+        names.append(d)
+    if empty:
+        warnings.warn(f"skipped {len(empty)} empty class folder(s) in {root}: {', '.join(empty)}", stacklevel=3)
+    return names, rel, labels
 
 
 def _sniff_delimiter(header: str) -> str:
@@ -264,11 +176,14 @@ def read_csv_manifest(
     image_size: ImageSize = None,
     channels: int | None = None,
     on_error: OnError = "raise",
+    lazy: bool = False,
 ) -> ImageSet:
     """A CSV manifest with columns `path,label` and optional `identity,camera,split` (the
     delimiter may be `,`, `;` or tab). Image paths are relative to the CSV's folder. String labels
     become classes in sorted order; integer labels are ordered numerically and renumbered 0..k-1.
-    String identities/cameras are numbered in sorted order, integer ones kept."""
+    String identities/cameras are numbered in sorted order, integer ones kept. Each image's origin
+    names its row ("CSV manifest m.csv: row 12 (line 13): path"); a missing file is an error naming
+    the row, or with on_error="skip" a counted warning."""
     path = _need(Path(path), "CSV manifest")
 
     def load() -> ImageSet:
@@ -282,11 +197,14 @@ def read_csv_manifest(
             if req not in header:
                 raise DataError(f"CSV manifest {path}: missing required column {req!r} (header is {header})")
         col_of = {h: i for i, h in enumerate(header)}
-        col = _Collector(str(path), image_size, channels, on_error)
         rows: list[dict[str, str]] = []
+        wheres: list[str] = []
+        missing: list[str] = []
+        n_rows = 0
         for n, rec in enumerate(reader, start=1):
             if not any(v.strip() for v in rec):
                 continue
+            n_rows += 1
             where = f"CSV manifest {path}: row {n} (line {reader.line_num})"
             if len(rec) < len(header):
                 raise DataError(f"{where} has {len(rec)} fields but the header has {len(header)}")
@@ -294,30 +212,35 @@ def read_csv_manifest(
             for req in ("path", "label") + tuple(c for c in ("identity", "camera") if c in col_of):
                 if not row[req]:
                     raise DataError(f"{where}: empty {req!r}")
-            img = Path(row["path"])
-            img = img if img.is_absolute() else path.parent / img
-            rows.append(row)
-            if not img.is_file():
-                col.fail(f"{where}: image file {img} does not exist")
+            if not os.path.isfile(os.path.join(path.parent, row["path"])):
+                problem = f"{where}: image file {path.parent / row['path']} does not exist"
+                if on_error == "raise":
+                    raise DataError(f"{problem} (pass on_error='skip' to drop unreadable images)")
+                missing.append(problem)
                 continue
-            col.add(f"{img}", lambda img=img: img)
-        if not rows:
+            rows.append(row)
+            wheres.append(where)
+        if not n_rows:
             raise DataError(f"CSV manifest {path} has a header but no rows")
-        images = col.finish()
-        kept = [rows[i] for i in col.kept]
-        labels, names = encode_values([r["label"] for r in kept])
+        if missing:
+            more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {path}: {'; '.join(missing[:_SHOW])}{more}",
+                          stacklevel=3)
+        if not rows:
+            raise DataError(f"no readable images in {path}")
+        labels, names = encode_values([r["label"] for r in rows])
         opt = {
-            c: encode_values([r[c] for r in kept], keep_ints=True)[0] if c in col_of else None
+            c: encode_values([r[c] for r in rows], keep_ints=True)[0] if c in col_of else None
             for c in ("identity", "camera")
         }
-        base = path.parent
-        return ImageSet(
-            images=images, labels=labels, class_names=names, identities=opt["identity"], cameras=opt["camera"],
-            split=[r["split"] for r in kept] if "split" in col_of else None,
-            origin=[str(base / r["path"]) for r in kept], name=path.stem,
+        ds = ImageSet(
+            FileStore(path.parent, [r["path"] for r in rows], wheres), labels=labels, class_names=names,
+            identities=opt["identity"], cameras=opt["camera"],
+            split=[r["split"] for r in rows] if "split" in col_of else None, name=path.stem,
         )  # fmt: skip
+        return decode_set(ds, lazy, image_size, channels, on_error)
 
-    return cached("read_csv_manifest", [path], _params(image_size, channels, on_error), load)
+    return cached("read_csv_manifest", [path], _params(image_size, channels, on_error, lazy=lazy), load)
 
 
 def _layout(arr: np.ndarray, where: str) -> np.ndarray:
@@ -522,6 +445,7 @@ def read_gtsrb(
     channels: int | None = None,
     on_error: OnError = "raise",
     include_test: bool = True,
+    lazy: bool = False,
 ) -> ImageSet:
     """GTSRB in its original layout: Final_Training/Images/000CC/GT-000CC.csv and
     Final_Test/GT-final_test.csv (with ClassId), `;`-separated, images in .ppm.
@@ -534,10 +458,10 @@ def read_gtsrb(
     base = _gtsrb_base(root)
 
     def load() -> ImageSet:
-        col = _Collector(str(base), image_size, channels, on_error)
-        meta: list[tuple[int, tuple[int, int] | None, str, str]] = []  # class, (class, track), split, origin
+        meta: list[tuple[int, tuple[int, int] | None, str, str, str]] = []  # class, (class, track), split, rel, row
+        missing: list[str] = []
 
-        def add(csv_path: Path, n: int, row: dict[str, str], folder: Path, split: str) -> None:
+        def add(csv_path: Path, n: int, row: dict[str, str], folder: str, split: str) -> None:
             where = f"GTSRB annotation file {csv_path}: row {n}"
             try:
                 cid = int(row["ClassId"])
@@ -550,20 +474,23 @@ def read_gtsrb(
                 if not m:
                     raise DataError(f"{where}: file name {fname!r} is not TTTTT_FFFFF.ppm, so it has no track id")
                 track = (cid, int(m.group(1)))
-            img = folder / fname
-            meta.append((cid, track, split, str(img)))
-            if not img.is_file():
-                col.fail(f"{where}: image file {img} does not exist")
-            else:
-                col.add(str(img), lambda img=img: img)
+            rel = os.path.join(folder, fname)
+            if not os.path.isfile(base / rel):
+                problem = f"{where}: image file {base / rel} does not exist"
+                if on_error == "raise":
+                    raise DataError(f"{problem} (pass on_error='skip' to drop unreadable images)")
+                missing.append(problem)
+                return
+            meta.append((cid, track, split, rel, where))
 
-        class_dirs = sorted(d for d in (base / "Final_Training" / "Images").iterdir() if d.is_dir())
+        train_dir = base / "Final_Training" / "Images"
+        class_dirs = sorted(d for d in train_dir.iterdir() if d.is_dir())
         if not class_dirs:
             raise DataError(f"{base}/Final_Training/Images has no class folders 000CC")
         for d in class_dirs:
             csv_path = d / f"GT-{d.name}.csv"
             for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
-                add(csv_path, n, row, d, "train")
+                add(csv_path, n, row, os.path.join("Final_Training", "Images", d.name), "train")
         if include_test:
             csv_path = base / "Final_Test" / "GT-final_test.csv"
             if not csv_path.is_file():
@@ -572,24 +499,28 @@ def read_gtsrb(
                     "add the labelled GT-final_test.csv or pass include_test=False"
                 )
             for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
-                add(csv_path, n, row, base / "Final_Test" / "Images", "test")
-        images = col.finish()
-        kept = [meta[i] for i in col.kept]
-        tracks = sorted({t for _, t, _, _ in kept if t is not None})
+                add(csv_path, n, row, os.path.join("Final_Test", "Images"), "test")
+        if missing:
+            more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {base}: {'; '.join(missing[:_SHOW])}{more}",
+                          stacklevel=3)
+        if not meta:
+            raise DataError(f"no readable images in {base}")
+        tracks = sorted({m[1] for m in meta if m[1] is not None})
         track_id = {t: i for i, t in enumerate(tracks)}
-        n_classes = max(c for c, _, _, _ in kept) + 1
-        return ImageSet(
-            images=images,
-            labels=torch.tensor([c for c, _, _, _ in kept], dtype=torch.int64),
+        n_classes = max(m[0] for m in meta) + 1
+        ds = ImageSet(
+            FileStore(base, [m[3] for m in meta]),
+            labels=torch.tensor([m[0] for m in meta], dtype=torch.int64),
             class_names=[f"class{i:02d}" for i in range(n_classes)],
-            identities=torch.tensor([track_id[t] if t is not None else -1 for _, t, _, _ in kept], dtype=torch.int64),
-            split=[s for _, _, s, _ in kept],
-            origin=[o for _, _, _, o in kept],
+            identities=torch.tensor([track_id[m[1]] if m[1] is not None else -1 for m in meta], dtype=torch.int64),
+            split=[m[2] for m in meta],
             name="gtsrb",
         )
+        return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [base / "Final_Training" / "Images"] + ([base / "Final_Test"] if include_test else [])
-    return cached("read_gtsrb", stamps, _params(image_size, channels, on_error, test=include_test), load)
+    return cached("read_gtsrb", stamps, _params(image_size, channels, on_error, test=include_test, lazy=lazy), load)
 
 
 def read_alphadigits_mat(

@@ -10,8 +10,6 @@ directory or next to the repository. `root` may also be the dataset's own folder
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import os
 import re
 import zipfile
@@ -167,7 +165,7 @@ def _orl(path: Path | None, image_size: ImageSize) -> ImageSet:
     subject (class names "s1".."s40"). No official split: use `split_by_identity` for
     verification with unseen subjects."""
     ds = read_image_folder(path, image_size=image_size)
-    return dataclasses.replace(ds, identities=ds.labels.clone(), name="orl-faces")
+    return ds.replace(identities=ds.labels.clone(), name="orl-faces")
 
 
 def _drawer(origin: str) -> int:
@@ -189,7 +187,7 @@ def _omniglot_small(path: Path | None, image_size: ImageSize) -> ImageSet:
     zips = [path / "images_background_small1.zip", path / "images_background_small2.zip"]
     ds = read_zip_images(zips, image_size=image_size, channels=1, class_depth=2, dedupe=True)
     drawers = torch.tensor([_drawer(o) for o in ds.origin], dtype=torch.int64)
-    return dataclasses.replace(ds, identities=drawers, name="omniglot-small")
+    return ds.replace(identities=drawers, name="omniglot-small")
 
 
 def _read_png(zf: zipfile.ZipFile, member: str, where: str, col: _Collector) -> None:
@@ -197,7 +195,7 @@ def _read_png(zf: zipfile.ZipFile, member: str, where: str, col: _Collector) -> 
         data = zf.read(member)
     except KeyError:
         raise DataError(f"{where}: {member} is not in the archive") from None
-    col.add(f"{where}:{member}", lambda: io.BytesIO(data))
+    col.add(f"{where}:{member}", lambda: data)
 
 
 def load_oneshot_runs(root: str | Path | None = None, image_size: ImageSize = None) -> list[dict]:
@@ -309,7 +307,7 @@ def _gtsrb_tracks(path: Path | None, image_size: ImageSize) -> ImageSet:
     names: list[str] = [""] * (int(tracks.max()) + 1)
     for t, c, o in zip(tracks.tolist(), ds.labels.tolist(), ds.origin):
         names[t] = f"class{c:02d}/track{Path(o).name.split('_')[0]}"
-    return dataclasses.replace(ds, labels=tracks.clone(), class_names=names, split=None, name="gtsrb-tracks")
+    return ds.replace(labels=tracks.clone(), class_names=names, split=None, name="gtsrb-tracks")
 
 
 @register_recipe("alphadigits", folder="binary-alphadigits", marker="binaryalphadigs.mat")
