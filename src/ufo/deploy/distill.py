@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ufo.arch import ImageSize, as_hw
 from ufo.checkpoint import atomic_write_text
 from ufo.config import Config
 from ufo.data.build import build_task_data
@@ -81,18 +82,21 @@ class StudentModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def create_backbone(name: str, kwargs: dict[str, Any], in_chans: int, img_size: int) -> tuple[nn.Module, TimmBackbone]:
-    """A timm feature extractor with random weights, checked to run at the run's input size."""
+def create_backbone(name: str, kwargs: dict[str, Any], in_chans: int, img_size: ImageSize
+                    ) -> tuple[nn.Module, TimmBackbone]:
+    """A timm feature extractor with random weights, checked to run at the task's input size
+    (one side, or (height, width))."""
     import timm
 
     if name not in timm.list_models():
         raise DeployError(f"--student {name!r}: not a timm model name (see timm.list_models())")
+    h, w = as_hw(img_size)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
         with torch.no_grad():
-            out = model.eval()(torch.zeros(2, in_chans, img_size, img_size))
+            out = model.eval()(torch.zeros(2, in_chans, h, w))
     except Exception as e:
-        raise DeployError(f"student {name!r} (kwargs {kwargs}) does not run on {in_chans}x{img_size}x{img_size} "
+        raise DeployError(f"student {name!r} (kwargs {kwargs}) does not run on {in_chans}x{h}x{w} (CxHxW) "
                           f"inputs: {type(e).__name__}: {e}") from None
     if out.ndim != 2:
         raise DeployError(f"student {name!r} gives features of shape {tuple(out.shape)} with num_classes=0; "
@@ -171,7 +175,8 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     m = run_cfg.model
 
     torch.manual_seed(cfg.seed)  # same initial student with and without the teacher
-    backbone, spec = create_backbone(cfg.student, cfg.student_kwargs, m.in_chans, m.img_size)
+    size = run_cfg.input_size(task)  # the task's own input size: the teacher's, and the student's
+    backbone, spec = create_backbone(cfg.student, cfg.student_kwargs, m.in_chans, size)
     options = dict(tc.options)
     t_info = teacher.info.heads[task]
     if t_info.output == "embedding" and cfg.embedding_dim is not None:
@@ -185,7 +190,7 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     # cross-entropy); it balances it against the distillation terms here in the same way
     terms_cfg = cfg.model_copy(update={"label_weight": cfg.label_weight * tc.loss_weight})
     loop = TuneLoop(student, optimizer, lambda x, y: distill_terms(student, t_used, x, y, terms_cfg), task, tc, data,
-                    tcfg.train, m.img_size, m.mean, m.std, m.in_chans, out, recipe,
+                    tcfg.train, size, m.mean, m.std, m.in_chans, out, recipe,
                     loss_names=["label"] + ((["kl"] if t_info.output == "logits" else ["embed", "rel"])
                                            if cfg.teacher else []),
                     seed=cfg.seed, k=int(getattr(head.opts, "k", 4)), show_progress=show_progress)

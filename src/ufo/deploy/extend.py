@@ -123,18 +123,24 @@ def fraction_subset(data: TaskData, fraction: float, seed: int, grouped: bool) -
 
 # ----- building the extended model -----
 
+def with_task(cfg: Config, name: str, tc: TaskConfig) -> Config:
+    """`cfg` with task `name` appended (so its own `img_size`, if set, is its input size)."""
+    if name in cfg.tasks:
+        raise ConfigError(f"task {name!r} is already in the run (tasks: {cfg.task_names}); pick another name")
+    data = cfg.model_dump(mode="json")
+    data["tasks"][name] = tc.model_dump(mode="json")
+    return parse_config(data, f"run config + task {name!r}")
+
+
 @torch.no_grad()
 def add_task(model: UFOModel, cfg: Config, arch: Arch, name: str, tc: TaskConfig, num_classes: int,
              path: str, seed: int = 0) -> tuple[UFOModel, Config, Arch]:
     """A copy of `model` with task `name` appended: every old tensor copied, the new expert of each
-    block a copy of its shared expert, the new router row set to `path`, the new head fresh."""
-    if name in cfg.tasks:
-        raise ConfigError(f"task {name!r} is already in the run (tasks: {cfg.task_names}); pick another name")
+    block a copy of its shared expert, the new router row set to `path`, the new head fresh. The
+    new task may have its own input size (`tc.img_size`): the position embedding is resampled per input."""
+    new_cfg = with_task(cfg, name, tc)
     if path not in model.space.paths:
         raise ConfigError(f"the run's space allows paths {model.space.paths}; the new task needs {path!r}")
-    data = cfg.model_dump(mode="json")
-    data["tasks"][name] = tc.model_dump(mode="json")
-    new_cfg = parse_config(data, f"run config + task {name!r}")
     torch.manual_seed(seed)
     classes = {n: h.num_classes for n, h in model.heads.items()} | {name: num_classes}
     new = build_model(new_cfg, classes)
@@ -262,13 +268,16 @@ def select_trainable(step: ExtendStep, mode: str) -> list[nn.Parameter]:
 # ----- the run -----
 
 def probe_outputs(model: UFOModel, tasks: list[str], seed: int = 1234, n: int = 8) -> dict[str, torch.Tensor]:
-    """Each task's eval outputs on a fixed random batch (for the bitwise-unchanged check)."""
+    """Each task's eval outputs on a fixed random batch at its input size (for the bitwise-unchanged check)."""
     s = model.space
-    x = torch.randn(n, s.in_chans, s.img_size, s.img_size, generator=torch.Generator().manual_seed(seed))
+
+    def probe(task: str) -> torch.Tensor:
+        return torch.randn(n, s.in_chans, *s.input_size(task), generator=torch.Generator().manual_seed(seed))
+
     was = model.training
     model.eval()
     with torch.inference_mode():
-        out = {t: model(x, t).clone() for t in tasks}
+        out = {t: model(probe(t), t).clone() for t in tasks}
     model.train(was)
     return out
 
@@ -287,7 +296,7 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     if data_root is not None:
         run_cfg.data_root = data_root
     arch = Arch.model_validate(manifest["arch"])
-    full = data if data is not None else build_task_data(name, tc, run_cfg)
+    full = data if data is not None else build_task_data(name, tc, with_task(run_cfg, name, tc))
     grouped = task_class(tc.kind).uses_groups
     sub = fraction_subset(full, cfg.fraction, cfg.seed, grouped)
     path = "shared" if cfg.train == "head" else "task"
@@ -302,9 +311,9 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     recipe = {"run": str(Path(run_dir).resolve()), "task": name, "task_config": tc.model_dump(mode="json"),
               **cfg.model_dump(mode="json")}
     m = new_cfg.model
-    loop = TuneLoop(step, optimizer, step, name, tc, sub, tcfg.train, m.img_size, m.mean, m.std, m.in_chans, out,
-                    recipe, loss_names=[name], seed=cfg.seed, k=int(getattr(model.heads[name].opts, "k", 4)),
-                    show_progress=show_progress)
+    loop = TuneLoop(step, optimizer, step, name, tc, sub, tcfg.train, new_cfg.input_size(name), m.mean, m.std,
+                    m.in_chans, out, recipe, loss_names=[name], seed=cfg.seed,
+                    k=int(getattr(model.heads[name].opts, "k", 4)), show_progress=show_progress)
     t0 = time.perf_counter()
     summary = loop.fit(resume, description=f"extend +{name} ({cfg.train}, {cfg.fraction:g})")
     seconds = time.perf_counter() - t0
@@ -350,4 +359,4 @@ class _GroupView(nn.Module):
 
 
 __all__ = ["EXACT_MODES", "MODES", "ExtendConfig", "add_task", "extend", "fold_affine", "fraction_subset",
-           "load_task_config", "probe_outputs", "select_trainable"]
+           "load_task_config", "probe_outputs", "select_trainable", "with_task"]

@@ -15,7 +15,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ from ufo.arch import Arch
 from ufo.checkpoint import atomic_write
 from ufo.config import Config
 from ufo.data.dataset import ImageSet
+from ufo.data.loader import iter_batches
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
 from ufo.tasks import TaskData, task_class
 
@@ -42,12 +43,12 @@ def onnx_metadata(tm: TaskModel, task: str) -> dict[str, str]:
     """The `metadata_props` of task `task`'s ONNX model (all values are strings; JSON where structured)."""
     import ufo
 
-    h, p = tm.info.heads[task], tm.info.preprocessing
+    h, p = tm.info.heads[task], tm.info.preprocessing.for_task(task)
     return {
         "ufo.format": "ufo-onnx-task", "ufo.version": ufo.__version__,
         "task": task, "task_kind": h.kind, "output_kind": h.output,
         "arch": tm.info.arch.model_dump_json(),
-        "input_size": json.dumps([p.in_chans, p.img_size, p.img_size]),
+        "input_size": json.dumps([p.in_chans, *p.input_size()]),
         "mean": json.dumps(p.mean), "std": json.dumps(p.std),
         "preprocessing": p.model_dump_json(),
         "head": h.model_dump_json(),
@@ -61,7 +62,7 @@ def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -
         raise DeployError(f"--opset {opset}: UFO exports need opset 17 or newer (LayerNormalization)")
     path = tm.for_task(task).eval()
     p = tm.info.preprocessing
-    x = torch.zeros(2, p.in_chans, p.img_size, p.img_size)  # batch 2: a batch of 1 would be specialised
+    x = torch.zeros(2, p.in_chans, *p.input_size(task))  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         prog = torch.onnx.export(path, (x,), dynamo=True, opset_version=opset, input_names=[INPUT],
@@ -123,32 +124,51 @@ class OnnxTaskModel:
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {INPUT: np.ascontiguousarray(arr, dtype=np.float32)})[0]
 
-    def predict_fn(self, batch_size: int = 256):
-        return predict_fn(self, self.preprocessing, batch_size)
+    def predict_fn(self, batch_size: int = 256, on_error: str = "raise"):
+        return predict_fn(self, self.preprocessing, batch_size, on_error)
 
 
-def predict_fn(run, pre: Preprocessing, batch_size: int = 256):
-    """ImageSet -> outputs of `run` (normalised batch -> array), batched like the library's predict."""
+def model_inputs(ds: ImageSet, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"
+                 ) -> Iterator[torch.Tensor]:
+    """`ds`'s images in order as normalised model input at `pre`'s size, in batches (in-memory or
+    streamed sets alike; `on_error` as the task's `data.on_error` for unreadable streamed files)."""
     tf = pre.transform()
+    for x in iter_batches(ds, pre.input_size(), pre.in_chans, batch_size, on_error=on_error):
+        yield tf(x)
+
+
+def _cat(batches: list[torch.Tensor], pre: Preprocessing) -> torch.Tensor:
+    return torch.cat(batches) if batches else torch.empty(0, pre.in_chans, *pre.input_size())
+
+
+def predict_fn(run, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"):
+    """ImageSet -> outputs of `run` (normalised batch -> array), batched like the library's predict.
+    `pre` is the task's own preprocessing (`Preprocessing.for_task`)."""
 
     def predict(ds: ImageSet) -> torch.Tensor:
-        outs = [torch.as_tensor(run(tf(ds.images[i : i + batch_size]))) for i in range(0, len(ds), batch_size)]
-        return torch.cat(outs).float()
+        return torch.cat([torch.as_tensor(run(x)) for x in model_inputs(ds, pre, batch_size, on_error)]).float()
 
     return predict
 
 
 # ----- checks -----
 
-def sample_inputs(pre: Preprocessing, data: TaskData | None, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """Normalised model input: the first `n` evaluation images of `data`, else seeded random images."""
-    tf = pre.transform()
-    if data is not None:
-        imgs = torch.cat([ds.images for ds in data.eval.values()])[:n]
-    else:
+def sample_inputs(pre: Preprocessing, data: TaskData | None, n: int = 64, seed: int = 0,
+                  on_error: str = "raise") -> torch.Tensor:
+    """Normalised model input at `pre`'s size (the task's own preprocessing): the first `n`
+    evaluation images of `data`, else seeded random images."""
+    if data is None:
         g = torch.Generator().manual_seed(seed)
-        imgs = torch.randint(0, 256, (n, pre.in_chans, pre.img_size, pre.img_size), dtype=torch.uint8, generator=g)
-    return tf(imgs)
+        imgs = torch.randint(0, 256, (n, pre.in_chans, *pre.input_size()), dtype=torch.uint8, generator=g)
+        return pre.transform()(imgs)
+    parts, left = [], n
+    for ds in data.eval.values():
+        if left <= 0:
+            break
+        k = min(left, len(ds))
+        parts += list(model_inputs(ds.subset(range(k)), pre, on_error=on_error))
+        left -= k
+    return _cat(parts, pre)
 
 
 @torch.inference_mode()
@@ -188,11 +208,12 @@ class ImageCalibrationReader(CalibrationDataReader):
         self.pos = 0
 
 
-def calibration_inputs(pre: Preprocessing, data: TaskData, n: int = 256, seed: int = 0) -> torch.Tensor:
-    """A seeded sample of `n` training images, preprocessed for the model."""
+def calibration_inputs(pre: Preprocessing, data: TaskData, n: int = 256, seed: int = 0,
+                       on_error: str = "raise") -> torch.Tensor:
+    """A seeded sample of `n` training images, preprocessed for the model (`pre`: the task's own)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=g)[:n]
-    return pre.transform()(data.train.images[idx])
+    return _cat(list(model_inputs(data.train.subset(idx), pre, on_error=on_error)), pre)
 
 
 def cpu_has_vnni() -> bool:
@@ -281,24 +302,26 @@ def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None
     out = Path(out)
     fp32 = out if int8 is None else out.with_name(f"{out.stem}.fp32{out.suffix or '.onnx'}")
     export_onnx(tm, task, fp32, opset)
-    pre, head = tm.info.preprocessing, tm.info.heads[task]
+    pre, head = tm.info.preprocessing.for_task(task), tm.info.heads[task]
+    on_error = cfg.tasks[task].data.on_error if cfg is not None and task in cfg.tasks else "raise"
     m32 = OnnxTaskModel(fp32, threads)
-    x = sample_inputs(pre, data)
+    x = sample_inputs(pre, data, on_error=on_error)
     report: dict[str, Any] = {"task": task, "fp32": str(fp32), "opset": opset, "output_kind": head.output,
                               "parity_inputs": "test images" if data is not None else "seeded random images",
                               "parity_n": len(x), "parity_tol": tol}
     report["parity_max_abs_diff"] = check_parity(tm, task, m32, x, tol)
     can_eval = cfg is not None and data is not None
     if can_eval:
-        report["metrics_fp32"] = evaluate_predict(m32.predict_fn(), task, head, cfg, data)
+        report["metrics_fp32"] = evaluate_predict(m32.predict_fn(on_error=on_error), task, head, cfg, data)
     if int8 is not None:
-        calib = calibration_inputs(pre, data, calib_size, cfg.seed if cfg else 0) if data is not None else None
+        calib = (calibration_inputs(pre, data, calib_size, cfg.seed if cfg else 0, on_error)
+                 if data is not None else None)
         quantize(fp32, out, int8, calib)
         m8 = OnnxTaskModel(out, threads)
         report["int8"] = {"mode": int8, "path": str(out), "max_abs_diff_vs_torch": max_abs_diff(tm, task, m8, x),
                           "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size}
         if can_eval:
-            report["metrics_int8"] = evaluate_predict(m8.predict_fn(), task, head, cfg, data)
+            report["metrics_int8"] = evaluate_predict(m8.predict_fn(on_error=on_error), task, head, cfg, data)
     if can_eval:
         report["primary"] = head.primary
     return report

@@ -8,6 +8,11 @@ deployment needs without the training code's data: per-task head kind, output ki
 the verification threshold (calibrated on held-out pairs when the data is at hand), and the
 preprocessing (input size, channels, mean, std).
 
+Input sizes: a one-task model's `preprocessing.img_size` is its task's size (one side when square,
+else [height, width]). A multi-task model keeps the base size there and lists the tasks whose input
+differs in `preprocessing.task_img_size` (written only when some task differs, so single-size
+manifests look as they always did); `Preprocessing.for_task(task)` is one task's preprocessing.
+
 A task model's backbone is either that extracted ViT or, for a distilled student (`ufo distill`),
 any timm model named in `info.backbone` (`TimmBackbone`: name, kwargs, feature width), rebuilt
 with `pretrained=False` on load. A student's `arch`/`space` are its teacher's (where it came from).
@@ -21,10 +26,10 @@ from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from torch import nn
 
-from ufo.arch import Arch, SearchSpace
+from ufo.arch import Arch, ImageSize, SearchSpace, as_hw
 from ufo.checkpoint import load_checkpoint, load_state_checked, read_manifest, save_checkpoint
 from ufo.config import Config, parse_config
 from ufo.data.transforms import BatchTransform, build_transform
@@ -41,26 +46,61 @@ class DeployError(UFOError):
     """A model that cannot be packaged, exported or served as asked."""
 
 
+def compact_size(size: ImageSize) -> ImageSize:
+    """An image size as manifests write it: one int when square, else (height, width)."""
+    h, w = as_hw(size)
+    return h if h == w else (h, w)
+
+
 class Preprocessing(BaseModel):
-    """What turns an image into model input: decode, resize to `img_size`, `in_chans` channels,
-    scale to [0, 1], normalise with per-channel `mean` and `std`."""
+    """What turns an image into model input: decode, resize to `img_size` (one side, or [height,
+    width]), `in_chans` channels, scale to [0, 1], normalise with per-channel `mean` and `std`.
+    `task_img_size` gives the (height, width) of the tasks of a multi-task model whose input size
+    differs from `img_size`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    img_size: int
+    img_size: ImageSize
     in_chans: int
     mean: list[float]
     std: list[float]
+    task_img_size: dict[str, tuple[int, int]] = Field(default_factory=dict)
+
+    @field_validator("img_size")
+    @classmethod
+    def _compact(cls, v: ImageSize) -> ImageSize:
+        return compact_size(v)
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler):  # no return annotation: it would replace the schema with a plain dict's
+        """Write `task_img_size` only when some task differs: single-size manifests keep their old format."""
+        out = handler(self)
+        if not self.task_img_size:
+            out.pop("task_img_size", None)
+        return out
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Preprocessing":
+    def from_config(cls, cfg: Config, tasks: Sequence[str] = ()) -> "Preprocessing":
+        """The preprocessing of a model of `tasks`: one task's own size, or the base size plus the
+        sizes of the tasks that differ from it."""
         m = cfg.model
         tf = build_transform(m.img_size, m.mean, m.std, train=False, in_chans=m.in_chans)
-        return cls(img_size=m.img_size, in_chans=m.in_chans, mean=list(tf.normalize.mean), std=list(tf.normalize.std))
+        base: ImageSize = cfg.input_size(tasks[0]) if len(tasks) == 1 else m.img_size
+        sizes = {} if len(tasks) == 1 else {t: cfg.input_size(t) for t in tasks if cfg.input_size(t) != as_hw(base)}
+        return cls(img_size=base, in_chans=m.in_chans, mean=list(tf.normalize.mean), std=list(tf.normalize.std),
+                   task_img_size=sizes)
 
-    def transform(self) -> BatchTransform:
-        """The library's eval transform: uint8 (.., C, H, W) -> normalised float32 model input."""
-        return build_transform(self.img_size, self.mean, self.std, train=False, in_chans=self.in_chans)
+    def input_size(self, task: str | None = None) -> tuple[int, int]:
+        """(height, width) of `task`'s input (None: `img_size`)."""
+        return as_hw(self.task_img_size.get(task, self.img_size) if task is not None else self.img_size)
+
+    def for_task(self, task: str) -> "Preprocessing":
+        """`task`'s preprocessing alone (its input size as `img_size`)."""
+        return Preprocessing(img_size=self.input_size(task), in_chans=self.in_chans, mean=self.mean, std=self.std)
+
+    def transform(self, task: str | None = None) -> BatchTransform:
+        """The library's eval transform: uint8 (.., C, H, W) -> normalised float32 model input of `task`."""
+        return build_transform(self.input_size(task), self.mean, self.std, train=False, in_chans=self.in_chans)
 
 
 class HeadInfo(BaseModel):
@@ -270,7 +310,7 @@ def extract_task_model(model: UFOModel, arch: Arch | None, tasks: str | Sequence
     for t in tasks:
         heads[t], infos[t] = slice_head(model.heads[t], arch.embed_dim)
     info = TaskModelInfo(tasks=tasks, arch=arch, space=model.space, heads=infos,
-                         preprocessing=Preprocessing.from_config(cfg), config=cfg.model_dump(mode="json"),
+                         preprocessing=Preprocessing.from_config(cfg, tasks), config=cfg.model_dump(mode="json"),
                          source=source)
     tm = TaskModel(backbone, heads, info).eval()
     for t, d in (data or {}).items():

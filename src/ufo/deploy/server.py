@@ -12,7 +12,7 @@ request running only its task's path), task_model files, or exported .onnx files
 Requests for one task that arrive together are micro-batched: a queue per task, drained into one
 batch of up to `max_batch` images after at most `max_wait_ms`, and run on one inference thread.
 Images are decoded and preprocessed exactly as the library reads data (PIL decode, resize to the
-input size, the model's channels, mean/std), so served predictions equal `ufo eval`'s. Bad input
+task's input size, the model's channels, mean/std), so served predictions equal `ufo eval`'s. Bad input
 never reaches the model: unknown task 404, not an image 415, truncated image 422, decompression
 bomb or oversized upload 413, each as a JSON `ErrorResponse`.
 """
@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ufo.arch import Arch
-from ufo.data.readers import _decode  # the library's own decoder, so served inputs equal evaluated ones
+from ufo.data.decode import decode  # the library's own decoder, so served inputs equal evaluated ones
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
 
 Backend = Literal["torch", "onnx"]
@@ -59,7 +59,8 @@ class Settings(BaseModel):
 
 @dataclass
 class ServedTask:
-    """One task as served: its facts and `run`, normalised batch -> outputs (numpy)."""
+    """One task as served: its facts (`preprocessing`: the task's own, at its input size) and `run`,
+    normalised batch -> outputs (numpy)."""
 
     name: str
     head: HeadInfo
@@ -104,15 +105,15 @@ def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads
             continue
         tm = open_task_model(p)
         for t in tm.tasks:
-            info = tm.info
+            info, pre = tm.info, tm.info.preprocessing.for_task(t)
             if backend == "torch":
-                add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, _torch_runner(tm, t), "torch", str(p)))
+                add(ServedTask(t, info.heads[t], pre, info.arch, _torch_runner(tm, t), "torch", str(p)))
             else:
                 from ufo.deploy.onnx_export import OnnxTaskModel, export_onnx
 
                 wd = Path(workdir or tempfile.mkdtemp(prefix="ufo-serve-"))
                 om = OnnxTaskModel(export_onnx(tm, t, wd / f"{t}.onnx"), threads)
-                add(ServedTask(t, info.heads[t], info.preprocessing, info.arch, om, "onnx", str(p)))
+                add(ServedTask(t, info.heads[t], pre, info.arch, om, "onnx", str(p)))
     if not out:
         raise DeployError("no model to serve: give run folders, task_model files or .onnx files")
     return out
@@ -139,7 +140,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_lar
 
 
 def decode_image(data: bytes, pre: Preprocessing, max_pixels: int) -> torch.Tensor:
-    """Upload bytes -> uint8 (C, S, S) as the library's readers decode files; ApiError on bad input."""
+    """Upload bytes -> uint8 (C, H, W) at `pre`'s input size, as the library's readers decode files;
+    ApiError on bad input."""
     if not data:
         raise ApiError(400, "empty_image", "the request holds no image bytes")
     try:
@@ -155,7 +157,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int) -> torch.Tens
         raise ApiError(413, "image_too_large", f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of "
                                                f"{max_pixels:,} pixels (decompression-bomb guard)")
     try:
-        arr = _decode(data, (pre.img_size, pre.img_size), None)
+        arr = decode(data, pre.input_size(), None)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(413, "image_too_large", f"decompression bomb refused: {e}") from None
     except Exception as e:  # truncated or corrupt pixel data

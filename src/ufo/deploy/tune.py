@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
+from ufo.arch import ImageSize, as_hw
 from ufo.checkpoint import read_manifest
 from ufo.config import TaskConfig, TrainConfig
+from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource, pk_capacity
-from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, UFOError
 from ufo.tasks import TaskData
 from ufo.train.loop import MetricLog
@@ -79,7 +79,7 @@ class TuneLoop:
     task_cfg: TaskConfig
     data: TaskData
     train: TrainConfig  # steps, batch_size, lr schedule, grad_clip, log/ckpt cadence
-    img_size: int
+    img_size: ImageSize  # the task's input: one side, or (height, width)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_chans: int
@@ -106,18 +106,19 @@ class TuneLoop:
                 self.batch_size = cap
         self.sampler = MixedTaskSampler([TaskSource(self.task, len(ds), groups, self.k)], self.batch_size,
                                         seed=self.seed)
-        self.transform: BatchTransform = build_transform(self.img_size, self.mean, self.std, train=True,
-                                                         augment=self.task_cfg.augment.model_dump(),
-                                                         in_chans=self.in_chans)
+        feed = Feed(self.task, 0, ds, as_hw(self.img_size), self.in_chans, self.mean, self.std,
+                    self.task_cfg.augment.model_dump(), self.task_cfg.data.on_error)
+        device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+        self.loader = MixedLoader([feed], self.sampler, seed=self.seed, device=device, workers=self.train.workers,
+                                  prefetch=self.train.prefetch)
 
     @property
     def ckpt_path(self) -> Path:
         return self.out / "checkpoints" / "latest.safetensors"
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.from_numpy(np.asarray(self.sampler.next()[self.task], dtype=np.int64))
-        ds = self.data.train
-        return self.transform(ds.images[idx]), ds.labels[idx]
+        x, _, y = self.loader.next()
+        return x, y
 
     def train_step(self) -> dict[str, float]:
         f = set_lr(self.optimizer, self.base_lrs, self.step, self.train)
@@ -138,7 +139,7 @@ class TuneLoop:
 
     def save(self) -> None:
         save_train_state(self.ckpt_path, self.module, self.optimizer, self.step, {"recipe": self.recipe},
-                         sampler_state=self.sampler.state_dict())
+                         sampler_state=self.loader.state_dict())
 
     def resume(self) -> bool:
         """Continue from `checkpoints/latest.safetensors`; False when there is none."""
@@ -151,7 +152,7 @@ class TuneLoop:
             raise CheckpointError(f"{self.ckpt_path} was written by another recipe (differs in {diff}); "
                                   "use a new --out folder, or the same settings to resume")
         m = load_train_state(self.ckpt_path, self.module, self.optimizer)
-        self.sampler.load_state_dict(m["sampler"])
+        self.loader.load_state_dict(m["sampler"])
         self.step = int(m["step"])
         return True
 
@@ -182,5 +183,6 @@ class TuneLoop:
                     self.save()
                 progress.update(bar, completed=self.step)
         log.close()
+        self.loader.close()
         self.module.eval()
         return {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}

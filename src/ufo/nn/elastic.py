@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ufo.arch import as_hw
+
 
 class ElasticLinear(nn.Linear):
     """Linear layer whose active input and output widths are the first `in_k`, `out_k` features."""
@@ -68,10 +70,11 @@ class ElasticLayerNorm(nn.LayerNorm):
 class ElasticPatchEmbed(nn.Module):
     """Conv patch embedding elastic in its output width (the embedding dimension)."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
-        self.img_size, self.patch_size = img_size, patch_size
-        self.num_patches = (img_size // patch_size) ** 2
+        self.img_size, self.patch_size = as_hw(img_size), patch_size
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.active_dim = embed_dim
 

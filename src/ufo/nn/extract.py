@@ -4,6 +4,10 @@ One task gives a timm `VisionTransformer` (timm parameter names, per-block heads
 a mix path folded into one wider FFN). Several tasks give a `MultiTaskViT`: the shared weights
 once, plus each task's chosen experts, with the routes as a fixed table. Either model's outputs
 equal the supernet's at that arch, and its parameter count is `SearchSpace.num_params`.
+
+Input sizes: the timm ViT of one task is built at that task's size (`SearchSpace.input_size`) and
+holds the position embedding already resampled to its grid, so it is a plain fixed-size timm model.
+A MultiTaskViT keeps the base-grid embedding and resamples it to each input, as the supernet does.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from timm.layers import Attention, Mlp
+from timm.layers import Attention, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -37,12 +41,12 @@ def build_vit(space: SearchSpace, arch: Arch, task: str) -> VisionTransformer:
     """An uninitialised timm ViT with the shape of `task`'s path through `arch`."""
     e, hd = arch.embed_dim, space.head_dim
     vit = VisionTransformer(
-        img_size=space.img_size, patch_size=space.patch_size, in_chans=space.in_chans, num_classes=0,
+        img_size=space.input_size(task), patch_size=space.patch_size, in_chans=space.in_chans, num_classes=0,
         embed_dim=e, depth=arch.depth, num_heads=1, mlp_ratio=1.0,  # blocks are replaced below
         qkv_bias=space.qkv_bias, global_pool="token", weight_init="skip",
     )
     if space.stem != "patch":
-        vit.patch_embed = static_embed(space, e)
+        vit.patch_embed = static_embed(space, e, space.input_size(task))
     for i, blk in enumerate(vit.blocks):
         width = hidden_dim(e, arch.mlp_ratio[i]) * (2 if arch.paths[task][i] == "mix" else 1)
         blk.attn = Attention(e, arch.num_heads[i], attn_head_dim=hd, qkv_bias=space.qkv_bias)
@@ -93,7 +97,8 @@ class MultiTaskViT(nn.Module):
         super().__init__()
         e = arch.embed_dim
         self.tasks = list(tasks)
-        self.patch_embed = static_embed(space, e)
+        self.patch_size, self.grid = space.patch_size, space.grid()
+        self.patch_embed = static_embed(space, e, dynamic=True)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, e))
         self.blocks = nn.ModuleList(
@@ -106,8 +111,11 @@ class MultiTaskViT(nn.Module):
     def forward_features(self, x: torch.Tensor, task: str) -> torch.Tensor:
         if task not in self.tasks:
             raise ArchError(f"unknown task {task!r}; this model serves {self.tasks}")
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        pos = self.pos_embed if grid == self.grid else resample_abs_pos_embed(
+            self.pos_embed, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=1)
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + pos
         for blk in self.blocks:
             x = blk(x, task)
         return self.norm(x)
@@ -139,7 +147,8 @@ def extract(model: SuperViT, arch: Arch | None = None, tasks: str | Sequence[str
         e = arch.embed_dim
         model.patch_embed.extract_into(out.patch_embed)
         out.cls_token.copy_(model.cls_token[:, :, :e])
-        out.pos_embed.copy_(model.pos_embed[:, :, :e])
+        grid = model.space.grid(tasks[0]) if len(tasks) == 1 else model.space.grid()
+        out.pos_embed.copy_(model.pos_embed_at(grid, e))
         out.norm.load_state_dict(model.norm.extract().state_dict())
         for i, (src, dst) in enumerate(zip(model.blocks, out.blocks)):
             dst.norm1.load_state_dict(src.norm1.extract().state_dict())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
 
-from ufo.arch import SearchSpace
+from ufo.arch import SearchSpace, as_hw
 from ufo.nn.elastic import ElasticPatchEmbed
 
 
@@ -44,13 +44,14 @@ class ConvStemEmbed(nn.Module):
     """The stem of an extracted model: stock torch layers, timm's PatchEmbed interface
     (`num_patches`, `grid_size`, `proj`; (B, C, H, W) -> (B, N, embed_dim))."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, channels: Sequence[int]) -> None:
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
+                 channels: Sequence[int]) -> None:
         super().__init__()
         if 2 ** len(channels) != patch_size:
             raise ValueError(f"a conv stem of {len(channels)} stride-2 layers has stride {2 ** len(channels)}, "
                              f"not the patch size {patch_size}")
-        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.img_size, self.patch_size = as_hw(img_size), (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.stem = conv_stem_layers(in_chans, channels)
         self.proj = nn.Conv2d(channels[-1], embed_dim, kernel_size=1)
@@ -62,7 +63,8 @@ class ConvStemEmbed(nn.Module):
 class ElasticConvStem(ConvStemEmbed):
     """ConvStemEmbed whose 1x1 projection emits the first `active_dim` channels."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, channels: Sequence[int]) -> None:
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
+                 channels: Sequence[int]) -> None:
         super().__init__(img_size, patch_size, in_chans, embed_dim, channels)
         for m in self.stem:
             if isinstance(m, nn.Conv2d):
@@ -94,8 +96,13 @@ def elastic_embed(space: SearchSpace) -> ElasticPatchEmbed | ElasticConvStem:
     return ElasticPatchEmbed(space.img_size, space.patch_size, space.in_chans, E)
 
 
-def static_embed(space: SearchSpace, embed_dim: int) -> PatchEmbed | ConvStemEmbed:
-    """An extracted model's token embedding for `space.stem` at `embed_dim` (uninitialised)."""
+def static_embed(space: SearchSpace, embed_dim: int, img_size: tuple[int, int] | None = None,
+                 dynamic: bool = False) -> PatchEmbed | ConvStemEmbed:
+    """An extracted model's token embedding for `space.stem` at `embed_dim` (uninitialised), for
+    `img_size` (default: the space's base size); `dynamic` lets a patch stem take any size."""
+    size = as_hw(space.img_size if img_size is None else img_size)
     if space.stem == "conv":
-        return ConvStemEmbed(space.img_size, space.patch_size, space.in_chans, embed_dim, space.stem_channels)
-    return PatchEmbed(space.img_size, space.patch_size, space.in_chans, embed_dim)
+        return ConvStemEmbed(size, space.patch_size, space.in_chans, embed_dim, space.stem_channels)
+    if dynamic:
+        return PatchEmbed(size, space.patch_size, space.in_chans, embed_dim, strict_img_size=False)
+    return PatchEmbed(size, space.patch_size, space.in_chans, embed_dim)

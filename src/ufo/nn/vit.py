@@ -4,6 +4,12 @@
 mixed batch is sorted by task once, so each TaskFFN sees contiguous per-task rows, then restored
 to the input order. Task heads live outside the backbone; `forward` returns the normalised class
 token, (B, active embed_dim).
+
+Input size is dynamic: the position embedding is learnt on the space's base grid and resampled
+(timm's `resample_abs_pos_embed`, bicubic) to the grid of the input, so a 112x112 face task, a
+256x128 re-id task and a 224x224 classifier share one backbone. A mixed batch whose tasks differ
+in size arrives as a list of same-size chunks (the loader's layout); each chunk runs through the
+blocks on its own and the class tokens are concatenated in list order.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
 
 from ufo.arch import PATHS, Arch, Routes, SearchSpace, hidden_dim
@@ -22,6 +28,7 @@ from ufo.nn.moe import Segment, TaskFFN
 from ufo.nn.stem import elastic_embed
 
 TaskArg = str | int | torch.Tensor
+Images = torch.Tensor | Sequence[torch.Tensor]
 
 
 class SuperBlock(nn.Module):
@@ -131,19 +138,30 @@ class SuperViT(nn.Module):
                 start += n
         return segments, order
 
+    def pos_embed_at(self, grid: tuple[int, int], dim: int) -> torch.Tensor:
+        """The first `dim` channels of the position embedding (class token first) for a token grid."""
+        pos = self.pos_embed[:, :, :dim]
+        base = self.space.grid()
+        if tuple(grid) == base:
+            return pos
+        return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(base), num_prefix_tokens=1)
+
     def forward_features(self, x: torch.Tensor, task: TaskArg, mask: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """All tokens after the final norm: (B, 1 + num_patches, embed_dim).
+        """All tokens after the final norm: (B, 1 + num_patches, embed_dim), for one input size.
 
         With `mask` ((B, num_patches) bool, True = hidden), the embeddings of masked patches are
         replaced by `mask_token` (its first embed_dim entries) before the position embedding is
         added, as masked image modelling needs. The token lives with the caller, not here.
         """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("forward_features takes one tensor of one input size; forward() takes a list of sizes")
         segments, order = self._segments(task, x.shape[0])
         if order is not None:
             x = x[order]
             mask = None if mask is None else mask[order]
-        e = self.arch.embed_dim
+        e, p = self.arch.embed_dim, self.space.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)  # (B, N, e)
         if mask is not None:
             if mask_token is None:
@@ -151,7 +169,7 @@ class SuperViT(nn.Module):
             if mask.shape != x.shape[:2]:
                 raise ValueError(f"forward_features: mask of shape {tuple(mask.shape)}, expected {tuple(x.shape[:2])}")
             x = torch.where(mask.unsqueeze(-1), mask_token.reshape(-1)[:e].to(x.dtype), x)
-        x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed[:, :, :e]
+        x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed_at(grid, e)
         for blk in self.blocks[: self.arch.depth]:
             x = blk(x, segments)
         x = self.norm(x)
@@ -159,6 +177,18 @@ class SuperViT(nn.Module):
             x = x[torch.argsort(order)]
         return x
 
-    def forward(self, x: torch.Tensor, task: TaskArg) -> torch.Tensor:
-        """Class-token features: (B, embed_dim)."""
-        return self.forward_features(x, task)[:, 0]
+    def forward(self, x: Images, task: TaskArg) -> torch.Tensor:
+        """Class-token features: (B, embed_dim). `x` is one tensor, or a list of chunks of different
+        input sizes whose rows `task` (a tensor of ids) lists in order."""
+        if isinstance(x, torch.Tensor):
+            return self.forward_features(x, task)[:, 0]
+        chunks = list(x)
+        if len(chunks) == 1:
+            return self.forward_features(chunks[0], task)[:, 0]
+        sizes = [c.shape[0] for c in chunks]
+        if not isinstance(task, torch.Tensor):
+            return torch.cat([self.forward_features(c, task)[:, 0] for c in chunks])
+        if task.numel() != sum(sizes):
+            raise TaskError(f"got {task.numel()} task ids for chunks of {sizes} images")
+        ids = task.flatten().split(sizes)
+        return torch.cat([self.forward_features(c, i)[:, 0] for c, i in zip(chunks, ids)])

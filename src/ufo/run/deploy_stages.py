@@ -147,8 +147,7 @@ def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         model.set_arch(arch)
         recalibrate_bn(model, {t: ctx.data[t]}, cfg, [t])
         tm = extract_task_model(model, arch, t, cfg, {t: ctx.data[t]}, source=str(ctx.dir("chip_supernet")))
-        x = torch.randn(8, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+        x = torch.randn(8, cfg.model.in_chans, *cfg.input_size(t), generator=torch.Generator().manual_seed(cfg.seed))
         with torch.no_grad():
             diff = float((tm(x, t) - model(x, t)).abs().max())
         if diff > PARITY_TOL:
@@ -192,7 +191,7 @@ def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         ctx.console.print(f"[bold]export[/]: {t} -> {onnx_path}" + (f" (INT8 {e.int8})" if e.int8 else ""))
         r = export_task(tm, t, onnx_path, e.int8, ctx.cfg, ctx.data[t], opset=e.opset)
         fp32 = Path(r["fp32"])
-        x = torch.randn(1, ctx.cfg.model.in_chans, ctx.cfg.model.img_size, ctx.cfg.model.img_size)
+        x = torch.randn(1, ctx.cfg.model.in_chans, *ctx.cfg.input_size(t))
         path_module = tm.for_task(t).eval()
 
         def eager() -> None:

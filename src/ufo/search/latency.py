@@ -1,9 +1,9 @@
 """Latency of extracted subnets on a named backend, and datasets of measured archs for predictors.
 
 `measure(space, arch, task, backend)` builds the plain timm ViT that `extract` would return for
-`task`'s path through `arch` and times its forward pass: a fixed batch size and thread count,
-`warmup` untimed calls, then the median of `repeats` timed calls with the interquartile range as
-the spread. Backends: `torch-cpu` (eager torch), `ort-cpu` (ONNX Runtime on CPU, exported through
+`task`'s path through `arch` and times its forward pass at the task's input size: a fixed batch
+size and thread count, `warmup` untimed calls, then the median of `repeats` timed calls with the
+interquartile range as the spread. Backends: `torch-cpu` (eager torch), `ort-cpu` (ONNX Runtime on CPU, exported through
 `ufo.deploy.onnx_export`) and `cuda` (eager torch on the GPU). `collect` measures N sampled archs
 (the largest and smallest included) into a `LatencyDataset` that saves to JSON with its space.
 """
@@ -110,7 +110,7 @@ def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: st
     info = TaskModelInfo(
         tasks=[task], arch=arch, space=space,
         heads={task: HeadInfo(kind="backbone", output="embedding", num_classes=0, embedding_dim=arch.embed_dim)},
-        preprocessing=Preprocessing(img_size=space.img_size, in_chans=c, mean=[0.0] * c, std=[1.0] * c),
+        preprocessing=Preprocessing(img_size=space.input_size(task), in_chans=c, mean=[0.0] * c, std=[1.0] * c),
     )
     tm = TaskModel(model, {task: torch.nn.Identity()}, info).eval()
     sess = make_session(export_onnx(tm, task, out), threads)
@@ -124,12 +124,13 @@ def make_runner(space: SearchSpace, arch: Arch, task: str, backend: str, batch: 
 
     The model is `build_vit(space, arch, task)`, the exact layer shapes `extract` produces, with
     default-initialised weights rather than trained ones: latency does not depend on the weight
-    values, so no checkpoint is needed. The input is a seeded random batch of `batch` images.
+    values, so no checkpoint is needed. The input is a seeded random batch of `batch` images at the
+    task's input size.
     Call it inside `torch_threads(threads)`.
     """
     arch = task_arch(space, arch, task)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, space.in_chans, space.img_size, space.img_size, generator=g)
+    x = torch.randn(batch, space.in_chans, *space.input_size(task), generator=g)
     model = build_vit(space, arch, task).eval()
     if backend == "ort-cpu":
         name = f"subnet-{len(list(workdir.glob('*.onnx')))}.onnx"

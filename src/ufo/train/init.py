@@ -200,15 +200,20 @@ def _timm_heads(sd: StateDict, space_heads: int, head_dim: int, num_heads: int |
                       "set init.timm_num_heads")
 
 
-def _prefix_tokens(sd: StateDict, source: str) -> tuple[int, int]:
-    """(prefix tokens in timm's pos_embed, its square grid side)."""
+def _source_grid(sd: StateDict, source: str, ours: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """(prefix tokens in timm's pos_embed, its patch grid (rows, cols)). A state dict does not say
+    its grid: a square one is assumed (timm's models are square), else our own grid `ours` when the
+    token count matches it (a non-square model saved at our size)."""
     n = sd["pos_embed"].shape[1]
     npt = ("cls_token" in sd) + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
-    for p in (npt, 0):
+    for p in (npt, 0):  # the prefix tokens the state dict has first: 0 only for no_embed_class models
         g = math.isqrt(n - p)
         if g * g == n - p:
-            return p, g
-    raise CheckpointError(f"{source}: pos_embed of {n} tokens is not a square patch grid plus {npt} prefix tokens")
+            return p, (g, g)
+        if n - p == ours[0] * ours[1]:
+            return p, ours
+    raise CheckpointError(f"{source}: pos_embed of {n} tokens is neither a square patch grid nor our "
+                          f"{ours[0]}x{ours[1]} grid, plus {npt} prefix tokens")
 
 
 def _map_patch_conv(w: _Writer, sd: StateDict, s: SearchSpace) -> None:
@@ -243,14 +248,14 @@ def _map_embeddings(w: _Writer, sd: StateDict, vit: SuperViT) -> None:
     else:
         _map_patch_conv(w, sd, s)
     if "pos_embed" in sd:
-        pos, (prefix, grid) = sd["pos_embed"], _prefix_tokens(sd, w.report.source)
-        g = s.img_size // s.patch_size
+        grid = s.grid()  # the base grid (rows, cols) our pos_embed is laid out on
+        pos, (prefix, src) = sd["pos_embed"], _source_grid(sd, w.report.source, grid)
         how = []
-        if grid != g:
+        if src != grid:
             from timm.layers import resample_abs_pos_embed
 
-            pos = resample_abs_pos_embed(pos, [g, g], [grid, grid], num_prefix_tokens=prefix)
-            how.append(f"grid {grid}x{grid} -> {g}x{g} (timm resample_abs_pos_embed)")
+            pos = resample_abs_pos_embed(pos, list(grid), list(src), num_prefix_tokens=prefix)
+            how.append(f"grid {src[0]}x{src[1]} -> {grid[0]}x{grid[1]} (timm resample_abs_pos_embed)")
         if prefix == 0:  # timm adds no position to the class token; a zero row here is the same
             cls_pos = torch.zeros_like(pos[:, :1])
             w.report.notes.append("timm's pos_embed has no class-token row (no_embed_class); ours gets zeros there")

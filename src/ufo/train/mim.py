@@ -6,6 +6,9 @@ runs at the largest arch with every FFN on the shared path; a linear head predic
 pixels, and the loss is the L1 error on the masked pixels only (SimMIM, Xie et al. 2022). Labels
 are never read. Everything else (sampler, transforms, optimiser groups, LR schedule, exact-resume
 checkpoints, logging, non-finite handling, the final `model.safetensors`) is the Trainer's.
+
+Tasks may differ in input size (square or not): the images of each size get masks on their own
+grid (the mask patch must divide every size), and the loss is one L1 over the masked pixels of all.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from ufo.arch import ImageSize, as_hw
 from ufo.config import Config
 from ufo.errors import ConfigError
 from ufo.model import UFOModel
-from ufo.nn.vit import SuperViT
+from ufo.nn.vit import Images, SuperViT
 from ufo.tasks import TaskData
 from ufo.train import distributed as dist
 from ufo.train.loop import Trainer
@@ -34,22 +38,37 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def random_mask(batch: int, img_size: int, patch_size: int, mask_patch_size: int, ratio: float,
+def random_mask(batch: int, img_size: ImageSize, patch_size: int, mask_patch_size: int, ratio: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, num_patches) bool, True = hidden: ceil(ratio * n) of the n mask patches per image, each
-    covering (mask_patch_size / patch_size)^2 model patches. Draws from torch's RNG, so a resumed
-    run draws the same masks."""
-    g, scale = img_size // mask_patch_size, mask_patch_size // patch_size
-    n = g * g
+    """(B, num_patches) bool, True = hidden, for images of `img_size` (one side, or (height, width)):
+    ceil(ratio * n) of the n = rows x cols mask patches per image, each covering
+    (mask_patch_size / patch_size)^2 model patches. Draws from torch's RNG, so a resumed run draws
+    the same masks."""
+    (h, w), scale = as_hw(img_size), mask_patch_size // patch_size
+    rows, cols = h // mask_patch_size, w // mask_patch_size
+    n = rows * cols
     chosen = torch.rand(batch, n, generator=generator).argsort(1)[:, : math.ceil(n * ratio)]
     mask = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, chosen, True)
-    return mask.view(batch, g, g).repeat_interleave(scale, 1).repeat_interleave(scale, 2).flatten(1)
+    return mask.view(batch, rows, cols).repeat_interleave(scale, 1).repeat_interleave(scale, 2).flatten(1)
+
+
+def masked_l1_sums(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 error summed over the masked patches' pixels, their count)."""
+    err = (pred - target.to(pred.dtype)).abs() * mask.unsqueeze(-1)
+    return err.sum(), mask.sum() * pred.shape[-1]
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L1 error summed over the masked patches' pixels, divided by their count (SimMIM's loss)."""
-    err = (pred - target.to(pred.dtype)).abs() * mask.unsqueeze(-1)
-    return err.sum() / (mask.sum() * pred.shape[-1]).clamp_min(1)
+    err, count = masked_l1_sums(pred, target, mask)
+    return err / count.clamp_min(1)
+
+
+def mask_patch_for(cfg: Config) -> int:
+    """The mask patch size in pixels: `mim.mask_patch_size`, else the default (2 x patch size) where
+    it divides the base size and every task's input size, else the patch size."""
+    sizes = [cfg.model.img_size, *(cfg.input_size(t) for t in cfg.task_names)]
+    return min(cfg.mim.patch(s, cfg.model.patch_size) for s in sizes)
 
 
 class SimMIM(nn.Module):
@@ -62,9 +81,14 @@ class SimMIM(nn.Module):
     def __init__(self, ufo: UFOModel, mask_patch_size: int, mask_ratio: float) -> None:
         super().__init__()
         s = ufo.space
-        if mask_patch_size % s.patch_size or s.img_size % mask_patch_size:
-            raise ValueError(f"mask patch {mask_patch_size} must be a multiple of the patch size {s.patch_size} "
-                             f"and divide the image size {s.img_size}")
+        if mask_patch_size % s.patch_size:
+            raise ConfigError(f"mim.mask_patch_size: {mask_patch_size} must be a multiple of the patch size "
+                              f"{s.patch_size}")
+        for where, (h, w) in [("model.img_size", s.input_size()), *((f"tasks.{t}.img_size", s.input_size(t))
+                                                                   for t in s.tasks)]:
+            if h % mask_patch_size or w % mask_patch_size:
+                raise ConfigError(f"mim.mask_patch_size: {mask_patch_size} does not divide {where} {h}x{w} (HxW); "
+                                  "choose a mask patch that divides every task's input size")
         self.ufo = ufo
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
         self.mask_token = nn.Parameter(torch.zeros(s.max_embed_dim))
@@ -83,19 +107,31 @@ class SimMIM(nn.Module):
     def tasks(self) -> list[str]:
         return self.ufo.tasks
 
-    def random_mask(self, batch: int) -> torch.Tensor:
+    def random_mask(self, batch: int | Images) -> torch.Tensor | list[torch.Tensor]:
+        """Masks of a batch: `batch` images at the base size, one (B, C, H, W) tensor at its own
+        size, or one mask per chunk of a list of input sizes."""
+        if isinstance(batch, (list, tuple)):
+            return [self.random_mask(c) for c in batch]
         s = self.ufo.space
-        return random_mask(batch, s.img_size, s.patch_size, self.mask_patch_size, self.mask_ratio)
+        n, size = (batch.shape[0], tuple(batch.shape[-2:])) if isinstance(batch, torch.Tensor) else (
+            batch, s.input_size())
+        return random_mask(n, size, s.patch_size, self.mask_patch_size, self.mask_ratio)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pixels of every patch, (B, N, patch^2 * C), seeing only the unmasked patches."""
         feats = self.backbone.forward_features(x, 0, mask.to(x.device), self.mask_token)  # every path is shared
         return self.pixel_head(feats[:, 1:])
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The masked-pixel L1 loss of a batch."""
-        mask = mask.to(x.device)
-        return masked_l1(self.predict(x, mask), patchify(x, self.ufo.space.patch_size), mask)
+    def forward(self, x: Images, mask: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The masked-pixel L1 loss of a batch: one tensor and its mask, or chunks of different input
+        sizes and one mask each (one L1 over all their masked pixels)."""
+        p = self.ufo.space.patch_size
+        if isinstance(x, torch.Tensor):
+            mask = mask.to(x.device)
+            return masked_l1(self.predict(x, mask), patchify(x, p), mask)
+        sums = [masked_l1_sums(self.predict(c, m.to(c.device)), patchify(c, p), m.to(c.device))
+                for c, m in zip(x, mask, strict=True)]
+        return sum(e for e, _ in sums) / sum(n for _, n in sums).clamp_min(1)
 
 
 class MimTrainer(Trainer):
@@ -112,7 +148,7 @@ class MimTrainer(Trainer):
         self.arch = largest.model_copy(update={"paths": {t: ["shared"] * largest.depth for t in ufo.tasks}})
         ufo.set_arch(self.arch)
         # the all-in-one step module, optimiser and EMA are replaced by SimMIM's
-        self.model = SimMIM(ufo, cfg.mim.patch(cfg.model.img_size, cfg.model.patch_size), cfg.mim.mask_ratio)
+        self.model = SimMIM(ufo, mask_patch_for(cfg), cfg.mim.mask_ratio)
         self.model.to(next(ufo.parameters()).device).train()
         # under DDP the Trainer's own wrapper is dropped unused: it never runs a forward, so its hooks stay idle
         self.step_module = dist.wrap(self.model, self.world)
@@ -125,9 +161,9 @@ class MimTrainer(Trainer):
 
     def train_step(self) -> dict[str, float]:
         lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
-        x, _, _ = self.batch()  # labels are never used
-        mask = self.model.random_mask(x.shape[0])
-        with torch.autocast("cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+        x, ids, _ = self.batch()  # labels are never used; x is a list of chunks when input sizes differ
+        mask = self.model.random_mask(x)
+        with torch.autocast("cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
                             enabled=self.t.amp == "bf16"):
             loss = self.step_module(x, mask)
         if not torch.isfinite(loss):
@@ -141,7 +177,7 @@ class MimTrainer(Trainer):
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         logged = dist.mean_across_ranks({"loss/mim": loss.detach(), "loss": loss.detach()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
 
     def eval_model(self) -> UFOModel:
         """The UFOModel holding the pre-trained backbone (the EMA's when there is one)."""
