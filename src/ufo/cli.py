@@ -204,13 +204,56 @@ def data_show(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, data
         table.add_column(col)
     for name, t in cfg.tasks.items():
         d = build_task_data(name, t, cfg)
-        src = t.data.recipe or f"{t.data.reader}:{t.data.path}"
+        h, w = cfg.input_size(name)
+        src = (t.data.recipe or f"{t.data.reader}:{t.data.path}") + f" @ {h}x{w}"
         ev = ", ".join(f"{k} {len(v)}" for k, v in d.eval.items())
         n_eval_cls = "/".join(str(len(set(v.labels.tolist()))) for v in d.eval.values())
         extra = f"; {len(d.extra['oneshot_runs'])} one-shot runs" if "oneshot_runs" in d.extra else ""
         table.add_row(name, t.kind, src, str(len(d.train)), f"{len(set(d.train.labels.tolist()))} train / {n_eval_cls} eval",
                       ev + extra, "; ".join(d.notes))
     console.print(table)
+
+
+_PACK_READERS = {".csv": "csv", ".zip": "zip", ".npz": "npz", ".mat": "alphadigits_mat", ".tar": "webdataset"}
+
+
+@data_app.command("pack")
+@friendly
+def data_pack(
+    src: Path = typer.Argument(..., help="the data: a folder or file that --reader understands"),
+    out: Path = typer.Argument(..., help="output folder for shard-NNNNNN.tar and index.json"),
+    reader: Optional[str] = typer.Option(None, help="reader name, as `data.reader` in a config (default: image_folder "
+                                                    "for a folder, else by extension: csv, zip, npz, mat, tar)"),
+    maxcount: int = typer.Option(10_000, help="samples per shard"),
+    maxsize_mb: float = typer.Option(1000.0, "--maxsize-mb", help="image bytes per shard, in MB"),
+    on_error: str = typer.Option("raise", "--on-error", help="raise, or skip unreadable images (counted)"),
+    overwrite: bool = typer.Option(False, help="replace the shards of an earlier pack in OUT"),
+) -> None:
+    """Pack a data set into webdataset tar shards (the `webdataset` reader reads them back by random
+    access). Image files keep their own bytes; in-memory sets (npz, mat) are written as PNG."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ufo.data.build import READERS, STREAMING, reader as get_reader
+    from ufo.data.shards import write_shards
+
+    name = reader or ("image_folder" if src.is_dir() else _PACK_READERS.get(src.suffix.lower()))
+    if name not in READERS:
+        raise UFOError(f"--reader {name!r}: expected one of {', '.join(READERS)}" if name else
+                       f"cannot tell the reader of {src}; pass --reader ({', '.join(READERS)})")
+    if on_error not in ("raise", "skip"):
+        raise UFOError(f"--on-error {on_error!r}: expected raise or skip")
+    if not src.exists():
+        raise UFOError(f"{src} does not exist")
+    fn = get_reader(name)
+    ds = fn(src, on_error=on_error, lazy=True) if name in STREAMING else fn(src, on_error=on_error)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        job = bar.add_task(f"packing {ds.name}", total=len(ds))
+        index = write_shards(ds, out, maxcount=maxcount, maxsize=maxsize_mb * 1e6, on_error=on_error,
+                             overwrite=overwrite, progress=lambda n: bar.advance(job, n))
+    console.print(f"wrote {len(index['shards'])} shard(s) with {index['num_samples']:,} images "
+                  f"({len(index['class_names'])} classes) and index.json to {out}; read them with "
+                  f"`data: {{reader: webdataset, path: {out}}}`")
 
 
 @app.command()

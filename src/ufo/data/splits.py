@@ -3,7 +3,10 @@
 - classification: `split_by_sample` (stratified, or the official split when there is one);
 - open-set retrieval: `split_by_class` (test classes never seen in training);
 - verification / re-identification: `split_by_identity` (test identities never seen in
-  training), then `split_query_gallery` on the test part.
+  training), then `split_query_gallery` on the test part;
+- a set's own split (`ImageSet.split`, e.g. Market-1501's train / query / gallery):
+  `split_official`, with `check_disjoint` for the kinds whose protocol needs unseen classes or
+  identities.
 
 The same (set, arguments, seed) always gives the same split, on any machine: the random draws
 come from sklearn with an integer random_state or from numpy's default_rng(seed), never from
@@ -195,3 +198,41 @@ def split_query_gallery(
     is_query = np.zeros(len(ds), dtype=bool)
     is_query[query] = True
     return ds.subset(torch.from_numpy(np.flatnonzero(is_query))), ds.subset(torch.from_numpy(np.flatnonzero(~is_query)))
+
+
+def split_official(ds: ImageSet, parts: Sequence[str], rest: str | None = None) -> dict[str, ImageSet]:
+    """The set's own split (`ds.split`): one subset per name in `parts`, labels unchanged and
+    samples in their original order. Samples with another split value go to the part `rest` when
+    it is given, else they are an error naming the value; a part left empty is an error."""
+    if ds.split is None:
+        raise DataError(f"{ds.name}: has no official split; use use_official_split: false to draw one")
+    values = np.array(ds.split, dtype=object)
+    named = np.isin(values, list(parts))
+    if rest is None and not named.all():
+        other = sorted(set(values[~named].tolist()))
+        raise DataError(f"{ds.name}: official split value(s) {other} are none of {list(parts)}")
+    out = {p: np.flatnonzero(values == p) for p in parts}
+    if rest is not None:
+        out[rest] = np.flatnonzero(~named)
+    for p, idx in out.items():
+        if len(idx) == 0:
+            raise DataError(f"{ds.name}: the official split has no {p!r} samples "
+                            f"(its values are {sorted(set(ds.split))}); use use_official_split: false to draw one")
+    return {p: ds.subset(idx) for p, idx in out.items()}
+
+
+def check_disjoint(train: ImageSet, test: ImageSet, what: Literal["classes", "identities"]) -> None:
+    """Raise a DataError when the official train and test parts share classes (`labels`, by name)
+    or identities (`identities`, else labels; negative ones are unknown and never shared): open-set
+    retrieval and verification must be scored on classes / identities unseen in training."""
+    def keys(ds: ImageSet) -> set:
+        if what == "identities" and ds.identities is not None:
+            return set(ds.identities[ds.identities >= 0].tolist())
+        return {ds.class_names[i] for i in torch.unique(ds.labels).tolist()}
+
+    shared = keys(train) & keys(test)
+    if shared:
+        eg = ", ".join(map(str, sorted(shared)[:3]))
+        raise DataError(f"{train.name}: the official split shares {len(shared)} {what} between train and test "
+                        f"(e.g. {eg}); this kind is scored on {what} unseen in training, so set "
+                        "use_official_split: false to draw a disjoint split")

@@ -2,7 +2,8 @@
 
 BN-neck embedding trained with a margin loss plus a batch-hard triplet loss on P x K batches.
 Identities are disjoint from training; each test identity gives query images, the rest of its
-images form the gallery. Reports mAP and CMC rank-1/5.
+images form the gallery. A set with its own train / query / gallery split (Market-1501) is used
+as given when `use_official_split` is on. Reports mAP and CMC rank-1/5.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 import torch
 
 from ufo.data.dataset import ImageSet
-from ufo.data.splits import split_by_identity, split_query_gallery
+from ufo.data.splits import split_by_identity, split_official, split_query_gallery
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
 from ufo.tasks.metrics import reid_metrics
 
@@ -50,6 +51,13 @@ class Reid(EmbeddingTask):
 
     @classmethod
     def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
+        """Identities disjoint, a random share held out as query/gallery; or, with `use_official`
+        and a split naming train, query and gallery, those three parts as given."""
+        if use_official and ds.split is not None and {"train", "query", "gallery"} <= set(ds.split):
+            parts = split_official(ds, ["train", "query", "gallery"])
+            train = parts["train"].relabel()
+            return TaskData(train=train, eval={"query": parts["query"], "gallery": parts["gallery"]},
+                            groups=train.labels, notes=["official train / query / gallery split"])
         train, test = split_by_identity(ds, test_fraction, seed)
         query, gallery = split_query_gallery(test, seed)
         train = train.relabel()

@@ -1,5 +1,7 @@
 """Open-set retrieval: embedding trained with a metric loss; Recall@K and MAP@R on classes never
-seen in training (each test image queries all the others)."""
+seen in training (each test image queries all the others). A set with its own train/test split
+(Stanford Online Products) is used as given when `use_official_split` is on; its classes must
+then be disjoint."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Literal
 import torch
 
 from ufo.data.dataset import ImageSet
-from ufo.data.splits import split_by_class
+from ufo.data.splits import check_disjoint, split_by_class, split_official
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
 from ufo.tasks.metrics import one_shot_accuracy, retrieval_metrics
 
@@ -50,6 +52,14 @@ class Retrieval(EmbeddingTask):
 
     @classmethod
     def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
+        """Classes disjoint, a random share held out; or, with `use_official` and a split naming
+        train, the samples marked train against all the others (a DataError if classes overlap)."""
+        if use_official and ds.split is not None and "train" in set(ds.split):
+            parts = split_official(ds, ["train"], rest="test")
+            check_disjoint(parts["train"], parts["test"], "classes")
+            train, test = parts["train"].relabel(), parts["test"].relabel()
+            return TaskData(train=train, eval={"test": test}, groups=train.labels,
+                            notes=["official train/test split (classes disjoint)"])
         train, test = split_by_class(ds, test_fraction=test_fraction, seed=seed)
         train = train.relabel()
         return TaskData(train=train, eval={"test": test}, groups=train.labels,

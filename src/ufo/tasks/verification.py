@@ -3,18 +3,30 @@
 Training and test identities are disjoint. Pairs are drawn from the test identities,
 deterministically from the seed, and scored by the 10-fold protocol (threshold chosen on 9
 folds, accuracy on the tenth), with ROC AUC and TAR@FAR where there are enough pairs.
+
+With `use_official_split` and a set that has its own train/test split (LFW), the samples marked
+train are trained on and the others tested; when the set also has official pairs (`ImageSet.pairs`,
+LFW's pairs.txt) those are scored instead of drawn pairs, and LFW's own 10 folds replace the
+random ones (a single-set pairs file, with one fold, is scored with random stratified folds).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import warnings
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ufo.data.dataset import ImageSet
-from ufo.data.splits import split_by_identity
+from ufo.data.splits import check_disjoint, split_by_identity, split_official
+from ufo.errors import DataError
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
-from ufo.tasks.metrics import make_pairs, verification_metrics
+from ufo.tasks.metrics import _best_threshold, make_pairs, verification_metrics
+
+FOLDS = 10  # the protocol's folds; official pairs keep their own when they have exactly this many
 
 
 class VerificationOptions(Options):
@@ -43,15 +55,67 @@ class Verification(EmbeddingTask):
 
     @classmethod
     def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
-        train, test = split_by_identity(ds, test_fraction, seed)
+        """Identities disjoint, a random share held out; or, with `use_official` and a split naming
+        train, the samples marked train against all the others, scored on the set's official pairs
+        when it has them (re-indexed into the test part)."""
+        if use_official and ds.split is not None and "train" in set(ds.split):
+            return cls._official_split(ds)
+        train, test = split_by_identity(ds.replace(pairs=None), test_fraction, seed)
         train = train.relabel()
         return TaskData(train=train, eval={"test": test}, groups=train.labels,
                         notes=[f"identities disjoint, {test_fraction:.0%} held out"])
 
+    @staticmethod
+    def _official_split(ds: ImageSet) -> TaskData:
+        parts = split_official(ds, ["train"], rest="test")
+        train, test = parts["train"].relabel(), parts["test"].relabel()
+        check_disjoint(train, test, "identities")
+        if ds.pairs is not None:
+            if test.pairs is None or len(test.pairs) == 0:
+                raise DataError(f"{ds.name}: none of its {len(ds.pairs)} official pairs has both images in the "
+                                "test split; use use_official_split: false to draw pairs")
+            lost = len(ds.pairs) - len(test.pairs)
+            folds = len(np.unique(test.pairs[:, 3]))
+            note = (f"official train/test split, {len(test.pairs)} official pairs in {folds} fold(s)"
+                    + (f" ({lost} naming a training image left out)" if lost else ""))
+            return TaskData(train=train, eval={"test": test}, groups=train.labels, notes=[note])
+        ids = test.identities
+        if ids is not None and bool((ids < 0).any()):
+            warnings.warn(f"{ds.name}: left {int((ids < 0).sum())} test samples with unknown (negative) identity "
+                          "out of the official test split", stacklevel=3)
+            test = test.subset(ids >= 0)
+        return TaskData(train=train, eval={"test": test}, groups=train.labels,
+                        notes=["official train/test split, pairs drawn from the test identities"])
+
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
         test = data.eval["test"]
+        if test.pairs is not None and len(test.pairs):
+            return official_pair_metrics(predict(test), test.pairs, seed)
         ids = test.identities if test.identities is not None else test.labels
         n_same_max = int(sum(c * (c - 1) // 2 for c in torch.bincount(ids - ids.min()).tolist()))
         num_pairs = min(self.opts.num_pairs, 2 * n_same_max)
         a, b, same = make_pairs(ids.numpy(), num_pairs, seed)
-        return verification_metrics(predict(test), a, b, same, folds=10, seed=seed)
+        return verification_metrics(predict(test), a, b, same, folds=FOLDS, seed=seed)
+
+
+def official_pair_metrics(emb: torch.Tensor, pairs: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """`verification_metrics` on official (a, b, same, fold) pairs. When the pairs come in exactly
+    FOLDS folds (LFW's pairs.txt) the accuracy, its std and the threshold follow those folds (the
+    threshold fitted on the other nine, as LFW's protocol asks) instead of random stratified ones."""
+    a, b, same, fold = (pairs[:, i] for i in range(4))
+    out = verification_metrics(emb, a, b, same, folds=FOLDS, seed=seed)
+    folds = np.unique(fold)
+    if len(folds) != FOLDS:
+        return out
+    e = F.normalize(torch.as_tensor(emb).detach().float(), dim=1)  # as verification_metrics scores them
+    scores = (e[torch.as_tensor(a)] * e[torch.as_tensor(b)]).sum(1).double().cpu().numpy()
+    is_same = same.astype(bool)
+    accs, thresholds = [], []
+    for k in folds:
+        held = fold == k
+        t = _best_threshold(scores[~held], is_same[~held])
+        accs.append(float(np.mean((scores[held] > t) == is_same[held])))
+        thresholds.append(t)
+    out.update({f"acc_{FOLDS}fold": float(np.mean(accs)), f"acc_{FOLDS}fold_std": float(np.std(accs)),
+                "threshold": float(np.mean(thresholds))})
+    return out
