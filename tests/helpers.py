@@ -52,3 +52,23 @@ def train_one_and_two_processes(config: Path, tmp_path: Path) -> tuple[list[dict
             return list(csv.DictReader(f))
 
     return log("one"), log("two")
+
+
+def make_image_folder(root: Path, classes: int = 4, per_class: int = 10, seed: int = 0, fmt: str = "JPEG",
+                      min_side: int = 20, max_side: int = 48) -> Path:
+    """`root/c<k>/<i>.jpg`: RGB images of varied sizes whose mean colour follows the class (so a
+    model can learn them); returns root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for c in range(classes):
+        d = root / f"c{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+            arr = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return root

@@ -33,9 +33,7 @@ class DataConfig(Strict):
     path: str | None = None  # file or folder for `reader`
     root: str | None = None  # data folder for recipes that read local files (default ../shared/data)
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: fail, or skip with a counted warning
-    # memory: decode the whole set once at the task's input size; stream: decode each image when a batch
-    # needs it (DataLoader workers); auto: memory for small sets (cache_max_mb), else stream
-    cache: Literal["auto", "memory", "stream"] = "auto"
+    cache: Literal["auto", "memory", "stream"] = "auto"  # memory: decode once at the input size; stream: DataLoader workers decode each image when a batch needs it; auto: memory up to cache_max_mb
     cache_max_mb: float = Field(256.0, ge=0)  # auto: the largest decoded set (uint8 at the input size) kept in memory
     test_fraction: float = Field(0.2, gt=0, lt=1)
     use_official_split: bool = True

@@ -46,7 +46,8 @@ NOTES = {
     "Config.mim": "masked-image-modelling pre-training (`train.stage: pretrain_mim`)",
     "Config.chip_supernet": "the chip-supernet stage (sandwich rule)",
     "Config.task_supernet": "the task-supernet stage (path routing)",
-    "ModelConfig.img_size": "input side in pixels (images are resized to it)",
+    "ModelConfig.img_size": "input side in pixels, or [height, width]: the position-embedding grid, and every "
+                            "task's input unless the task sets its own `img_size` (resampled per task)",
     "ModelConfig.patch_size": "patch side in pixels (tokens = (img_size / patch_size)^2)",
     "ModelConfig.in_chans": "input channels (1 or 3; grey images are repeated to 3)",
     "ModelConfig.head_dim": "width of one attention head (fixed; heads are elastic)",
@@ -69,7 +70,8 @@ NOTES = {
     "TaskConfig.lr_scale": "multiplies the learning rate of the task's head",
     "TaskConfig.augment": "training augmentations of this task",
     "DataConfig.recipe": "a named dataset: digits, mnist5k (built in), orl-faces, omniglot-small, gtsrb, ... (`ufo data show`)",
-    "DataConfig.reader": "read the user's own files (see docs/data.md)",
+    "DataConfig.reader": "read the user's own files: image_folder, imagenet, csv, market1501, lfw, sop, webdataset "
+                         "(tar shards), gtsrb, npz, zip, alphadigits_mat (see docs/data.md)",
     "DataConfig.test_fraction": "share held out for evaluation when the data has no official split",
     "DataConfig.use_official_split": "use the dataset's own train/test split when it has one",
     "AugmentConfig.hflip": "random horizontal flips",

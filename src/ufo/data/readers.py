@@ -24,7 +24,6 @@ mtimes and these options.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 import warnings
@@ -36,8 +35,7 @@ import numpy as np
 import torch
 
 from ufo.data.dataset import Collector, ImageSet, cached, check_options, encode_values
-from ufo.data.decode import decode as _decode  # noqa: F401  (the server's import; ufo.data.decode is its home)
-from ufo.data.store import FileStore
+from ufo.data.store import FileStore, ZipStore
 from ufo.errors import DataError
 
 ImageSize = int | tuple[int, int] | None
@@ -362,58 +360,51 @@ def read_zip_images(
     class_depth: int | None = None,
     dedupe: bool = True,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    lazy: bool = False,
 ) -> ImageSet:
     """Images inside one or several zip files, read with zipfile + PIL without extracting.
 
     The class of a member is its parent folder (see `class_depth`; with None, a top folder shared
     by every member of a zip is dropped, so "images_background_small1/Greek/character01/x.png" is
     class "Greek/character01"). Several zips give the union of their classes; with `dedupe`, a
-    member whose class, file name and bytes equal an earlier one is read once. Origins are
-    "archive.zip:member"."""
+    member whose class, file name, size and CRC-32 equal an earlier one's (the same bytes) is read
+    once. Origins are "archive.zip:member". Listing reads only the archives' directories."""
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     for p in paths:
         _need(p, "zip file")
     exts = tuple(e.lower() for e in extensions)
 
     def load() -> ImageSet:
-        col = _Collector(", ".join(map(str, paths)), image_size, channels, on_error)
-        classes, origins, seen = [], [], set()
-        for p in paths:
+        classes, zip_index, members, seen = [], [], [], set()
+        for z, p in enumerate(paths):
             try:
-                zf = zipfile.ZipFile(p)
+                with zipfile.ZipFile(p) as zf:
+                    infos = {i.filename: i for i in zf.infolist()}
             except (zipfile.BadZipFile, OSError) as e:
                 raise DataError(f"cannot open zip file {p}: {e}") from None
-            with zf:
-                members = sorted(
-                    (m for m in zf.namelist() if not m.endswith("/") and Path(m).suffix.lower() in exts
-                     and not Path(m).name.startswith(".") and "__MACOSX" not in m),
-                    key=_natural_key,
-                )  # fmt: skip
-                for m, cls in zip(members, _zip_classes(members, class_depth)):
-                    origin = f"{p}:{m}"
-                    try:
-                        data = zf.read(m)
-                    except Exception as e:  # CRC errors, bad compression
-                        col.fail(f"cannot read image {origin}: {type(e).__name__}: {e}")
+            names = sorted(
+                (m for m in infos if not m.endswith("/") and Path(m).suffix.lower() in exts
+                 and not Path(m).name.startswith(".") and "__MACOSX" not in m),
+                key=_natural_key,
+            )  # fmt: skip
+            for m, cls in zip(names, _zip_classes(names, class_depth)):
+                if dedupe:
+                    key = (cls, m.rsplit("/", 1)[-1], infos[m].file_size, infos[m].CRC)
+                    if key in seen:
                         continue
-                    if dedupe:
-                        key = (cls, m.rsplit("/", 1)[-1], hashlib.sha1(data).hexdigest())
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    classes.append(cls)
-                    origins.append(origin)
-                    col.add(origin, lambda data=data: data)
-        if not origins and not col.skipped:
+                    seen.add(key)
+                classes.append(cls)
+                zip_index.append(z)
+                members.append(os.fsencode(m))
+        if not members:
             raise DataError(f"no images ({', '.join(exts)}) in {', '.join(map(str, paths))}")
-        images = col.finish()
-        labels, names = encode_values([classes[i] for i in col.kept])
-        return ImageSet(
-            images=images, labels=labels, class_names=names, origin=[origins[i] for i in col.kept],
-            name=paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths),
-        )  # fmt: skip
+        labels, names = encode_values(classes)
+        store = ZipStore([str(p) for p in paths], np.array(zip_index, np.int32), np.array(members, dtype=np.bytes_))
+        ds = ImageSet(store, labels=labels, class_names=names,
+                      name=paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths))
+        return decode_set(ds, lazy, image_size, channels, on_error)
 
-    params = _params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts)
+    params = _params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts, lazy=lazy)
     return cached("read_zip_images", paths, params, load)
 
 

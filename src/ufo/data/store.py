@@ -6,6 +6,7 @@ An `ImageStore` maps a sample index to one uint8 (C, H, W) image via
 - `TensorStore`: a uint8 (N, C, H, W) tensor, every image at one size (small sets, arrays).
 - `FileStore`: image files under a root, decoded on demand (folders, CSV manifests, Market-1501,
   LFW, Stanford Online Products, ImageNet layouts).
+- `ZipStore`: members of zip files, read without extracting (Omniglot's archives).
 - `TarStore`: samples inside webdataset tar shards, read by offset without unpacking (sets of
   millions of images in a few hundred files).
 
@@ -17,6 +18,8 @@ the main process share it without copy-on-write growth.
 from __future__ import annotations
 
 import os
+import threading
+import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -187,3 +190,47 @@ class TarStore(ImageStore):
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class ZipStore(ImageStore):
+    """Members of zip archives: sample i is `member[i]` of `zips[zip[i]]`. Each process (and
+    thread) opens an archive once."""
+
+    def __init__(self, zips: Sequence[str], zip_index: np.ndarray, member: np.ndarray) -> None:
+        self.zips = [str(z) for z in zips]
+        self.zip_index, self.member = np.asarray(zip_index, np.int32), member
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return len(self.member)
+
+    def take(self, idx: np.ndarray) -> "ZipStore":
+        idx = np.asarray(idx, dtype=np.int64)
+        return ZipStore(self.zips, self.zip_index[idx], self.member[idx])
+
+    def origin(self, i: int) -> str:
+        return f"{self.zips[self.zip_index[i]]}:{os.fsdecode(self.member[i])}"
+
+    def raw(self, i: int) -> bytes:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.files = os.getpid(), {}
+        z = int(self.zip_index[i])
+        zf = local.files.get(z)
+        if zf is None:
+            zf = local.files[z] = zipfile.ZipFile(self.zips[z])
+        return zf.read(os.fsdecode(self.member[i]))
+
+    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
+             box: BoxFn | None = None) -> np.ndarray:
+        return decode(self.raw(i), size_hw, channels, box)
+
+    def describe(self) -> str:
+        return f"{len(self)} images in {len(self.zips)} zip file(s)"
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()

@@ -15,6 +15,13 @@ rotation and random-resized-crop, index arithmetic for crops, masks for flips an
 whole step's batch is augmented in one pass on CPU. They draw from the global torch RNG (or a
 `generator` passed to forward), so `torch.manual_seed` makes them repeatable.
 
+Streamed sets are augmented one image at a time in DataLoader workers instead (`SampleTransform`):
+the random-resized-crop box is drawn from the file's own size and cut out while decoding (a large
+JPEG is then decoded at a reduced DCT scale), the other geometric augmentations run on the small
+uint8 result, and normalisation and random erasing run on the batch in the main process (on the
+GPU when there is one). Its random draws come from a numpy Generator keyed by (seed, task, step,
+slot), so a sample's augmentation does not depend on which worker decoded it.
+
 Augmentation keys (all off by default; choose per task):
 - `hflip: bool`: random horizontal flip. Off by default: it is wrong for characters and signs.
 - `crop_padding: int`: pad by this many pixels (zeros) and crop back at a random offset.
@@ -30,10 +37,14 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from ufo.arch import as_hw
+from ufo.data.decode import Box, BoxFn
+from ufo.data.store import ImageStore
 from ufo.errors import ConfigError, DataError
 
 DEFAULT_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -123,7 +134,7 @@ class BatchTransform(torch.nn.Module):
             x = self._geometric(x, generator)
         x = self.normalize(x.contiguous())
         if self.train_mode and self.aug["erasing"] > 0:
-            x = _random_erasing(x, self.aug["erasing"], generator)
+            x = random_erasing(x, self.aug["erasing"], generator)
         return x[0] if single else x
 
     def _geometric(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -150,6 +161,71 @@ def build_transform(
     of the model, normalisation `mean`/`std` (one value or one per channel), and with `train`
     the augmentations named in `augment` (keys in AUGMENT_KEYS; unknown keys are a ConfigError)."""
     return BatchTransform(image_size, mean, std, train, augment, in_chans)
+
+
+class SampleTransform:
+    """One stored image -> uint8 (in_chans, H, W) at the task's input size, with the task's geometric
+    augmentations when `train` (crop, rotation, pad-and-crop, flip); the float conversion,
+    normalisation and random erasing are left to `post_transform` on the batch."""
+
+    def __init__(self, image_size: int | tuple[int, int], in_chans: int = 3, augment: dict[str, Any] | None = None,
+                 train: bool = False) -> None:
+        if in_chans not in (1, 3):
+            raise ConfigError(f"in_chans must be 1 or 3, got {in_chans}")
+        self.size, self.in_chans, self.train = as_hw(image_size), in_chans, train
+        self.aug = _parse_augment(augment)
+
+    def box(self, rng: np.random.Generator) -> BoxFn | None:
+        lo = self.aug["rrc_min"] if self.train else None
+        return None if lo is None else (lambda w, h: rrc_box(w, h, lo, rng))
+
+    def __call__(self, store: ImageStore, i: int, rng: np.random.Generator) -> torch.Tensor:
+        x = torch.from_numpy(store.read(i, self.size, self.in_chans, self.box(rng)))
+        if not self.train:
+            return x
+        a = self.aug
+        if a["rotation"] > 0:
+            angle = float(rng.uniform(-a["rotation"], a["rotation"]))
+            x = v2.functional.rotate(x, angle, interpolation=v2.InterpolationMode.BILINEAR)
+        if a["crop_padding"] > 0:
+            p, (h, w) = a["crop_padding"], self.size
+            oy, ox = (int(v) for v in rng.integers(0, 2 * p + 1, 2))
+            x = F.pad(x, (p, p, p, p))[:, oy : oy + h, ox : ox + w]
+        if a["hflip"] and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
+
+
+def post_transform(image_size: int | tuple[int, int], mean: Sequence[float] = DEFAULT_MEAN,
+                   std: Sequence[float] = DEFAULT_STD, train: bool = False, augment: dict[str, Any] | None = None,
+                   in_chans: int = 3) -> BatchTransform:
+    """The batch half of a streamed task's transform: uint8 batches from `SampleTransform` ->
+    normalised float32, with random erasing when training (the only augmentation left to do)."""
+    erasing = _parse_augment(augment)["erasing"] if train else 0.0
+    return BatchTransform(image_size, mean, std, train, {"random_erasing": erasing}, in_chans)
+
+
+def rrc_box(w: int, h: int, lo: float, rng: np.random.Generator) -> Box:
+    """A random-resized-crop box of area fraction in [lo, 1] and aspect ratio in [3/4, 4/3] of a
+    w x h image (torchvision's RandomResizedCrop rule: 10 tries, then the central crop)."""
+    area = w * h
+    log_r = (math.log(_RRC_RATIO[0]), math.log(_RRC_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(lo, 1.0)
+        ratio = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            return (left, top, left + cw, top + ch)
+    ratio = w / h
+    if ratio < _RRC_RATIO[0]:  # too tall: full width, the tallest allowed box
+        cw, ch = w, min(h, int(round(w / _RRC_RATIO[0])))
+    elif ratio > _RRC_RATIO[1]:  # too wide: full height
+        cw, ch = min(w, int(round(h * _RRC_RATIO[1]))), h
+    else:
+        cw, ch = w, h
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return (left, top, left + cw, top + ch)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:
@@ -197,7 +273,7 @@ def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator | None) -> torch.Ten
     return xp.gather(2, idx[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
 
 
-def _random_erasing(x: torch.Tensor, p: float, g: torch.Generator | None) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, p: float, g: torch.Generator | None) -> torch.Tensor:
     """With probability p per sample, set one random rectangle to 0 (the mean after Normalize)."""
     b, _, h, w = x.shape
     area = _uniform(b, *_ERASE_SCALE, g) * h * w

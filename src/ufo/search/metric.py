@@ -23,7 +23,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ufo.arch import Arch, SearchSpace
 from ufo.config import Config
 from ufo.data.dataset import ImageSet
-from ufo.data.transforms import build_transform
 from ufo.errors import SearchError
 from ufo.model import UFOModel
 from ufo.search.dataset import ArchDataset
@@ -83,11 +82,12 @@ class TrainedRun:
     def _predict(self, ds: ImageSet) -> torch.Tensor:
         """The task head's outputs on `ds` at the active arch. The eval transform of each image set
         is computed once and kept: every subnet sees the same inputs, so only the model runs again."""
+        from ufo.train.evaluate import eval_batches
+
         key = id(ds)
         if key not in self._inputs:
-            tf = build_transform(self.cfg.model.img_size, self.cfg.model.mean, self.cfg.model.std, train=False,
-                                 in_chans=self.cfg.model.in_chans)
-            self._inputs[key] = (ds, tf(ds.images))  # ds kept alive so that its id stays unique
+            x = torch.cat(list(eval_batches(ds, self.cfg, self.task, self.cfg.train.eval_batch_size)))
+            self._inputs[key] = (ds, x)  # ds kept alive so that its id stays unique
         x = self._inputs[key][1]
         bs = self.cfg.train.eval_batch_size
         return torch.cat([self.model(x[i : i + bs], self.task).float() for i in range(0, len(x), bs)])

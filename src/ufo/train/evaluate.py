@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ufo.config import Config
 from ufo.data.dataset import ImageSet
-from ufo.data.transforms import build_transform
+from ufo.data.loader import iter_batches
+from ufo.data.transforms import BatchTransform, build_transform
 from ufo.tasks import TaskData
 
 
+def eval_transform(cfg: Config, task: str) -> BatchTransform:
+    """uint8 batches of `task` -> its normalised model input at its input size."""
+    m = cfg.model
+    return build_transform(cfg.input_size(task), m.mean, m.std, train=False, in_chans=m.in_chans)
+
+
+def eval_batches(ds: ImageSet, cfg: Config, task: str, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """`ds`'s images in order as `task`'s model input (on the CPU), in batches."""
+    tf = eval_transform(cfg, task)
+    for x in iter_batches(ds, cfg.input_size(task), cfg.model.in_chans, batch_size, cfg.train.workers,
+                          cfg.tasks[task].data.on_error if task in cfg.tasks else "raise"):
+        yield tf(x)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def make_predict(model: nn.Module, task: str, cfg: Config, batch_size: int = 256) -> Callable[[ImageSet], torch.Tensor]:
-    """images -> the task head's outputs, in eval mode, batched, without gradients."""
-    tf = build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=False, in_chans=cfg.model.in_chans)
+    """images -> the task head's outputs (on the CPU), in eval mode, batched, without gradients; the
+    batches go to the model's device."""
 
     @torch.inference_mode()
     def predict(ds: ImageSet) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        outs = [model(tf(ds.images[i : i + batch_size]), task).float() for i in range(0, len(ds), batch_size)]
+        dev = model_device(model)
+        outs = [model(x.to(dev, non_blocking=True), task).float().cpu() for x in eval_batches(ds, cfg, task, batch_size)]
         model.train(was_training)
         return torch.cat(outs)
 
@@ -48,8 +69,8 @@ def recalibrate_bn(model: nn.Module, data: dict[str, TaskData], cfg: Config, tas
     `set_running_statistics` fixes the same thing). For each task, the BN layers of its head are
     reset and fed a fixed, evenly spaced subset of its training images (eval transform) with a
     cumulative average. The backbone has no BatchNorm. Returns the number of BN layers reset."""
-    tf = build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=False, in_chans=cfg.model.in_chans)
     was_training = model.training
+    dev = model_device(model)
     model.eval()
     n_bn = 0
     for name in tasks or list(data):
@@ -61,11 +82,11 @@ def recalibrate_bn(model: nn.Module, data: dict[str, TaskData], cfg: Config, tas
             m.reset_running_stats()
             m.momentum = None  # cumulative moving average over the calibration batches
             m.train()
-        images = data[name].train.images
-        idx = torch.linspace(0, len(images) - 1, min(max_images, len(images))).round().long().unique()
-        for chunk in idx.split(batch_size):
-            if len(chunk) > 1:  # BatchNorm needs two samples for batch statistics
-                model(tf(images[chunk]), name)
+        train = data[name].train
+        idx = torch.linspace(0, len(train) - 1, min(max_images, len(train))).round().long().unique()
+        for x in eval_batches(train.subset(idx), cfg, name, batch_size):
+            if len(x) > 1:  # BatchNorm needs two samples for batch statistics
+                model(x.to(dev), name)
         for m, (momentum, training) in zip(bns, saved):
             m.momentum = momentum
             m.train(training)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
@@ -23,8 +22,8 @@ from torch import nn
 from ufo.checkpoint import atomic_write_text, read_manifest
 from ufo.config import Config, parse_config
 from ufo.data.build import build_all
+from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource
-from ufo.data.transforms import build_transform
 from ufo.errors import CheckpointError, ConfigError, UFOError
 from ufo.model import UFOModel
 from ufo.tasks import TaskData, task_class
@@ -82,9 +81,8 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
         self.sampler = self._sampler()
-        self.transforms = {n: build_transform(cfg.model.img_size, cfg.model.mean, cfg.model.std, train=True,
-                                              augment=tc.augment.model_dump(), in_chans=cfg.model.in_chans)
-                           for n, tc in cfg.tasks.items()}
+        self.loader = MixedLoader(self.feeds(), self.sampler, seed=cfg.seed, rank=self.rank, world=self.world,
+                                  device=self.device, workers=self.t.workers, prefetch=self.t.prefetch)
         self.step = 0
         self.bad_steps = 0
 
@@ -103,6 +101,12 @@ class Trainer:
         ) else None
         return MixedTaskSampler(sources, self.t.batch_size, mode=self.t.sampler, quotas=quotas,
                                 temperature=self.t.temperature, seed=self.cfg.seed)
+
+    def feeds(self) -> list[Feed]:
+        """Each task's training split and input pipeline, for the loader."""
+        m = self.cfg.model
+        return [Feed(n, self.model.tasks.index(n), self.data[n].train, self.cfg.input_size(n), m.in_chans, m.mean,
+                     m.std, tc.augment.model_dump(), tc.data.on_error) for n, tc in self.cfg.tasks.items()]
 
     @property
     def ckpt_path(self) -> Path:
@@ -127,27 +131,16 @@ class Trainer:
         """Runs once after the last step, before the model file is written."""
 
     # ----- batches -----
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next mixed batch of this rank: images (grouped by task), task ids, labels."""
-        plan = self.sampler.next()
-        xs, ids, ys = [], [], []
-        for name, idx in plan.items():
-            idx = idx[self.rank :: self.world]
-            if len(idx) == 0:
-                continue
-            ds = self.data[name].train
-            sel = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            xs.append(self.transforms[name](ds.images[sel]))
-            ys.append(ds.labels[sel])
-            ids.append(torch.full((len(sel),), self.model.tasks.index(name), dtype=torch.long))
-        return (torch.cat(xs).to(self.device, non_blocking=True), torch.cat(ids).to(self.device),
-                torch.cat(ys).to(self.device))
+    def batch(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The next mixed batch of this rank: images (grouped by task; a list of one tensor per input
+        size when the tasks' sizes differ), task ids, labels."""
+        return self.loader.next()
 
     # ----- one step -----
     def train_step(self) -> dict[str, float]:
         lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
         x, ids, y = self.batch()
-        with torch.autocast("cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+        with torch.autocast("cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
                             enabled=self.t.amp == "bf16"):
             losses = self.step_module(x, ids, y)
         bad = [n for n, v in losses.items() if not torch.isfinite(v)]
@@ -163,7 +156,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         logged = dist.mean_across_ranks({f"loss/{n}": v.detach() for n, v in losses.items()} | {"loss": total.detach()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
 
     def skip_step(self, where: str) -> dict[str, float]:
         """After a non-finite loss: drop the step's gradients, warn naming `where`, and stop the run
@@ -183,7 +176,7 @@ class Trainer:
             model_state, optim_state = fsdp.full_state(self.step_module, self.optimizer, self._names)
         if self.rank == 0:
             save_train_state(self.ckpt_path, self.model, self.optimizer, self.step, self._manifest(),
-                             ema=self.ema, sampler_state=self.sampler.state_dict(),
+                             ema=self.ema, sampler_state=self.loader.state_dict(),
                              model_state=model_state, optimizer_state=optim_state)
         dist.barrier()
 
@@ -211,7 +204,7 @@ class Trainer:
             raise CheckpointError(f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
                                   "Use a new --out folder, or the same config to resume.")
         m = load_train_state(self.ckpt_path, self.model, self.optimizer, self.ema)
-        self.sampler.load_state_dict(m["sampler"])
+        self.loader.load_state_dict(m["sampler"])
         self.step = int(m["step"])
         return True
 
@@ -226,7 +219,7 @@ class Trainer:
             self._shard()
         log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0,
                         extra_fields=self.log_fields())
-        t0, images = time.perf_counter(), 0.0
+        t0, images, startup = time.perf_counter(), 0.0, None
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
                             disable=not (self.show_progress and self.rank == 0))
@@ -236,6 +229,8 @@ class Trainer:
                 row = self.train_step()
                 self.step += 1
                 images += row.get("images", 0.0)
+                if startup is None:
+                    startup = seconds_since_process_start()
                 if self.step % self.t.log_every == 0 or self.step == self.t.steps:
                     row["images_per_s"] = images / (time.perf_counter() - t0)
                     log.write(self.step, row)
@@ -245,7 +240,12 @@ class Trainer:
                     self.save()
                 progress.update(bar, completed=self.step)
         log.close()
-        summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0)}
+        self.loader.close()
+        summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0),
+                   "first_step_s": startup}
+        if self.loader.skipped:
+            summary["skipped_images"] = dict(self.loader.skipped)
+            dist.warn(f"unreadable training images replaced (on_error: skip): {dict(self.loader.skipped)}")
         self.finish()
         final = self.eval_model()
         if self.fsdp:  # a plain copy of the gathered weights
@@ -266,6 +266,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate_tasks(self.eval_model(), self.data, self.cfg)
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process was created (imports and data set-up included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 class MetricLog:

@@ -226,7 +226,7 @@ class ChipTrainer(Trainer):
         teacher = None
         n_random = sum(kind == "random" for kind, _ in archs)
         n_students = len(archs) - 1
-        amp = dict(device_type="cpu" if x.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
+        amp = dict(device_type="cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
                    enabled=self.t.amp == "bf16")
         for j, (kind, arch) in enumerate(archs):
             with torch.autocast(**amp):
@@ -270,7 +270,7 @@ class ChipTrainer(Trainer):
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         logged = dist.mean_across_ranks({k: torch.as_tensor(v) for k, v in logged.items()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(len(x) * self.world)}
+        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
 
     def _reduce_across_ranks(self) -> None:
         """Under torchrun: average the accumulated gradients over the ranks, and give every rank
