@@ -38,6 +38,10 @@ class UFOModel(nn.Module):
         for head in self.heads.values():
             head.set_input_dim(arch.embed_dim)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per backbone block (see SuperViT.set_grad_checkpointing)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """One task's eval output (logits or L2-normalised embedding)."""
         return self.heads[task](self.backbone(x, task))

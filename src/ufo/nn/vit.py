@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ufo.arch import PATHS, Arch, Routes, SearchSpace, hidden_dim
 from ufo.errors import TaskError
@@ -70,6 +71,13 @@ class SuperViT(nn.Module):
         self._init_weights()
         self.arch = space.largest().model_copy(update={"paths": {}})
         self.set_arch(self.arch)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's
+        name for it): less memory for about one more forward. Random draws (drop path, Gumbel
+        routes) are replayed exactly."""
+        self.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
@@ -171,7 +179,10 @@ class SuperViT(nn.Module):
             x = torch.where(mask.unsqueeze(-1), mask_token.reshape(-1)[:e].to(x.dtype), x)
         x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed_at(grid, e)
         for blk in self.blocks[: self.arch.depth]:
-            x = blk(x, segments)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, segments, use_reentrant=False)
+            else:
+                x = blk(x, segments)
         x = self.norm(x)
         if order is not None:
             x = x[torch.argsort(order)]
