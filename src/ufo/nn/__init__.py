@@ -1,6 +1,6 @@
 """Elastic building blocks, the SuperViT supernet and exact extraction."""
 
 from ufo.nn.extract import MultiTaskViT, build_extracted, extract
-from ufo.nn.vit import SuperViT
+from ufo.nn.vit import Layout, SuperViT
 
-__all__ = ["SuperViT", "MultiTaskViT", "extract", "build_extracted"]
+__all__ = ["SuperViT", "Layout", "MultiTaskViT", "extract", "build_extracted"]

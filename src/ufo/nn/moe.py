@@ -4,6 +4,14 @@ In training an unfixed route is drawn with Gumbel-Softmax (straight-through hard
 temperature the trainer sets; in eval it is the argmax of the router logits. A route fixed by the
 arch overrides both. Each task's expert only ever sees that task's rows of the batch, and in eval
 only the chosen path is computed.
+
+With `batched` set, a mixed batch runs the experts of all its tasks as two batched matmuls
+(`torch.baddbmm`): the task segments are stacked (zero-padded to the longest when uneven) and the tasks' active weight
+slices are stacked alongside, so there is no per-task Python loop of FFN calls and the forward
+traces into one graph under torch.compile (the default loop over segments traces into one graph
+too, as segments are Python ints). Each task's output is then `cs * shared + ce * expert`
+with per-task coefficients from its route (Gumbel draw, fixed path or mix weights). Experts that
+are not plain `ElasticMlp`s (a wrapped one, say) fall back to the per-task loop.
 """
 
 from __future__ import annotations
@@ -20,6 +28,25 @@ from ufo.nn.mlp import ElasticMlp, fold_mix
 
 SHARED, TASK, MIX = 0, 1, 2
 Segment = tuple[int, int, int]  # (task index, first row, end row) of a task-sorted batch
+Coef = torch.Tensor | float | None
+
+
+def _is_one(c: Coef) -> bool:
+    return isinstance(c, float) and c == 1.0
+
+
+def _gather(x: torch.Tensor, segments: Sequence[Segment], which: list[int]) -> torch.Tensor:
+    """The rows of segments `which`, concatenated in order."""
+    return torch.cat([x[segments[i][1]:segments[i][2]] for i in which])
+
+
+def _scatter(y: torch.Tensor, segments: Sequence[Segment], which: list[int], sizes: list[int]) -> torch.Tensor:
+    """Rows of segments `which` placed back into a full batch; the other segments' rows are zero
+    (their coefficient for this path is None, so they are never read)."""
+    parts, it = [], iter(y.split([sizes[i] for i in which]))
+    for i, n in enumerate(sizes):
+        parts.append(next(it) if i in which else y.new_zeros(n, *y.shape[1:]))
+    return torch.cat(parts)
 
 
 class TaskFFN(nn.Module):
@@ -33,6 +60,10 @@ class TaskFFN(nn.Module):
         self.mix_logits = nn.Parameter(torch.zeros(len(self.tasks), 2))  # softmax -> (w_shared, w_task)
         self.tau = 1.0
         self.fixed: list[int | None] = [None] * len(self.tasks)
+        # True runs a mixed batch's experts as batched matmuls over stacked weight slices. Off by
+        # default: at ViT-B width with 20 tasks the weight stacking (a copy, kept for backward)
+        # makes a CPU step 1.27x slower than the loop (bench/results/scale.json).
+        self.batched = False
 
     def set_active(self, dim: int, hidden: int, paths: Sequence[str | None]) -> None:
         """Active widths, and per task a fixed path name or None to let the router decide."""
@@ -55,6 +86,75 @@ class TaskFFN(nn.Module):
             return self._forward_task(x, segments[0][0])
         if all(self.fixed[t] == SHARED for t, _, _ in segments):
             return self.shared(x)  # every task on the shared path: one FFN call for the whole batch
+        if not self.batched or not all(isinstance(self.experts[self.tasks[t]], ElasticMlp) for t, _, _ in segments):
+            return self._forward_loop(x, segments)
+        coef = [self._coefficients(t) for t, _, _ in segments]
+        sizes = [e - s for _, s, e in segments]
+        s_out = e_out = None
+        on_shared = [i for i, (c, _) in enumerate(coef) if c is not None]
+        on_expert = [i for i, (_, c) in enumerate(coef) if c is not None]
+        if on_shared:
+            s_out = self.shared(x) if len(on_shared) == len(segments) else _scatter(
+                self.shared(_gather(x, segments, on_shared)), segments, on_shared, sizes)
+        if on_expert:
+            e_out = self._experts(x, segments, on_expert)
+            if len(on_expert) < len(segments):
+                e_out = _scatter(e_out, segments, on_expert, sizes)
+        if s_out is None and all(_is_one(ce) for _, ce in coef):
+            return e_out  # every task on its own expert: no per-segment combination
+        parts = []
+        s_parts = None if s_out is None else s_out.split(sizes)
+        e_parts = None if e_out is None else e_out.split(sizes)
+        for i, (cs, ce) in enumerate(coef):
+            terms = [] if cs is None else [s_parts[i] if _is_one(cs) else cs * s_parts[i]]
+            terms += [] if ce is None else [e_parts[i] if _is_one(ce) else ce * e_parts[i]]
+            parts.append(terms[0] if len(terms) == 1 else terms[0] + terms[1])
+        return torch.cat(parts, 0)
+
+    def _coefficients(self, t: int) -> tuple[Coef, Coef]:
+        """Task t's output as `cs * shared(x) + ce * expert(x)`; None marks a path not computed.
+        A Gumbel route is drawn here, once per task in segment order (as the loop draws them)."""
+        if self.fixed[t] is None and self.training:
+            g = F.gumbel_softmax(self.router_logits[t], tau=self.tau, hard=True)
+            w = self.mix_weights(t)
+            return g[SHARED] + g[MIX] * w[0], g[TASK] + g[MIX] * w[1]
+        path = self.chosen_path(t)
+        if path == SHARED:
+            return 1.0, None
+        if path == TASK:
+            return None, 1.0
+        w = self.mix_weights(t)
+        return w[0], w[1]
+
+    def _experts(self, x: torch.Tensor, segments: Sequence[Segment], which: list[int]) -> torch.Tensor:
+        """The experts of segments `which` as two batched matmuls: the segments are stacked
+        (zero-padded to the longest) and each expert's active weight slice is stacked alongside.
+        Returns those segments' rows in order, (sum of their rows, N, C)."""
+        tasks = [segments[i][0] for i in which]
+        sizes = [segments[i][2] - segments[i][1] for i in which]
+        rows = x if len(which) == len(segments) else _gather(x, segments, which)
+        _, N, C = rows.shape
+        L = max(sizes)
+        if all(n == L for n in sizes):
+            xb = rows.reshape(len(which), L * N, C)
+        else:  # pad every segment to L rows by gathering from the rows plus one zero row
+            idx = [r for i, n in enumerate(sizes) for r in
+                   [sum(sizes[:i]) + j for j in range(n)] + [rows.shape[0]] * (L - n)]
+            padded = torch.cat([rows, rows.new_zeros(1, N, C)])
+            xb = padded[torch.tensor(idx, device=x.device)].reshape(len(which), L * N, C)
+        fc1 = [self.experts[self.tasks[t]].fc1.active_weight() for t in tasks]
+        fc2 = [self.experts[self.tasks[t]].fc2.active_weight() for t in tasks]
+        w1, b1 = torch.stack([w for w, _ in fc1]), torch.stack([b for _, b in fc1])  # (S, h, C), (S, h)
+        w2, b2 = torch.stack([w for w, _ in fc2]), torch.stack([b for _, b in fc2])  # (S, C, h), (S, C)
+        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xb, w1.transpose(1, 2)))  # (S, L*N, h)
+        out = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)).reshape(len(which) * L, N, C)
+        if all(n == L for n in sizes):
+            return out
+        keep = [i * L + j for i, n in enumerate(sizes) for j in range(n)]
+        return out[torch.tensor(keep, device=x.device)]
+
+    def _forward_loop(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """One task at a time: for experts that are not plain ElasticMlps (e.g. a wrapped one)."""
         # split (not x[s:e]): its backward is one concatenation, not a zero-filled buffer per slice
         parts = x.split([e - s for _, s, e in segments])
         return torch.cat([self._forward_task(p, t) for p, (t, _, _) in zip(parts, segments)], 0)

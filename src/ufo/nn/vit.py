@@ -14,6 +14,7 @@ blocks on its own and the class tokens are concatenated in list order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -28,7 +29,26 @@ from ufo.nn.elastic import ElasticLayerNorm
 from ufo.nn.moe import Segment, TaskFFN
 from ufo.nn.stem import elastic_embed
 
-TaskArg = str | int | torch.Tensor
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Where each task's rows lie in a batch, computed once per batch by `SuperViT.layout`.
+
+    Working this out needs the task ids on the host (bincount, .tolist()), which a compiled region
+    cannot do without a graph break; passing a Layout in place of the task ids keeps the whole
+    forward one graph (torch.compile then specialises on the segment sizes).
+    """
+
+    segments: tuple[Segment, ...]  # (task, first row, end row) of the task-sorted batch
+    order: torch.Tensor | None  # sorts the batch by task; None when it already is
+    restore: torch.Tensor | None  # the inverse permutation of `order`
+
+    @property
+    def batch(self) -> int:
+        return self.segments[-1][2]
+
+
+TaskArg = str | int | torch.Tensor | Layout
 Images = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -128,23 +148,31 @@ class SuperViT(nn.Module):
             raise TaskError(f"unknown task {task!r}; this model's tasks are {self.tasks}") from None
 
     # ----- forward -----
-    def _segments(self, task: TaskArg, batch: int) -> tuple[list[Segment], torch.Tensor | None]:
-        """Per-task row ranges, plus the sort order when a mixed batch has to be regrouped."""
+    def layout(self, task: TaskArg, batch: int) -> Layout:
+        """Per-task row ranges of a batch, plus the sort order when a mixed batch must be regrouped.
+        Reads the ids on the host: call it outside a compiled region and pass the result as `task`."""
+        if isinstance(task, Layout):
+            if task.batch != batch:
+                raise TaskError(f"got a layout of {task.batch} rows for a batch of {batch}")
+            return task
         if not isinstance(task, torch.Tensor):
-            return [(self.task_index(task), 0, batch)], None
+            return Layout(((self.task_index(task), 0, batch),), None, None)
         ids = task.to(torch.long).flatten()
         if ids.numel() != batch:
             raise TaskError(f"got {ids.numel()} task ids for a batch of {batch}")
         counts = torch.bincount(ids, minlength=len(self.tasks))
         if counts.numel() > len(self.tasks) or (ids < 0).any():
             raise TaskError(f"task ids must lie in [0, {len(self.tasks)}); got {ids.unique().tolist()}")
-        order = None if bool((ids[1:] >= ids[:-1]).all()) else torch.argsort(ids, stable=True)
+        order = restore = None
+        if not bool((ids[1:] >= ids[:-1]).all()):
+            order = torch.argsort(ids, stable=True)
+            restore = torch.argsort(order)
         segments, start = [], 0
         for t, n in enumerate(counts.tolist()):
             if n:
                 segments.append((t, start, start + n))
                 start += n
-        return segments, order
+        return Layout(tuple(segments), order, restore)
 
     def pos_embed_at(self, grid: tuple[int, int], dim: int) -> torch.Tensor:
         """The first `dim` channels of the position embedding (class token first) for a token grid."""
@@ -164,7 +192,8 @@ class SuperViT(nn.Module):
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError("forward_features takes one tensor of one input size; forward() takes a list of sizes")
-        segments, order = self._segments(task, x.shape[0])
+        layout = self.layout(task, x.shape[0])
+        segments, order = layout.segments, layout.order
         if order is not None:
             x = x[order]
             mask = None if mask is None else mask[order]
@@ -184,8 +213,8 @@ class SuperViT(nn.Module):
             else:
                 x = blk(x, segments)
         x = self.norm(x)
-        if order is not None:
-            x = x[torch.argsort(order)]
+        if layout.restore is not None:
+            x = x[layout.restore]
         return x
 
     def forward(self, x: Images, task: TaskArg) -> torch.Tensor:
@@ -193,6 +222,8 @@ class SuperViT(nn.Module):
         input sizes whose rows `task` (a tensor of ids) lists in order."""
         if isinstance(x, torch.Tensor):
             return self.forward_features(x, task)[:, 0]
+        if isinstance(task, Layout):
+            raise TypeError("a Layout describes one tensor; pass task ids with a list of chunks")
         chunks = list(x)
         if len(chunks) == 1:
             return self.forward_features(chunks[0], task)[:, 0]

@@ -1,0 +1,88 @@
+"""TaskFFN's batched experts against the one-task-at-a-time loop, and a mixed batch under torch.compile."""
+
+import copy
+
+import pytest
+import torch
+
+from ufo.nn import Layout, SuperViT
+from helpers import TASKS, tiny_space
+
+PATHS_FIXED = {"cls": ["task", "mix", "shared"], "faces": ["shared", "task", "task"], "signs": ["task", "task", "mix"]}
+
+
+def _model(paths: dict | None, train: bool) -> SuperViT:
+    torch.manual_seed(0)
+    space = tiny_space()
+    model = SuperViT(space).train(train)
+    arch = space.largest()
+    model.set_arch(arch.model_copy(update={"paths": paths if paths is not None else {}}))
+    for blk in model.blocks:  # large enough logits that routes and mixes differ between tasks
+        torch.nn.init.normal_(blk.mlp.router_logits, std=1.0)
+        torch.nn.init.normal_(blk.mlp.mix_logits, std=1.0)
+    return model
+
+
+def _run(model: SuperViT, batched: bool, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    for blk in model.blocks:
+        blk.mlp.batched = batched
+    torch.manual_seed(1)  # the same Gumbel draws on both sides
+    out = model(x, ids)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("paths,train", [
+    ({t: ["task"] * 3 for t in TASKS}, True),  # every task on its expert: the pure batched path
+    (PATHS_FIXED, True),  # shared, task and mix side by side
+    (PATHS_FIXED, False),
+    (None, True),  # routed by Gumbel-Softmax draws
+])
+def test_batched_experts_match_the_loop(paths, train):
+    model = _model(paths, train)
+    x = torch.randn(7, 3, 16, 16)
+    ids = torch.tensor([2, 0, 1, 0, 2, 0, 2])  # uneven segments: 3, 1, 3 rows, unsorted
+    out_b, g_b = _run(model, True, x, ids)
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    out_l, g_l = _run(ref, False, x, ids)
+    torch.testing.assert_close(out_b, out_l, atol=1e-5, rtol=1e-5)
+    assert g_b.keys() == g_l.keys()
+    for n in g_b:
+        assert (g_b[n] is None) == (g_l[n] is None), n
+        if g_b[n] is not None:
+            torch.testing.assert_close(g_b[n], g_l[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_absent_tasks_experts_get_no_gradient_when_batched():
+    model = _model({t: ["task"] * 3 for t in TASKS}, True)
+    _, g = _run(model, True, torch.randn(4, 3, 16, 16), torch.tensor([0, 2, 2, 0]))
+    assert all(g[n] is None for n in g if ".experts.faces." in n)
+    assert all(g[n] is not None for n in g if ".experts.cls." in n or ".experts.signs." in n)
+
+
+def test_layout_matches_task_ids():
+    model = _model(PATHS_FIXED, False)
+    x, ids = torch.randn(5, 3, 16, 16), torch.tensor([1, 0, 2, 0, 1])
+    layout = model.layout(ids, 5)
+    assert isinstance(layout, Layout) and layout.segments == ((0, 0, 2), (1, 2, 4), (2, 4, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, layout), model(x, ids))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_mixed_batch_compiles_to_one_graph(batched):
+    if not hasattr(torch, "_dynamo"):
+        pytest.skip("torch.compile is not available")
+    model = _model(PATHS_FIXED, True)
+    for blk in model.blocks:
+        blk.mlp.batched = batched
+    x, ids = torch.randn(5, 3, 16, 16), torch.tensor([1, 0, 2, 0, 1])
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(model)(x, model.layout(ids, 5))
+    except RuntimeError as e:  # pragma: no cover - platforms without a dynamo backend
+        pytest.skip(f"torch.compile unsupported here: {e}")
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
