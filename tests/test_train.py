@@ -86,7 +86,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "ddp+ckpt", "fsdp"])
 def test_torchrun_two_processes_match_one(tmp_path, parallel):
     cfg = dict(TINY)
     cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
@@ -94,7 +94,10 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
         "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
         "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16},
     }
-    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 6, "parallel": parallel}
+    # ddp: the hetero shares give both ranks rows of both tasks on fixed routes, so DDP runs with
+    # a static graph (ufo.train.distributed.wrap); ddp+ckpt adds per-block activation checkpointing
+    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 6,
+                    "parallel": parallel.removesuffix("+ckpt"), "grad_checkpointing": parallel.endswith("+ckpt")}
     path = _write(tmp_path, cfg)
     runs = train_one_and_two_processes(path, tmp_path)  # in one process `parallel` has no effect
     l1, l2 = ([float(r["loss"]) for r in log] for log in runs)
@@ -124,6 +127,10 @@ def test_config_errors_name_the_field(tmp_path):
         parse_config({**TINY, "train": {"lr": -1}})
     with pytest.raises(ConfigError, match="exactly one of `recipe`"):
         parse_config({**TINY, "tasks": {"x": {"kind": "classification", "data": {}}}})
+    with pytest.raises(ConfigError, match="x.yaml: unknown top-level section 'trian'; did you mean 'train'"):
+        parse_config({**TINY, "trian": {"steps": 3}}, "x.yaml")
+    with pytest.raises(ConfigError, match="unknown top-level section 'zzz'; the sections are name, seed, "):
+        parse_config({**TINY, "zzz": {}})
     res = _ufo("train", str(_write(tmp_path, bad)), "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "segmentation" in res.stderr and "Traceback" not in res.stderr
 
@@ -164,3 +171,56 @@ def test_resume_accepts_a_checkpoint_from_before_a_new_config_section(tmp_path):
     save_checkpoint(ckpt, tensors, manifest)
     res = _ufo("train", str(path), "--out", str(tmp_path / "r"), "--resume", "--set", "train.steps=4")
     assert res.returncode == 0, res.stderr
+
+
+def _losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_grad_checkpointing_keeps_the_losses_and_resume(tmp_path):
+    """Per-block activation checkpointing replays drop path, so the run is the same to 1e-6, and a
+    checkpointed run stopped halfway resumes to the same losses and weights."""
+    from ufo.data.build import build_all
+    from ufo.train.loop import Trainer
+
+    base = parse_config({**TINY, "train": {**TINY["train"], "steps": 6, "log_every": 1, "ckpt_every": 3}})
+    data = build_all(base)
+    on = base.model_copy(update={"train": base.train.model_copy(update={"grad_checkpointing": True})})
+    Trainer(base, tmp_path / "off", data, show_progress=False).fit()
+    tr = Trainer(on, tmp_path / "on", data, show_progress=False)
+    assert tr.model.backbone.grad_checkpointing
+    tr.fit()
+    off_l, on_l = _losses(tmp_path / "off"), _losses(tmp_path / "on")
+    assert len(off_l) == 6 and max(abs(a - b) for a, b in zip(off_l, on_l)) <= 1e-6, (off_l, on_l)
+
+    half = Trainer(on, tmp_path / "resumed", data, show_progress=False)
+    half.t = half.t.model_copy(update={"steps": 3})  # stop at the step-3 checkpoint; the config stays the same
+    half.fit()
+    Trainer(on, tmp_path / "resumed", data, show_progress=False).fit(resume=True)
+    assert max(abs(a - b) for a, b in zip(on_l, _losses(tmp_path / "resumed"))) <= 1e-6
+    a, b = _weights(tmp_path / "on" / "model.safetensors"), _weights(tmp_path / "resumed" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_ddp_static_graph_only_when_every_step_uses_the_same_parameters(tmp_path):
+    """`steps_alike` (DDP static graph, no unused-parameter search) needs fixed routes and every
+    task on every rank: each hetero share at least the world size."""
+    from ufo.data.build import build_all
+    from ufo.train.loop import Trainer
+
+    def trainer(train: dict, tasks: dict | None = None) -> Trainer:
+        raw = {**TINY, "train": {**TINY["train"], **train}}
+        if tasks:
+            raw["tasks"] = {n: {**tc, **tasks.get(n, {})} for n, tc in TINY["tasks"].items()}
+        cfg = parse_config(raw)
+        return Trainer(cfg, tmp_path / "r", build_all(cfg), show_progress=False)
+
+    tr = trainer({}, {"digits": {"batch": 16}, "mnist": {"batch": 16}})
+    for world, alike in [(1, True), (2, True), (16, True), (17, False)]:
+        tr.world = world
+        assert tr.steps_alike() is alike
+    tr = trainer({"paths": None}, {"digits": {"batch": 16}, "mnist": {"batch": 16}})
+    assert not tr.steps_alike()  # the router picks the paths
+    tr = trainer({"sampler": "round_robin"})
+    assert not tr.steps_alike()  # one task per step

@@ -6,13 +6,14 @@ Sections for training, search and deployment are added by the stages that use th
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ufo.arch import ImageSize, PathName, SearchSpace, as_hw
+from ufo.arch import ImageSize, PathName, SearchSpace, as_hw, check_task_name
 from ufo.errors import ConfigError
 
 READERS = ("image_folder", "imagenet", "csv", "market1501", "lfw", "sop", "webdataset", "npz", "zip", "gtsrb",
@@ -112,6 +113,7 @@ class TrainConfig(Strict):
     margin_lr_scale: float = Field(10.0, gt=0)  # margin-loss class centres learn faster, without decay
     grad_clip: float | None = Field(1.0, gt=0)
     amp: Literal["none", "bf16"] = "none"
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
     ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(100, gt=0)
@@ -280,9 +282,10 @@ class PipelineConfig(Strict):
 
 
 class Config(BaseModel):
-    """A whole experiment. Unknown top-level sections are kept for later stages to validate."""
+    """A whole experiment. Every top-level section is known here: a misspelled one (`trian:`) is an
+    error naming the closest section, not a section silently ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     name: str = "ufo"
     seed: int = 0
@@ -295,6 +298,13 @@ class Config(BaseModel):
     chip_supernet: ChipConfig = Field(default_factory=ChipConfig)
     task_supernet: TaskSupernetConfig = Field(default_factory=TaskSupernetConfig)
     pipeline: PipelineConfig | None = None  # `ufo run` settings (None: the defaults)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, v: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for name in v:
+            check_task_name(name)
+        return v
 
     @model_validator(mode="after")
     def _kinds(self) -> "Config":
@@ -360,7 +370,19 @@ def _format(e: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
+def check_sections(data: dict, source: str = "<dict>") -> None:
+    """A ConfigError naming the first unknown top-level key and the section it most resembles."""
+    known = list(Config.model_fields)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"the sections are {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown top-level section {key!r}; {hint}")
+
+
 def parse_config(data: dict, source: str = "<dict>") -> Config:
+    if isinstance(data, dict):
+        check_sections(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

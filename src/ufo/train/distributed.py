@@ -38,13 +38,24 @@ def device(kind: str = "auto") -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def wrap(module: nn.Module, world: int) -> nn.Module:
-    """DDP when distributed. Experts of tasks absent from a rank's batch, and paths the routes do
-    not pick, get no gradient in a step, so DDP is told that some parameters may go unused."""
+def wrap(module: nn.Module, world: int, static: bool = False) -> nn.Module:
+    """DDP when distributed.
+
+    `static`: every step uses the same parameters on every rank (fixed routes, every task in
+    every rank's batch; see `Trainer.steps_alike`). DDP then runs with `static_graph=True` and
+    without `find_unused_parameters`: parameters no step ever uses (the experts off a fixed route,
+    blocks beyond the arch's depth, MIM's unused task heads) are found once, in the first step,
+    instead of by a walk of the autograd graph in every step, and buckets are rebuilt for the
+    observed order. No zero-valued terms are added, so weight decay leaves unused weights alone
+    exactly as on one process. Otherwise (routes left to the router, a task missing from some
+    rank's batch) the used set changes from step to step and DDP must look for unused parameters.
+    """
     if world <= 1:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if static:
+        return DDP(module, static_graph=True)
     return DDP(module, find_unused_parameters=True)
 
 

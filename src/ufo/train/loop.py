@@ -64,6 +64,7 @@ class Trainer:
         self.model = build_model(cfg, {n: len(d.train.class_names) for n, d in self.data.items()})
         self.arch = resolve_train_arch(cfg, self.model.space)
         self.model.set_arch(self.arch)
+        self.model.set_grad_checkpointing(self.t.grad_checkpointing)  # before any DDP/FSDP wrapper
         self.model.train()
         self.device = dist.device(self.t.device)
         self.model.to(self.device)
@@ -71,8 +72,6 @@ class Trainer:
         if self.fsdp and self.t.ema_decay > 0:
             raise ConfigError("train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
                               "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp")
-        # FSDP shards in fit(), after the initial weights and any resumed state are in place
-        self.step_module = self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world)
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = None
@@ -83,6 +82,9 @@ class Trainer:
         self.sampler = self._sampler()
         self.loader = MixedLoader(self.feeds(), self.sampler, seed=cfg.seed, rank=self.rank, world=self.world,
                                   device=self.device, workers=self.t.workers, prefetch=self.t.prefetch)
+        # FSDP shards in fit(), after the initial weights and any resumed state are in place
+        self.step_module = self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world,
+                                                                         static=self.steps_alike())
         self.step = 0
         self.bad_steps = 0
 
@@ -101,6 +103,20 @@ class Trainer:
         ) else None
         return MixedTaskSampler(sources, self.t.batch_size, mode=self.t.sampler, quotas=quotas,
                                 temperature=self.t.temperature, seed=self.cfg.seed)
+
+    def steps_alike(self) -> bool:
+        """Whether every step uses the same parameters on every rank (DDP then skips its search for
+        unused ones; see `dist.wrap`): every task's FFN path is fixed in every block of the arch,
+        and every rank's batch holds rows of every task in every step. The hetero sampler gives
+        each task a fixed share of the global batch and rank r takes rows r, r + world, ... of it,
+        so that holds when every share is at least the world size. A task's rows then use all of
+        its head's parameters (a margin loss scores every class centre; PML's zero losses stay
+        attached to the embeddings). Round-robin and proportional batches leave tasks out."""
+        fixed = all(t in self.arch.paths for t in self.model.tasks)
+        if not fixed or self.sampler.mode != "hetero":
+            return False
+        quotas = self.sampler.quotas()
+        return all(quotas.get(t, 0) >= self.world for t in self.model.tasks)
 
     def feeds(self) -> list[Feed]:
         """Each task's training split and input pipeline, for the loader."""

@@ -151,7 +151,7 @@ class MimTrainer(Trainer):
         self.model = SimMIM(ufo, mask_patch_for(cfg), cfg.mim.mask_ratio)
         self.model.to(next(ufo.parameters()).device).train()
         # under DDP the Trainer's own wrapper is dropped unused: it never runs a forward, so its hooks stay idle
-        self.step_module = dist.wrap(self.model, self.world)
+        self.step_module = dist.wrap(self.model, self.world, static=self.steps_alike())  # every path is shared
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if self.ema is not None:

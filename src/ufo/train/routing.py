@@ -126,6 +126,10 @@ class RoutingTrainer(Trainer):
         weights = expert_weights(self.model.space, self.arch)
         return RoutingStep(self.model, weights, with_grad=self.cfg.task_supernet.expert_cost > 0)
 
+    def steps_alike(self) -> bool:
+        """Never: the Gumbel draws pick other experts from step to step (DDP looks for unused ones)."""
+        return False
+
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         cost = losses["cost"]
         total = super().total_loss({n: v for n, v in losses.items() if n != "cost"})
