@@ -79,6 +79,9 @@ def test_predictions_equal_the_library(server, library):
         for i, png in enumerate(pngs):  # raw body this time
             body = c.post("/v1/tasks/mnist_ret:predict", content=png, headers={"content-type": "image/png"}).json()
             assert body["output"] == "embedding" and np.abs(np.array(body["embedding"]) - emb[i].numpy()).max() <= 1e-5
+            # curl --data-binary @x.png sends the bytes as a form content type: still the image
+            form = {"content-type": "application/x-www-form-urlencoded"}
+            assert c.post("/v1/tasks/mnist_ret:predict", content=png, headers=form).json() == body
         pngs, emb = _predict_lib(library, "faces", 2)
         r = c.post("/v1/tasks/faces:compare", files={"image_a": pngs[0], "image_b": pngs[1]}).json()
         threshold = next(t for t in c.get("/v1/tasks").json()["tasks"] if t["name"] == "faces")["threshold"]
@@ -108,6 +111,7 @@ def test_bad_inputs_get_4xx_json_and_the_next_request_is_served(server, library)
         ("oversized multipart", "/v1/tasks/digits:predict", {"files": {"file": os.urandom(1_500_000)}}, 413,
          "upload_too_large"),
         ("bad k", "/v1/tasks/digits:predict?k=0", {"content": png}, 422, "invalid_request"),
+        ("a form (curl -d foo=bar)", "/v1/tasks/digits:predict", {"data": {"foo": "bar"}}, 415, "not_an_image"),
     ]
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for what, url, kw, status, error in bad:

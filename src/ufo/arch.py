@@ -8,6 +8,7 @@ and FLOPs are computed analytically.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -37,6 +38,18 @@ def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
 def hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
     """FFN width of one expert for an embedding width and ratio (monotone in both)."""
     return int(round(embed_dim * mlp_ratio))
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_task_name(name: str) -> str:
+    """A task name becomes file names (exports, run folders) and URL paths: letters, digits, `_` and
+    `-`, starting with a letter or digit, at most 64 characters. A ValueError names a bad one."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r} is not allowed: use letters, digits, '_' and '-' (starting with a "
+                         "letter or digit, at most 64 characters); it becomes file names and URL paths")
+    return name
 
 
 class Arch(BaseModel):
@@ -138,6 +151,8 @@ class SearchSpace(BaseModel):
     def _tasks_unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"task names must be unique, got {v}")
+        for t in v:
+            check_task_name(t)
         return v
 
     @field_validator("paths")

@@ -9,6 +9,7 @@ mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -64,11 +65,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    """Write `tensors` and `manifest` to one safetensors file, atomically."""
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "ufo_version": ufo.__version__,
-              "torch_version": torch.__version__, **manifest}
+    """Write `tensors` and `manifest` to one safetensors file, atomically; the manifest carries the
+    weights' SHA-256 (`weights_sha256`), which loading checks."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "ufo_version": ufo.__version__,
+              "torch_version": torch.__version__, **manifest, "weights_sha256": weights_digest(tensors)}
     metadata = {MANIFEST_KEY: json.dumps(header)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -104,6 +116,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: the weights cannot be read (truncated or corrupt file?): {e}") from e
+    want = manifest.get("weights_sha256")  # files written before the checksum have none
+    if want is not None and weights_digest(tensors) != want:
+        raise CheckpointError(f"{path}: the weights do not match the manifest's checksum (corrupt or altered bytes)")
     return tensors, manifest
 
 

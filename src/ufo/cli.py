@@ -163,6 +163,8 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, help="longest wait for a micro-batch to fill"),
     max_upload_mb: float = typer.Option(8.0, help="largest request body"),
     max_pixels: Optional[int] = typer.Option(None, help="largest decoded image (default: PIL's MAX_IMAGE_PIXELS)"),
+    max_pixels_in_flight: Optional[int] = typer.Option(
+        None, help="decoded pixels of all requests at once (default: 2 x max-pixels); more waits, then 503"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads for torch / ONNX Runtime"),
 ) -> None:
     """Serve task models over HTTP (FastAPI): predict, compare, task list, health and Prometheus metrics."""
@@ -170,8 +172,11 @@ def serve(
 
     if backend not in ("torch", "onnx"):
         raise UFOError(f"--backend {backend!r}: expected torch or onnx")
-    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
-                        **({} if max_pixels is None else {"max_pixels": max_pixels}))
+    limits = {k: v for k, v in (("max_pixels", max_pixels), ("max_pixels_in_flight", max_pixels_in_flight))
+              if v is not None}
+    if max_pixels is not None and max_pixels_in_flight is None:
+        limits["max_pixels_in_flight"] = 2 * max_pixels
+    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, **limits)
     run_server(models, host, port, backend, settings, threads, announce=console.print)
 
 

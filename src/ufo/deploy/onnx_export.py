@@ -175,8 +175,12 @@ def sample_inputs(pre: Preprocessing, data: TaskData | None, n: int = 64, seed: 
 def max_abs_diff(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.Tensor, batch: int = 32) -> float:
     worst = 0.0
     for i in range(0, len(x), batch):
-        ref = tm(x[i : i + batch], task).numpy()
-        worst = max(worst, float(np.abs(onnx_model(x[i : i + batch]) - ref).max()))
+        ref, got = tm(x[i : i + batch], task).numpy(), onnx_model(x[i : i + batch])
+        for who, out in (("torch", ref), ("ONNX Runtime", got)):
+            if not np.isfinite(out).all():  # NaN - NaN is NaN, and max() would skip it: refuse outright
+                raise DeployError(f"{onnx_model.path}: {who} gives non-finite outputs (NaN or inf) for task {task!r}; "
+                                  "the model's weights or inputs are broken")
+        worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
 

@@ -20,16 +20,18 @@ with `pretrained=False` on load. A student's `arch`/`space` are its teacher's (w
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 from torch import nn
 
-from ufo.arch import Arch, ImageSize, SearchSpace, as_hw
+from ufo.arch import Arch, ImageSize, SearchSpace, as_hw, check_task_name
 from ufo.checkpoint import load_checkpoint, load_state_checked, read_manifest, save_checkpoint
 from ufo.config import Config, parse_config
 from ufo.data.transforms import BatchTransform, build_transform
@@ -44,6 +46,9 @@ KIND = "task_model"
 
 class DeployError(UFOError):
     """A model that cannot be packaged, exported or served as asked."""
+
+
+MAX_SIDE = 2048  # the largest input side a task model may ask for (decoded pixels per request stay bounded)
 
 
 def compact_size(size: ImageSize) -> ImageSize:
@@ -70,6 +75,22 @@ class Preprocessing(BaseModel):
     @classmethod
     def _compact(cls, v: ImageSize) -> ImageSize:
         return compact_size(v)
+
+    @model_validator(mode="after")
+    def _valid(self) -> "Preprocessing":
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        for what, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, self.in_chans) or not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"{what} {vals}: expected 1 or {self.in_chans} finite values")
+        if min(self.std) <= 0:
+            raise ValueError(f"std {self.std} must be positive (it divides the pixels)")
+        for where, size in (("img_size", self.img_size), *((f"task_img_size[{t!r}]", v)
+                                                          for t, v in self.task_img_size.items())):
+            h, w = as_hw(size)
+            if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+                raise ValueError(f"{where} {h}x{w} (HxW) is outside 1..{MAX_SIDE} pixels a side")
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_empty(self, handler):  # no return annotation: it would replace the schema with a plain dict's
@@ -118,6 +139,18 @@ class HeadInfo(BaseModel):
     primary: str = ""
     options: dict[str, Any] = {}
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "HeadInfo":
+        if self.num_classes < (1 if self.output == "logits" else 0):
+            raise ValueError(f"num_classes of a logits head must be at least 1, got {self.num_classes}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes {self.num_classes}")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold} is not a cosine similarity in [-1, 1]")
+        return self
+
 
 class TimmBackbone(BaseModel):
     """A timm backbone in place of the extracted ViT: `timm.create_model(name, pretrained=False,
@@ -157,6 +190,23 @@ class TaskModelInfo(BaseModel):
     config: dict[str, Any] | None = None  # the training config, so data and protocols can be found again
     source: str | None = None
     backbone: TimmBackbone | None = None  # None: the extracted ViT of `arch`; else a timm model (a student)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskModelInfo":
+        for t in self.tasks:
+            check_task_name(t)
+        if not self.tasks or set(self.heads) != set(self.tasks):
+            raise ValueError(f"tasks {self.tasks} and heads {sorted(self.heads)} must name the same tasks")
+        unknown = [t for t in self.tasks if t not in self.space.tasks]
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not in the space's tasks {self.space.tasks}")
+        if self.backbone is None:  # the extracted ViT's position embedding fixes each task's input size
+            for t in self.tasks:
+                want, got = self.space.input_size(t), self.preprocessing.input_size(t if len(self.tasks) > 1 else None)
+                if want != got:
+                    raise ValueError(f"preprocessing input size of task {t!r} is {got[0]}x{got[1]} but the model "
+                                     f"was built for {want[0]}x{want[1]} (HxW)")
+        return self
 
     @property
     def feature_dim(self) -> int:
@@ -376,8 +426,13 @@ def load_task_model(path: str | Path) -> TaskModel:
     tensors, _ = load_checkpoint(path)
     try:
         info = TaskModelInfo.model_validate({k: manifest.get(k) for k in TaskModelInfo.model_fields if k in manifest})
-    except ValueError as e:
-        raise CheckpointError(f"{path}: invalid task-model manifest: {e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        raise CheckpointError(f"{path}: invalid task-model manifest: {where}: {err['msg']}") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {bad[:3]}{' ...' if len(bad) > 3 else ''}")
     if info.backbone is None:
         backbone = build_extracted(info.space, info.arch, info.tasks)
     elif len(info.tasks) != 1:

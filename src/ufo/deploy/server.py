@@ -20,13 +20,15 @@ bomb or oversized upload 413, each as a JSON `ErrorResponse`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import re
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -53,6 +55,9 @@ class Settings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0)
     max_upload_mb: float = Field(8.0, gt=0)
     max_pixels: int = Field(Image.MAX_IMAGE_PIXELS or 89_478_485, gt=0)  # decompression-bomb limit
+    # decoded pixels of all requests together (a request waits for room, then gets 503 after decode_wait_s)
+    max_pixels_in_flight: int = Field(2 * (Image.MAX_IMAGE_PIXELS or 89_478_485), gt=0)
+    decode_wait_s: float = Field(10.0, gt=0)
 
 
 # ----- what is served -----
@@ -139,9 +144,50 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}
 
 
-def decode_image(data: bytes, pre: Preprocessing, max_pixels: int) -> torch.Tensor:
+class PixelBudget:
+    """Bounds the pixels being decoded at once, over all requests: a decode holds its image's pixel
+    count from before decoding until its array is resized, waiting (up to `wait_s`, then 503) while
+    others hold the rest. An image alone larger than the budget is refused with 413. After a large
+    image the C heap is trimmed, so that the decoded buffers go back to the system."""
+
+    TRIM_ABOVE = 16_000_000  # pixels
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self.limit, self.wait_s, self.used = limit, wait_s, 0
+        self.cond = threading.Condition()
+        self._trim = _malloc_trim()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        if pixels > self.limit:
+            raise ApiError(413, "image_too_large", f"image of {pixels:,} pixels exceeds the server's decode budget "
+                                                   f"of {self.limit:,} pixels")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_s):
+                raise ApiError(503, "busy", f"the server is decoding {self.used:,} pixels; retry later")
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+            if pixels > self.TRIM_ABOVE and self._trim is not None:
+                self._trim(0)
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, budget: PixelBudget | None = None
+                 ) -> torch.Tensor:
     """Upload bytes -> uint8 (C, H, W) at `pre`'s input size, as the library's readers decode files;
-    ApiError on bad input."""
+    ApiError on bad input. With `budget`, the decode waits for room in it."""
     if not data:
         raise ApiError(400, "empty_image", "the request holds no image bytes")
     try:
@@ -157,7 +203,10 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int) -> torch.Tens
         raise ApiError(413, "image_too_large", f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of "
                                                f"{max_pixels:,} pixels (decompression-bomb guard)")
     try:
-        arr = decode(data, pre.input_size(), None)
+        with budget.hold(w * h) if budget is not None else nullcontext():
+            arr = decode(data, pre.input_size(), None)
+    except ApiError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(413, "image_too_large", f"decompression bomb refused: {e}") from None
     except Exception as e:  # truncated or corrupt pixel data
@@ -226,6 +275,28 @@ class Batcher:
             for i, it in enumerate(items):
                 if not it.fut.done():
                     it.fut.set_result(out[i])
+
+
+# ----- raw bodies -----
+
+class _RawImageBody:
+    """ASGI middleware: a `:predict` body sent as `application/x-www-form-urlencoded` (curl's default
+    for `--data-binary @img.png` and `-d`) is the image's raw bytes, not a form. FastAPI would parse
+    it as a form, consume the stream and fail with 500; the content type is read as
+    `application/octet-stream` instead, so the bytes reach the decoder (an image, or a 415)."""
+
+    FORM = b"application/x-www-form-urlencoded"
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").endswith(":predict"):
+            headers = scope.get("headers") or []
+            if any(k == b"content-type" and v.split(b";")[0].strip().lower() == self.FORM for k, v in headers):
+                headers = [(k, b"application/octet-stream" if k == b"content-type" else v) for k, v in headers]
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 # ----- upload limit -----
@@ -357,7 +428,9 @@ class Health(BaseModel):
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {400: "bad request (empty or malformed upload)", 404: "unknown task", 413: "upload or image too large",
             415: "not an image", 422: "corrupt or truncated image, or invalid parameters",
-            409: "the task cannot do this (no threshold, not an embedding task)"}
+            409: "the task cannot do this (no threshold, not an embedding task)",
+            500: "the model gave non-finite outputs (non_finite_output)",
+            503: "busy: no room to decode the image within decode_wait_s"}
     return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
 
 
@@ -379,6 +452,7 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
     batch_sizes = Histogram("ufo_batch_size", "Images per model call (micro-batching)", ["task"], registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufo-infer")  # one model call at a time
+    budget = PixelBudget(s.max_pixels_in_flight, s.decode_wait_s)
     batchers = {t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3,
                            lambda n, t=t: batch_sizes.labels(t).observe(n)) for t, st in served.items()}
 
@@ -395,6 +469,7 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
     app = FastAPI(title="UFO task models", version="1", lifespan=lifespan,
                   description="Predictions of UFO task models; each request runs only its task's path.")
 
+    app.add_middleware(_RawImageBody)
     app.add_middleware(_BodyLimit, max_bytes=int(s.max_upload_mb * 1024 * 1024))
     app.add_middleware(_Metrics, served=set(served), requests=requests, latency=latency)  # outermost
 
@@ -423,11 +498,14 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
         return st
 
     async def image_of(st: ServedTask, data: bytes) -> torch.Tensor:
-        u8 = await asyncio.to_thread(decode_image, data, st.preprocessing, s.max_pixels)
+        u8 = await asyncio.to_thread(decode_image, data, st.preprocessing, s.max_pixels, budget)
         return st.transform(u8)
 
     async def infer(st: ServedTask, data: bytes) -> np.ndarray:
-        return await batchers[st.name].submit(await image_of(st, data))
+        out = await batchers[st.name].submit(await image_of(st, data))
+        if not np.isfinite(out).all():  # never a 200 with null scores
+            raise ApiError(500, "non_finite_output", f"task {st.name!r}: the model gave NaN or inf for this image")
+        return out
 
     async def body_image(request: Request, file: UploadFile | None) -> bytes:
         if file is not None:
@@ -437,7 +515,8 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
             raise ApiError(400, "missing_file", "multipart upload without a `file` field")
         return await request.body()
 
-    @app.post("/v1/tasks/{task}:predict", response_model=PredictResponse, responses=_responses(400, 404, 413, 415, 422),
+    @app.post("/v1/tasks/{task}:predict", response_model=PredictResponse,
+              responses=_responses(400, 404, 413, 415, 422, 500, 503),
               openapi_extra=_RAW_IMAGE_BODY, summary="Predict one image")
     async def predict(request: Request, task: str = PathParam(description="task name"),
                       k: int = Query(5, ge=1, le=1000, description="classification: how many classes to return"),
@@ -457,7 +536,8 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
             for v, i in zip(vals, idx)])
 
     @app.post("/v1/tasks/{task}:compare", response_model=CompareResponse,
-              responses=_responses(400, 404, 409, 413, 415, 422), summary="Same or different?")
+              responses=_responses(400, 404, 409, 413, 415, 422, 500, 503),
+              summary="Same or different?")
     async def compare(task: str = PathParam(description="task name"),
                       image_a: UploadFile = File(description="first image"),
                       image_b: UploadFile = File(description="second image")) -> CompareResponse:
