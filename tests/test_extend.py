@@ -45,12 +45,15 @@ def cls_data(run):
 
 @pytest.fixture(scope="module")
 def extended(run, cls_data, tmp_path_factory):
-    """The classification task added in every mode (a few steps each): {mode: (out folder, report)}."""
+    """The classification task added in every mode (a few steps each): {mode: (out folder, report)}.
+    head+expert trains under bf16 autocast: old tasks must stay bitwise unchanged all the same."""
     base = tmp_path_factory.mktemp("extended")
     out = {}
     for mode in [*EXACT, "all"]:
+        amp = "bf16" if mode == "head+expert" else "none"
         r = extend(run, NEW_CLS, base / mode, ExtendConfig(train=mode, fraction=0.5, steps=3, batch_size=24,
-                                                           threads=1), show_progress=False, data=cls_data)
+                                                           threads=1, amp=amp), show_progress=False, data=cls_data)
+        assert r["recipe"]["amp"] == amp and all(v == v for v in r["metrics"].values())
         out[mode] = (base / mode, r)
     return out
 

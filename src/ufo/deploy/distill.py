@@ -35,8 +35,10 @@ from ufo.data.build import build_task_data
 from ufo.deploy.package import (DeployError, TaskModel, TaskModelInfo, TimmBackbone, _calibrate, load_trained,
                                 save_task_model, slice_head, task_model_from_run)
 from ufo.deploy.tune import TuneLoop, TuneRecipe
+from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask, Task
+from ufo.train import distributed as dist
 from ufo.train.distill_losses import cosine_embedding, kl_logits, relational
 from ufo.train.evaluate import make_predict
 from ufo.train.optim import build_optimizer
@@ -149,6 +151,7 @@ def evaluate(model: nn.Module, head: Task, task: str, cfg: Config, data: TaskDat
                                                    seed=cfg.seed).items()}
 
 
+@locks("out")
 def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig | None = None,
             data_root: str | None = None, resume: bool = False, show_progress: bool = True,
             data: TaskData | None = None) -> dict[str, Any]:
@@ -183,6 +186,9 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
         options["embedding_dim"] = cfg.embedding_dim
     head = task_class(tc.kind)(task, options, len(data.train.class_names), spec.num_features)
     student = StudentModel(backbone, head, t_info.embedding_dim if t_info.output == "embedding" else None)
+    dev = dist.device(cfg.device)  # student and teacher train on the GPU when there is one
+    student.to(dev)
+    teacher.to(dev)
     optimizer = build_optimizer(student, tcfg)
     recipe = {"run": str(Path(run_dir).resolve()), "task": task, **cfg.model_dump(mode="json")}
     t_used = teacher if cfg.teacher else None
@@ -197,6 +203,8 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     t0 = time.perf_counter()
     what = f"distill {task} -> {cfg.student}" + ("" if cfg.teacher else " (no teacher)")
     summary = loop.fit(resume, description=what)
+    student.cpu()
+    teacher.cpu()
     train_s = time.perf_counter() - t0
 
     tm = package_student(student, spec, teacher, tcfg, data)
@@ -220,6 +228,7 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     return report
 
 
+@locks("out")
 def distill_and_compare(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig | None = None,
                         data_root: str | None = None, resume: bool = False, show_progress: bool = True
                         ) -> dict[str, Any]:

@@ -43,8 +43,10 @@ from ufo.deploy.tune import TuneError, TuneLoop, TuneRecipe
 from ufo.errors import ConfigError
 from ufo.model import UFOModel
 from ufo.nn.mlp import ElasticMlp
+from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask
+from ufo.train import distributed as dist
 from ufo.train.evaluate import evaluate_tasks
 from ufo.train.optim import build_optimizer
 from ufo.train.store import build_model, save_model
@@ -282,6 +284,7 @@ def probe_outputs(model: UFOModel, tasks: list[str], seed: int = 1234, n: int = 
     return out
 
 
+@locks("out")
 def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path, cfg: ExtendConfig | None = None,
            data_root: str | None = None, resume: bool = False, show_progress: bool = True,
            data: TaskData | None = None) -> dict[str, Any]:
@@ -304,6 +307,7 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     before = probe_outputs(old, old.tasks)
     del old
 
+    model.to(dist.device(cfg.device))  # trained on the GPU when there is one; probed and saved on the CPU
     step = ExtendStep(model, name, cfg.train == "head+expert+norms")
     params = select_trainable(step, cfg.train)
     tcfg = new_cfg.model_copy(update={"train": cfg.train_config(run_cfg.train.eval_batch_size)})
@@ -319,7 +323,7 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     seconds = time.perf_counter() - t0
     for n, p in step.named_parameters():
         p.requires_grad_(step.design_flags.get(n, True))
-    model = step.fold().eval()
+    model = step.fold().eval().cpu()
 
     after = probe_outputs(model, list(before))
     unchanged = {t: bool(torch.equal(before[t], after[t])) for t in before}

@@ -1,5 +1,8 @@
 """One task's training loop for the deployment stages (`ufo distill`, `ufo extend`).
 
+The module trains where its parameters are (the callers place it on `recipe.device`: the GPU when
+there is one), with bf16 autocast when `recipe.amp` says so.
+
 Like the All-in-One Trainer, but for a single task and any module: batches from the
 MixedTaskSampler (P x K for identity tasks), the task's own augmentations, warm-up + cosine LR
 (`ufo.train.optim.set_lr`), gradient clipping, a rich progress bar, `metrics.csv`, and atomic
@@ -14,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,13 +55,16 @@ class TuneRecipe(BaseModel):
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(100, gt=0)
     threads: int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward and loss
 
     def train_config(self, eval_batch_size: int | None = None) -> TrainConfig:
         """The recipe as the TrainConfig that TuneLoop and the optimiser builders read."""
         extra = {} if eval_batch_size is None else {"eval_batch_size": eval_batch_size}
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=min(self.min_lr, self.lr),
                            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-                           log_every=self.log_every, ckpt_every=self.ckpt_every, **extra)
+                           log_every=self.log_every, ckpt_every=self.ckpt_every, device=self.device, amp=self.amp,
+                           **extra)
 
 
 class TuneError(UFOError):
@@ -123,7 +129,9 @@ class TuneLoop:
     def train_step(self) -> dict[str, float]:
         f = set_lr(self.optimizer, self.base_lrs, self.step, self.train)
         x, y = self.batch()
-        losses = self.loss_fn(x, y)
+        dev = y.device.type
+        with torch.autocast("cpu" if dev == "cpu" else "cuda", dtype=torch.bfloat16, enabled=self.train.amp == "bf16"):
+            losses = self.loss_fn(x, y)
         total = sum(losses.values())
         if not torch.isfinite(total):
             raise TuneError(f"step {self.step}: non-finite loss ({ {k: float(v) for k, v in losses.items()} }); "
