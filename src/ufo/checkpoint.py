@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -23,7 +24,7 @@ from torch import nn
 
 import ufo
 from ufo.arch import Arch, SearchSpace
-from ufo.errors import CheckpointError
+from ufo.errors import CheckpointError, StorageError
 
 if TYPE_CHECKING:
     from ufo.nn.vit import SuperViT
@@ -44,19 +45,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _os_errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or of the "(os error N)" that safetensors' own error type quotes."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e)) if isinstance(e, safetensors.SafetensorError) else None
+    return int(m.group(1)) if m else None
+
+
+def _storage_error(path: Path, e: BaseException) -> StorageError:
+    n = _os_errno(e)
+    reason = getattr(e, "strerror", None) or (os.strerror(n) if n is not None else str(e))
+    return StorageError(f"cannot write {path}: {reason}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)`, fsync the file, then rename it over `path` (atomic on POSIX)."""
+    """Call `write(tmp_path)`, fsync the file, then rename it over `path` (atomic on POSIX).
+
+    A failure (disk full, permission denied, ...) removes the temp file, leaves any previous
+    `path` as it was, and raises StorageError naming `path` and the system's reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _storage_error(path, e) from e
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) or _os_errno(e) is not None:
+            raise _storage_error(path, e) from e
         raise
     _fsync_dir(path.parent)
 
@@ -101,9 +124,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(meta[MANIFEST_KEY])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the manifest is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: the manifest is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: manifest format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: manifest format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {manifest['format_version']} is newer than this UFO "
                               f"({FORMAT_VERSION}); upgrade ufo to read it")
     return manifest

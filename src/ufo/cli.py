@@ -13,6 +13,7 @@ import yaml
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ufo.errors import UFOError
@@ -24,14 +25,20 @@ err_console = Console(stderr=True)
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn UFOError into a one-line message and exit code 2."""
+    """Turn UFOError, and OSError (disk full, permission denied, ...), into a one-line message
+    and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UFOError as e:
-            err_console.print(f"[bold red]error:[/] {e}")
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # the system's reason, with the file when the error names one
+            where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+            msg = f"{where}: {e.strerror or e}" if where else str(e) or type(e).__name__
+            err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -102,7 +109,7 @@ def extract(
             extra = f", threshold {h.threshold:.4f}" if h.threshold is not None else ""
             console.print(f"  {t}: {h.kind} -> {h.output} ({h.num_classes} classes{extra})")
         return
-    model = load_supernet(checkpoint).eval()
+    model = load_supernet(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).eval()
     a = resolve_arch_arg(arch or "largest", model.space, model.routes())
     sub = do_extract(model, a, task)
     save_extracted(out, sub, model.space, extra={"source": str(checkpoint)})
@@ -165,6 +172,9 @@ def serve(
     max_pixels: Optional[int] = typer.Option(None, help="largest decoded image (default: PIL's MAX_IMAGE_PIXELS)"),
     max_pixels_in_flight: Optional[int] = typer.Option(
         None, help="decoded pixels of all requests at once (default: 2 x max-pixels); more waits, then 503"),
+    body_timeout_s: float = typer.Option(
+        30.0, help="longest wait for each chunk of a request body; then 408 and the connection is closed"),
+    keep_alive_s: float = typer.Option(5.0, help="idle keep-alive connections are closed after this"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads for torch / ONNX Runtime"),
 ) -> None:
     """Serve task models over HTTP (FastAPI): predict, compare, task list, health and Prometheus metrics."""
@@ -176,7 +186,8 @@ def serve(
               if v is not None}
     if max_pixels is not None and max_pixels_in_flight is None:
         limits["max_pixels_in_flight"] = 2 * max_pixels
-    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, **limits)
+    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
+                        body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s, **limits)
     run_server(models, host, port, backend, settings, threads, announce=console.print)
 
 
@@ -272,6 +283,8 @@ def train(
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
     """Train the model the config describes (All in One by default)."""
+    from ufo.checkpoint import atomic_write_text
+    from ufo.runlock import run_lock
     from ufo.train.loop import Trainer
     from ufo.train.mim import MimTrainer
     from ufo.train.routing import RoutingTrainer
@@ -280,11 +293,11 @@ def train(
     cfg = _load(config, set_, data_dir)
     if only:
         cfg = cfg.only(only)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer,
-               "chip_supernet": ChipTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
-    summary = trainer.fit(resume=resume)
+    with run_lock(out):  # before config.yaml: a second `ufo train` on OUT must not rewrite it
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer,
+                   "chip_supernet": ChipTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
+        summary = trainer.fit(resume=resume)
     console.print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
                   f"model: {out / 'model.safetensors'}")
 
@@ -305,6 +318,14 @@ def eval_(
     """Run every task's protocol; writes RUN_DIR/eval.json and eval.md. With --arch / --random,
     evaluates subnets with inherited weights (eval-NAME.* for one, eval-subnets.* and a plot of
     metric against parameters for several)."""
+    from ufo.runlock import run_lock
+
+    with run_lock(run_dir, create=False):
+        _eval(run_dir, arch, random, task, data_dir, recalibrate_bn)
+
+
+def _eval(run_dir: Path, arch: Optional[list[str]], random: int, task: Optional[list[str]],
+          data_dir: Optional[Path], recalibrate_bn: bool) -> None:
     from ufo.checkpoint import atomic_write_text
     from ufo.data.build import build_task_data
     from ufo.train.evaluate import evaluate_tasks

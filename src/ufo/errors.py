@@ -41,3 +41,12 @@ class InfeasibleBudget(SearchError):
     def __init__(self, message: str, fastest_q3_ms: float) -> None:
         super().__init__(message)
         self.fastest_q3_ms = fastest_q3_ms
+
+
+class StorageError(UFOError):
+    """A file that cannot be written (disk full, permission denied, read-only file system); the
+    message names the file and the system's reason."""
+
+
+class RunLockedError(UFOError):
+    """A run folder that another ufo process is writing into (it holds FOLDER/.ufo.lock)."""

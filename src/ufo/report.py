@@ -22,6 +22,7 @@ import yaml
 
 from ufo.checkpoint import atomic_write_text
 from ufo.errors import UFOError
+from ufo.runlock import locks
 from ufo.tasks import task_class
 
 STAGE_ORDER = ("all_in_one", "task_supernet", "chip_supernet", "predictors", "search", "extract", "export", "report")
@@ -32,7 +33,12 @@ class ReportError(UFOError):
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path} is not valid JSON ({e}); run that stage again with `ufo run --from`") from None
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -40,7 +46,12 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise ReportError(f"{run_dir} is not a `ufo run` folder: {cfg_file} is missing")
-    cfg = yaml.safe_load(cfg_file.read_text())
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise ReportError(f"{cfg_file} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("tasks"), dict):
+        raise ReportError(f"{cfg_file} is not a ufo config (no `tasks:` mapping)")
     return {
         "cfg": cfg,
         "done": {s: _json(run_dir / s / "done.json") for s in STAGE_ORDER},
@@ -180,6 +191,7 @@ td.t,th{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px soli
 pre{background:#f6f6f6;padding:1em;overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"""
 
 
+@locks("run_dir", create=False)
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write RUN_DIR/report/index.html and report.md; returns both paths."""
     run_dir = Path(run_dir)

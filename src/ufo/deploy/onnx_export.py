@@ -78,7 +78,13 @@ def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `metadata_props` of an ONNX file, without loading its weights into a session."""
-    m = onnx.load(str(path), load_external_data=False)
+    if not Path(path).is_file():
+        raise DeployError(f"ONNX file not found: {path}")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError for truncated or foreign bytes
+        raise DeployError(f"{path} is not a readable ONNX file (truncated or corrupt?): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return {p.key: p.value for p in m.metadata_props}
 
 
@@ -111,11 +117,15 @@ class OnnxTaskModel:
         if meta.get("ufo.format") != "ufo-onnx-task":
             raise DeployError(f"{path} has no UFO metadata (metadata_props ufo.format); export it with `ufo export`")
         self.meta = meta
-        self.task = meta["task"]
-        self.head = HeadInfo.model_validate_json(meta["head"])
-        self.preprocessing = Preprocessing.model_validate_json(meta["preprocessing"])
-        self.arch = Arch.model_validate_json(meta["arch"])
-        cfg = json.loads(meta.get("config", "null"))
+        try:
+            self.task = meta["task"]
+            self.head = HeadInfo.model_validate_json(meta["head"])
+            self.preprocessing = Preprocessing.model_validate_json(meta["preprocessing"])
+            self.arch = Arch.model_validate_json(meta["arch"])
+            cfg = json.loads(meta.get("config", "null"))
+        except (KeyError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            what = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:300]
+            raise DeployError(f"{path}: its UFO metadata is incomplete or corrupt: {what}") from None
         self.config: dict[str, Any] | None = cfg
         self.session = make_session(self.path, threads, spinning)
 

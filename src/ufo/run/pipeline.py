@@ -23,6 +23,7 @@ from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, PipelineConfig
 from ufo.run import deploy_stages, train_stages
 from ufo.run.context import RunContext, stage_section
+from ufo.runlock import locks
 from ufo.run.state import PipelineError, digest, inputs_of, is_valid, read_record, write_record
 
 StageFn = Callable[[RunContext], tuple[list[Path], dict[str, Any]]]
@@ -85,6 +86,7 @@ def check_stage(name: str | None) -> None:
         raise PipelineError(f"--from {name!r}: unknown stage; the stages are {', '.join(STAGE_NAMES)}")
 
 
+@locks("out")
 def run_pipeline(cfg: Config, out: str | Path, from_stage: str | None = None, console: Console | None = None,
                  until: str | None = None) -> dict[str, Any]:
     """Run every stage of `cfg` into `out` (skipping valid finished ones); returns each stage's record.

@@ -26,6 +26,7 @@ from rich.console import Console
 from ufo.arch import Arch
 from ufo.checkpoint import atomic_write_text
 from ufo.errors import CheckpointError, InfeasibleBudget, SearchError
+from ufo.runlock import locks, run_lock
 from ufo.search.features import FEATURES, arch_features
 from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, machine_info,
                                 measure_many, sample_archs)
@@ -146,6 +147,16 @@ def fit_predictors(run_dir: str | Path, task: str, *, backend: str = "torch-cpu"
     if latency:
         check_backend(backend)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "predictors"
+    with run_lock(out):
+        return _fit_predictors(run_dir, task, out, backend=backend, metric_samples=metric_samples,
+                               latency_samples=latency_samples, seed=seed, console=console, latency=latency,
+                               metric=metric, threads=threads, batch=batch, data_root=data_root, progress=progress,
+                               refit=refit)
+
+
+def _fit_predictors(run_dir: str | Path, task: str, out: Path, *, backend: str, metric_samples: int,
+                    latency_samples: int, seed: int, console: Console | None, latency: bool, metric: bool,
+                    threads: int, batch: int, data_root: str | None, progress: bool, refit: bool) -> dict[str, Any]:
     if not metric:  # latency needs only the space and the routes: no data, no evaluation
         run = TrainedRun(run_dir, task, data_root, with_data=False)
         out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +268,7 @@ def _measure(run: TrainedRun, cands: list[Candidate], budget: dict[str, float], 
         c.meets_budget = all(ok)
 
 
+@locks("out_dir")
 def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None = None,
                 max_params: float | None = None, max_flops: float | None = None, backend: str = "torch-cpu",
                 out_dir: str | Path, trials: int = 2000, top_k: int = 8, seed: int = 0,

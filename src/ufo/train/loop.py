@@ -26,6 +26,7 @@ from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource
 from ufo.errors import CheckpointError, ConfigError, UFOError
 from ufo.model import UFOModel
+from ufo.runlock import run_lock
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
 from ufo.train import fsdp
@@ -226,6 +227,12 @@ class Trainer:
 
     # ----- the run -----
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to `train.steps` (from the latest checkpoint with `resume`); rank 0 holds the run
+        folder's lock throughout, so a second process on the same folder stops at once."""
+        with run_lock(self.out, self.rank):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume and self.resume():
             dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
