@@ -162,3 +162,84 @@ def test_server_refuses_an_image_over_the_decode_budget_and_serves_the_next(mode
         r = client.post("/v1/tasks/digits:predict", content=big.getvalue())
         assert r.status_code == 413 and "decode budget" in r.json()["detail"]
         assert client.post("/v1/tasks/digits:predict", content=_png()).status_code == 200
+
+
+# ----- slow and vanishing clients, through the ASGI interface as uvicorn calls it -----
+
+def _call(app, path: str, chunks: list[bytes], after: str, *, ctype: bytes = b"application/octet-stream",
+          gap_s: float = 0.0, send_error: Exception | None = None) -> list[dict]:
+    """Run one request through `app` as uvicorn would: the body in `chunks` (`gap_s` apart), then
+    `after`: "disconnect" (the client goes away mid-body), "stall" (it stops sending) or "end" (the
+    last chunk ends the body). Returns the messages the app sent; `send_error` makes every send fail."""
+    import asyncio
+
+    msgs = [{"type": "http.request", "body": c, "more_body": after != "end" or i < len(chunks) - 1}
+            for i, c in enumerate(chunks)]
+    sent: list[dict] = []
+
+    async def receive():
+        if msgs:
+            await asyncio.sleep(gap_s)
+            return msgs.pop(0)
+        if after == "stall":
+            await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if send_error is not None:
+            raise send_error
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", ctype)], "client": ("127.0.0.1", 1),
+             "server": ("test", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def _counts(app) -> dict[tuple[str, str], float]:
+    """ufo_requests_total by (task, status), read from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = TestClient(app).get("/metrics").text
+    return {(s.labels["task"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "ufo_requests_total"}
+
+
+def _multipart(png: bytes) -> tuple[bytes, bytes]:
+    boundary = b"ufo-test-boundary"
+    body = (b"--" + boundary + b'\r\ncontent-disposition: form-data; name="file"; filename="x.png"\r\n'
+            b"content-type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n")
+    return body, b"multipart/form-data; boundary=" + boundary
+
+
+@pytest.mark.parametrize("form", ["raw", "multipart"])
+def test_a_client_gone_mid_body_is_counted_499_not_500(model_file, form):
+    app = create_app(load_served([model_file]))
+    body, ctype = (_png(), b"image/png") if form == "raw" else _multipart(_png())
+    sent = _call(app, "/v1/tasks/digits:predict", [body[:40]], "disconnect", ctype=ctype)  # no exception escapes
+    assert all(m.get("status", 0) < 500 for m in sent)
+    # an answer that cannot be sent (the connection broke): also 499
+    _call(app, "/v1/tasks/nope:predict", [body], "end", ctype=ctype, send_error=BrokenPipeError())
+    counts = _counts(app)
+    assert counts[("digits", "499")] == 1 and counts[("_unknown", "499")] == 1
+    assert not [k for k in counts if k[1] in ("500", "400")], counts
+
+
+@pytest.mark.parametrize("form", ["raw", "multipart"])
+def test_a_stalled_body_gets_408_and_the_connection_closes(model_file, form):
+    from ufo.deploy.server import Settings
+
+    app = create_app(load_served([model_file]), Settings(body_timeout_s=0.2))
+    body, ctype = (_png(), b"image/png") if form == "raw" else _multipart(_png())
+    sent = _call(app, "/v1/tasks/digits:predict", [body[:40]], "stall", ctype=ctype)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 408 and (b"connection", b"close") in start["headers"]
+    payload = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert payload["error"] == "request_timeout" and "0.2 s" in payload["detail"]
+    assert len([m for m in sent if m["type"] == "http.response.start"]) == 1  # the app's own 400 was dropped
+    # a slow client whose every chunk comes within the timeout is served (here: 415, the body is no image)
+    sent = _call(app, "/v1/tasks/digits:predict", [b"not an image, "] * 4, "end", gap_s=0.05)
+    assert next(m for m in sent if m["type"] == "http.response.start")["status"] == 415
+    assert _counts(app)[("digits", "408")] == 1

@@ -14,7 +14,7 @@ batch of up to `max_batch` images after at most `max_wait_ms`, and run on one in
 Images are decoded and preprocessed exactly as the library reads data (PIL decode, resize to the
 task's input size, the model's channels, mean/std), so served predictions equal `ufo eval`'s. Bad input
 never reaches the model: unknown task 404, not an image 415, truncated image 422, decompression
-bomb or oversized upload 413, each as a JSON `ErrorResponse`.
+bomb or oversized upload 413, a body that stalls 408, each as a JSON `ErrorResponse`.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class Settings(BaseModel):
     # decoded pixels of all requests together (a request waits for room, then gets 503 after decode_wait_s)
     max_pixels_in_flight: int = Field(2 * (Image.MAX_IMAGE_PIXELS or 89_478_485), gt=0)
     decode_wait_s: float = Field(10.0, gt=0)
+    # slow clients: each read of a request body waits at most this long (then 408 and the connection closes)
+    body_timeout_s: float = Field(30.0, gt=0)
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this long (uvicorn)
 
 
 # ----- what is served -----
@@ -141,7 +144,7 @@ def _error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}
+_HTTP_CODES = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}
 
 
 class PixelBudget:
@@ -349,13 +352,69 @@ class _BodyLimit:
             await self._drain(receive)
 
 
+# ----- slow clients -----
+
+class _BodyTimedOut(Exception):
+    """Raised into the app when a body read outlasts the body timeout."""
+
+
+class _BodyTimeout:
+    """ASGI middleware: each read of the request body waits at most `timeout_s`. A client sending
+    slower gets a JSON 408 `request_timeout` with `connection: close`, so slow clients cannot hold a
+    request (and its partial body) open forever. Whatever the app answers to the half-read body
+    (FastAPI turns a failed multipart read into a 400) is dropped for the 408. Reads after the body
+    (waiting for a disconnect) are not timed."""
+
+    def __init__(self, app, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_done, timed_out, started = False, False, False
+
+        async def timed_receive():
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise _BodyTimedOut(f"no request body bytes for {self.timeout_s:g} s") from None
+            if msg["type"] != "http.request" or not msg.get("more_body", False):
+                body_done = True
+            return msg
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            if timed_out:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out:
+                raise
+        if timed_out and not started:
+            r = _error(408, "request_timeout", f"the request body did not arrive: no bytes for {self.timeout_s:g} s "
+                                               "(body timeout)")
+            r.headers["connection"] = "close"
+            await r(scope, receive, send)
+
+
 # ----- metrics -----
 
 class _Metrics:
     """ASGI middleware: count and time every task request by its final status (413s raised while
-    reading the body included)."""
+    reading the body included). A client that went away before its answer (an `http.disconnect`
+    received, or a failed send) is counted as 499, nginx's "client closed request", not as the
+    400 or 500 the app makes of the broken read; its exception is dropped, there is no one to answer."""
 
     PATH = re.compile(r"^/v1/tasks/([^/]+):(predict|compare)$")
+    GONE = 499
 
     def __init__(self, app, served: set[str], requests: Counter, latency: Histogram) -> None:
         self.app, self.served, self.requests, self.latency = app, served, requests, latency
@@ -365,18 +424,32 @@ class _Metrics:
         if m is None:
             return await self.app(scope, receive, send)
         task = m.group(1) if m.group(1) in self.served else "_unknown"  # bounded label values
-        status, t0 = 500, time.perf_counter()
+        status, t0, gone, done = 500, time.perf_counter(), False, False
+
+        async def watch_receive():
+            nonlocal gone
+            msg = await receive()
+            gone = gone or (msg["type"] == "http.disconnect" and not done)
+            return msg
 
         async def send_status(message) -> None:
-            nonlocal status
+            nonlocal status, gone, done
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # the connection broke under the answer
+                gone = True
+                raise
+            done = done or (message["type"] == "http.response.body" and not message.get("more_body", False))
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, watch_receive, send_status)
+        except Exception:
+            if not gone:
+                raise
         finally:
-            self.requests.labels(task, m.group(2), str(status)).inc()
+            self.requests.labels(task, m.group(2), str(self.GONE if gone else status)).inc()
             self.latency.labels(task, m.group(2)).observe(time.perf_counter() - t0)
 
 
@@ -427,6 +500,7 @@ class Health(BaseModel):
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {400: "bad request (empty or malformed upload)", 404: "unknown task", 413: "upload or image too large",
+            408: "the request body stalled for body_timeout_s (request_timeout; the connection is closed)",
             415: "not an image", 422: "corrupt or truncated image, or invalid parameters",
             409: "the task cannot do this (no threshold, not an embedding task)",
             500: "the model gave non-finite outputs (non_finite_output)",
@@ -471,6 +545,7 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
 
     app.add_middleware(_RawImageBody)
     app.add_middleware(_BodyLimit, max_bytes=int(s.max_upload_mb * 1024 * 1024))
+    app.add_middleware(_BodyTimeout, timeout_s=s.body_timeout_s)
     app.add_middleware(_Metrics, served=set(served), requests=requests, latency=latency)  # outermost
 
     @app.exception_handler(ApiError)
@@ -516,7 +591,7 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
         return await request.body()
 
     @app.post("/v1/tasks/{task}:predict", response_model=PredictResponse,
-              responses=_responses(400, 404, 413, 415, 422, 500, 503),
+              responses=_responses(400, 404, 408, 413, 415, 422, 500, 503),
               openapi_extra=_RAW_IMAGE_BODY, summary="Predict one image")
     async def predict(request: Request, task: str = PathParam(description="task name"),
                       k: int = Query(5, ge=1, le=1000, description="classification: how many classes to return"),
@@ -536,7 +611,7 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
             for v, i in zip(vals, idx)])
 
     @app.post("/v1/tasks/{task}:compare", response_model=CompareResponse,
-              responses=_responses(400, 404, 409, 413, 415, 422, 500, 503),
+              responses=_responses(400, 404, 408, 409, 413, 415, 422, 500, 503),
               summary="Same or different?")
     async def compare(task: str = PathParam(description="task name"),
                       image_a: UploadFile = File(description="first image"),
@@ -583,9 +658,12 @@ def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000
     warnings.simplefilter("error", Image.DecompressionBombWarning)  # process-wide, set once before serving
     if threads is not None:
         torch.set_num_threads(threads)
+    settings = settings or Settings()
     served = load_served(paths, backend, threads)
     app = create_app(served, settings)
     for t, st in served.items():
         announce(f"task {t}: {st.head.kind} -> {st.head.output} ({st.backend}, {st.source})")
     announce(f"serving {len(served)} task(s) on http://{host}:{port} (docs at /docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # uvicorn has no timeout for a request's headers: behind the open internet, put a proxy in front
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_keep_alive=settings.keep_alive_s)
