@@ -224,6 +224,12 @@ class ImageSet:
         return part.replace(images=TensorStore(images, [store.origin(int(i)) for i in kept], self.name))
 
 
+def some(items: Sequence[str]) -> str:
+    """The first few of `items` for a warning: "a; b; c and 4 more"."""
+    more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return "; ".join(items[:_SHOW]) + more
+
+
 class Collector:
     """Takes decoded images one by one under the on_error policy and stacks them at the end.
 
@@ -283,10 +289,9 @@ class Collector:
     def finish(self) -> torch.Tensor:
         """uint8 (N, C, H, W) of the kept images; warns about the skipped ones."""
         if self.skipped:
-            more = f" and {len(self.skipped) - _SHOW} more" if len(self.skipped) > _SHOW else ""
             warnings.warn(
                 f"skipped {len(self.skipped)} unreadable image(s) in {self.where}: "
-                f"{'; '.join(self.skipped[:_SHOW])}{more}",
+                f"{some(self.skipped)}",
                 stacklevel=3,
             )
         if not self.arrays:

@@ -24,9 +24,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ufo.data.dataset import ImageSet, cached, encode_values
+from ufo.data.dataset import ImageSet, cached, encode_values, some
 from ufo.data.readers import (
-    _SHOW,
     IMAGE_EXTENSIONS,
     ImageSize,
     OnError,
@@ -54,9 +53,8 @@ class _Problems:
 
     def warn(self) -> None:
         if self.items:
-            more = f" and {len(self.items) - _SHOW} more" if len(self.items) > _SHOW else ""
             warnings.warn(f"skipped {len(self.items)} {self.what}(s) in {self.where}: "
-                          f"{'; '.join(self.items[:_SHOW])}{more}", stacklevel=4)
+                          f"{some(self.items)}", stacklevel=4)
 
 
 def _find_base(root: Path, marker: str, names: Sequence[str] = ()) -> Path | None:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ufo.arch import as_hw
-from ufo.data.dataset import ImageSet
+from ufo.data.dataset import ImageSet, some
 from ufo.data.sampler import MixedTaskSampler
 from ufo.data.store import ImageStore
 from ufo.data.transforms import BatchTransform, SampleTransform, build_transform, post_transform, random_erasing
@@ -339,6 +339,5 @@ def iter_batches(ds: ImageSet, image_size: int | tuple[int, int], in_chans: int 
         problems += bad
         yield x
     if problems:
-        more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
         warnings.warn(f"{ds.name}: {len(problems)} unreadable image(s) scored as black images: "
-                      f"{'; '.join(problems[:_SHOW])}{more}", stacklevel=2)
+                      f"{some(problems)}", stacklevel=2)

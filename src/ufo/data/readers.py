@@ -34,7 +34,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ufo.data.dataset import Collector, ImageSet, cached, check_options, encode_values
+from ufo.data.dataset import Collector, ImageSet, cached, check_options, encode_values, some
 from ufo.data.store import FileStore, ZipStore
 from ufo.errors import DataError
 
@@ -43,7 +43,6 @@ OnError = Literal["raise", "skip"]
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm",
 )  # fmt: skip
-_SHOW = 3  # files named in a skip warning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +220,7 @@ def read_csv_manifest(
         if not n_rows:
             raise DataError(f"CSV manifest {path} has a header but no rows")
         if missing:
-            more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
-            warnings.warn(f"skipped {len(missing)} missing image(s) in {path}: {'; '.join(missing[:_SHOW])}{more}",
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {path}: {some(missing)}",
                           stacklevel=3)
         if not rows:
             raise DataError(f"no readable images in {path}")
@@ -492,8 +490,7 @@ def read_gtsrb(
             for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
                 add(csv_path, n, row, os.path.join("Final_Test", "Images"), "test")
         if missing:
-            more = f" and {len(missing) - _SHOW} more" if len(missing) > _SHOW else ""
-            warnings.warn(f"skipped {len(missing)} missing image(s) in {base}: {'; '.join(missing[:_SHOW])}{more}",
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {base}: {some(missing)}",
                           stacklevel=3)
         if not meta:
             raise DataError(f"no readable images in {base}")

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ufo.data.dataset import ImageSet, cached, encode_values
-from ufo.data.readers import _SHOW, ImageSize, OnError, _need, _params, decode_set
+from ufo.data.dataset import ImageSet, cached, encode_values, some
+from ufo.data.readers import ImageSize, OnError, _need, _params, decode_set
 from ufo.data.store import FileStore, ImageStore, TarStore, ZipStore
 from ufo.errors import DataError
 
@@ -123,8 +123,7 @@ def write_shards(ds: ImageSet, out_dir: str | Path, maxcount: int = 10_000, maxs
     finally:
         writer.close()
     if skipped:
-        more = f" and {len(skipped) - _SHOW} more" if len(skipped) > _SHOW else ""
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {ds.name}: {'; '.join(skipped[:_SHOW])}{more}",
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {ds.name}: {some(skipped)}",
                       stacklevel=2)
     if not kept:
         raise DataError(f"no readable images in {ds.name}")
@@ -255,8 +254,7 @@ def read_webdataset(
                 metas.append(meta)
                 keys.append(key)
         if problems:
-            more = f" and {len(problems) - _SHOW} more" if len(problems) > _SHOW else ""
-            warnings.warn(f"skipped {len(problems)} sample(s) in {path}: {'; '.join(problems[:_SHOW])}{more}",
+            warnings.warn(f"skipped {len(problems)} sample(s) in {path}: {some(problems)}",
                           stacklevel=3)
         if not metas:
             raise DataError(f"no samples with an image and a label in {path}")
