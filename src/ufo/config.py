@@ -367,6 +367,8 @@ def _format(e: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and
                                         not isinstance(err["input"], dict) else ""))
+    if len(lines) == 1:  # the usual case: one line
+        return f"invalid config {source}: {lines[0]}"
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 
