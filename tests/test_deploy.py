@@ -4,6 +4,7 @@ INT8 (dynamic and static) with metrics, and the `ufo extract` / `ufo export` com
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def test_cli_export_from_a_run_with_static_int8(run, tmp_path):
                                    "--calib-size", "32", "--out", str(tmp_path / "d.onnx")])
     assert res.exit_code == 0, res.output
     assert "top1: fp32" in res.output and "int8" in res.output and "max abs diff" in res.output
+    assert re.search(r"batch 1, 1 thread: \d+\.\d+ ms \(fp32 \d+\.\d+ ms\)", " ".join(res.output.split()))
     assert (tmp_path / "d.onnx").exists() and (tmp_path / "d.fp32.onnx").exists()
     res = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "choose one with --task" in res.output

@@ -167,11 +167,11 @@ def test_relative_latency_budget_is_timed_again_when_the_search_finds_it_infeasi
         limits = {k: kw[k] for k in ("max_latency_ms", "max_flops") if k in kw}
         asked.append({"task": task, **limits})
         if limits.get("max_latency_ms", 2.0) < 1.5 or limits.get("max_flops") == 1:
-            raise InfeasibleBudget(f"impossible for {task}", fastest_q3_ms=1.4)
+            raise InfeasibleBudget(f"impossible for {task}", fastest_ms=1.4)
         from ufo.arch import Arch
 
         return SimpleNamespace(arch=Arch(depth=1, embed_dim=16, num_heads=[1], mlp_ratio=[1.0]), objective="x",
-                               png_path=None, json_path=None, front=[], candidates=[])
+                               png_path=None, json_path=None, front=[], candidates=[], warnings=[])
 
     api = SimpleNamespace(search_task=search_task, result_summary=lambda r: {"measured_metric": 0.5})
     monkeypatch.setattr(deploy_stages, "_search_api", lambda: api)

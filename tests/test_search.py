@@ -102,7 +102,7 @@ def test_second_search_reuses_the_cached_predictors(params_search, run_dir, tmp_
 def test_latency_search_result_meets_the_budget_when_re_measured(run_dir, run, tmp_path):
     small, large = run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))
     # The budget is timed here and the candidates again inside the search; when the machine's load
-    # moves in between, every candidate's upper quartile can exceed it and the search refuses
+    # moves in between, every candidate's median can exceed it and the search refuses
     # (InfeasibleBudget, as it should). Re-time and retry then, as `ufo run` does (FRACTION_RETIMES).
     for attempt in range(3):
         lo = measure(run.space, small, TASK, repeats=30)
@@ -116,11 +116,15 @@ def test_latency_search_result_meets_the_budget_when_re_measured(run_dir, run, t
                 raise
     assert r.measured_latency_ms is not None and r.predicted_latency_ms is not None
     assert all(c.measured_latency is not None for c in r.candidates)
-    assert all(c.measured_latency.q3_ms <= budget for c in r.candidates if c.meets_budget)
-    # Other jobs share the test machine: a burst of their load can inflate one re-measurement, so
-    # the chosen subnet gets three tries (the search itself keeps only upper quartiles within budget).
+    # one statistic: a candidate meets the budget by its median, which is also what the result reports
+    assert all((c.measured_latency.median_ms <= budget) == c.meets_budget for c in r.candidates)
+    chosen = next(c for c in r.candidates if c.arch == r.arch)
+    assert r.measured_latency_ms == chosen.measured_latency.median_ms <= budget
+    # Other jobs share the test machine: a burst of their load can inflate one re-measurement, and
+    # the chosen subnet can sit right at the budget's edge, so it gets three tries and the re-test
+    # noise of batch-1 timings of tiny subnets (bench/search: about 10%).
     again = [measure(run.space, r.arch, TASK, "torch-cpu", repeats=30).median_ms for _ in range(3)]
-    assert min(again) <= budget, (again, budget)
+    assert min(again) <= 1.1 * budget, (again, budget)
     assert (run_dir / "predictors" / f"{TASK}-latency-torch-cpu.safetensors").is_file()
 
 
@@ -212,3 +216,52 @@ def test_latency_at_fraction_floors_at_the_smallest_and_rejects_bad_fractions(ru
     assert ms1 == pytest.approx(max(1.05 * lo.q3_ms, hi.median_ms))
     with pytest.raises(SearchError, match=r"\[0, 1\], got 1.5"):
         latency_at_fraction(run.space, small, large, TASK, 1.5)
+
+
+def test_an_optimistic_latency_predictor_walks_down_the_front_instead_of_falling_back(run_dir, run, tmp_path,
+                                                                                      monkeypatch):
+    """The demo's failure: every measured front point was over the budget and the search took the
+    smallest subnet. Here latency is a deterministic function of FLOPs (no timing noise) and the
+    latency predictor is made to promise half of it, so the predicted front runs to twice the
+    budget: the re-check must find the budget's edge by bisection and choose from below it."""
+    import ufo.search.latency as latency_mod
+    import ufo.search.pipeline as pl
+    from ufo.search.latency import Latency
+
+    def fake_measure_many(space, archs, task, *a, **k):
+        return [Latency(median_ms=0.1 + space.flops(x, task) / 1e6, q1_ms=0.0, q3_ms=9.9, n=3) for x in archs]
+
+    monkeypatch.setattr(latency_mod, "measure_many", fake_measure_many)
+    monkeypatch.setattr(pl, "measure_many", fake_measure_many)
+
+    class Optimistic:
+        def __init__(self, gp):
+            self.gp = gp
+
+        def predict(self, X, return_std=False):
+            return self.gp.predict(X) * 0.5
+
+    real = pl._latency_predictor
+
+    def halved(*a, **k):
+        gp, meta = real(*a, **k)
+        return Optimistic(gp), meta
+
+    monkeypatch.setattr(pl, "_latency_predictor", halved)
+    space = run.space
+    flops = sorted(space.flops(run.arch(a), TASK) for a in run.sample(40, seed=5))
+    budget = 0.1 + flops[len(flops) // 2] / 1e6  # the median subnet's fake latency
+    r = search_task(run_dir, TASK, max_latency_ms=budget, out_dir=tmp_path / "s", predictor_dir=tmp_path / "pred",
+                    **{**FAST, "top_k": 4})
+    steps = [c.step for c in r.candidates]
+    assert "fallback" not in steps and "bisect" in steps, steps
+    over = [c for c in r.candidates if not c.meets_budget]
+    assert over and all(c.predicted_latency_ms <= budget for c in over)  # predicted within, measured over
+    ok = [c for c in r.candidates if c.meets_budget]
+    assert r.measured_metric == max(c.measured_metric for c in ok) and r.measured_latency_ms <= budget
+    # the edge was closed: no unmeasured front point lies between the costliest measured within the
+    # budget and the cheapest measured over it
+    idx = {c.front_index: c.meets_budget for c in r.candidates if c.front_index is not None}
+    hi = max(i for i, m in idx.items() if m)
+    above = [i for i, m in idx.items() if not m and i > hi]
+    assert not above or min(above) == hi + 1

@@ -37,7 +37,8 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def fitted(data) -> GPPredictor:
     X, y = data
-    return GPPredictor(n_restarts=1).fit(X[:50], y[:50])
+    # the target depends on 3 of 14 features: one length scale per feature (ARD) is what finds them
+    return GPPredictor(n_restarts=1, ard=True).fit(X[:50], y[:50])
 
 
 def test_recovers_smooth_function_ranking(data, fitted):
@@ -103,8 +104,37 @@ def test_logit_target_stays_in_the_unit_interval_and_rejects_bounds(data):
         GPPredictor(logit_target=True, log_target=True).fit(X[:10], acc[:10])
 
 
-def test_fit_metric_predictor_picks_smoothness_by_cv_and_fits_logits(data):
-    from ufo.search.metric import NU_CHOICES, MetricDataset, MetricRecord, fit_metric_predictor
+def test_ard_auto_shares_one_length_scale_below_the_threshold_and_ard_above(data):
+    from ufo.search.predictor import ARD_MIN_SAMPLES
+
+    X, y = data
+    few = GPPredictor().fit(X[:40], y[:40])
+    assert np.ndim(few.gp_.kernel_.k1.k2.length_scale) == 0  # one shared length scale
+    many = GPPredictor(ard_subsample=60).fit(encoded(ARD_MIN_SAMPLES, 5), target(encoded(ARD_MIN_SAMPLES, 5)))
+    assert np.shape(many.gp_.kernel_.k1.k2.length_scale) == (int(many.keep_.sum()),)
+    assert many.X_train_.shape[0] == ARD_MIN_SAMPLES  # tuned on a subsample, conditioned on all
+    # constant and repeated columns are left out of the GP (not out of the model's input)
+    Xd = np.column_stack([X[:40], X[:40, 1], np.ones(40)])
+    g = GPPredictor().fit(Xd, y[:40])
+    assert g.keep_.sum() <= X.shape[1] and not g.keep_[-1] and not g.keep_[-2]
+    np.testing.assert_allclose(g.predict(Xd[:5]), GPPredictor().fit(X[:40], y[:40]).predict(X[:5]), rtol=1e-6)
+    with pytest.raises(SearchError, match="ard='yes'"):
+        GPPredictor(ard="yes").fit(X[:10], y[:10])
+
+
+def test_nu_auto_picks_the_smoothness_of_highest_marginal_likelihood(data):
+    from ufo.search.predictor import NU_CHOICES
+
+    X, y = data
+    auto = GPPredictor(nu="auto", ard=False).fit(X[:50], y[:50])
+    lml = {nu: GPPredictor(nu=nu, ard=False).fit(X[:50], y[:50]).gp_.log_marginal_likelihood_value_
+           for nu in NU_CHOICES}
+    assert auto.nu_ == max(lml, key=lml.get)
+
+
+def test_fit_metric_predictor_uses_log_params_for_the_mean_and_fits_logits(data):
+    from ufo.search.features import LOG_PARAMS
+    from ufo.search.metric import MetricDataset, MetricRecord, fit_metric_predictor
 
     rng = np.random.default_rng(1)
     archs = [SPACE.sample(rng) for _ in range(30)]
@@ -116,8 +146,8 @@ def test_fit_metric_predictor_picks_smoothness_by_cv_and_fits_logits(data):
                        for a, v in zip(archs, acc)])
     gp, meta = fit_metric_predictor(ds, folds=3)
     assert meta["target_transform"] == "logit" and gp.logit_target
-    assert set(meta["cv_by_nu"]) == {str(nu) for nu in NU_CHOICES}
-    assert meta["nu"] == gp.nu and meta["cv"]["kendall_tau"] == max(meta["cv_by_nu"].values())
+    assert tuple(gp.mean_cols) == (LOG_PARAMS,) and gp.coef_.shape == (1,)
+    assert meta["nu"] == gp.nu_ and gp.nu == "auto"
     assert meta["cv"]["kendall_tau"] > 0.7
     # a metric that reaches 1 cannot be fitted in logit space: the identity is used
     ds.records[0].value = 1.0
@@ -134,6 +164,25 @@ def test_save_load_round_trip_identical(tmp_path, data, fitted):
     np.testing.assert_allclose(m1, m0, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(s1, s0, rtol=1e-12, atol=1e-12)
     assert back.get_params() == fitted.get_params() and back.meta_ == {"target": "synthetic"}
+
+
+def test_save_load_round_trip_of_a_shared_length_scale_and_a_mean_on_one_column(tmp_path, data):
+    X, y = data
+    gp = GPPredictor(nu="auto", mean_cols=(1,)).fit(X[:40], y[:40])
+    back = GPPredictor.load(gp.save(tmp_path / "p.safetensors", SPACE), SPACE)
+    np.testing.assert_allclose(back.predict(X[40:]), gp.predict(X[40:]), rtol=1e-12, atol=1e-12)
+    assert back.nu_ == gp.nu_ and list(back.mean_cols) == [1]
+
+
+def test_a_predictor_file_of_the_older_format_is_refused_with_a_way_out(tmp_path, fitted):
+    from ufo.checkpoint import load_checkpoint, save_checkpoint
+
+    path = fitted.save(tmp_path / "p.safetensors", SPACE)
+    tensors, manifest = load_checkpoint(path)
+    del manifest["predictor_format"]
+    save_checkpoint(path, tensors, manifest)
+    with pytest.raises(SearchError, match="older format.*fit it again"):
+        GPPredictor.load(path, SPACE)
 
 
 def test_load_for_another_space_is_refused(tmp_path, fitted):

@@ -148,7 +148,10 @@ def export(
     if "int8" in r:
         q = r["int8"]
         console.print(f"wrote {q['path']}: INT8 {q['mode']}, {q['size_bytes']:,} bytes (fp32 {q['fp32_size_bytes']:,}),"
-                      f" max abs diff vs torch {q['max_abs_diff_vs_torch']:.3g}")
+                      f" max abs diff vs torch {q['max_abs_diff_vs_torch']:.3g}; batch 1, 1 thread: "
+                      f"{q['latency_ms']['int8']:.3f} ms (fp32 {q['latency_ms']['fp32']:.3f} ms)")
+        for w in r.get("warnings", []):
+            console.print(f"[yellow]warning[/]: {w}")
     if "metrics_fp32" in r:
         key = r["primary"]
         line = f"{key}: fp32 {r['metrics_fp32'][key]:.4f}"

@@ -252,7 +252,7 @@ class SearchStageConfig(Strict):
     default: SearchBudget = Field(default_factory=SearchBudget)
     budgets: dict[str, SearchBudget] = Field(default_factory=dict)
     trials: int = Field(2000, gt=0)  # NSGA-II evaluations of the predictors
-    top_k: int = Field(8, gt=0)  # candidates of the predicted front evaluated and timed for real
+    top_k: int = Field(8, gt=0)  # front subnets evaluated and timed for real (more if none meets the budget)
 
     def budget(self, task: str) -> SearchBudget:
         """`task`'s budget with the backend resolved."""

@@ -35,12 +35,12 @@ class SearchError(UFOError):
 
 class InfeasibleBudget(SearchError):
     """A latency budget that no subnet met when timed: the smallest subnet before the search, or
-    every measured candidate after it. `fastest_q3_ms` is the fastest one's upper-quartile latency
-    (the caller of a relative budget can time the budget again)."""
+    every measured candidate after it. `fastest_ms` is the fastest one's median latency (the
+    caller of a relative budget can time the budget again)."""
 
-    def __init__(self, message: str, fastest_q3_ms: float) -> None:
+    def __init__(self, message: str, fastest_ms: float) -> None:
         super().__init__(message)
-        self.fastest_q3_ms = fastest_q3_ms
+        self.fastest_ms = fastest_ms
 
 
 class StorageError(UFOError):

@@ -119,6 +119,16 @@ def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
+def warnings(run: dict[str, Any]) -> list[str]:
+    """The run's quality flags (`ufo.flags`): poorly ranking metric predictors from the search
+    stage, INT8 models slower than FP32 from the export stage."""
+    out = []
+    for stage in ("search", "export"):
+        for r in (run[stage] or {}).values():
+            out += (r or {}).get("warnings") or []
+    return out
+
+
 def stage_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = [[s, "done" if d else "not run", f"{d['seconds']:.0f}" if d else "–", d["finished"] if d else "–"]
             for s, d in run["done"].items() if s != "report"]
@@ -188,7 +198,8 @@ def _data_uri(path: Path) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 td.t,th{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
-pre{background:#f6f6f6;padding:1em;overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#555}"""
+pre{background:#f6f6f6;padding:1em;overflow-x:auto}figure{margin:1em 0}figcaption{font-size:13px;color:#555}
+li.warn{color:#8a4b00}"""
 
 
 @locks("run_dir", create=False)
@@ -209,6 +220,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     cmds = commands(run_dir, run)
     md = [f"# {title}", "", intro, ""]
     doc = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    flags = warnings(run)
+    if flags:
+        md += ["## Warnings", "", *[f"- {w}" for w in flags], ""]
+        doc += ["<h2>Warnings</h2>", "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in flags)
+                + "</ul>"]
     for name, (cols, rows) in sections[:3]:
         md += [f"## {name}", "", _md_table(cols, rows) if rows else "(stage not run)", ""]
         doc += [f"<h2>{name}</h2>", _html_table(cols, rows) if rows else "<p>(stage not run)</p>"]

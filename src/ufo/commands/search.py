@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         max_flops: Optional[float] = typer.Option(None, "--max-flops", help="FLOP budget per image (exact count)"),
         backend: str = typer.Option("torch-cpu", help="latency backend: torch-cpu, ort-cpu or cuda"),
         trials: int = typer.Option(2000, help="NSGA-II trials on the predictors"),
-        top_k: int = typer.Option(8, "--top-k", help="candidates from the predicted front measured for real"),
+        top_k: int = typer.Option(8, "--top-k", help="subnets of the predicted front measured for real (more when none meets the budget)"),
         metric_samples: int = typer.Option(50, help="subnets evaluated for the metric predictor (first use)"),
         latency_samples: int = typer.Option(100, help="subnets timed for the latency predictor (first use)"),
         threads: int = typer.Option(1, help="threads for latency measurement"),
@@ -43,12 +43,12 @@ def register(app: typer.Typer) -> None:
                         metric_samples=metric_samples, latency_samples=latency_samples, threads=threads, batch=batch,
                         data_root=None if data_dir is None else str(data_dir))
         table = Table(title=f"{task}: measured candidates (budget {r.budget})")
-        for col in ("from", "depth/embed", "params", f"{r.metric} pred/meas", "ms pred/meas (q3)", "meets"):
+        for col in ("step", "depth/embed", "params", f"{r.metric} pred/meas", "ms pred/meas (median)", "meets"):
             table.add_column(col)
         for c in r.candidates:
             lat = c.measured_latency
-            ms = "" if lat is None else f"{c.predicted_latency_ms:.3f}/{lat.median_ms:.3f} ({lat.q3_ms:.3f})"
-            table.add_row(c.source + (" *" if c.arch == r.arch else ""), f"{c.arch.depth}/{c.arch.embed_dim}",
+            ms = "" if lat is None else f"{c.predicted_latency_ms:.3f}/{lat.median_ms:.3f}"
+            table.add_row(c.step + (" *" if c.arch == r.arch else ""), f"{c.arch.depth}/{c.arch.embed_dim}",
                           f"{c.params:,}", f"{c.predicted_metric:.4f}/{c.measured_metric:.4f}", ms,
                           "yes" if c.meets_budget else "no")
         console.print(table)
@@ -62,3 +62,5 @@ def register(app: typer.Typer) -> None:
                       f"(predicted {r.predicted_metric:.4f}), {r.params:,} parameters{lat}; search {r.search_s:.1f} s, "
                       f"measuring {r.measure_s:.1f} s, total {r.total_s:.1f} s")
         console.print(f"wrote {r.model_path}, {r.json_path}, {r.png_path}")
+        for w in r.warnings:
+            console.print(f"[yellow]warning[/]: {w}")

@@ -29,6 +29,7 @@ from ufo.config import Config
 from ufo.data.dataset import ImageSet
 from ufo.data.loader import iter_batches
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
+from ufo.flags import int8_flag
 from ufo.tasks import TaskData, task_class
 
 OPSET = 18
@@ -305,6 +306,24 @@ def evaluate_predict(predict, task: str, head: HeadInfo, cfg: Config, data: Task
     return proto.evaluate(predict, data, seed=cfg.seed)
 
 
+def int8_latency(fp32: str | Path, int8: str | Path, x: torch.Tensor, repeats: int = 30) -> dict[str, float]:
+    """Median ms of one call of the FP32 and the INT8 ONNX model on `x` (batch 1 is what a server
+    sees), one thread each, timed in interleaved rounds so a load burst hits both alike."""
+    import time
+
+    models = {"fp32": OnnxTaskModel(fp32, threads=1), "int8": OnnxTaskModel(int8, threads=1)}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for k, m in models.items():  # warm-up
+        for _ in range(3):
+            m(x)
+    for _ in range(repeats):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None = None, cfg: Config | None = None,
                 data: TaskData | None = None, opset: int = OPSET, tol: float = PARITY_TOL,
                 calib_size: int = 256, threads: int | None = None) -> dict[str, Any]:
@@ -333,7 +352,10 @@ def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None
         quantize(fp32, out, int8, calib)
         m8 = OnnxTaskModel(out, threads)
         report["int8"] = {"mode": int8, "path": str(out), "max_abs_diff_vs_torch": max_abs_diff(tm, task, m8, x),
-                          "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size}
+                          "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size,
+                          "latency_ms": int8_latency(fp32, out, x[:1])}
+        flag = int8_flag(task, report["int8"]["latency_ms"]["fp32"], report["int8"]["latency_ms"]["int8"])
+        report["warnings"] = [flag] if flag else []
         if can_eval:
             report["metrics_int8"] = evaluate_predict(m8.predict_fn(on_error=on_error), task, head, cfg, data)
     if can_eval:

@@ -20,6 +20,7 @@ import torch
 
 from ufo.arch import Arch
 from ufo.errors import InfeasibleBudget, UFOError
+from ufo.flags import int8_flag
 from ufo.run.context import RunContext
 from ufo.run.state import PipelineError
 
@@ -69,6 +70,8 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
             limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
         res = _search_under(ctx, api, t, b, limits)
+        for w in res.warnings:
+            ctx.console.print(f"  [yellow]warning[/]: {w}")
         results[t] = {**api.result_summary(res), "arch": res.arch.model_dump(), "objective": res.objective,
                       "png_path": res.png_path, "json_path": res.json_path, "front_size": len(res.front),
                       "candidates": len(res.candidates)}
@@ -97,8 +100,8 @@ def _search_under(ctx: RunContext, api: Any, task: str, budget: Any, limits: dic
             if budget.max_latency_fraction is None or retimes == FRACTION_RETIMES:
                 raise
             retimes += 1
-            ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.fastest_q3_ms:.3f} ms "
-                              f"(upper quartile) against a budget of {limits['max_latency_ms']:.3f} ms; "
+            ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.fastest_ms:.3f} ms "
+                              f"(median) against a budget of {limits['max_latency_ms']:.3f} ms; "
                               "timing the relative budget again")
             limits["max_latency_ms"] = latency_from_fraction(ctx, task, budget.max_latency_fraction, budget.backend)
 
@@ -214,6 +217,10 @@ def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
                        int8_max_abs_diff=q["max_abs_diff_vs_torch"], metrics_int8=r.get("metrics_int8"))
             files.append(Path(q["path"]))
         row["latency_ms"] = lat
+        flag = int8_flag(t, lat["onnx_fp32"], lat.get("onnx_int8"))
+        row["warnings"] = [flag] if flag else []
+        if flag:
+            ctx.console.print(f"  [yellow]warning[/]: {flag}")
         rows[t] = row
     files.append(ctx.write_json(out / "export.json", rows))
     return files, {}

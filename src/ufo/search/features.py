@@ -16,6 +16,7 @@ import numpy as np
 from ufo.arch import Arch, SearchSpace
 
 FEATURES = "encode+log_params+log_flops"
+LOG_PARAMS, LOG_FLOPS = -2, -1  # their columns
 
 
 def arch_features(space: SearchSpace, archs: Sequence[Arch], task: str) -> np.ndarray:

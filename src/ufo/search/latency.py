@@ -331,9 +331,9 @@ def latency_at_fraction(space: SearchSpace, small: Arch, large: Arch, task: str,
     `large`, both timed now, together (interleaved rounds, as a search measures its candidates).
 
     Returns (budget_ms, small's latency, large's latency). The floor is `small`'s upper quartile
-    plus 5%: a search accepts a subnet by its re-measured upper quartile, so fraction 0 still leaves
-    the smallest subnet feasible when it is timed again (tiny subnets at batch 1 differ by less
-    than a shared machine's noise).
+    plus 5%: a search accepts a subnet by its re-measured median, and a floor one spread above the
+    smallest's median keeps fraction 0 feasible for the smallest subnet when it is timed again
+    (tiny subnets at batch 1 differ by less than a shared machine's noise).
     """
     if not 0 <= fraction <= 1:
         raise SearchError(f"latency fraction must lie in [0, 1], got {fraction}")

@@ -6,8 +6,10 @@ the task's eval protocol) and measures sampled subnets' latency on a backend, fi
 target and saves datasets and predictors under RUN_DIR/predictors/ (keyed by task and backend);
 a later call reuses them while the run's weights, the space and the settings are unchanged.
 `search_task(run_dir, task, max_latency_ms=... | max_params=... | max_flops=..., out_dir=...)`
-runs NSGA-II on the predictions (`ufo.search.optimize`), then evaluates and times the top of the
-predicted Pareto front, keeps only subnets whose measured cost meets the budget, and writes
+runs NSGA-II on the predictions (`ufo.search.optimize`), then evaluates and times subnets of the
+predicted Pareto front (`ufo.search.recheck`: spread over its cost range, then a bisection on cost
+down to where the measured cost meets the budget), chooses the best measured metric among those
+that meet it (median latency, the one statistic used throughout), and writes
 OUT/model.safetensors (the format `ufo export` / `ufo serve` take), OUT/search.json and
 OUT/pareto.png.
 """
@@ -24,15 +26,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from ufo.arch import Arch
-from ufo.checkpoint import atomic_write_text
+from ufo.checkpoint import atomic_write_text, read_manifest
 from ufo.errors import CheckpointError, InfeasibleBudget, SearchError
+from ufo.flags import predictor_flag
 from ufo.runlock import locks, run_lock
 from ufo.search.features import FEATURES, arch_features
 from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, machine_info,
                                 measure_many, sample_archs)
 from ufo.search.metric import MetricDataset, TrainedRun, collect_metrics, fit_metric_predictor
 from ufo.search.optimize import Point, nsga2_search, pareto_front
+from ufo.search.predictor import FORMAT as PREDICTOR_FORMAT
 from ufo.search.predictor import GPPredictor, fit_latency_predictor
+from ufo.search.recheck import Measured, walk_front
 
 LATENCY_REPEATS = 30
 
@@ -55,6 +60,8 @@ def _load_cached(path: Path, run: TrainedRun, want: dict[str, Any]) -> GPPredict
     if not path.is_file():
         return None
     try:
+        if read_manifest(path).get("predictor_format") != PREDICTOR_FORMAT:
+            return None  # written by an older UFO, whose predictors fit differently: fit again
         gp = GPPredictor.load(path, run.space)
     except CheckpointError:
         return None  # unreadable (an interrupted write of an older version): fit again
@@ -187,6 +194,8 @@ class Candidate(BaseModel):
     measured_latency: Latency | None = None
     meets_budget: bool | None = None
     source: str = "front"  # front | smallest
+    front_index: int | None = None  # position on the predicted front (sorted by cost), for source "front"
+    step: str = "spread"  # why it was measured: spread | bisect | refine | fallback (ufo.search.recheck)
 
 
 class SearchResult(BaseModel):
@@ -219,6 +228,7 @@ class SearchResult(BaseModel):
     measure_s: float  # real evaluation and timing of the candidates
     total_s: float
     predictors: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)  # quality flags (`ufo.flags`): a poorly ranking predictor
 
 
 def _check_budgets(max_latency_ms: float | None, max_params: float | None, max_flops: float | None,
@@ -252,20 +262,50 @@ def _measure(run: TrainedRun, cands: list[Candidate], budget: dict[str, float], 
              batch: int, repeats: int, seed: int, progress: bool) -> None:
     """Evaluate (inherited weights) and, under a latency budget, time every candidate; set meets_budget.
 
-    A latency budget is met when the upper quartile of the timed calls is within it (at least
-    three calls in four), which leaves a margin for the noise of a re-measurement."""
-    for c, m in zip(cands, run.evaluate_many([c.arch for c in cands], progress, "evaluate candidates")):
+    A latency budget is met when the median of the timed calls is within it: the one statistic
+    the budget, the table, the plot and `measured_latency_ms` all use."""
+    for c, m in zip(cands, run.evaluate_many([c.arch for c in cands], progress and len(cands) > 1,
+                                             "evaluate candidates")):
         c.measured_metric = m[run.metric]
     if "max_latency_ms" in budget:
         lats = measure_many(run.space, [c.arch for c in cands], run.task, backend, seed, batch, threads, repeats,
-                            progress=progress)
+                            progress=progress and len(cands) > 1)
         for c, lat in zip(cands, lats):
             c.measured_latency = lat
     for c in cands:
         ok = [c.params <= budget.get("max_params", np.inf), c.flops <= budget.get("max_flops", np.inf)]
         if c.measured_latency is not None:
-            ok.append(c.measured_latency.q3_ms <= budget["max_latency_ms"])
+            ok.append(c.measured_latency.median_ms <= budget["max_latency_ms"])
         c.meets_budget = all(ok)
+
+
+def _recheck(run: TrainedRun, front: list[Point], small: Arch, score: Any, budget: dict[str, float],
+             use_lat: bool, top_k: int, console: Console | None, **measure_kw: Any) -> list[Candidate]:
+    """Measure `top_k` subnets of the predicted front (`ufo.search.recheck.walk_front`: spread over
+    the cost range, bisection on cost down to the budget's edge, refinement around the best), and
+    the smallest subnet only when every front point measured is over the budget."""
+    cands: dict[int, Candidate] = {}
+
+    def measure(idx: list[int]) -> list[Measured]:
+        new = [_candidate(run, front[i].arch, front[i].metric, front[i].metric_std,
+                          front[i].cost if use_lat else None, "front", i) for i in idx]
+        _measure(run, new, budget, **measure_kw)
+        cands.update(zip(idx, new))
+        return [Measured(bool(c.meets_budget), float(c.measured_metric)) for c in new]
+
+    order = walk_front([p.cost for p in front], top_k, measure)
+    out = []
+    for i, step in order:
+        cands[i].step = step
+        out.append(cands[i])
+    if not any(c.meets_budget for c in out) and all(c.arch != small for c in out):
+        _say(console, "every measured subnet of the predicted front is over the budget: measuring the smallest")
+        mu, sd, c_small, _ = score([small])
+        fallback = _candidate(run, small, mu[0], sd[0], c_small[0] if use_lat else None, "smallest")
+        fallback.step = "fallback"
+        _measure(run, [fallback], budget, **measure_kw)
+        out.append(fallback)
+    return out
 
 
 @locks("out_dir")
@@ -289,14 +329,15 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     use_lat = "max_latency_ms" in budget
     if use_lat:  # impossible latency budget: the smallest subnet, measured, is already too slow
         lat = measure_many(run.space, [small], task, backend, seed, batch, threads, repeats, progress=False)[0]
-        if lat.q3_ms > budget["max_latency_ms"]:
+        if lat.median_ms > budget["max_latency_ms"]:
             raise InfeasibleBudget(f"max-latency-ms {budget['max_latency_ms']:g} is impossible on {backend}: no subnet "
                                    f"of task {task!r} meets it; the smallest subnet measures {lat.median_ms:.3f} ms "
-                                   f"(median; upper quartile {lat.q3_ms:.3f} ms, batch {batch}, {threads} threads)",
-                                   lat.q3_ms)
+                                   f"(median of {lat.n} calls, batch {batch}, {threads} threads)", lat.median_ms)
     gps, report = _fit(run, backend=backend, metric_samples=metric_samples, latency_samples=latency_samples,
                        seed=seed, out_dir=Path(predictor_dir) if predictor_dir else run.run_dir / "predictors",
                        console=console, latency=use_lat, threads=threads, batch=batch, progress=progress, refit=False)
+    m = report["metric"]
+    warnings = [w for w in [predictor_flag(task, m["cv_kendall_tau"], m["n"])] if w]
     space = run.space
     objective = "latency_ms" if use_lat else "flops" if "max_flops" in budget else "params"
 
@@ -314,20 +355,16 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     front = pareto_front(points)
     _say(console, f"NSGA-II: {trials} trials, {len(points)} distinct subnets, {len(front)} on the predicted front "
                   f"({search_s:.1f} s)")
-    best = sorted(front, key=lambda p: -p.metric)[:top_k]
     t_measure = time.perf_counter()
-    cands = [_candidate(run, p.arch, p.metric, p.metric_std, p.cost if use_lat else None, "front") for p in best]
-    if all(c.arch != small for c in cands):  # measured too: it meets the budget, so something always does
-        mu, sd, c_small, _ = score([small])
-        cands.append(_candidate(run, small, mu[0], sd[0], c_small[0] if use_lat else None, "smallest"))
-    _measure(run, cands, budget, backend, threads, batch, repeats, seed, progress)
+    cands = _recheck(run, front, small, score, budget, use_lat, top_k, console, backend=backend, threads=threads,
+                     batch=batch, repeats=repeats, seed=seed, progress=progress)
     measure_s = time.perf_counter() - t_measure
     ok = [c for c in cands if c.meets_budget]
     if not ok:
-        lowest = min(cands, key=lambda c: c.measured_latency.q3_ms if c.measured_latency else np.inf)
+        lowest = min(cands, key=lambda c: c.measured_latency.median_ms if c.measured_latency else np.inf)
         raise InfeasibleBudget(f"no measured candidate meets the budget {budget} (lowest measured: "
                                f"{lowest.measured_latency}); the machine may be loaded: try again or raise the budget",
-                               lowest.measured_latency.q3_ms if lowest.measured_latency else float("inf"))
+                               lowest.measured_latency.median_ms if lowest.measured_latency else float("inf"))
     chosen = max(ok, key=lambda c: (c.measured_metric, -c.params))
     out.mkdir(parents=True, exist_ok=True)
     model_path = _save_model(run, chosen.arch, out / "model.safetensors")
@@ -339,7 +376,7 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
         params=chosen.params, flops=chosen.flops, model_path=str(model_path), png_path=str(out / "pareto.png"),
         json_path=str(out / "search.json"), front=front, candidates=cands, trials=trials,
         distinct_archs=len(points), search_s=round(search_s, 3), measure_s=round(measure_s, 3),
-        total_s=round(time.perf_counter() - t_start, 3), predictors=report)
+        total_s=round(time.perf_counter() - t_start, 3), predictors=report, warnings=warnings)
     from ufo.search.plot import plot_search
 
     plot_search(result, points, out / "pareto.png")
@@ -348,10 +385,11 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
 
 
 def _candidate(run: TrainedRun, arch: Arch, metric: float, std: float, latency: float | None,
-               source: str) -> Candidate:
+               source: str, front_index: int | None = None) -> Candidate:
     return Candidate(arch=arch, params=run.space.num_params(arch, run.task), flops=run.space.flops(arch, run.task),
                      predicted_metric=float(metric), predicted_metric_std=float(std),
-                     predicted_latency_ms=None if latency is None else float(latency), source=source)
+                     predicted_latency_ms=None if latency is None else float(latency), source=source,
+                     front_index=front_index)
 
 
 def _save_model(run: TrainedRun, arch: Arch, path: Path) -> Path:
@@ -367,4 +405,4 @@ def result_summary(r: SearchResult) -> dict[str, Any]:
     """A short JSON-able digest of a search (for command output and reports)."""
     return json.loads(r.model_dump_json(include={"task", "metric", "budget", "predicted_metric", "measured_metric",
                                                  "predicted_latency_ms", "measured_latency_ms", "params", "flops",
-                                                 "model_path", "search_s", "measure_s", "total_s"}))
+                                                 "model_path", "search_s", "measure_s", "total_s", "warnings"}))
