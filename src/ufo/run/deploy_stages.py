@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ufo.arch import Arch
-from ufo.errors import InfeasibleBudget, UFOError
+from ufo.errors import UFOError
 from ufo.flags import int8_flag
 from ufo.run.context import RunContext
 from ufo.run.state import PipelineError
@@ -50,26 +50,28 @@ def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     return files, {t: {k: (r.get(k) or {}).get("cv_kendall_tau") for k in ("metric", "latency")} for t, r in results.items()}
 
 
-# how many times a relative latency budget is timed again when the search finds it infeasible
-FRACTION_RETIMES = 2
-
-
 def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
-    """Each task's best subnet under its budget, with the Pareto front plotted."""
+    """Each task's best subnet under its budget, with the Pareto front plotted. A relative latency
+    budget (`max_latency_fraction`) goes to the search as it is: it is timed on this machine with
+    every measurement of candidates, so a change in load between timings cannot make it infeasible."""
     api = _search_api()
     out, p = ctx.dir("search"), ctx.pipe
     results: dict[str, Any] = {}
     for t in ctx.tasks:
         b = p.search.budget(t)
-        limits = {k: v for k, v in b.model_dump().items() if v is not None and k not in ("backend", "max_latency_fraction")}
-        if b.max_latency_fraction is not None:
-            limits["max_latency_ms"] = latency_from_fraction(ctx, t, b.max_latency_fraction, b.backend)
+        limits = {k: v for k, v in b.model_dump().items() if v is not None and k != "backend"}
         if not limits:  # no limit: the largest subnet's size binds nothing, the best predicted metric wins
             from ufo.train.store import load_model
 
             model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
             limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
-        res = _search_under(ctx, api, t, b, limits)
+        ctx.console.print(f"[bold]search[/]: {t} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
+                          + f" ({b.backend})")
+        res = api.search_task(ctx.dir("chip_supernet"), t, **limits, backend=b.backend, out_dir=out / t,
+                              trials=p.search.trials, top_k=p.search.top_k, seed=ctx.cfg.seed, console=ctx.console,
+                              metric_samples=p.predictors.metric_samples,
+                              latency_samples=p.predictors.latency_samples, predictor_dir=ctx.dir("predictors"),
+                              data_root=ctx.cfg.data_root)
         for w in res.warnings:
             ctx.console.print(f"  [yellow]warning[/]: {w}")
         results[t] = {**api.result_summary(res), "arch": res.arch.model_dump(), "objective": res.objective,
@@ -78,48 +80,6 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     files = [ctx.write_json(out / "search.json", results)]
     return files, {t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
                    for t, r in results.items()}
-
-
-def _search_under(ctx: RunContext, api: Any, task: str, budget: Any, limits: dict[str, float]) -> Any:
-    """`search_task` for `task` under `limits`. A relative budget (`max_latency_fraction`) is feasible
-    by construction, so when the search finds it infeasible the machine's speed moved between timing
-    the budget and timing the search (a load burst): the budget is timed again, up to
-    FRACTION_RETIMES times. An absolute budget is what the user asked for: infeasible stays an error."""
-    p = ctx.pipe
-    retimes = 0
-    while True:
-        ctx.console.print(f"[bold]search[/]: {task} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
-                          + f" ({budget.backend})")
-        try:
-            return api.search_task(ctx.dir("chip_supernet"), task, **limits, backend=budget.backend,
-                                   out_dir=ctx.dir("search") / task, trials=p.search.trials, top_k=p.search.top_k,
-                                   seed=ctx.cfg.seed, console=ctx.console, metric_samples=p.predictors.metric_samples,
-                                   latency_samples=p.predictors.latency_samples, predictor_dir=ctx.dir("predictors"),
-                                   data_root=ctx.cfg.data_root)
-        except InfeasibleBudget as e:
-            if budget.max_latency_fraction is None or retimes == FRACTION_RETIMES:
-                raise
-            retimes += 1
-            ctx.console.print(f"  [yellow]timing moved[/]: the fastest subnet timed now measures {e.fastest_ms:.3f} ms "
-                              f"(median) against a budget of {limits['max_latency_ms']:.3f} ms; "
-                              "timing the relative budget again")
-            limits["max_latency_ms"] = latency_from_fraction(ctx, task, budget.max_latency_fraction, budget.backend)
-
-
-def latency_from_fraction(ctx: RunContext, task: str, fraction: float, backend: str) -> float:
-    """`max_latency_fraction` on this machine, in ms: `ufo.search.latency.latency_at_fraction`
-    for the smallest and the largest subnet of `task` on `backend`."""
-    from ufo.search.latency import latency_at_fraction
-    from ufo.search.metric import TrainedRun
-    from ufo.search.pipeline import LATENCY_REPEATS
-
-    run = TrainedRun(ctx.dir("chip_supernet"), task, with_data=False)
-    ms, small, large = latency_at_fraction(run.space, run.arch(run.space.smallest(run.routes)),
-                                           run.arch(run.space.largest(run.routes)), task, fraction, backend,
-                                           ctx.cfg.seed, repeats=LATENCY_REPEATS)
-    ctx.console.print(f"  {task}: max_latency_fraction {fraction:g} -> {ms:.3f} ms on {backend} (smallest subnet "
-                      f"{small.median_ms:.3f} ms, largest {large.median_ms:.3f} ms)")
-    return ms
 
 
 def chosen_arch(ctx: RunContext, task: str) -> Arch:

@@ -338,5 +338,12 @@ def latency_at_fraction(space: SearchSpace, small: Arch, large: Arch, task: str,
     if not 0 <= fraction <= 1:
         raise SearchError(f"latency fraction must lie in [0, 1], got {fraction}")
     lo, hi = measure_many(space, [small, large], task, backend, seed, batch, threads, repeats, progress=False)
-    floor = 1.05 * lo.q3_ms
-    return floor + fraction * max(0.0, hi.median_ms - floor), lo, hi
+    return fraction_budget(lo, hi, fraction), lo, hi
+
+
+def fraction_budget(small: Latency, large: Latency, fraction: float) -> float:
+    """The latency `fraction` of the way from the smallest subnet's to the largest's, both timed
+    together: from a floor of the smallest's upper quartile + 5% (see `latency_at_fraction`) to the
+    largest's median."""
+    floor = 1.05 * small.q3_ms
+    return floor + fraction * max(0.0, large.median_ms - floor)

@@ -31,8 +31,8 @@ from ufo.errors import CheckpointError, InfeasibleBudget, SearchError
 from ufo.flags import predictor_flag
 from ufo.runlock import locks, run_lock
 from ufo.search.features import FEATURES, arch_features
-from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect, machine_info,
-                                measure_many, sample_archs)
+from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect,
+                                fraction_budget, machine_info, measure_many, sample_archs)
 from ufo.search.metric import MetricDataset, TrainedRun, collect_metrics, fit_metric_predictor
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.predictor import FORMAT as PREDICTOR_FORMAT
@@ -193,6 +193,7 @@ class Candidate(BaseModel):
     measured_metric: float | None = None
     measured_latency: Latency | None = None
     meets_budget: bool | None = None
+    budget_ms: float | None = None  # the latency budget it was judged against (a relative one is timed with it)
     source: str = "front"  # front | smallest
     front_index: int | None = None  # position on the predicted front (sorted by cost), for source "front"
     step: str = "spread"  # why it was measured: spread | bisect | refine | fallback (ufo.search.recheck)
@@ -208,7 +209,8 @@ class SearchResult(BaseModel):
     task: str
     metric: str
     backend: str
-    budget: dict[str, float]  # max_latency_ms / max_params / max_flops that were given
+    budget: dict[str, float]  # max_latency_ms / max_params / max_flops given; a max_latency_fraction with the ms it
+    # came to when the search started
     objective: str  # the cost minimised beside the metric: latency_ms, params or flops
     arch: Arch
     predicted_metric: float
@@ -229,20 +231,28 @@ class SearchResult(BaseModel):
     total_s: float
     predictors: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)  # quality flags (`ufo.flags`): a poorly ranking predictor
+    latency_speed: float | None = None  # predicted latencies were scaled by this: the machine's speed now vs then
 
 
 def _check_budgets(max_latency_ms: float | None, max_params: float | None, max_flops: float | None,
-                   backend: str) -> dict[str, float]:
+                   backend: str, max_latency_fraction: float | None = None) -> dict[str, float]:
     budget = {k: float(v) for k, v in (("max_latency_ms", max_latency_ms), ("max_params", max_params),
                                        ("max_flops", max_flops)) if v is not None}
-    if not budget:
-        raise SearchError("give a budget: max_latency_ms (with a backend), max_params or max_flops")
+    if not budget and max_latency_fraction is None:
+        raise SearchError("give a budget: max_latency_ms or max_latency_fraction (with a backend), max_params or "
+                          "max_flops")
     for k, v in budget.items():
         if not v > 0:
             raise SearchError(f"{k}={v:g}: a budget must be positive")
+    if max_latency_fraction is not None:
+        if "max_latency_ms" in budget:
+            raise SearchError("max_latency_ms and max_latency_fraction are exclusive: give one latency budget")
+        if not 0 <= max_latency_fraction <= 1:
+            raise SearchError(f"max_latency_fraction must lie in [0, 1], got {max_latency_fraction:g}")
+        budget["max_latency_fraction"] = float(max_latency_fraction)
     if backend not in BACKENDS:
         raise SearchError(f"unknown latency backend {backend!r}; available backends: {', '.join(BACKENDS)}")
-    if "max_latency_ms" in budget:
+    if "max_latency_ms" in budget or "max_latency_fraction" in budget:
         check_backend(backend)
     return budget
 
@@ -259,23 +269,30 @@ def _check_feasible(run: TrainedRun, budget: dict[str, float]) -> Arch:
 
 
 def _measure(run: TrainedRun, cands: list[Candidate], budget: dict[str, float], backend: str, threads: int,
-             batch: int, repeats: int, seed: int, progress: bool) -> None:
+             batch: int, repeats: int, seed: int, progress: bool, anchors: list[Arch]) -> None:
     """Evaluate (inherited weights) and, under a latency budget, time every candidate; set meets_budget.
 
     A latency budget is met when the median of the timed calls is within it: the one statistic
-    the budget, the table, the plot and `measured_latency_ms` all use."""
+    the budget, the table, the plot and `measured_latency_ms` all use. A relative budget
+    (`max_latency_fraction`) is timed again with every measurement: the smallest and the largest
+    subnet (`anchors`) run in the same interleaved rounds as the candidates, so a change in the
+    machine's speed between two measurements moves the budget with the candidates."""
     for c, m in zip(cands, run.evaluate_many([c.arch for c in cands], progress and len(cands) > 1,
                                              "evaluate candidates")):
         c.measured_metric = m[run.metric]
     if "max_latency_ms" in budget:
-        lats = measure_many(run.space, [c.arch for c in cands], run.task, backend, seed, batch, threads, repeats,
+        relative = "max_latency_fraction" in budget
+        timed = [*anchors, *(c.arch for c in cands)] if relative else [c.arch for c in cands]
+        lats = measure_many(run.space, timed, run.task, backend, seed, batch, threads, repeats,
                             progress=progress and len(cands) > 1)
-        for c, lat in zip(cands, lats):
-            c.measured_latency = lat
+        limit = fraction_budget(lats[0], lats[1], budget["max_latency_fraction"]) if relative else \
+            budget["max_latency_ms"]
+        for c, lat in zip(cands, lats[len(timed) - len(cands):]):
+            c.measured_latency, c.budget_ms = lat, limit
     for c in cands:
         ok = [c.params <= budget.get("max_params", np.inf), c.flops <= budget.get("max_flops", np.inf)]
-        if c.measured_latency is not None:
-            ok.append(c.measured_latency.median_ms <= budget["max_latency_ms"])
+        if c.measured_latency is not None and c.budget_ms is not None:
+            ok.append(c.measured_latency.median_ms <= c.budget_ms)
         c.meets_budget = all(ok)
 
 
@@ -310,7 +327,7 @@ def _recheck(run: TrainedRun, front: list[Point], small: Arch, score: Any, budge
 
 @locks("out_dir")
 def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None = None,
-                max_params: float | None = None, max_flops: float | None = None, backend: str = "torch-cpu",
+                max_latency_fraction: float | None = None, max_params: float | None = None, max_flops: float | None = None, backend: str = "torch-cpu",
                 out_dir: str | Path, trials: int = 2000, top_k: int = 8, seed: int = 0,
                 console: Console | None = None, metric_samples: int = 50, latency_samples: int = 100,
                 threads: int = DEFAULT_THREADS, batch: int = 1, repeats: int = LATENCY_REPEATS,
@@ -318,21 +335,31 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
                 progress: bool = True) -> SearchResult:
     """Best subnet of `task` in a trained run under a latency (on `backend`), parameter or FLOP
     budget; see the module docstring. Predictors are fitted on first use and cached in
-    `predictor_dir` (default RUN_DIR/predictors)."""
+    `predictor_dir` (default RUN_DIR/predictors).
+
+    `max_latency_fraction` is a latency budget relative to this machine: that fraction of the way
+    from the smallest subnet's latency (its upper quartile + 5%) to the largest's, timed together
+    with every measurement of candidates (`ufo.search.latency.fraction_budget`)."""
     t_start = time.perf_counter()
-    budget = _check_budgets(max_latency_ms, max_params, max_flops, backend)
+    budget = _check_budgets(max_latency_ms, max_params, max_flops, backend, max_latency_fraction)
     if trials < 1 or top_k < 1:
         raise SearchError(f"trials={trials}, top_k={top_k}: both must be at least 1")
     out = Path(out_dir)
     run = TrainedRun(run_dir, task, data_root)
     small = _check_feasible(run, budget)
-    use_lat = "max_latency_ms" in budget
-    if use_lat:  # impossible latency budget: the smallest subnet, measured, is already too slow
-        lat = measure_many(run.space, [small], task, backend, seed, batch, threads, repeats, progress=False)[0]
-        if lat.median_ms > budget["max_latency_ms"]:
+    anchors = [small, run.arch(run.space.largest(run.routes))]
+    use_lat = "max_latency_ms" in budget or "max_latency_fraction" in budget
+    if use_lat:  # the smallest and the largest subnet timed now: the machine's speed, and a relative budget
+        lo, hi = measure_many(run.space, anchors, task, backend, seed, batch, threads, repeats, progress=False)
+        if "max_latency_fraction" in budget:
+            budget["max_latency_ms"] = fraction_budget(lo, hi, budget["max_latency_fraction"])
+            _say(console, f"max_latency_fraction {budget['max_latency_fraction']:g} -> {budget['max_latency_ms']:.3f} "
+                          f"ms on {backend} now (smallest {lo.median_ms:.3f} ms, largest {hi.median_ms:.3f} ms); "
+                          "timed again with every measurement")
+        elif lo.median_ms > budget["max_latency_ms"]:
             raise InfeasibleBudget(f"max-latency-ms {budget['max_latency_ms']:g} is impossible on {backend}: no subnet "
-                                   f"of task {task!r} meets it; the smallest subnet measures {lat.median_ms:.3f} ms "
-                                   f"(median of {lat.n} calls, batch {batch}, {threads} threads)", lat.median_ms)
+                                   f"of task {task!r} meets it; the smallest subnet measures {lo.median_ms:.3f} ms "
+                                   f"(median of {lo.n} calls, batch {batch}, {threads} threads)", lo.median_ms)
     gps, report = _fit(run, backend=backend, metric_samples=metric_samples, latency_samples=latency_samples,
                        seed=seed, out_dir=Path(predictor_dir) if predictor_dir else run.run_dir / "predictors",
                        console=console, latency=use_lat, threads=threads, batch=batch, progress=progress, refit=False)
@@ -340,6 +367,11 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     warnings = [w for w in [predictor_flag(task, m["cv_kendall_tau"], m["n"])] if w]
     space = run.space
     objective = "latency_ms" if use_lat else "flops" if "max_flops" in budget else "params"
+    speed = None
+    if use_lat:  # the predictor learnt the machine's speed when its data was timed; scale it to today's
+        p_lo, p_hi = gps["latency"].predict(arch_features(space, anchors, task))
+        speed = float((lo.median_ms + hi.median_ms) / (p_lo + p_hi))
+    limits = {k: v for k, v in budget.items() if k != "max_latency_fraction"}
 
     def score(archs: list[Arch]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         X = arch_features(space, archs, task)
@@ -347,8 +379,8 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
         costs = {"params": np.array([space.num_params(a, task) for a in archs], dtype=np.float64),
                  "flops": np.array([space.flops(a, task) for a in archs], dtype=np.float64)}
         if use_lat:
-            costs["latency_ms"] = gps["latency"].predict(X)
-        cons = np.stack([costs[k.removeprefix("max_")] - v for k, v in budget.items()], axis=1)
+            costs["latency_ms"] = gps["latency"].predict(X) * speed
+        cons = np.stack([costs[k.removeprefix("max_")] - v for k, v in limits.items()], axis=1)
         return mu, sd, costs[objective], cons
 
     points, search_s = nsga2_search(space, task, run.routes[task], score, trials, population, seed)
@@ -357,7 +389,7 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
                   f"({search_s:.1f} s)")
     t_measure = time.perf_counter()
     cands = _recheck(run, front, small, score, budget, use_lat, top_k, console, backend=backend, threads=threads,
-                     batch=batch, repeats=repeats, seed=seed, progress=progress)
+                     batch=batch, repeats=repeats, seed=seed, progress=progress, anchors=anchors)
     measure_s = time.perf_counter() - t_measure
     ok = [c for c in cands if c.meets_budget]
     if not ok:
@@ -376,7 +408,7 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
         params=chosen.params, flops=chosen.flops, model_path=str(model_path), png_path=str(out / "pareto.png"),
         json_path=str(out / "search.json"), front=front, candidates=cands, trials=trials,
         distinct_archs=len(points), search_s=round(search_s, 3), measure_s=round(measure_s, 3),
-        total_s=round(time.perf_counter() - t_start, 3), predictors=report, warnings=warnings)
+        total_s=round(time.perf_counter() - t_start, 3), predictors=report, warnings=warnings, latency_speed=speed)
     from ufo.search.plot import plot_search
 
     plot_search(result, points, out / "pareto.png")
