@@ -3,8 +3,8 @@
 A trained run (a chip supernet, or any run) is loaded once; every subnet is activated with
 `set_arch` on the run's frozen routes and evaluated by its task's own protocol on the task's
 eval split, with the weights it inherits from the supernet and nothing re-trained. The ViT has
-LayerNorm only, so no BatchNorm recalibration is needed per subnet; the identity heads' BN-neck
-statistics are shared by all subnets, as in the chip stage. `MetricDataset` saves (arch, metric)
+LayerNorm only; the identity heads' BN-neck statistics are re-estimated for each subnet before
+it is scored (`ufo.train.evaluate.recalibrate_bn`). `MetricDataset` saves (arch, metric)
 pairs to JSON with the space, task and run they came from.
 """
 
