@@ -113,6 +113,17 @@ def make_imagenet(root: Path, flat_val: bool = False) -> Path:
     return root
 
 
+def make_csv(root: Path, rows: list[tuple[str, str, str]], camera: list[str] | None = None) -> Path:
+    """A CSV manifest `path,label,identity,split[,camera]`, one image per (label, identity, split)
+    row; an identity or camera may be empty (unknown)."""
+    lines = ["path,label,identity,split" + (",camera" if camera else "")]
+    for i, (label, ident, split) in enumerate(rows):
+        _img(root / "img" / f"{i:02d}.jpg", seed=i)
+        lines.append(f"img/{i:02d}.jpg,{label},{ident},{split}" + (f",{camera[i]}" if camera else ""))
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
 def _names(ds) -> list[str]:
     return [Path(o).name for o in ds.origin]
 
@@ -347,3 +358,67 @@ def test_classification_uses_imagenet_val_as_test(tmp_path):
     d = _task_data("imagenet", make_imagenet(tmp_path / "in", flat_val=True), "classification")
     assert len(d.train) == 6 and len(d.eval["test"]) == 3 and d.notes[0] == "official train/test split"
     assert d.eval["test"].labels.tolist() == [0, 1, 2] and d.train.class_names == list(WNIDS)
+
+
+# ------------------------------------------------------------------------------ a CSV manifest's split column
+# people a and b train, c and d test; one test image of an unknown person (empty identity)
+FACES = [("a", "1", "train")] * 2 + [("b", "2", "train")] * 2 + [("c", "3", "test")] * 5 + [("d", "4", "test")] * 5 \
+    + [("d", "", "test")]
+
+
+def test_verification_follows_a_csv_train_test_split(tmp_path):
+    d = _task_data("csv", make_csv(tmp_path, FACES), "verification")
+    test = d.eval["test"]
+    assert d.notes[0] == "official train/test split, pairs drawn from the test identities"
+    assert _names(d.train) == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"] and d.train.class_names == ["a", "b"]
+    assert _names(test) == [f"{i:02d}.jpg" for i in range(4, 14)]  # the unknown person is left out
+    assert test.identities.tolist() == [3] * 5 + [4] * 5
+    task = task_class("verification")("t", {}, num_classes=2, in_dim=8)
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities, 5).float()  # noqa: E731
+    assert task.evaluate(oracle, d)["roc_auc"] == pytest.approx(1.0)
+
+
+def test_verification_draws_its_own_split_when_told_to(tmp_path):
+    d = _task_data("csv", make_csv(tmp_path, FACES), "verification", use_official_split=False, test_fraction=0.5)
+    train_ids, test_ids = set(d.train.identities.tolist()), set(d.eval["test"].identities.tolist())
+    assert d.notes[0].startswith("identities disjoint") and not train_ids & test_ids
+    assert train_ids | test_ids == {1, 2, 3, 4}  # the unknown person is in neither part
+    assert len(d.train) + len(d.eval["test"]) == len(FACES) - 1
+
+
+def test_verification_reads_split_values_in_any_case(tmp_path):
+    rows = [(label, ident, split.upper() if i % 2 else split.title()) for i, (label, ident, split) in enumerate(FACES)]
+    d = _task_data("csv", make_csv(tmp_path, rows), "verification")
+    assert d.train.class_names == ["a", "b"] and len(d.eval["test"]) == 10
+
+
+def test_verification_tests_on_query_and_gallery_together(tmp_path):
+    rows = FACES[:4] + [("c", "3", "query"), ("c", "3", "gallery"), ("c", "3", "gallery"), ("d", "4", "query"),
+                        ("d", "4", "gallery")]
+    d = _task_data("csv", make_csv(tmp_path, rows), "verification")
+    assert len(d.train) == 4 and d.eval["test"].identities.tolist() == [3, 3, 3, 4, 4]
+
+
+def test_verification_refuses_a_split_with_no_training_samples(tmp_path):
+    rows = [(label, ident, "query" if i % 3 == 0 else "gallery") for i, (label, ident, _) in enumerate(FACES)]
+    path = make_csv(tmp_path, rows)
+    with pytest.raises(DataError, match=r"m: its split marks no sample train \(its values are \['gallery', 'query'\]\)"
+                                        r".*use_official_split: false"):
+        _task_data("csv", path, "verification")
+    d = _task_data("csv", path, "verification", use_official_split=False, test_fraction=0.5)
+    assert d.notes[0].startswith("identities disjoint")
+
+
+def test_reid_leaves_out_queries_of_unknown_identity_and_ignores_unknown_cameras(tmp_path):
+    rows = FACES[:4] + [("c", "3", "query"), ("c", "3", "gallery"), ("d", "4", "query"), ("d", "4", "gallery"),
+                        ("e", "", "query"), ("e", "", "gallery")]
+    cams = ["1"] * 4 + ["", "", "1", "2", "1", "2"]  # c's query and its match: both cameras unknown
+    cfg = parse_config(_cfg("csv", make_csv(tmp_path, rows, cams), "reid"))
+    with pytest.warns(UserWarning, match="left 1 queries with unknown"):
+        d = build_task_data("t", cfg.tasks["t"], cfg)
+    q, g = d.eval["query"], d.eval["gallery"]
+    assert q.identities.tolist() == [3, 4] and q.cameras.tolist() == [-1, 1] and g.identities.tolist() == [3, 4, -1]
+    task = task_class("reid")("t", {}, num_classes=2, in_dim=8)
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities.clamp(min=0), 5).float() + 1e-3  # noqa: E731
+    m = task.evaluate(oracle, d)
+    assert m["num_queries"] == 2 and m["mAP"] == pytest.approx(1.0)

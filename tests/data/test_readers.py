@@ -212,6 +212,23 @@ def test_csv_manifest(signs_csv: Path):
     assert ds.cameras is None
 
 
+def test_csv_manifest_empty_identity_or_camera_is_unknown(tmp_path: Path, digits):
+    imgs, y = digits
+    rows = ["path;label;identity;camera;split"]
+    for i, (ident, cam) in enumerate([("7", "1"), ("", "2"), ("7", ""), ("", ""), ("9", "1")]):
+        Image.fromarray(imgs[i]).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png;digit{y[i]};{ident};{cam};{'Train' if i < 3 else 'TEST'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    ds = read_csv_manifest(tmp_path / "m.csv")
+    assert ds.identities.tolist() == [7, -1, 7, -1, 9] and ds.cameras.tolist() == [1, 2, -1, -1, 1]
+    assert ds.split == ["train"] * 3 + ["test"] * 2  # split values in lower case, as the tasks name them
+    for col, field in ((0, "path"), (1, "label")):  # the required columns stay required
+        bad = rows[:2] + [";".join("" if k == col else v for k, v in enumerate(rows[2].split(";")))]
+        (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
+        with pytest.raises(DataError, match=rf"bad\.csv: row 2 \(line 3\): empty '{field}'"):
+            read_csv_manifest(tmp_path / "bad.csv")
+
+
 def test_csv_manifest_missing_column(tmp_path: Path):
     p = tmp_path / "m.csv"
     p.write_text("file,label\na.png,0\n")

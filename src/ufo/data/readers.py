@@ -178,7 +178,9 @@ def read_csv_manifest(
     """A CSV manifest with columns `path,label` and optional `identity,camera,split` (the
     delimiter may be `,`, `;` or tab). Image paths are relative to the CSV's folder. String labels
     become classes in sorted order; integer labels are ordered numerically and renumbered 0..k-1.
-    String identities/cameras are numbered in sorted order, integer ones kept. Each image's origin
+    String identities/cameras are numbered in sorted order, integer ones kept; an empty one is
+    unknown (-1), which the identity tasks leave out of their test sets. Split values are read in
+    lower case (Train = train), as the tasks name them. Each image's origin
     names its row ("CSV manifest m.csv: row 12 (line 13): path"); a missing file is an error naming
     the row, or with on_error="skip" a counted warning."""
     path = _need(Path(path), "CSV manifest")
@@ -206,7 +208,7 @@ def read_csv_manifest(
             if len(rec) < len(header):
                 raise DataError(f"{where} has {len(rec)} fields but the header has {len(header)}")
             row = {h: rec[i].strip() for h, i in col_of.items()}
-            for req in ("path", "label") + tuple(c for c in ("identity", "camera") if c in col_of):
+            for req in ("path", "label"):
                 if not row[req]:
                     raise DataError(f"{where}: empty {req!r}")
             if not os.path.isfile(os.path.join(path.parent, row["path"])):
@@ -225,18 +227,24 @@ def read_csv_manifest(
         if not rows:
             raise DataError(f"no readable images in {path}")
         labels, names = encode_values([r["label"] for r in rows])
-        opt = {
-            c: encode_values([r[c] for r in rows], keep_ints=True)[0] if c in col_of else None
-            for c in ("identity", "camera")
-        }
+        opt = {c: _codes_or_unknown([r[c] for r in rows]) if c in col_of else None for c in ("identity", "camera")}
         ds = ImageSet(
             FileStore(path.parent, [r["path"] for r in rows], wheres), labels=labels, class_names=names,
             identities=opt["identity"], cameras=opt["camera"],
-            split=[r["split"] for r in rows] if "split" in col_of else None, name=path.stem,
+            split=[r["split"].lower() for r in rows] if "split" in col_of else None, name=path.stem,
         )  # fmt: skip
         return decode_set(ds, lazy, image_size, channels, on_error)
 
     return cached("read_csv_manifest", [path], _params(image_size, channels, on_error, lazy=lazy), load)
+
+
+def _codes_or_unknown(values: list[str]) -> torch.Tensor:
+    """`encode_values(keep_ints=True)` of the non-empty values; an empty one is unknown (-1)."""
+    known = [i for i, v in enumerate(values) if v]
+    codes = torch.full((len(values),), -1, dtype=torch.int64)
+    if known:
+        codes[known] = encode_values([values[i] for i in known], keep_ints=True)[0]
+    return codes
 
 
 def _layout(arr: np.ndarray, where: str) -> np.ndarray:

@@ -263,8 +263,9 @@ def reid_metrics(
     """Query/gallery mAP and CMC@k, gallery ranked by cosine similarity (ties keep gallery order).
 
     With cameras, gallery entries of the query's identity seen by the query's camera are dropped
-    (Market-1501 protocol). Queries left with no match are skipped. Keys: "mAP", "cmc@{k}" for k in
-    `ranks`, "num_queries" (scored) and "skipped_queries". Written by hand (vectorised): the
+    (Market-1501 protocol); a negative camera is unknown and never the query's. Queries left with
+    no match are skipped. Keys: "mAP", "cmc@{k}" for k in `ranks`, "num_queries" (scored) and
+    "skipped_queries". Written by hand (vectorised): the
     per-query camera filter and CMC share one sort, and torchmetrics' retrieval AP (1.9) treats a
     relevant item scored <= 0 as irrelevant, which cosine scores hit. Tests check it against
     torchmetrics on shifted scores.
@@ -282,7 +283,9 @@ def reid_metrics(
         qc, gc = _vector(q_cams, "q_cams"), _vector(g_cams, "g_cams")
         _same_length(qe.shape[0], qc, "q_cams", "q_emb")
         _same_length(ge.shape[0], gc, "g_cams", "g_emb")
+        unknown_q, unknown_g = _unknown(qc), _unknown(gc)
         qc, gc = _encode(qc, gc)
+        qc[unknown_q], gc[unknown_g] = -1, -2  # unequal to each other and to every known camera
     else:
         qc, gc = np.zeros(len(qi), np.int64), np.ones(len(gi), np.int64)  # never equal: no filter
     ranks = _positive_ints(ranks, "ranks")
@@ -322,6 +325,11 @@ def reid_metrics(
     out["num_queries"] = float(len(ap))
     out["skipped_queries"] = float(len(qi) - len(ap))
     return out
+
+
+def _unknown(values: np.ndarray) -> np.ndarray:
+    """Which entries are unknown: negative numbers (a CSV manifest's empty camera is -1)."""
+    return values < 0 if np.issubdtype(values.dtype, np.number) else np.zeros(len(values), dtype=bool)
 
 
 def _positive_ints(ks: Sequence[int], name: str) -> tuple[int, ...]:

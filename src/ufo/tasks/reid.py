@@ -8,6 +8,7 @@ as given when `use_official_split` is on. Reports mAP and CMC rank-1/5.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -55,8 +56,13 @@ class Reid(EmbeddingTask):
         and a split naming train, query and gallery, those three parts as given."""
         if use_official and ds.split is not None and {"train", "query", "gallery"} <= set(ds.split):
             parts = split_official(ds, ["train", "query", "gallery"])
-            train = parts["train"].relabel()
-            return TaskData(train=train, eval={"query": parts["query"], "gallery": parts["gallery"]},
+            train, query = parts["train"].relabel(), parts["query"]
+            ids = query.identities
+            if ids is not None and bool((ids < 0).any()):  # a query of unknown identity has no true match
+                warnings.warn(f"{ds.name}: left {int((ids < 0).sum())} queries with unknown (negative) identity out "
+                              "of the official query split", stacklevel=3)
+                query = query.subset(ids >= 0)
+            return TaskData(train=train, eval={"query": query, "gallery": parts["gallery"]},
                             groups=train.labels, notes=["official train / query / gallery split"])
         train, test = split_by_identity(ds, test_fraction, seed)
         query, gallery = split_query_gallery(test, seed)

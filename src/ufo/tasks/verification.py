@@ -55,10 +55,15 @@ class Verification(EmbeddingTask):
 
     @classmethod
     def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:
-        """Identities disjoint, a random share held out; or, with `use_official` and a split naming
-        train, the samples marked train against all the others, scored on the set's official pairs
-        when it has them (re-indexed into the test part)."""
-        if use_official and ds.split is not None and "train" in set(ds.split):
+        """Identities disjoint, a random share held out; or, with `use_official` and a split, the
+        samples marked train against all the others (test, query, gallery, ...), scored on the set's
+        official pairs when it has them (re-indexed into the test part). A split that marks nothing
+        train is an error rather than ignored: the data says how to split, and cannot be followed."""
+        if use_official and ds.split is not None:
+            if "train" not in set(ds.split):
+                raise DataError(f"{ds.name}: its split marks no sample train (its values are {sorted(set(ds.split))}); "
+                                "verification trains on the samples marked train and tests on the others: mark "
+                                "the training samples train, or set use_official_split: false to draw a split")
             return cls._official_split(ds)
         train, test = split_by_identity(ds.replace(pairs=None), test_fraction, seed)
         train = train.relabel()
