@@ -88,27 +88,41 @@ def extract(
     task: list[str] = typer.Option(..., "--task", "-t", help="task to keep; repeat for a multi-task model"),
     arch: Optional[str] = typer.Option(None, help="ARCH.json, largest, smallest or random:SEED (default: the run's "
                                                   "training arch; largest for a bare supernet)"),
-    out: Path = typer.Option(..., help="output .safetensors file"),
+    out: Path = typer.Option(..., help="output .safetensors file, or a folder (a path without a suffix, or with "
+                                       "--format hf): config.json + model.safetensors"),
+    format: Optional[str] = typer.Option(None, "--format", help="file (one .safetensors) or hf (a Hugging Face-style "
+                                                                "folder); default: hf when --out has no suffix or is "
+                                                                "a folder"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder, for class names and "
                                                                      "verification thresholds"),
 ) -> None:
     """Extract a standalone model for one or more tasks. From a trained run: a task model (backbone
-    plus sliced heads, preprocessing, classes, thresholds); from a bare supernet: the backbone only."""
+    plus sliced heads, preprocessing, classes, thresholds), as one file or a Hugging Face-style
+    folder; from a bare supernet: the backbone only."""
     from ufo.checkpoint import load_supernet, read_manifest, save_extracted
     from ufo.nn import extract as do_extract
 
+    if format not in (None, "file", "hf"):
+        raise UFOError(f"--format {format!r}: expected file or hf")
+    folder = format == "hf" or (format is None and (out.is_dir() or not out.suffix))
     if read_manifest(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).get("kind") != "supernet":
         from ufo.deploy.package import save_task_model, task_model_from_run
 
         tm = task_model_from_run(checkpoint, task, arch, data_root=None if data_dir is None else str(data_dir))
-        save_task_model(out, tm)
+        if folder:
+            tm.save_pretrained(out)
+        else:
+            save_task_model(out, tm)
         a = tm.info.arch
-        console.print(f"wrote {out}: task model for {task}, {tm.num_params():,} parameters, depth {a.depth}, "
-                      f"embed {a.embed_dim}")
+        console.print(f"wrote {out}{'/' if folder else ''}: task model for {task}, {tm.num_params():,} parameters, "
+                      f"depth {a.depth}, embed {a.embed_dim}")
         for t, h in tm.info.heads.items():
             extra = f", threshold {h.threshold:.4f}" if h.threshold is not None else ""
             console.print(f"  {t}: {h.kind} -> {h.output} ({h.num_classes} classes{extra})")
         return
+    if format == "hf":
+        raise UFOError("--format hf writes a task model, which needs a trained run; a bare supernet extracts to "
+                       "a backbone-only .safetensors file")
     model = load_supernet(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).eval()
     a = resolve_arch_arg(arch or "largest", model.space, model.routes())
     sub = do_extract(model, a, task)

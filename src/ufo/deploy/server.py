@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ufo.arch import Arch
 from ufo.data.decode import decode  # the library's own decoder, so served inputs equal evaluated ones
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
+from ufo.deploy.predict import read_output
 
 Backend = Literal["torch", "onnx"]
 
@@ -600,15 +601,11 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
         """Top-k classes (classification) or the L2-normalised embedding (identity tasks) of one image,
         sent as multipart field `file` or as the raw request body."""
         st = task_of(task)
-        out = await infer(st, await body_image(request, file))
-        if st.head.output == "embedding":
-            return PredictResponse(task=task, output="embedding", embedding=out.tolist())
-        p = torch.softmax(torch.as_tensor(out).double(), -1)
-        vals, idx = p.topk(min(k, p.numel()))
-        names = st.head.class_names
+        pred = read_output(task, await infer(st, await body_image(request, file)), st.head, k)
+        if pred.output == "embedding":
+            return PredictResponse(task=task, output="embedding", embedding=pred.embedding.tolist())
         return PredictResponse(task=task, output="logits", top_k=[
-            ClassScore(index=int(i), label=names[int(i)] if names else None, probability=float(v))
-            for v, i in zip(vals, idx)])
+            ClassScore(index=i, label=label, probability=p) for i, (label, p) in zip(pred.indices, pred.top_k)])
 
     @app.post("/v1/tasks/{task}:compare", response_model=CompareResponse,
               responses=_responses(400, 404, 408, 409, 413, 415, 422, 500, 503),
