@@ -15,13 +15,10 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from ufo.arch import Arch
 from ufo.checkpoint import atomic_write
@@ -30,7 +27,11 @@ from ufo.data.dataset import ImageSet
 from ufo.data.loader import iter_batches
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
 from ufo.flags import int8_flag
+from ufo.optional import require, require_extra
 from ufo.tasks import TaskData, task_class
+
+if TYPE_CHECKING:  # onnx and onnxruntime are the `export` extra: imported where used
+    import onnxruntime as ort
 
 OPSET = 18
 PARITY_TOL = 1e-4
@@ -61,6 +62,8 @@ def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -
     """Write `task`'s path of `tm` as an ONNX model with a dynamic batch axis; returns `out`."""
     if opset < 17:
         raise DeployError(f"--opset {opset}: UFO exports need opset 17 or newer (LayerNormalization)")
+    require_extra("export")  # torch's exporter needs onnxscript, and says so less clearly
+    onnx = require("onnx")
     path = tm.for_task(task).eval()
     p = tm.info.preprocessing
     x = torch.zeros(2, p.in_chans, *p.input_size(task))  # batch 2: a batch of 1 would be specialised
@@ -81,6 +84,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     """The `metadata_props` of an ONNX file, without loading its weights into a session."""
     if not Path(path).is_file():
         raise DeployError(f"ONNX file not found: {path}")
+    onnx = require("onnx")
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError for truncated or foreign bytes
@@ -92,12 +96,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # ----- running -----
 
 def make_session(path: str | Path, threads: int | None = None, spinning: bool = True,
-                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (`threads`: intra-op threads, None for ORT's default). Without
-    `spinning`, idle pool threads sleep instead of spinning: needed when ORT shares the cores with
-    torch or other processes, whose threads the spinning would starve."""
+                 level: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (`threads`: intra-op threads, None for ORT's default; `level`:
+    graph optimisation, default all). Without `spinning`, idle pool threads sleep instead of
+    spinning: needed when ORT shares the cores with torch or other processes, whose threads the
+    spinning would starve."""
+    ort = require("onnxruntime")
     so = ort.SessionOptions()
-    so.graph_optimization_level = level
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level is None else level
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -206,8 +212,10 @@ def check_parity(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.T
 
 # ----- INT8 -----
 
-class ImageCalibrationReader(CalibrationDataReader):
-    """Feeds normalised training images to static quantization's calibration, a batch at a time."""
+class ImageCalibrationReader:
+    """Feeds normalised training images to static quantization's calibration, a batch at a time
+    (ORT's `CalibrationDataReader` interface: ORT only calls `get_next`, so the class need not
+    derive from it and onnxruntime is imported only when quantizing)."""
 
     def __init__(self, x: torch.Tensor, batch: int = 32) -> None:
         self.batches = [x[i : i + batch].numpy() for i in range(0, len(x), batch)]
@@ -251,19 +259,21 @@ def quantize(fp32: str | Path, out: str | Path, mode: Int8Mode, calib: torch.Ten
     u8 x s8 products are summed in saturating int16 and 8-bit weights overflow. On the demo this
     turned a 1.8-point top-1 drop into none."""
     fp32, out = Path(fp32), Path(out)
+    onnx = require("onnx")
+    q8 = require("onnxruntime.quantization")
     rr = (not cpu_has_vnni()) if reduce_range is None else reduce_range
     with tempfile.TemporaryDirectory(prefix="ufo-int8-") as tmp, _quiet_root_logger():
         pre = Path(tmp) / "pre.onnx"
         _preprocess(fp32, pre)
         q = Path(tmp) / "q.onnx"
         if mode == "dynamic":
-            quantize_dynamic(pre, q, per_channel=per_channel, reduce_range=rr, weight_type=QuantType.QInt8)
+            q8.quantize_dynamic(pre, q, per_channel=per_channel, reduce_range=rr, weight_type=q8.QuantType.QInt8)
         elif mode == "static":
             if calib is None or len(calib) == 0:
                 raise DeployError("static INT8 needs calibration images: the task's training data was not found")
-            quantize_static(pre, q, ImageCalibrationReader(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=rr, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8)
+            q8.quantize_static(pre, q, ImageCalibrationReader(calib), quant_format=q8.QuantFormat.QDQ,
+                               per_channel=per_channel, reduce_range=rr, activation_type=q8.QuantType.QUInt8,
+                               weight_type=q8.QuantType.QInt8)
         else:
             raise DeployError(f"--int8 {mode!r}: expected dynamic or static")
         model = onnx.load(str(q))
@@ -287,8 +297,8 @@ def _quiet_root_logger():
 
 def _preprocess(src: Path, dst: Path) -> None:
     """ORT's recommended pre-quantization step (shape inference and graph optimisation)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+    quant_pre_process = require("onnxruntime.quantization.shape_inference").quant_pre_process
+    onnx = require("onnx")
     for skip_symbolic in (False, True):  # ORT's symbolic shape inference fails on F.normalize's Expand
         try:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)

@@ -35,18 +35,22 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Path as PathParam, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ufo.arch import Arch
 from ufo.data.decode import decode  # the library's own decoder, so served inputs equal evaluated ones
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
 from ufo.deploy.predict import read_output
+from ufo.optional import require_extra
+
+require_extra("serve")  # the packages below are the `serve` extra: one line naming it when one is missing
+
+from fastapi import FastAPI, File, Path as PathParam, Query, Request, UploadFile  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 Backend = Literal["torch", "onnx"]
 

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, PipelineConfig
+from ufo.optional import require_extra
 from ufo.run import deploy_stages, train_stages
 from ufo.run.context import RunContext, stage_section
 from ufo.runlock import locks
@@ -79,6 +80,7 @@ STAGES: tuple[Stage, ...] = (
           lambda c: {"name": c.name}, "report: HTML and Markdown"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+STAGE_EXTRAS = {"predictors": "search", "search": "search", "export": "export"}  # the optional packages they need
 
 
 def check_stage(name: str | None) -> None:
@@ -104,6 +106,9 @@ def run_pipeline(cfg: Config, out: str | Path, from_stage: str | None = None, co
             if (run_dir / s.name).exists():
                 shutil.rmtree(run_dir / s.name)
     stages = STAGES[: STAGE_NAMES.index(until) + 1] if until else STAGES
+    for s in stages:  # a missing extra fails now, not after hours of training
+        if s.name in STAGE_EXTRAS and read_record(run_dir / s.name) is None:
+            require_extra(STAGE_EXTRAS[s.name])
     ctx = RunContext(cfg, run_dir, console)
     records: dict[str, Any] = {}
     t_start = time.perf_counter()
