@@ -108,10 +108,21 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], manifest
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def check_not_run_folder(path: str | Path) -> None:
+    """A CheckpointError saying where the models are when `path` (a folder, or its missing
+    model.safetensors) is a `ufo run` folder, given where a model or a `ufo train` run is expected."""
+    from ufo.run.pipeline import run_folder_hint  # lazily: ufo.run imports this module
+
+    hint = run_folder_hint(path)
+    if hint:
+        raise CheckpointError(f"checkpoint not found: {path}; {hint}")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a checkpoint, without loading its weights."""
     path = Path(path)
     if not path.is_file():
+        check_not_run_folder(path)
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:

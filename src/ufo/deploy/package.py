@@ -32,7 +32,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from torch import nn
 
 from ufo.arch import Arch, ImageSize, SearchSpace, as_hw, check_task_name
-from ufo.checkpoint import load_checkpoint, load_state_checked, read_manifest, save_checkpoint
+from ufo.checkpoint import check_not_run_folder, load_checkpoint, load_state_checked, read_manifest, save_checkpoint
 from ufo.config import Config, parse_config
 from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, DataError, UFOError
@@ -312,8 +312,10 @@ class TaskPath(nn.Module):
 # ----- building from a trained run -----
 
 def model_file(path: str | Path) -> Path:
-    """A run folder's `model.safetensors`, or the file itself."""
+    """A run folder's `model.safetensors`, or the file itself; for a `ufo run` folder, an error
+    that says where its models are."""
     path = Path(path)
+    check_not_run_folder(path)
     return path / "model.safetensors" if path.is_dir() else path
 
 

@@ -83,6 +83,21 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_EXTRAS = {"predictors": "search", "search": "search", "export": "export"}  # the optional packages they need
 
 
+def run_folder_hint(path: str | Path) -> str | None:
+    """Where the models are, when `path` (a folder, or its missing model.safetensors) is a `ufo run`
+    folder given where a model or a `ufo train` run folder is expected; None otherwise."""
+    path = Path(path)
+    run = path.parent if path.name == "model.safetensors" else path
+    training = ("chip_supernet", "task_supernet", "all_in_one")  # latest first; a `ufo train` folder has none
+    if not run.is_dir() or (run / "model.safetensors").exists() or not any((run / s).is_dir() for s in training):
+        return None
+    tasks = sorted(f.name.removesuffix(".safetensors") for f in (run / "extract").glob("*.safetensors"))
+    trained = [s for s in training if (run / s / "model.safetensors").is_file()]
+    return (f"{run} is a `ufo run` folder, not a model: its task models are {run / 'extract'}/<task>.safetensors"
+            f" ({', '.join(tasks) if tasks else 'none extracted yet'}); "
+            + (f"its trained supernet is {run / trained[0]}" if trained else "no stage has trained a model yet"))
+
+
 def check_stage(name: str | None) -> None:
     if name is not None and name not in STAGE_NAMES:
         raise PipelineError(f"--from {name!r}: unknown stage; the stages are {', '.join(STAGE_NAMES)}")
