@@ -71,5 +71,5 @@ def test_full_suite_needs_its_data(tmp_path):
                                    str(tmp_path / "r")], env={"COLUMNS": "300"})
     assert res.exit_code == 2 and "--suite full needs the datasets folder" in res.output
     res = CliRunner().invoke(app, ["demo", "--suite", "tiny", "--out", str(tmp_path / "r")], env={"COLUMNS": "300"})
-    assert res.exit_code == 2 and "expected one of builtin, full" in res.output
+    assert res.exit_code == 2 and "'tiny' is not one of 'builtin', 'full'" in res.output
     assert not (tmp_path / "r").exists()

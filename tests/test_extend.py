@@ -184,8 +184,8 @@ def test_cli_extend_and_its_errors(run, tmp_path):
     assert res.exit_code == 0, res.output
     assert "bitwise unchanged" in res.output and (out / "model.safetensors").exists()
     bad = CliRunner().invoke(app, ["extend", str(run), "--task-config", str(yml), "--out", str(tmp_path / "b"),
-                                   "--train", "experts"])
-    assert bad.exit_code == 2 and "--train 'experts'" in bad.output
+                                   "--train", "experts"], env={"COLUMNS": "300"})
+    assert bad.exit_code == 2 and "'experts' is not one of 'head', 'head+expert'" in bad.output
     clash = tmp_path / "clash.yaml"
     clash.write_text(yaml.safe_dump({"digits": NEW_CLS["mnist_cls"]}))
     bad = CliRunner().invoke(app, ["extend", str(run), "--task-config", str(clash), "--out", str(tmp_path / "c")])

@@ -101,7 +101,7 @@ def test_cli_latency_then_predictor_fit(tmp_path):
     space_file = tmp_path / "space.json"
     space_file.write_text(SPACE.model_dump_json())
     data, pred = tmp_path / "lat.json", tmp_path / "p.safetensors"
-    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--n", "10",
+    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--samples", "10",
                                  "--repeats", "3", "--warmup", "1"])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["predictor", "fit", str(data), "--out", str(pred), "--folds", "2"])
@@ -109,5 +109,6 @@ def test_cli_latency_then_predictor_fit(tmp_path):
     assert "Kendall tau" in r.output
     gp = GPPredictor.load(pred, SPACE)
     assert gp.meta_["task"] == "cls" and gp.meta_["backend"] == "torch-cpu"
-    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--backend", "tpu"])
-    assert r.exit_code == 2 and "available backends" in r.output
+    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--backend", "tpu"],
+                           env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and "'tpu' is not one of 'torch-cpu', 'ort-cpu', 'cuda'" in r.output

@@ -16,43 +16,70 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ufo.choices import ExportFormat, Int8, LatencyBackend, OnError, ServeBackend, value
 from ufo.errors import UFOError
+from ufo.optional import missing_extra
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="UFO: one multi-task ViT supernet, "
+app = typer.Typer(add_completion=True, no_args_is_help=True, help="UFO: one multi-task ViT supernet, "
                   "exact subnets for every task and device.")
 console = Console()
 err_console = Console(stderr=True)
 
 
+def _fail(msg: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn UFOError, and OSError (disk full, permission denied, ...), into a one-line message
-    and exit code 2."""
+    """Turn UFOError, a missing optional package (naming its extra) and OSError (disk full,
+    permission denied, ...) into a one-line message and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UFOError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail(str(e)) from None
+        except ModuleNotFoundError as e:  # an optional package imported without ufo.optional.require
+            extra = missing_extra(e)
+            if extra is None:
+                raise
+            raise _fail(str(extra)) from None
         except OSError as e:  # the system's reason, with the file when the error names one
             where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-            msg = f"{where}: {e.strerror or e}" if where else str(e) or type(e).__name__
-            err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail(f"{where}: {e.strerror or e}" if where else str(e) or type(e).__name__) from None
 
     return wrapper
 
 
-@app.command()
-def version() -> None:
-    """Print the versions of ufo, torch and timm."""
+def _version_line() -> str:
     import timm
     import torch
 
     import ufo
 
-    console.print(f"ufo {ufo.__version__}  torch {torch.__version__}  timm {timm.__version__}")
+    return f"ufo {ufo.__version__}  torch {torch.__version__}  timm {timm.__version__}"
+
+
+def _print_version(show: bool) -> None:
+    if show:
+        console.print(_version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the versions of ufo, torch and timm and exit"),
+) -> None:
+    """Options of `ufo` itself, before the command."""
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of ufo, torch and timm."""
+    console.print(_version_line())
 
 
 @app.command()
@@ -135,12 +162,12 @@ def extract(
 @friendly
 def export(
     model: Path = typer.Argument(..., help="a task_model file (ufo extract), or a run folder with --task/--arch"),
-    format: str = typer.Option("onnx", "--format", help="export format (onnx)"),
+    format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="export format"),
     out: Path = typer.Option(..., help="output .onnx file"),
     task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="the task to export (one per file)"),
     arch: Optional[str] = typer.Option(None, help="for a run folder: ARCH.json, largest, smallest or random:SEED"),
-    int8: Optional[str] = typer.Option(None, "--int8", help="also quantize: dynamic or static (calibrated on "
-                                                             "training images); the fp32 model goes to OUT.fp32.onnx"),
+    int8: Optional[Int8] = typer.Option(None, "--int8", help="also quantize: dynamic, or static (calibrated on "
+                                                              "training images); the fp32 model goes to OUT.fp32.onnx"),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)"),
     tol: float = typer.Option(1e-4, help="parity tolerance: max |ONNX Runtime - torch| on real inputs"),
     calib_size: int = typer.Option(256, help="training images for static INT8 calibration"),
@@ -150,11 +177,7 @@ def export(
     optionally quantize it to INT8 and report the task metric before and after."""
     from ufo.deploy.onnx_export import export_from
 
-    if format != "onnx":
-        raise UFOError(f"--format {format!r}: only onnx is supported")
-    if int8 not in (None, "dynamic", "static"):
-        raise UFOError(f"--int8 {int8!r}: expected dynamic or static")
-    r = export_from(model, out, task, arch, int8, opset=opset, tol=tol, calib_size=calib_size,
+    r = export_from(model, out, task, arch, value(int8), opset=opset, tol=tol, calib_size=calib_size,
                     data_root=None if data_dir is None else str(data_dir))
     console.print(f"wrote {r['fp32']}: task {r['task']} ({r['output_kind']}), opset {r['opset']}, dynamic batch; "
                   f"parity on {r['parity_n']} {r['parity_inputs']}: max abs diff {r['parity_max_abs_diff']:.2e} "
@@ -182,7 +205,8 @@ def serve(
     models: list[Path] = typer.Argument(..., help="run folders, task_model files or .onnx files (tasks must differ)"),
     host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
-    backend: str = typer.Option("torch", help="torch or onnx (run folders and task models are exported on start)"),
+    backend: ServeBackend = typer.Option(ServeBackend.torch, help="onnx: run folders and task models are exported "
+                                                                   "on start"),
     max_batch: int = typer.Option(32, help="largest micro-batch per task"),
     max_wait_ms: float = typer.Option(5.0, help="longest wait for a micro-batch to fill"),
     max_upload_mb: float = typer.Option(8.0, help="largest request body"),
@@ -197,15 +221,13 @@ def serve(
     """Serve task models over HTTP (FastAPI): predict, compare, task list, health and Prometheus metrics."""
     from ufo.deploy.server import Settings, serve as run_server
 
-    if backend not in ("torch", "onnx"):
-        raise UFOError(f"--backend {backend!r}: expected torch or onnx")
     limits = {k: v for k, v in (("max_pixels", max_pixels), ("max_pixels_in_flight", max_pixels_in_flight))
               if v is not None}
     if max_pixels is not None and max_pixels_in_flight is None:
         limits["max_pixels_in_flight"] = 2 * max_pixels
     settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
                         body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s, **limits)
-    run_server(models, host, port, backend, settings, threads, announce=console.print)
+    run_server(models, host, port, backend.value, settings, threads, announce=console.print)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the data a config declares.")
@@ -257,9 +279,9 @@ def data_pack(
     out: Path = typer.Argument(..., help="output folder for shard-NNNNNN.tar and index.json"),
     reader: Optional[str] = typer.Option(None, help="reader name, as `data.reader` in a config (default: image_folder "
                                                     "for a folder, else by extension: csv, zip, npz, mat, tar)"),
-    maxcount: int = typer.Option(10_000, help="samples per shard"),
-    maxsize_mb: float = typer.Option(1000.0, "--maxsize-mb", help="image bytes per shard, in MB"),
-    on_error: str = typer.Option("raise", "--on-error", help="raise, or skip unreadable images (counted)"),
+    max_count: int = typer.Option(10_000, "--max-count", "--maxcount", help="samples per shard"),
+    max_size_mb: float = typer.Option(1000.0, "--max-size-mb", "--maxsize-mb", help="image bytes per shard, in MB"),
+    on_error: OnError = typer.Option(OnError.raise_, "--on-error", help="raise, or skip unreadable images (counted)"),
     overwrite: bool = typer.Option(False, help="replace the shards of an earlier pack in OUT"),
 ) -> None:
     """Pack a data set into webdataset tar shards (the `webdataset` reader reads them back by random
@@ -273,8 +295,7 @@ def data_pack(
     if name not in READERS:
         raise UFOError(f"--reader {name!r}: expected one of {', '.join(READERS)}" if name else
                        f"cannot tell the reader of {src}; pass --reader ({', '.join(READERS)})")
-    if on_error not in ("raise", "skip"):
-        raise UFOError(f"--on-error {on_error!r}: expected raise or skip")
+    on_error = on_error.value
     if not src.exists():
         raise UFOError(f"{src} does not exist")
     fn = get_reader(name)
@@ -282,7 +303,7 @@ def data_pack(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         job = bar.add_task(f"packing {ds.name}", total=len(ds))
-        index = write_shards(ds, out, maxcount=maxcount, maxsize=maxsize_mb * 1e6, on_error=on_error,
+        index = write_shards(ds, out, maxcount=max_count, maxsize=max_size_mb * 1e6, on_error=on_error,
                              overwrite=overwrite, progress=lambda n: bar.advance(job, n))
     console.print(f"wrote {len(index['shards'])} shard(s) with {index['num_samples']:,} images "
                   f"({len(index['class_names'])} classes) and index.json to {out}; read them with "
@@ -394,22 +415,23 @@ def latency(
                                             "config YAML, or a space / latency-dataset JSON"),
     task: str = typer.Option(..., "--task", "-t", help="the task whose path is timed"),
     out: Path = typer.Option(..., help="output latency dataset (.json)"),
-    n: int = typer.Option(60, help="archs to measure (the largest and smallest included)"),
-    backend: str = typer.Option("torch-cpu", help="torch-cpu, ort-cpu or cuda"),
-    batch: int = typer.Option(1, help="images per forward pass"),
+    samples: int = typer.Option(60, "--samples", "--n", help="archs to measure (the largest and smallest included)"),
+    backend: LatencyBackend = typer.Option(LatencyBackend.torch_cpu, help="where to time"),
+    batch_size: int = typer.Option(1, "--batch-size", "--batch", help="images per forward pass"),
     threads: int = typer.Option(1, help="torch intra-op / ORT intra_op_num_threads"),
     repeats: int = typer.Option(30, help="timed rounds per arch"),
     warmup: int = typer.Option(5, help="untimed calls per arch first"),
     seed: int = typer.Option(0, help="seed of the arch sample and the round order"),
 ) -> None:
-    """Measure the latency of N sampled subnets of a search space on a backend (for `ufo predictor fit`)."""
+    """Measure the latency of SAMPLES sampled subnets of a search space on a backend (for `ufo predictor fit`)."""
     from ufo.search.latency import collect, space_from
 
     space = space_from(source)
-    ds = collect(space, task, n, backend, seed, batch, threads, repeats, warmup)
+    ds = collect(space, task, samples, backend.value, seed, batch_size, threads, repeats, warmup)
     ds.save(out)
     y = ds.targets()
-    console.print(f"wrote {out}: {len(ds)} archs of task {task!r} on {backend} (batch {batch}, {threads} threads), "
+    console.print(f"wrote {out}: {len(ds)} archs of task {task!r} on {backend.value} (batch {batch_size}, "
+                  f"{threads} threads), "
                   f"median latency {y.min():.3g} to {y.max():.3g} ms")
 
 
@@ -427,9 +449,12 @@ def predictor_fit(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="run folder: the task"),
     metric: bool = typer.Option(False, "--metric", help="run folder: fit the task-metric predictor"),
     latency: bool = typer.Option(False, "--latency", help="run folder: fit the latency predictor"),
-    backend: str = typer.Option("torch-cpu", help="run folder: latency backend (torch-cpu, ort-cpu, cuda)"),
-    samples: Optional[int] = typer.Option(None, help="run folder: subnets to evaluate / time (default 50 for the "
-                                                     "metric, 100 for latency)"),
+    backend: LatencyBackend = typer.Option(LatencyBackend.torch_cpu, help="run folder: where to time"),
+    metric_samples: Optional[int] = typer.Option(None, help="run folder: subnets evaluated for the metric predictor "
+                                                            "(default 50)"),
+    latency_samples: Optional[int] = typer.Option(None, help="run folder: subnets timed for the latency predictor "
+                                                             "(default 100)"),
+    samples: Optional[int] = typer.Option(None, help="run folder: both of the above at once"),
     threads: int = typer.Option(1, help="run folder: threads for latency measurement"),
     refit: bool = typer.Option(False, help="run folder: collect and fit again even if a cached predictor matches"),
     data_dir: Optional[Path] = DataDirOpt,
@@ -438,8 +463,9 @@ def predictor_fit(
     log_target: bool = typer.Option(True, "--log/--no-log", help="latency dataset: fit log latency"),
 ) -> None:
     """Cross-validate and fit GP predictors; prints Kendall tau and MAPE. From a run folder
-    (`--task T --metric` and/or `--latency --backend B`, `--samples N`) the subnets are first
-    evaluated with inherited weights or timed, and everything is cached under RUN_DIR/predictors."""
+    (`--task T --metric` and/or `--latency --backend B`, `--metric-samples N`, `--latency-samples N`)
+    the subnets are first evaluated with inherited weights or timed, and everything is cached under
+    RUN_DIR/predictors."""
     if source.is_dir():
         from ufo.search.pipeline import fit_predictors
 
@@ -447,8 +473,11 @@ def predictor_fit(
             raise UFOError(f"{source} is a run folder: give --task and --metric and/or --latency")
         if not (metric or latency):
             raise UFOError("give --metric and/or --latency: which predictor to fit")
-        n = {} if samples is None else {"metric_samples": samples, "latency_samples": samples}
-        r = fit_predictors(source, task, backend=backend, seed=seed, out_dir=out, console=console, metric=metric,
+        metric_samples = samples if metric_samples is None else metric_samples
+        latency_samples = samples if latency_samples is None else latency_samples
+        n = {k: v for k, v in (("metric_samples", metric_samples), ("latency_samples", latency_samples))
+             if v is not None}
+        r = fit_predictors(source, task, backend=backend.value, seed=seed, out_dir=out, console=console, metric=metric,
                            latency=latency, threads=threads, refit=refit,
                            data_root=None if data_dir is None else str(data_dir), **n)
         for k in ("metric", "latency"):
@@ -456,7 +485,7 @@ def predictor_fit(
                 p = r[k]
                 tau = "n/a" if p["cv_kendall_tau"] is None else f"{p['cv_kendall_tau']:.3f}"
                 mp = "n/a" if p["cv_mape"] is None else f"{100 * p['cv_mape']:.1f}%"
-                what = f"{task} {r['metric_name']}" if k == "metric" else f"{task} latency on {backend}"
+                what = f"{task} {r['metric_name']}" if k == "metric" else f"{task} latency on {backend.value}"
                 console.print(f"{'reused' if p['cached'] else 'wrote'} {p['predictor']}: {what}, {p['n']} subnets; "
                               f"5-fold CV Kendall tau {tau}, MAPE {mp}")
         return

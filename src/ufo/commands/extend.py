@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ufo.choices import ExtendTrain
+
 
 def register(app: typer.Typer) -> None:
     from ufo.cli import console, friendly
@@ -19,8 +21,8 @@ def register(app: typer.Typer) -> None:
                                                                     "NAME: {kind: ..., data: ..., options: ...}"),
         out: Path = typer.Option(..., help="the extended run folder (model.safetensors, config.yaml, extend.json)"),
         fraction: float = typer.Option(1.0, help="share of the new task's training labels (deterministic subset)"),
-        train: str = typer.Option("head+expert", help="what trains: head | head+expert | head+expert+norms | all "
-                                                      "(all changes the other tasks; the rest leave them exact)"),
+        train: ExtendTrain = typer.Option(ExtendTrain.head_expert, help="what trains (all changes the other tasks; the rest "
+                                                            "leave them exact)"),
         steps: int = typer.Option(300, help="training steps"),
         batch_size: int = typer.Option(64, help="batch size"),
         lr: float = typer.Option(2e-3, help="peak learning rate (AdamW, warm-up + cosine)"),
@@ -31,12 +33,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Add a new task to RUN_DIR: its own expert (from the shared one), router row and head, trained
         on FRACTION of its labels; every other task's outputs stay bitwise equal (except with --train all)."""
-        from ufo.deploy.extend import MODES, ExtendConfig, extend as run
-        from ufo.errors import UFOError
+        from ufo.deploy.extend import ExtendConfig, extend as run
 
-        if train not in MODES:
-            raise UFOError(f"--train {train!r}: expected one of {', '.join(MODES)}")
-        cfg = ExtendConfig(train=train, fraction=fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        cfg = ExtendConfig(train=train.value, fraction=fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                            threads=threads)
         r = run(run_dir, task_config, out, cfg, None if data_dir is None else str(data_dir), resume)
         p = r["primary"]

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ufo.choices import Stage, value
+
 
 def register(app: typer.Typer) -> None:
     from ufo.cli import DataDirOpt, SetOpt, _load, console, friendly
@@ -16,9 +18,8 @@ def register(app: typer.Typer) -> None:
     def run(
         config: Path = typer.Argument(..., help="experiment YAML (its optional `pipeline:` section sets the stages)"),
         out: Path = typer.Option(..., help="run folder: one sub-folder and done.json per stage"),
-        from_: Optional[str] = typer.Option(None, "--from", help="redo this stage and every later one: all_in_one, "
-                                            "task_supernet, chip_supernet, predictors, search, extract, export, report"),
-        until: Optional[str] = typer.Option(None, help="stop after this stage"),
+        from_: Optional[Stage] = typer.Option(None, "--from", help="redo this stage and every later one"),
+        until: Optional[Stage] = typer.Option(None, help="stop after this stage"),
         set_: Optional[list[str]] = SetOpt,
         data_dir: Optional[Path] = DataDirOpt,
     ) -> None:
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from ufo.run import run_pipeline
 
         cfg = _load(config, set_, data_dir)
-        run_pipeline(cfg, out, from_stage=from_, until=until, console=console)
+        run_pipeline(cfg, out, from_stage=value(from_), until=value(until), console=console)
         html = out / "report" / "index.html"
         if html.is_file():
             console.print(f"report: {html}")

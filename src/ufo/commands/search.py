@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from ufo.choices import LatencyBackend
+
 
 def register(app: typer.Typer) -> None:
     from rich.table import Table
@@ -23,13 +25,14 @@ def register(app: typer.Typer) -> None:
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="latency budget on --backend"),
         max_params: Optional[float] = typer.Option(None, "--max-params", help="parameter budget (exact count)"),
         max_flops: Optional[float] = typer.Option(None, "--max-flops", help="FLOP budget per image (exact count)"),
-        backend: str = typer.Option("torch-cpu", help="latency backend: torch-cpu, ort-cpu or cuda"),
+        backend: LatencyBackend = typer.Option(LatencyBackend.torch_cpu, help="where latency is timed"),
         trials: int = typer.Option(2000, help="NSGA-II trials on the predictors"),
         top_k: int = typer.Option(8, "--top-k", help="subnets of the predicted front measured for real (more when none meets the budget)"),
         metric_samples: int = typer.Option(50, help="subnets evaluated for the metric predictor (first use)"),
         latency_samples: int = typer.Option(100, help="subnets timed for the latency predictor (first use)"),
         threads: int = typer.Option(1, help="threads for latency measurement"),
-        batch: int = typer.Option(1, help="images per forward pass for latency measurement"),
+        batch_size: int = typer.Option(1, "--batch-size", "--batch", help="images per forward pass for latency "
+                                                                          "measurement"),
         seed: int = typer.Option(0, help="seed of the subnet samples and of NSGA-II"),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder (default: the run's)"),
     ) -> None:
@@ -39,9 +42,9 @@ def register(app: typer.Typer) -> None:
         from ufo.search.pipeline import search_task
 
         r = search_task(run_dir, task, max_latency_ms=max_latency_ms, max_params=max_params, max_flops=max_flops,
-                        backend=backend, out_dir=out, trials=trials, top_k=top_k, seed=seed, console=console,
-                        metric_samples=metric_samples, latency_samples=latency_samples, threads=threads, batch=batch,
-                        data_root=None if data_dir is None else str(data_dir))
+                        backend=backend.value, out_dir=out, trials=trials, top_k=top_k, seed=seed, console=console,
+                        metric_samples=metric_samples, latency_samples=latency_samples, threads=threads,
+                        batch=batch_size, data_root=None if data_dir is None else str(data_dir))
         table = Table(title=f"{task}: measured candidates (budget {r.budget})")
         for col in ("step", "depth/embed", "params", f"{r.metric} pred/meas", "ms pred/meas (median)", "meets"):
             table.add_column(col)
