@@ -1,6 +1,9 @@
 """UFO: Unified Feature Optimization. One multi-task ViT supernet; exact subnets for every task and device."""
 
+import sys
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("ufo-vision")
@@ -10,4 +13,17 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from ufo.arch import Arch, SearchSpace  # noqa: E402
 from ufo.errors import UFOError  # noqa: E402
 
-__all__ = ["Arch", "SearchSpace", "UFOError", "__version__"]
+__all__ = ["Arch", "SearchSpace", "UFOError", "__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    """`ufo.load` imports torch and the model code only when first used: `import ufo` stays light."""
+    if name == "load":
+        from ufo.deploy.hf import load
+
+        return load
+    raise AttributeError(f"module 'ufo' has no attribute {name!r}")
+
+
+if "timm" in sys.modules:  # register timm's `ufo_vit` now; importing timm here would cost seconds
+    import_module("ufo.nn.timm_vit")

@@ -98,20 +98,27 @@ def decode(src: Any, size_hw: tuple[int, int] | None = None, channels: int | Non
             return adapt(arr, size_hw, None if keep else channels, box)
         src = io.BytesIO(src)
     with Image.open(src) as im:
-        gray = channels == 1 or (channels is None and im.mode in GRAY_MODES)
-        w, h = im.size
-        b = box(w, h) if box is not None else (0, 0, w, h)
-        if size_hw is not None and im.format == "JPEG":
-            b = _draft(im, gray, b, size_hw)
-        im.load()
-        if im.mode in _WIDE_MODES and gray:
-            a = np.asarray(im, dtype=np.float64)
-            a = np.clip(a * (255.0 / 65535.0) if a.max() > 255 else a, 0, 255).astype(np.uint8)
-            return adapt(a, size_hw, channels, None if box is None else lambda *_: b)
-        im = im.convert("L" if gray else "RGB")
-        full = tuple(b) == (0, 0, im.size[0], im.size[1])
-        if size_hw is not None and (not full or im.size != (size_hw[1], size_hw[0])):
-            im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=None if full else b)
-        elif not full:
-            im = im.crop(tuple(int(round(v)) for v in b))
-        return to_chw(np.asarray(im), channels)
+        return from_pil(im, size_hw, channels, box, draft=True)
+
+
+def from_pil(im: Image.Image, size_hw: tuple[int, int] | None = None, channels: int | None = None,
+             box: BoxFn | None = None, draft: bool = False) -> np.ndarray:
+    """A PIL image -> uint8 (C, H, W), as `decode` reads files (it calls this on the opened file).
+    `draft`: an opened JPEG not yet loaded may decode at a reduced DCT scale (this changes `im`)."""
+    gray = channels == 1 or (channels is None and im.mode in GRAY_MODES)
+    w, h = im.size
+    b = box(w, h) if box is not None else (0, 0, w, h)
+    if draft and size_hw is not None and im.format == "JPEG":
+        b = _draft(im, gray, b, size_hw)
+    im.load()
+    if im.mode in _WIDE_MODES and gray:
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a * (255.0 / 65535.0) if a.max() > 255 else a, 0, 255).astype(np.uint8)
+        return adapt(a, size_hw, channels, None if box is None else lambda *_: b)
+    im = im.convert("L" if gray else "RGB")
+    full = tuple(b) == (0, 0, im.size[0], im.size[1])
+    if size_hw is not None and (not full or im.size != (size_hw[1], size_hw[0])):
+        im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=None if full else b)
+    elif not full:
+        im = im.crop(tuple(int(round(v)) for v in b))
+    return to_chw(np.asarray(im), channels)

@@ -38,6 +38,7 @@ from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, DataError, UFOError
 from ufo.model import UFOModel
 from ufo.nn.extract import build_extracted, extract, resolve_arch
+from ufo.nn.timm_vit import make_pretrained_cfg
 from ufo.tasks import TaskData
 from ufo.tasks.base import EmbeddingTask, Task
 
@@ -272,10 +273,33 @@ class TaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.info = info
         self.single = len(info.tasks) == 1
+        # what timm.data.resolve_model_data_config reads: this model's real preprocessing, not 224 px ImageNet
+        cfg = self.timm_cfg()
+        self.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("first_conv", "classifier")}
+        backbone.pretrained_cfg = backbone.default_cfg = {**getattr(backbone, "pretrained_cfg", {}), **cfg,
+                                                          "num_classes": 0}
 
     @property
     def tasks(self) -> list[str]:
         return self.info.tasks
+
+    def timm_cfg(self, task: str | None = None) -> dict[str, Any]:
+        """timm's pretrained_cfg of `task`'s input (None: the one task's, or for several tasks the
+        base size), with its head's class count (0 for embeddings and several tasks); module names
+        (`first_conv`, `classifier`) are the backbone's."""
+        info = self.info
+        task = task or (info.tasks[0] if self.single else None)
+        pre = info.preprocessing
+        head = info.heads.get(task) if task is not None else None
+        num_classes = head.num_classes if head is not None and head.output == "logits" else 0
+        cfg = make_pretrained_cfg(pre.input_size(None if self.single else task), pre.in_chans, pre.mean, pre.std,
+                             num_classes, fixed_input_size=self.single, stem=info.space.stem)
+        if info.backbone is not None:  # a timm student keeps timm's names for its own modules
+            cfg.update(architecture=info.backbone.name)
+            del cfg["first_conv"], cfg["classifier"]
+        elif not self.single:
+            cfg.update(architecture=None)
+        return cfg
 
     def check_task(self, task: str) -> None:
         if task not in self.heads:
@@ -296,6 +320,19 @@ class TaskModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def predict(self, images: Any, task: str | None = None, k: int = 5, batch_size: int = 32) -> Any:
+        """Predictions for PIL images, file paths or uint8 HxWxC arrays (one, or a list): see
+        `ufo.deploy.predict.predict`."""
+        from ufo.deploy.predict import predict
+
+        return predict(self, images, task, k, batch_size)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write this model as a Hugging Face-style folder: see `ufo.deploy.hf.save_pretrained`."""
+        from ufo.deploy.hf import save_pretrained
+
+        return save_pretrained(self, path)
 
 
 class TaskPath(nn.Module):
@@ -451,10 +488,15 @@ def load_task_model(path: str | Path) -> TaskModel:
 
 def open_task_model(path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
                     data_root: str | None = None) -> TaskModel:
-    """A task_model file as it is, or a run folder / trained model file extracted at `arch`."""
+    """A task_model file or save_pretrained folder as it is, or a run folder / trained model file
+    extracted at `arch`."""
     f = model_file(path)
     kind = read_manifest(f).get("kind")
     if kind == KIND:
+        if Path(path).is_dir():
+            from ufo.deploy.hf import check_folder
+
+            check_folder(Path(path))
         tm = load_task_model(f)
         if arch is not None:
             raise DeployError(f"{path} is already extracted at one arch; --arch applies only to a run folder")

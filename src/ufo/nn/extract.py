@@ -22,6 +22,7 @@ from torch import nn
 from ufo.arch import Arch, SearchSpace, hidden_dim
 from ufo.errors import ArchError
 from ufo.nn.stem import static_embed
+from ufo.nn.timm_vit import create_vit, vit_kwargs
 from ufo.nn.vit import SuperViT
 
 
@@ -38,20 +39,8 @@ def resolve_arch(model: SuperViT, arch: Arch | None, tasks: Sequence[str]) -> Ar
 
 
 def build_vit(space: SearchSpace, arch: Arch, task: str) -> VisionTransformer:
-    """An uninitialised timm ViT with the shape of `task`'s path through `arch`."""
-    e, hd = arch.embed_dim, space.head_dim
-    vit = VisionTransformer(
-        img_size=space.input_size(task), patch_size=space.patch_size, in_chans=space.in_chans, num_classes=0,
-        embed_dim=e, depth=arch.depth, num_heads=1, mlp_ratio=1.0,  # blocks are replaced below
-        qkv_bias=space.qkv_bias, global_pool="token", weight_init="skip",
-    )
-    if space.stem != "patch":
-        vit.patch_embed = static_embed(space, e, space.input_size(task))
-    for i, blk in enumerate(vit.blocks):
-        width = hidden_dim(e, arch.mlp_ratio[i]) * (2 if arch.paths[task][i] == "mix" else 1)
-        blk.attn = Attention(e, arch.num_heads[i], attn_head_dim=hd, qkv_bias=space.qkv_bias)
-        blk.mlp = Mlp(e, width)
-    return vit
+    """An uninitialised timm ViT with the shape of `task`'s path through `arch` (timm's `ufo_vit`)."""
+    return create_vit(**vit_kwargs(space, arch, task), weight_init="skip")
 
 
 class StaticTaskFFN(nn.Module):
