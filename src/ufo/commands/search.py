@@ -23,6 +23,9 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(..., "--task", "-t", help="the task to search a subnet for"),
         out: Path = typer.Option(..., "--out", help="output folder: model.safetensors, search.json, pareto.png"),
         max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="latency budget on --backend"),
+        max_latency_fraction: Optional[float] = typer.Option(
+            None, "--max-latency-fraction", help="latency budget relative to this machine: that fraction of the way "
+            "from the smallest subnet's latency to the largest's, timed with every measurement"),
         max_params: Optional[float] = typer.Option(None, "--max-params", help="parameter budget (exact count)"),
         max_flops: Optional[float] = typer.Option(None, "--max-flops", help="FLOP budget per image (exact count)"),
         backend: LatencyBackend = typer.Option(LatencyBackend.torch_cpu, help="where latency is timed"),
@@ -41,7 +44,8 @@ def register(app: typer.Typer) -> None:
         candidates for real, keep those that meet the budget and save the best as a task model."""
         from ufo.search.pipeline import search_task
 
-        r = search_task(run_dir, task, max_latency_ms=max_latency_ms, max_params=max_params, max_flops=max_flops,
+        r = search_task(run_dir, task, max_latency_ms=max_latency_ms, max_latency_fraction=max_latency_fraction,
+                        max_params=max_params, max_flops=max_flops,
                         backend=backend.value, out_dir=out, trials=trials, top_k=top_k, seed=seed, console=console,
                         metric_samples=metric_samples, latency_samples=latency_samples, threads=threads,
                         batch=batch_size, data_root=None if data_dir is None else str(data_dir))
