@@ -236,6 +236,8 @@ def test_errors_are_one_clear_line(digits, multi, tmp_path):
     ]
     for kind, msg, call in cases:
         _one_line(kind, msg, call)
+    (tmp_path / "pipeline" / "chip_supernet").mkdir(parents=True)
+    _one_line(CheckpointError, r"pipeline is a `ufo run` folder, not a model", lambda: ufo.load(tmp_path / "pipeline"))
     other = save_pretrained(digits, tmp_path / "a")
     save_pretrained(multi, tmp_path / "b")
     (tmp_path / "b" / CONFIG).write_bytes((other / CONFIG).read_bytes())  # config.json of another save

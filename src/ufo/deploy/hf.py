@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ufo
-from ufo.checkpoint import atomic_write_text, read_manifest
+from ufo.checkpoint import atomic_write_text, check_not_run_folder, read_manifest
 from ufo.deploy.package import TaskModel, open_task_model, save_task_model
 from ufo.errors import CheckpointError
 from ufo.nn.timm_vit import NAME, vit_kwargs
@@ -87,6 +87,7 @@ def load(path: str | Path, tasks: Sequence[str] | None = None, arch: str | None 
     `ufo train` run folder / model file (extracted for `tasks`, default all, at `arch`, default
     the run's; `data_root` finds the data that names classes and calibrates thresholds)."""
     path = Path(path)
+    check_not_run_folder(path)  # a `ufo run` folder: say where its models are
     if path.is_dir() and not (path / WEIGHTS).is_file() and not (path / CONFIG).is_file():
         raise CheckpointError(f"{path} has no {CONFIG} and no {WEIGHTS}: not a saved task-model folder "
                               "(save_pretrained) nor a `ufo train` run folder")
