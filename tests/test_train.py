@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -75,6 +76,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     with open(run / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == list(range(2, 25, 2)), "the log must have each step once after a resume"
+    # validation (train.eval_every: at every checkpoint) ran, each step once, and left the run exact
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert list(history) == [str(s) for s in range(4, 25, 4)]
+    log = (run / "train.log").read_text()
+    assert log.count("INFO start tiny") == 2 and f"at step {killed_at}" in log and "step 24 final evaluation" in log
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
@@ -117,6 +123,12 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     # FSDP gives off-path weights zero gradients (see ufo.train.fsdp), so AdamW keeps state for them
     assert set(s1) <= set(s2) if parallel == "fsdp" else set(s1) == set(s2)
     assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
+    # validation under torchrun: rank 0 alone scores (a gathered copy under FSDP) and writes
+    h1, h2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert list(h1["history"]) == list(h2["history"]) == ["6", "12"]
+    assert h2["primary"] == pytest.approx(h1["primary"], abs=0.05)
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "world size 2" in log and log.count("step 6 validation") == 1 and log.count("step 12/12 loss=") == 1
 
 
 def test_config_errors_name_the_field(tmp_path):

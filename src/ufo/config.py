@@ -117,6 +117,7 @@ class TrainConfig(Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(100, gt=0)
+    eval_every: int | None = Field(None, ge=0)  # steps between validations on the eval splits (null: ckpt_every; 0: off)
     eval_batch_size: int = Field(256, gt=0)
     max_bad_steps: int = Field(5, gt=0)  # consecutive non-finite losses before the run stops
     workers: int | None = Field(None, ge=0)  # DataLoader workers decoding streamed tasks (None: min(8, CPU cores))

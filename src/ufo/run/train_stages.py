@@ -13,6 +13,7 @@ written by another config (the stage's settings changed since) is cleared and th
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,22 @@ def fit(ctx: RunContext, trainer_cls: type[Trainer], cfg: Config, out: Path, dat
     return tr
 
 
+def final_metrics(tr: Trainer) -> dict[str, dict[str, float]]:
+    """The trainer's final evaluation (made when `train.eval_every` is on), else one now."""
+    return tr.final_metrics if tr.final_metrics is not None else tr.evaluate()
+
+
+def with_history(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The stage's metrics.json: `result` over what the trainer wrote there (its validation
+    history, which the report plots)."""
+    f = out / "metrics.json"
+    try:
+        trained = json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError:
+        trained = {}
+    return {**(trained if isinstance(trained, dict) else {}), **result}
+
+
 def _write_config(ctx: RunContext, cfg: Config, out: Path) -> Path:
     import yaml
 
@@ -59,7 +76,7 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     out = ctx.dir("all_in_one")
     cfg = stage_config(ctx.cfg, "all_in_one", ctx.run_dir)
     tr = fit(ctx, Trainer, cfg, out, ctx.data)
-    metrics = tr.evaluate()
+    metrics = final_metrics(tr)
     result: dict[str, Any] = {"steps": cfg.train.steps, "metrics": metrics, "primary": primary_metrics(ctx, metrics),
                               "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names}}
     b = ctx.pipe.baselines
@@ -73,10 +90,11 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
                 update={"steps": b.steps or cfg.train.steps, "batch_size": batch})})
             ctx.console.print(f"[bold]baseline[/]: {t} alone, {one.train.steps} steps of batch {batch}")
             btr = fit(ctx, Trainer, one, out / "baselines" / t, {t: ctx.data[t]})
-            m = btr.evaluate()
+            m = final_metrics(btr)
             base[t] = {"steps": one.train.steps, "batch_size": batch, "metrics": m[t], "primary": m[t][ctx.primary(t)]}
         result["baselines"] = base
-    files = [out / "model.safetensors", _write_config(ctx, cfg, out), ctx.write_json(out / "metrics.json", result)]
+    files = [out / "model.safetensors", _write_config(ctx, cfg, out),
+             ctx.write_json(out / "metrics.json", with_history(out, result))]
     return files, {"primary": result["primary"]}
 
 
@@ -87,11 +105,11 @@ def task_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     out = ctx.dir("task_supernet")
     cfg = stage_config(ctx.cfg, "task_supernet", ctx.run_dir)
     tr = fit(ctx, RoutingTrainer, cfg, out, ctx.data)
-    metrics = tr.evaluate()
+    metrics = final_metrics(tr)
     result = {"steps": cfg.train.steps, "metrics": metrics, "primary": primary_metrics(ctx, metrics),
               "routes": tr.arch.paths, "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names}}
     files = [out / "model.safetensors", out / "routes.json", out / "routing_map.png", _write_config(ctx, cfg, out),
-             ctx.write_json(out / "metrics.json", result)]
+             ctx.write_json(out / "metrics.json", with_history(out, result))]
     return files, {"primary": result["primary"]}
 
 
@@ -127,7 +145,8 @@ def chip_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
               "metrics": subnets["largest"]["metrics"], "primary": subnets["largest"]["primary"]}
     png = out / "metric_vs_params.png"
     plot_metric_vs_params(ctx, subnets, png)
-    files = [out / "model.safetensors", _write_config(ctx, cfg, out), ctx.write_json(out / "metrics.json", result), png]
+    files = [out / "model.safetensors", _write_config(ctx, cfg, out),
+             ctx.write_json(out / "metrics.json", with_history(out, result)), png]
     return files, {"primary": result["primary"]}
 
 

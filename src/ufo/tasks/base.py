@@ -110,6 +110,11 @@ class Task(nn.Module, ABC):
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
         """Run this kind's protocol on `data.eval`; `predict` maps images to outputs."""
 
+    def curves(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, Any] | None:
+        """The data of this kind's evaluation figure on `data.eval` (the run report draws it): a
+        dict whose `figure` key names it; None for a kind without one."""
+        return None
+
 
 def margin_loss(kind: str, num_classes: int, dim: int, margin: float, scale: float) -> nn.Module:
     """CosFace or ArcFace from pytorch-metric-learning (ArcFace's margin is in degrees there)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +11,7 @@ from ufo.data.dataset import ImageSet
 from ufo.data.splits import split_by_sample
 from ufo.nn.elastic import ElasticLinear
 from ufo.tasks.base import Options, Predict, Task, TaskData, register
-from ufo.tasks.metrics import classification_metrics
+from ufo.tasks.metrics import classification_metrics, confusion
 
 
 class ClassificationOptions(Options):
@@ -45,3 +47,10 @@ class Classification(Task):
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
         test = data.eval["test"]
         return classification_metrics(predict(test), test.labels)
+
+    def curves(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, Any]:
+        """The confusion matrix on the test split (rows: true class), with the metrics."""
+        test = data.eval["test"]
+        logits = predict(test)
+        return {"figure": "confusion_matrix", **confusion(logits, test.labels, test.class_names),
+                "metrics": classification_metrics(logits, test.labels)}

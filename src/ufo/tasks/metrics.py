@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 from torchmetrics.functional.classification import multiclass_accuracy
 
@@ -86,6 +86,24 @@ def classification_metrics(logits: ArrayLike, labels: ArrayLike) -> dict[str, fl
     if c >= 5:
         out["top5"] = float(multiclass_accuracy(lg, yt, num_classes=c, average="micro", top_k=5))
     return out
+
+
+def confusion(logits: ArrayLike, labels: ArrayLike, class_names: Sequence[str] | None = None,
+              max_classes: int = 30) -> dict[str, Any]:
+    """Confusion matrix of argmax predictions (scikit-learn's `confusion_matrix`, rows = true
+    class). With more than `max_classes` classes only the ones with the most errors (as true or
+    predicted class) are kept, in class order. Keys: classes (names), matrix (counts), kept, total."""
+    lg = torch.as_tensor(logits).detach().float()
+    y = _vector(labels, "labels")
+    c = lg.shape[1]
+    m = confusion_matrix(y, lg.argmax(1).cpu().numpy(), labels=np.arange(c))
+    keep = np.arange(c)
+    if c > max_classes:
+        errors = m.sum(0) + m.sum(1) - 2 * np.diag(m)
+        keep = np.sort(np.argsort(-errors, kind="stable")[:max_classes])
+    names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
+    return {"classes": [names[i] for i in keep], "matrix": m[np.ix_(keep, keep)].tolist(), "kept": len(keep),
+            "total": c}
 
 
 # ---------------------------------------------------------------------------- verification
@@ -182,6 +200,28 @@ def _sample_diff(codes: np.ndarray, num: int, total: int, rng: np.random.Generat
     return _take_unique(draw, num)
 
 
+def pair_scores(emb: ArrayLike, idx_a: ArrayLike, idx_b: ArrayLike) -> np.ndarray:
+    """Cosine similarity of each pair's two embeddings (float64), the score every verification
+    metric thresholds."""
+    return _pair_scores(_embeddings(emb, "emb"), _vector(idx_a, "idx_a"), _vector(idx_b, "idx_b"))
+
+
+def _pair_scores(e: torch.Tensor, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`pair_scores` of rows already L2-normalised."""
+    at = torch.as_tensor(a, dtype=torch.long, device=e.device)
+    bt = torch.as_tensor(b, dtype=torch.long, device=e.device)
+    return (e[at] * e[bt]).sum(1).double().cpu().numpy()
+
+
+def roc_points(scores: ArrayLike, is_same: ArrayLike, threshold: float) -> dict[str, Any]:
+    """The ROC curve of pair scores (scikit-learn's `roc_curve`) and the operating point of a
+    threshold (predict same when score > threshold): keys fpr, tpr, auc, threshold, at_threshold."""
+    s, same = np.asarray(scores, dtype=np.float64), _vector(is_same, "is_same").astype(bool)
+    fpr, tpr, _ = roc_curve(same, s)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(same, s)), "threshold": threshold,
+            "at_threshold": {"fpr": float(np.mean(s[~same] > threshold)), "tpr": float(np.mean(s[same] > threshold))}}
+
+
 def _best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
     """Threshold (predict same when score > t) maximising accuracy on these pairs.
 
@@ -227,9 +267,7 @@ def verification_metrics(
             f"verification needs folds >= 2 and at least `folds` same and different pairs; "
             f"got folds={folds}, {n_pos} same and {n_neg} different pairs"
         )
-    at = torch.as_tensor(a, dtype=torch.long, device=e.device)
-    bt = torch.as_tensor(b, dtype=torch.long, device=e.device)
-    scores = (e[at] * e[bt]).sum(1).double().cpu().numpy()
+    scores = _pair_scores(e, a, b)
 
     accs, thresholds = [], []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

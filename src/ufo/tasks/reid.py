@@ -9,7 +9,7 @@ as given when `use_official_split` is on. Reports mAP and CMC rank-1/5.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -17,6 +17,8 @@ from ufo.data.dataset import ImageSet
 from ufo.data.splits import split_by_identity, split_official, split_query_gallery
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
 from ufo.tasks.metrics import reid_metrics
+
+CMC_RANKS = 20  # the CMC curve's last rank
 
 
 class ReidOptions(Options):
@@ -71,6 +73,18 @@ class Reid(EmbeddingTask):
                         notes=[f"identities disjoint, {test_fraction:.0%} held out as query/gallery"])
 
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
+        return self._metrics(predict, data)
+
+    def curves(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, Any]:
+        """The CMC curve (share of queries whose first match is within rank k) for k = 1..20 (at
+        most the gallery's size), with the metrics at the protocol's ranks."""
+        ranks = list(range(1, min(CMC_RANKS, len(data.eval["gallery"])) + 1))
+        m = self._metrics(predict, data, ranks)
+        return {"figure": "cmc", "ranks": ranks, "cmc": [m[f"cmc@{k}"] for k in ranks],
+                "metrics": {k: v for k, v in m.items() if not k.startswith("cmc@") or int(k[4:]) in (1, 5)}}
+
+    @staticmethod
+    def _metrics(predict: Predict, data: TaskData, ranks: Sequence[int] = (1, 5)) -> dict[str, float]:
         q, g = data.eval["query"], data.eval["gallery"]
         ids = lambda s: s.identities if s.identities is not None else s.labels  # noqa: E731
-        return reid_metrics(predict(q), ids(q), predict(g), ids(g), q.cameras, g.cameras)
+        return reid_metrics(predict(q), ids(q), predict(g), ids(g), q.cameras, g.cameras, ranks=ranks)

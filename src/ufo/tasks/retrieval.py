@@ -5,7 +5,7 @@ then be disjoint."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -13,6 +13,8 @@ from ufo.data.dataset import ImageSet
 from ufo.data.splits import check_disjoint, split_by_class, split_official
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
 from ufo.tasks.metrics import one_shot_accuracy, retrieval_metrics
+
+RECALL_KS = 20  # the Recall@K curve's last K
 
 
 class RetrievalOptions(Options):
@@ -73,3 +75,11 @@ class Retrieval(EmbeddingTask):
                     for r in runs]
             out["oneshot20"] = float(sum(accs) / len(accs))
         return out
+
+    def curves(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, Any]:
+        """Recall@K for K = 1..20 (at most the test images less one), with the metrics."""
+        test = data.eval["test"]
+        ks = list(range(1, min(RECALL_KS, len(test) - 1) + 1))
+        m = retrieval_metrics(predict(test), test.labels, ks=ks)
+        return {"figure": "recall_at_k", "ks": ks, "recall": [m[f"recall@{k}"] for k in ks],
+                "metrics": {k: v for k, v in m.items() if not k.startswith("recall@") or int(k[7:]) in self.opts.ks}}

@@ -12,19 +12,17 @@ random ones (a single-set pairs file, with one fold, is scored with random strat
 
 from __future__ import annotations
 
-from typing import Literal
-
 import warnings
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ufo.data.dataset import ImageSet
 from ufo.data.splits import check_disjoint, split_by_identity, split_official
 from ufo.errors import DataError
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
-from ufo.tasks.metrics import _best_threshold, make_pairs, verification_metrics
+from ufo.tasks.metrics import _best_threshold, make_pairs, pair_scores, roc_points, verification_metrics
 
 FOLDS = 10  # the protocol's folds; official pairs keep their own when they have exactly this many
 
@@ -92,15 +90,33 @@ class Verification(EmbeddingTask):
         return TaskData(train=train, eval={"test": test}, groups=train.labels,
                         notes=["official train/test split, pairs drawn from the test identities"])
 
-    def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
-        test = data.eval["test"]
+    def pairs(self, test: ImageSet, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pairs the protocol scores, (a, b, same): the set's official pairs, else
+        `num_pairs` drawn from the test identities with `seed`."""
         if test.pairs is not None and len(test.pairs):
-            return official_pair_metrics(predict(test), test.pairs, seed)
+            return test.pairs[:, 0], test.pairs[:, 1], test.pairs[:, 2]
         ids = test.identities if test.identities is not None else test.labels
         n_same_max = int(sum(c * (c - 1) // 2 for c in torch.bincount(ids - ids.min()).tolist()))
-        num_pairs = min(self.opts.num_pairs, 2 * n_same_max)
-        a, b, same = make_pairs(ids.numpy(), num_pairs, seed)
-        return verification_metrics(predict(test), a, b, same, folds=FOLDS, seed=seed)
+        return make_pairs(ids.numpy(), min(self.opts.num_pairs, 2 * n_same_max), seed)
+
+    def _metrics(self, emb: torch.Tensor, test: ImageSet, seed: int) -> dict[str, float]:
+        if test.pairs is not None and len(test.pairs):
+            return official_pair_metrics(emb, test.pairs, seed)
+        a, b, same = self.pairs(test, seed)
+        return verification_metrics(emb, a, b, same, folds=FOLDS, seed=seed)
+
+    def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
+        test = data.eval["test"]
+        return self._metrics(predict(test), test, seed)
+
+    def curves(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, Any]:
+        """The ROC curve of the scored pairs, with the operating point of the protocol's
+        threshold (the mean of the thresholds fitted on the folds) and the metrics."""
+        test = data.eval["test"]
+        emb = predict(test)
+        m = self._metrics(emb, test, seed)
+        a, b, same = self.pairs(test, seed)
+        return {"figure": "roc", **roc_points(pair_scores(emb, a, b), same, m["threshold"]), "metrics": m}
 
 
 def official_pair_metrics(emb: torch.Tensor, pairs: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -112,8 +128,7 @@ def official_pair_metrics(emb: torch.Tensor, pairs: np.ndarray, seed: int = 0) -
     folds = np.unique(fold)
     if len(folds) != FOLDS:
         return out
-    e = F.normalize(torch.as_tensor(emb).detach().float(), dim=1)  # as verification_metrics scores them
-    scores = (e[torch.as_tensor(a)] * e[torch.as_tensor(b)]).sum(1).double().cpu().numpy()
+    scores = pair_scores(emb, a, b)  # as verification_metrics scores them
     is_same = same.astype(bool)
     accs, thresholds = [], []
     for k in folds:

@@ -5,6 +5,7 @@ Single-process runs go through the same calls, which then do nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -14,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 _console = Console(stderr=True)
+_log = logging.getLogger("ufo.train")  # RUN/train.log while a run is on (ufo.train.logs.run_log)
 
 
 def setup() -> tuple[int, int]:
@@ -79,14 +81,18 @@ def is_main() -> bool:
 
 
 def info(msg: str) -> None:
+    """Print on rank 0 and add it to the run log."""
     if is_main():
         _console.print(msg)
+        _log.info(msg)
 
 
 def warn(msg: str) -> None:
+    """A RuntimeWarning on rank 0, printed and added to the run log."""
     if is_main():
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         _console.print(f"[yellow]warning:[/] {msg}")
+        _log.warning(msg)
 
 
 def cleanup() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -57,6 +60,25 @@ def evaluate_tasks(model: nn.Module, data: dict[str, TaskData], cfg: Config, tas
         head = model.heads[name]
         out[name] = head.evaluate(make_predict(model, name, cfg, cfg.train.eval_batch_size), data[name], seed=cfg.seed)
     return out
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Restore torch's (CPU and CUDA), numpy's and Python's global random states after the block.
+
+    Evaluation in the middle of training draws from them (a DataLoader's base seed, a fresh
+    model's init), and a resumed run, which skips the evaluations before its checkpoint, must
+    draw the same numbers as an uninterrupted one."""
+    cpu, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 @torch.no_grad()

@@ -5,11 +5,15 @@ own transform, runs the mixed batch through the backbone once, sums the weighted
 takes one optimiser step. Checkpoints hold everything needed to resume exactly (weights,
 optimiser, EMA, torch RNG, sampler position); the LR schedule is a pure function of the step.
 Under torchrun every rank takes its slice of every task's share of the global batch.
+
+Every `train.eval_every` steps (default: at each checkpoint) and at the end, the eval model is
+scored on every task's eval split (`ufo.train.evaluate`) with the random states restored after,
+so validation never changes the run; the results go to RUN/metrics.json, val_metrics.csv,
+TensorBoard and RUN/train.log (`ufo.train.logs`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -30,8 +34,9 @@ from ufo.runlock import run_lock
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
 from ufo.train import fsdp
-from ufo.train.evaluate import evaluate_tasks
+from ufo.train.evaluate import evaluate_tasks, rng_preserved
 from ufo.train.init import apply_init
+from ufo.train.logs import LOGGER, EvalHistory, Metrics, MetricLog, format_metrics, run_log
 from ufo.train.optim import build_optimizer, set_lr
 from ufo.train.state import load_train_state, save_train_state
 from ufo.train.store import build_model, resolve_train_arch, save_model
@@ -53,6 +58,8 @@ class TrainStep(nn.Module):
 
 
 class Trainer:
+    evaluates = True  # validation applies: the task heads are trained (not so in MIM pre-training)
+
     def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
                  show_progress: bool = True) -> None:
         self.cfg, self.out, self.t = cfg, Path(out), cfg.train
@@ -88,6 +95,7 @@ class Trainer:
                                                                          static=self.steps_alike())
         self.step = 0
         self.bad_steps = 0
+        self.final_metrics: Metrics | None = None  # the last evaluation (rank 0), once fit() has run
 
     # ----- set-up -----
     def _sampler(self) -> MixedTaskSampler:
@@ -128,6 +136,13 @@ class Trainer:
     @property
     def ckpt_path(self) -> Path:
         return self.out / "checkpoints" / "latest.safetensors"
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between validations: `train.eval_every`, by default `train.ckpt_every`; 0: none."""
+        if not self.evaluates:
+            return 0
+        return self.t.ckpt_every if self.t.eval_every is None else self.t.eval_every
 
     def _manifest(self) -> dict[str, Any]:
         return {"config": self.cfg.model_dump(mode="json"), "arch": self.arch.model_dump(), "world_size": self.world}
@@ -228,20 +243,45 @@ class Trainer:
     # ----- the run -----
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to `train.steps` (from the latest checkpoint with `resume`); rank 0 holds the run
-        folder's lock throughout, so a second process on the same folder stops at once."""
-        with run_lock(self.out, self.rank):
+        folder's lock throughout, so a second process on the same folder stops at once. What the run
+        reports is appended to RUN/train.log."""
+        with run_lock(self.out, self.rank), run_log(self.out / "train.log", enabled=self.rank == 0):
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.resume():
+        self._log_start()
+        resumed = resume and self.resume()
+        if resumed:
             dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
         elif apply_init(self.model, self.cfg, self.out) is not None and self.ema is not None:
             self.ema.set(self.model)  # resumed runs restore their weights; fresh ones start from cfg.init
+        if not resumed and self.rank == 0:
+            LOGGER.info(f"fresh start (init: {self.cfg.init.kind})")
         if self.fsdp:
             self._shard()
-        log = MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0,
-                        extra_fields=self.log_fields())
+        every = self.eval_every
+        history = EvalHistory(self.out / "metrics.json", self.step, self._history_header(),
+                              enabled=self.rank == 0 and every > 0)
+        with MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0,
+                       extra_fields=self.log_fields(), validation=every > 0) as log:
+            summary = self._steps(log, history)
+            self.finish()
+            final = self._gathered() if self.fsdp else self.eval_model()
+            if every:  # the shipped weights, scored as the history's last point
+                self._record(self.step, self.validate(final), log, history, final=True)
+        if self.rank == 0:
+            save_model(self.out / "model.safetensors", final, self.cfg, self.arch)
+            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
+            LOGGER.info(f"finished {self.step} steps at {summary['images_per_s']:.1f} images/s; "
+                        f"model: {self.out / 'model.safetensors'}")
+        dist.barrier()
+        return summary
+
+    def _steps(self, log: MetricLog, history: EvalHistory) -> dict[str, Any]:
+        """The steps from here to `train.steps`, with their logging, validations and checkpoints;
+        returns the run's summary (throughput, time to the first step, skipped images)."""
+        every = self.eval_every
         t0, images, startup = time.perf_counter(), 0.0, None
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
@@ -257,31 +297,77 @@ class Trainer:
                 if self.step % self.t.log_every == 0 or self.step == self.t.steps:
                     row["images_per_s"] = images / (time.perf_counter() - t0)
                     log.write(self.step, row)
+                    if self.rank == 0:
+                        LOGGER.info(step_line(self.step, self.t.steps, row))
                     progress.update(bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items()
                                                          if k.startswith("loss/")))
+                if every and self.step % every == 0 and self.step < self.t.steps:  # the last step: in _fit
+                    self._record(self.step, self.validate(), log, history)
                 if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
-                    self.save()
+                    self.save()  # after the validation, so a checkpoint's history is complete
                 progress.update(bar, completed=self.step)
-        log.close()
         self.loader.close()
         summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0),
                    "first_step_s": startup}
         if self.loader.skipped:
             summary["skipped_images"] = dict(self.loader.skipped)
             dist.warn(f"unreadable training images replaced (on_error: skip): {dict(self.loader.skipped)}")
-        self.finish()
-        final = self.eval_model()
-        if self.fsdp:  # a plain copy of the gathered weights
-            state, _ = fsdp.full_state(self.step_module)
-            final = build_model(self.cfg, {n: h.num_classes for n, h in self.model.heads.items()})
-            if self.rank == 0:
-                final.load_state_dict(state)
-            final.set_arch(self.arch)
-        if self.rank == 0:
-            save_model(self.out / "model.safetensors", final, self.cfg, self.arch)
-            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
-        dist.barrier()
         return summary
+
+    # ----- validation and the run log -----
+    def _gathered(self) -> UFOModel:
+        """FSDP: a plain model holding the gathered weights on rank 0 (fresh ones elsewhere), at
+        the training arch. Every rank must call it."""
+        state, _ = fsdp.full_state(self.step_module)
+        model = build_model(self.cfg, {n: h.num_classes for n, h in self.model.heads.items()})
+        if self.rank == 0:
+            model.load_state_dict(state)
+        model.set_arch(self.arch)
+        return model
+
+    def validate(self, model: UFOModel | None = None) -> Metrics | None:
+        """Every task's metrics on its eval split, computed on rank 0 (None on the others) while
+        the rest wait. `model` defaults to the eval model at the training arch (under FSDP a
+        gathered copy, so every rank must call this). The global random states are restored
+        after: validating never changes what training draws, and resume stays exact."""
+        with rng_preserved():
+            if model is None:
+                model = self._gathered().to(self.device) if self.fsdp else self.eval_model()
+                model.set_arch(self.arch)
+            metrics = evaluate_tasks(model, self.data, self.cfg) if self.rank == 0 else None
+        dist.barrier()
+        return metrics
+
+    def _record(self, step: int, metrics: Metrics | None, log: MetricLog, history: EvalHistory,
+                final: bool = False) -> None:
+        """A validation's results into val_metrics.csv, TensorBoard, metrics.json and the log."""
+        if metrics is None:  # ranks other than 0
+            return
+        if final:
+            self.final_metrics = metrics
+            history.final(step, metrics, self._history_header()["primary_metric"])
+        else:
+            history.add(step, metrics)
+        log.write_val(step, metrics)
+        dist.info(f"step {step} {'final evaluation' if final else 'validation'}: {format_metrics(metrics)}")
+
+    def _history_header(self) -> dict[str, Any]:
+        return {"stage": self.t.stage, "steps": self.t.steps, "eval_every": self.eval_every,
+                "primary_metric": {t: task_class(tc.kind).primary for t, tc in self.cfg.tasks.items()}}
+
+    def _log_start(self) -> None:
+        """The run log's first lines: what runs where, and the versions (also RUN/provenance.json)."""
+        if self.rank != 0:
+            return
+        from ufo.provenance import provenance, summary_line
+
+        prov = provenance(self.cfg.seed)
+        atomic_write_text(self.out / "provenance.json", json.dumps(prov, indent=2))
+        every = self.eval_every
+        LOGGER.info(f"start {self.cfg.name}: stage {self.t.stage}, {self.t.steps} steps of {self.t.batch_size} "
+                    f"images, tasks {', '.join(self.cfg.task_names)}; world size {self.world}, device {self.device}; "
+                    f"seed {self.cfg.seed}; validation " + (f"every {every} steps" if every else "off"))
+        LOGGER.info(summary_line(prov))
 
     def eval_model(self) -> UFOModel:
         """The weights to evaluate and ship: the EMA when there is one."""
@@ -291,46 +377,17 @@ class Trainer:
         return evaluate_tasks(self.eval_model(), self.data, self.cfg)
 
 
+def step_line(step: int, steps: int, row: dict[str, float]) -> str:
+    """`step S/N loss=... loss/TASK=... lr=... img/s=...` for the run log (the total loss first)."""
+    losses = sorted((k for k in row if k == "loss" or k.startswith("loss/")), key=lambda k: k != "loss")
+    parts = [f"step {step}/{steps}", *(f"{k}={row[k]:.4f}" for k in losses)]
+    parts += [f"lr={row['lr']:.3g}"] if "lr" in row else []
+    parts += [f"img/s={row['images_per_s']:.1f}"] if "images_per_s" in row else []
+    return " ".join(parts) + (" (step skipped: non-finite loss)" if row.get("skipped") else "")
+
+
 def seconds_since_process_start() -> float:
     """Wall time since this process was created (imports and data set-up included)."""
     import psutil
 
     return time.time() - psutil.Process().create_time()
-
-
-class MetricLog:
-    """metrics.csv (rows past a resumed step are dropped, so the log matches the weights) and
-    TensorBoard scalars."""
-
-    def __init__(self, out: Path, tasks: list[str], start_step: int, enabled: bool = True,
-                 extra_fields: list[str] | None = None) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        self.path = out / "metrics.csv"
-        self.fields = ["step", "loss", *(f"loss/{t}" for t in tasks), "lr", "images_per_s", "skipped",
-                       *(extra_fields or [])]
-        rows = []
-        if self.path.exists() and start_step > 0:
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        self.file = open(self.path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-
-    def write(self, step: int, row: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.writer.writerow({"step": step, **row})
-        self.file.flush()
-        for k, v in row.items():
-            self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()

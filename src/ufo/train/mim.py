@@ -138,6 +138,8 @@ class MimTrainer(Trainer):
     """Trainer whose model is `SimMIM` and whose step is the masked-pixel loss; the loop,
     checkpoints (exact resume), schedule, logging and the final model file are inherited."""
 
+    evaluates = False  # the task heads are never trained, so their metrics would say nothing
+
     def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
                  show_progress: bool = True) -> None:
         super().__init__(cfg, out, data, show_progress)  # data, sampler, transforms, device: all the Trainer's
