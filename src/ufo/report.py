@@ -4,9 +4,13 @@ contained: every image inline as a base64 data URI) and RUN_DIR/report/report.md
 It reads what the stages wrote (each stage's metrics.json / search.json / extract.json /
 export.json and done.json) and shows, for every stage that has run: the per-task metrics table
 (single-task baselines, All in One, task supernet, chip supernet, the chosen subnet, its ONNX
-and INT8 exports), the routing map, the metric-vs-parameters plot of inherited subnets, each
-task's Pareto front with the chosen subnet marked, the exported models (size, latency, parity)
-and the commands that serve or export them. Stages that have not run are named as missing.
+and INT8 exports), each training stage's loss and validation curves, the routing map, the
+metric-vs-parameters plot of inherited subnets, each task's Pareto front with the chosen subnet
+marked, each task's evaluation figure on the test split (confusion matrix, ROC, CMC or Recall@K;
+`ufo.report_figures`), the exported models (size, latency, parity), the commands that serve or
+export them, and the run's provenance (versions, seed, hardware, git commit, the config). Stages
+that have not run are named as missing. Figures drawn here are written to RUN_DIR/report/ too,
+which the Markdown links to.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import yaml
 from ufo.checkpoint import atomic_write_text
 from ufo.errors import UFOError
 from ufo.runlock import locks
-from ufo.tasks import task_class
+from ufo.tasks import TaskData, task_class
 
 STAGE_ORDER = ("all_in_one", "task_supernet", "chip_supernet", "predictors", "search", "extract", "export", "report")
 
@@ -156,6 +160,28 @@ def commands(run_dir: Path, run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def provenance_table(run_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """Versions, machine and commit of each training stage (its provenance.json, written when it
+    started) and of this report."""
+    from ufo.provenance import provenance
+
+    cols = ["written by", "ufo", "torch", "timm", "python", "CPU", "cores", "GPU", "git commit", "time (UTC)"]
+    found = [(s, _json(run_dir / s / "provenance.json")) for s in STAGE_ORDER]
+    rows = []
+    for who, p in [*((s, p) for s, p in found if p), ("this report", provenance())]:
+        v, h = p.get("versions") or {}, p.get("hardware") or {}
+        rows.append([who, *(str(v.get(k, "–")) for k in ("ufo", "torch", "timm", "python")), str(h.get("cpu", "–")),
+                     str(h.get("cores", "–")), ", ".join(h.get("gpus") or []) or "none",
+                     _short_commit(p.get("git_commit")), str(p.get("time", "–"))])
+    return cols, rows
+
+
+def _short_commit(commit: str | None) -> str:
+    if not commit:
+        return "–"
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def images(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]]:
     """(section, caption, file) of every figure that exists."""
     out = []
@@ -203,8 +229,12 @@ li.warn{color:#8a4b00}"""
 
 
 @locks("run_dir", create=False)
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write RUN_DIR/report/index.html and report.md; returns both paths."""
+def write_report(run_dir: str | Path, data: dict[str, TaskData] | None = None) -> tuple[Path, Path]:
+    """Write RUN_DIR/report/index.html and report.md; returns both paths. The task evaluation
+    figures score the final models on the tasks' test splits: `data` (each task's data, as `ufo run`
+    holds it) or, when not given, the data the run's config names, read here."""
+    from ufo.report_figures import curve_figures, training_figures
+
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg = run["cfg"]
@@ -216,7 +246,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
              "task's budget, extracted as a plain timm ViT plus head.")
     sections = [("Metrics per task", metrics_table(run)), ("Search under each task's budget", search_table(run)),
                 ("Exported models", export_table(run)), ("Stages", stage_table(run))]
-    figs = images(run_dir, run)
+    task_figs, notes = curve_figures(run_dir, run, out, data)
+    figs = training_figures(run_dir, out) + images(run_dir, run) + task_figs
     cmds = commands(run_dir, run)
     md = [f"# {title}", "", intro, ""]
     doc = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
@@ -234,16 +265,27 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             md += [f"## {section}", ""]
             doc.append(f"<h2>{section}</h2>")
             last = section
-        rel = Path("..") / f.relative_to(run_dir)
+        rel = f.relative_to(out) if f.parent == out else Path("..") / f.relative_to(run_dir)
         md += [f"![{caption}]({rel.as_posix()})", "", f"*{caption}*", ""]
         doc.append(f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(f)}">'
                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if notes:
+        md += ["## Task evaluation", "", *notes, ""] if last != "Task evaluation" else [*notes, ""]
+        doc += (["<h2>Task evaluation</h2>"] if last != "Task evaluation" else []) + [
+            f"<p>{html.escape(n)}</p>" for n in notes]
     if cmds:
         md += ["## Serve or export", "", "```bash", *cmds, "```", ""]
         doc += ["<h2>Serve or export</h2>", f"<pre>{html.escape(chr(10).join(cmds))}</pre>"]
     name, (cols, rows) = sections[3]
     md += [f"## {name}", "", _md_table(cols, rows), ""]
     doc += [f"<h2>{name}</h2>", _html_table(cols, rows)]
+    cols, rows = provenance_table(run_dir)
+    config = yaml.safe_dump(cfg, sort_keys=False)
+    seed = f"Seed: {cfg.get('seed', '–')}. Each training stage's versions and machine (its provenance.json), then this report's."
+    md += ["## Provenance", "", seed, "", _md_table(cols, rows), "", "### Config", "", "```yaml", config.rstrip(), "```",
+           ""]
+    doc += ["<h2>Provenance</h2>", f"<p>{html.escape(seed)}</p>", _html_table(cols, rows),
+            f"<details><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>"]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(doc) + "\n</body></html>\n")
     atomic_write_text(out / "index.html", page)

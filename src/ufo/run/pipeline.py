@@ -51,7 +51,7 @@ def _data_of(cfg: Config) -> dict[str, Any]:
 def _report(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     from ufo.report import write_report
 
-    paths = write_report(ctx.run_dir)
+    paths = write_report(ctx.run_dir, data=ctx.data)  # the data the stages read: no second read
     return list(paths), {"html": str(paths[0])}
 
 
