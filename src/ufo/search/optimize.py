@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import optuna
 from pydantic import BaseModel, ConfigDict
 
 from ufo.arch import Arch, SearchSpace
+from ufo.optional import require
+
+if TYPE_CHECKING:
+    import optuna
 
 # (archs) -> (predicted metric, its std, cost, constraint values (<= 0 is feasible)) per arch
 Scorer = Callable[[list[Arch]], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -38,7 +41,7 @@ class Point(BaseModel):
     trial: int
 
 
-def propose(trial: optuna.trial.Trial, space: SearchSpace, paths: Sequence[str], task: str) -> Arch:
+def propose(trial: "optuna.trial.Trial", space: SearchSpace, paths: Sequence[str], task: str) -> Arch:
     """The arch an optuna trial proposes; `paths` is the task's route over the largest depth."""
     d = trial.suggest_categorical("depth", space.depth)
     e = trial.suggest_categorical("embed_dim", space.embed_dim)
@@ -62,6 +65,7 @@ def nsga2_search(space: SearchSpace, task: str, paths: Sequence[str], score: Sco
                  population: int = 50, seed: int = 0) -> tuple[list[Point], float]:
     """Run `trials` NSGA-II trials; returns every distinct arch scored (first trial that proposed
     it) and the wall time in seconds."""
+    optuna = require("optuna")  # the [search] extra
     optuna.logging.set_verbosity(logging.WARNING)
 
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
