@@ -180,10 +180,8 @@ def test_serve_without_the_serve_extra_is_one_line(monkeypatch, tmp_path):
 
 
 def test_search_without_the_search_extra_is_one_line(monkeypatch, tmp_path):
-    # ufo.search.optimize imports optuna at the top: the CLI turns that import error into the same line
+    # the search asks for optuna first thing (ufo.optional.require), before it reads the run
     monkeypatch.setitem(sys.modules, "optuna", None)
-    for m in ("ufo.search.pipeline", "ufo.search.optimize"):
-        monkeypatch.delitem(sys.modules, m, raising=False)
     res = invoke("search", str(tmp_path), "-t", "a", "--out", str(tmp_path / "s"), "--max-params", "1e6")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "pip install 'ufo-vision[search]'" in res.output

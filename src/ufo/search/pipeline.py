@@ -29,6 +29,7 @@ from ufo.arch import Arch
 from ufo.checkpoint import atomic_write_text, read_manifest
 from ufo.errors import CheckpointError, InfeasibleBudget, SearchError
 from ufo.flags import predictor_flag
+from ufo.optional import require
 from ufo.runlock import locks, run_lock
 from ufo.search.features import FEATURES, arch_features
 from ufo.search.latency import (BACKENDS, DEFAULT_THREADS, Latency, LatencyDataset, check_backend, collect,
@@ -341,6 +342,7 @@ def search_task(run_dir: str | Path, task: str, *, max_latency_ms: float | None 
     from the smallest subnet's latency (its upper quartile + 5%) to the largest's, timed together
     with every measurement of candidates (`ufo.search.latency.fraction_budget`)."""
     t_start = time.perf_counter()
+    require("optuna")  # NSGA-II needs the [search] extra: say so before any work
     budget = _check_budgets(max_latency_ms, max_params, max_flops, backend, max_latency_fraction)
     if trials < 1 or top_k < 1:
         raise SearchError(f"trials={trials}, top_k={top_k}: both must be at least 1")
