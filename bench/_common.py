@@ -14,9 +14,10 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -57,20 +58,29 @@ def load_average() -> list[float] | None:
 def target(name: str, value: float, op: Op, target: float) -> dict[str, Any]:
     """One target row: whether `value op target` holds."""
     checks: dict[str, Callable[[float, float], bool]] = {
-        "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b,
-        ">": lambda a, b: a > b, "==": lambda a, b: a == b,
+        "<=": lambda a, b: a <= b,
+        "<": lambda a, b: a < b,
+        ">=": lambda a, b: a >= b,
+        ">": lambda a, b: a > b,
+        "==": lambda a, b: a == b,
     }
     return {"name": name, "value": value, "op": op, "target": target, "met": bool(checks[op](value, target))}
 
 
 def progress() -> Progress:
     """A rich progress bar with the columns every benchmark uses."""
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3,
-                     on_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 3, on_round: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Milliseconds per call of each function, measured in alternating rounds.
 
     Each round calls every function once; the order is reversed on odd rounds so neither side
@@ -83,7 +93,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup:
             fns[n]()
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             fns[n]()
             out[n].append((time.perf_counter() - t0) * 1e3)
@@ -139,25 +149,33 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
-def markdown(name: str, machine: Mapping[str, Any], date: str, command: str,
-             results: Mapping[str, Any], targets: list[dict[str, Any]]) -> str:
+def markdown(
+    name: str,
+    machine: Mapping[str, Any],
+    date: str,
+    command: str,
+    results: Mapping[str, Any],
+    targets: list[dict[str, Any]],
+) -> str:
     """The markdown report: header, targets table, then every result leaf as `key | value`."""
     lines = [f"# Benchmark: {name}", "", f"- date: {date}", f"- command: `{command}`"]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     lines += ["", "## Targets", "", "| target | value | op | goal | met |", "|---|---|---|---|---|"]
-    lines += [f"| {t['name']} | {_fmt(t['value'])} | {t['op']} | {_fmt(t['target'])} | {_fmt(t['met'])} |"
-              for t in targets]
+    lines += [
+        f"| {t['name']} | {_fmt(t['value'])} | {t['op']} | {_fmt(t['target'])} | {_fmt(t['met'])} |" for t in targets
+    ]
     lines += ["", "## Results", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(results)]
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, results: Mapping[str, Any], targets: list[dict[str, Any]],
-                  command: str | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str, results: Mapping[str, Any], targets: list[dict[str, Any]], command: str | None = None
+) -> tuple[Path, Path]:
     """Write bench/results/<name>.json and <name>.md; return their paths."""
     command = command or " ".join([Path(sys.executable).name, *sys.argv])
     machine = machine_info()
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine, "date": date, "command": command, "results": results, "targets": targets}
     jpath, mpath = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"

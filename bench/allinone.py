@@ -50,16 +50,20 @@ def suite_config(steps: int, extra: list[str]) -> Config:
 
 def run(name: str, cfg: Config, data: dict[str, TaskData], out: Path) -> dict[str, Any]:
     """Train one config on (a subset of) the prepared data; evaluate every task it has."""
-    print(f"\n== {name}: tasks {cfg.task_names}, {cfg.train.steps} steps, sampler {cfg.train.sampler}, "
-          f"init {cfg.init.kind}")
+    print(
+        f"\n== {name}: tasks {cfg.task_names}, {cfg.train.steps} steps, sampler {cfg.train.sampler}, "
+        f"init {cfg.init.kind}"
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, out / name, data={n: data[n] for n in cfg.task_names})
     summary = trainer.fit()
     train_s = time.perf_counter() - t0
     metrics = trainer.evaluate()
     primary = {n: metrics[n][task_class(cfg.tasks[n].kind).primary] for n in cfg.task_names}
-    print(f"   {train_s:.0f} s, {summary['images_per_s']:.0f} images/s: "
-          + ", ".join(f"{n} {v:.4f}" for n, v in primary.items()))
+    print(
+        f"   {train_s:.0f} s, {summary['images_per_s']:.0f} images/s: "
+        + ", ".join(f"{n} {v:.4f}" for n, v in primary.items())
+    )
     return {"primary": primary, "metrics": metrics, "train_s": train_s, "images_per_s": summary["images_per_s"]}
 
 
@@ -91,9 +95,13 @@ def throughput(cfg: Config, data: dict[str, TaskData], out: Path, rounds: int) -
     times = time_interleaved({"ufo": ufo.train_step, "timm": ref.train_step}, repeats=rounds, warmup=3)
     c = compare(times, "timm", "ufo")  # ratio = timm step time / UFO step time
     batch = cfg.train.batch_size
-    return {"batch": batch, "ufo_images_per_s": batch / (c["ufo_ms"]["median"] / 1e3),
-            "timm_images_per_s": batch / (c["timm_ms"]["median"] / 1e3),
-            "ufo_over_timm_throughput": c["ratio"], "step_ms": c}
+    return {
+        "batch": batch,
+        "ufo_images_per_s": batch / (c["ufo_ms"]["median"] / 1e3),
+        "timm_images_per_s": batch / (c["timm_ms"]["median"] / 1e3),
+        "ufo_over_timm_throughput": c["ratio"],
+        "step_ms": c,
+    }
 
 
 def bar_chart(results: dict[str, Any], tasks: list[str], path: Path) -> None:
@@ -102,8 +110,11 @@ def bar_chart(results: dict[str, Any], tasks: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [("single-task", results["single"]), ("All in One (hetero)", results["allinone_hetero"]),
-              ("All in One (one task/step)", results["allinone_round_robin"])]
+    series = [
+        ("single-task", results["single"]),
+        ("All in One (hetero)", results["allinone_hetero"]),
+        ("All in One (one task/step)", results["allinone_round_robin"]),
+    ]
     if "allinone_mim" in results:
         series.append(("All in One (MIM init)", results["allinone_mim"]))
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -141,9 +152,12 @@ def main() -> None:
     tasks = cfg.task_names
     kinds = {n: cfg.tasks[n].kind for n in tasks}
     results: dict[str, Any] = {
-        "quick": args.quick, "steps_per_run": steps, "batch_size": cfg.train.batch_size,
+        "quick": args.quick,
+        "steps_per_run": steps,
+        "batch_size": cfg.train.batch_size,
         "model": {k: v for k, v in cfg.model.model_dump().items() if k not in ("mean", "std", "paths")},
-        "train_images": {n: len(data[n].train) for n in tasks}, "kinds": kinds,
+        "train_images": {n: len(data[n].train) for n in tasks},
+        "kinds": kinds,
         "primary_metric": {n: task_class(kinds[n]).primary for n in tasks},
     }
     runs: dict[str, Any] = {}
@@ -167,14 +181,17 @@ def main() -> None:
         results["allinone_mim"] = runs["allinone_mim"]["primary"]
         results["mim_pretrain_s"] = runs["mim_pretrain_s"]
     results["delta_hetero_vs_single"] = {t: results["allinone_hetero"][t] - results["single"][t] for t in tasks}
-    results["delta_hetero_vs_round_robin"] = {t: results["allinone_hetero"][t] - results["allinone_round_robin"][t]
-                                              for t in tasks}
+    results["delta_hetero_vs_round_robin"] = {
+        t: results["allinone_hetero"][t] - results["allinone_round_robin"][t] for t in tasks
+    }
     results["all_metrics"] = {k: v["metrics"] for k, v in runs.items() if isinstance(v, dict)}
     results["train_s"] = {k: round(v["train_s"], 1) for k, v in runs.items() if isinstance(v, dict)}
     single_total = sum(runs[f"single_{t}"]["train_s"] for t in tasks)
-    results["compute"] = {"allinone_train_s": round(runs["allinone_hetero"]["train_s"], 1),
-                          "singles_total_train_s": round(single_total, 1),
-                          "allinone_share_of_singles": runs["allinone_hetero"]["train_s"] / single_total}
+    results["compute"] = {
+        "allinone_train_s": round(runs["allinone_hetero"]["train_s"], 1),
+        "singles_total_train_s": round(single_total, 1),
+        "allinone_share_of_singles": runs["allinone_hetero"]["train_s"] / single_total,
+    }
     results["throughput"] = tp
     results["load_average"] = {"before": load_before, "after": load_average()}
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -182,14 +199,19 @@ def main() -> None:
     wins = sum(results["allinone_hetero"][t] >= results["single"][t] for t in tasks)
     targets = [
         target("tasks where All in One >= its single-task baseline (1/T of the compute)", wins, ">=", 4),
-        target("training throughput, UFO supernet / timm ViT of the same shape (same loop)",
-               tp["ufo_over_timm_throughput"], ">=", 1 / 1.15),
+        target(
+            "training throughput, UFO supernet / timm ViT of the same shape (same loop)",
+            tp["ufo_over_timm_throughput"],
+            ">=",
+            1 / 1.15,
+        ),
     ]
     png = RESULTS_DIR / "allinone.png"
     bar_chart(results, tasks, png)
     results["plot"] = png.name
-    jpath, mpath = write_results("allinone", results, targets,
-                                 command=".venv/bin/python bench/allinone.py" + (" --quick" if args.quick else ""))
+    jpath, mpath = write_results(
+        "allinone", results, targets, command=".venv/bin/python bench/allinone.py" + (" --quick" if args.quick else "")
+    )
     _append_table(mpath, results, tasks)
     for t in targets:
         print(f"{'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.4g} {t['op']} {t['target']:.4g}")
@@ -209,21 +231,32 @@ def mim_pretrain(cfg: Config, data: dict[str, TaskData], out: Path, steps: int) 
 
 def _append_table(path: Path, results: dict[str, Any], tasks: list[str]) -> None:
     """The per-task comparison, first in the markdown file, as people read it."""
-    cols = [("single-task", "single"), ("All in One hetero", "allinone_hetero"),
-            ("All in One one-task/step", "allinone_round_robin")]
+    cols = [
+        ("single-task", "single"),
+        ("All in One hetero", "allinone_hetero"),
+        ("All in One one-task/step", "allinone_round_robin"),
+    ]
     if "allinone_mim" in results:
         cols.append(("All in One MIM init", "allinone_mim"))
-    lines = ["## Per task (primary metric, test split)", "",
-             "| task | kind | metric | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|---|---|" + "---|" * len(cols)]
+    lines = [
+        "## Per task (primary metric, test split)",
+        "",
+        "| task | kind | metric | " + " | ".join(c for c, _ in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
     for t in tasks:
         best = max(results[k][t] for _, k in cols)
         cells = [f"**{results[k][t]:.4f}**" if results[k][t] == best else f"{results[k][t]:.4f}" for _, k in cols]
         lines.append(f"| {t} | {results['kinds'][t]} | {results['primary_metric'][t]} | " + " | ".join(cells) + " |")
     tp = results["throughput"]
-    lines += ["", f"Throughput (batch {tp['batch']}, same loop): UFO {tp['ufo_images_per_s']:.0f} images/s, "
-              f"timm ViT {tp['timm_images_per_s']:.0f} images/s.", "",
-              f"![per-task bars]({results['plot']})", ""]
+    lines += [
+        "",
+        f"Throughput (batch {tp['batch']}, same loop): UFO {tp['ufo_images_per_s']:.0f} images/s, "
+        f"timm ViT {tp['timm_images_per_s']:.0f} images/s.",
+        "",
+        f"![per-task bars]({results['plot']})",
+        "",
+    ]
     text = path.read_text()
     head, sep, rest = text.partition("## Targets")
     path.write_text(head + "\n".join(lines) + "\n" + sep + rest)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -46,8 +47,16 @@ QUICK = Plan(b1=10, b32=4, train=3, warmup=1)
 
 
 def make_space() -> ufo.SearchSpace:
-    return ufo.SearchSpace(tasks=TASKS, depth=[4, 5, 6], embed_dim=[128, 160, 192], num_heads=[2, 3],
-                           mlp_ratio=[2.0, 3.0, 4.0], head_dim=64, img_size=32, patch_size=4)
+    return ufo.SearchSpace(
+        tasks=TASKS,
+        depth=[4, 5, 6],
+        embed_dim=[128, 160, 192],
+        num_heads=[2, 3],
+        mlp_ratio=[2.0, 3.0, 4.0],
+        head_dim=64,
+        img_size=32,
+        patch_size=4,
+    )
 
 
 def with_paths(space: ufo.SearchSpace, arch: ufo.Arch, path: str) -> ufo.Arch:
@@ -59,37 +68,57 @@ def mid_arch(space: ufo.SearchSpace) -> tuple[int, ufo.Arch]:
     """The first sampled arch of middle depth and width whose "cls" route uses all three paths."""
     for seed in range(1000):
         a = space.sample(seed)
-        if (a.depth == space.depth[1] and a.embed_dim == space.embed_dim[1]
-                and set(a.paths["cls"]) == {"shared", "task", "mix"}):
+        if (
+            a.depth == space.depth[1]
+            and a.embed_dim == space.embed_dim[1]
+            and set(a.paths["cls"]) == {"shared", "task", "mix"}
+        ):
             return seed, a
     raise RuntimeError("no mid-size arch with mixed paths in the first 1000 seeds")
 
 
 def timm_vit() -> VisionTransformer:
     """The reference timm ViT of the DESIGN shape (embed 192, depth 6, 3 heads of 64)."""
-    return VisionTransformer(img_size=32, patch_size=4, num_classes=0, embed_dim=192, depth=6, num_heads=3,
-                             mlp_ratio=4, qkv_bias=True, global_pool="token")
+    return VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        num_classes=0,
+        embed_dim=192,
+        depth=6,
+        num_heads=3,
+        mlp_ratio=4,
+        qkv_bias=True,
+        global_pool="token",
+    )
 
 
 def eval_fn(model: nn.Module, x: torch.Tensor, *task: Any) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             model(x, *task)
+
     return run
 
 
 def train_fn(model: nn.Module, x: torch.Tensor, *task: Any) -> Callable[[], None]:
     """One forward+backward with a scalar loss, then zeroed gradients (as a training step would)."""
+
     def run() -> None:
         loss = model(x, *task).float().pow(2).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
+
     return run
 
 
 def describe(arch: ufo.Arch, task: str) -> dict[str, Any]:
-    return {"depth": arch.depth, "embed_dim": arch.embed_dim, "num_heads": arch.num_heads,
-            "mlp_ratio": arch.mlp_ratio, "paths": list(arch.paths[task])}
+    return {
+        "depth": arch.depth,
+        "embed_dim": arch.embed_dim,
+        "num_heads": arch.num_heads,
+        "mlp_ratio": arch.mlp_ratio,
+        "paths": list(arch.paths[task]),
+    }
 
 
 def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -121,16 +150,27 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     jobs: list[tuple[str, str, int, dict[str, Callable[[], None]]]] = [
         ("extract_vs_timm", "batch1", plan.b1, {"extracted": eval_fn(sub, x1), "timm": eval_fn(vit, x1)}),
         ("extract_vs_timm", "batch32", plan.b32, {"extracted": eval_fn(sub, x32), "timm": eval_fn(vit, x32)}),
-        ("train_vs_timm", "batch64", plan.train, {
-            "supernet": train_fn(train_single, x64, "cls"),
-            "supernet_mixed": train_fn(train_mixed, x64, mixed_ids),
-            "timm": train_fn(vit_train, x64),
-        }),
+        (
+            "train_vs_timm",
+            "batch64",
+            plan.train,
+            {
+                "supernet": train_fn(train_single, x64, "cls"),
+                "supernet_mixed": train_fn(train_mixed, x64, mixed_ids),
+                "timm": train_fn(vit_train, x64),
+            },
+        ),
     ]
-    for name, (arch, m, ex) in eval_models.items():
+    for name, (_arch, m, ex) in eval_models.items():
         for b, x, n in (("batch1", x1, plan.b1), ("batch32", x32, plan.b32)):
-            jobs.append(("supernet_vs_extracted", f"{name}.{b}", n,
-                         {"supernet": eval_fn(m, x, "cls"), "extracted": eval_fn(ex, x)}))
+            jobs.append(
+                (
+                    "supernet_vs_extracted",
+                    f"{name}.{b}",
+                    n,
+                    {"supernet": eval_fn(m, x, "cls"), "extracted": eval_fn(ex, x)},
+                )
+            )
 
     times: dict[tuple[str, str], dict[str, list[float]]] = {}
     load_before = load_average()
@@ -148,20 +188,27 @@ def run(plan: Plan, quick: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     results: dict[str, Any] = {
         "quick": quick,
         "load_average": {"before": load_before, "after": load_average()},
-        "plan": {"rounds_batch1": plan.b1, "rounds_batch32": plan.b32, "rounds_train": plan.train,
-                 "warmup": plan.warmup},
+        "plan": {
+            "rounds_batch1": plan.b1,
+            "rounds_batch32": plan.b32,
+            "rounds_train": plan.train,
+            "warmup": plan.warmup,
+        },
         "shape": SHAPE,
         "archs": {"largest_shared": describe(shared, "cls"), "mid": {"seed": seed, **describe(mid, "cls")}},
-        "extract_vs_timm": {b: compare(times["extract_vs_timm", b], "extracted", "timm")
-                            for b in ("batch1", "batch32")},
+        "extract_vs_timm": {
+            b: compare(times["extract_vs_timm", b], "extracted", "timm") for b in ("batch1", "batch32")
+        },
         "train_vs_timm": {
             "batch64": compare(times["train_vs_timm", "batch64"], "supernet", "timm"),
             "batch64_mixed": compare(times["train_vs_timm", "batch64"], "supernet_mixed", "timm"),
             "batch64_mixed_vs_single": compare(times["train_vs_timm", "batch64"], "supernet_mixed", "supernet"),
         },
         "supernet_vs_extracted": {
-            name: {b: compare(times["supernet_vs_extracted", f"{name}.{b}"], "supernet", "extracted")
-                   for b in ("batch1", "batch32")}
+            name: {
+                b: compare(times["supernet_vs_extracted", f"{name}.{b}"], "supernet", "extracted")
+                for b in ("batch1", "batch32")
+            }
             for name in eval_models
         },
         "set_arch_ms": set_arch_ms,

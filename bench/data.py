@@ -28,6 +28,7 @@ quality 92), 100 classes. The 20,000-file folder is the first quarter of the 80,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,8 +44,9 @@ import numpy as np
 import psutil
 import torch
 import yaml
-from _common import load_average, progress, quantiles, target, write_results
 from PIL import Image, ImageDraw
+
+from _common import load_average, progress, quantiles, target, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,6 +55,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ----- the JPEG folders -----
+
 
 def _photo(i: int) -> Image.Image:
     """A photo-like image: a smooth colour field, a dozen shapes and sensor noise (compresses to ~100 KB)."""
@@ -104,16 +107,31 @@ def make_folders(data_dir: Path, n_large: int, n_base: int, classes: int) -> tup
 
 # ----- 1. decode + augment throughput -----
 
+
 def _torchvision_loader(root: Path, batch: int, workers: int, prefetch: int):
     from torch.utils.data import DataLoader
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    tf = v2.Compose([v2.RandomResizedCrop(224, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                     v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    tf = v2.Compose(
+        [
+            v2.RandomResizedCrop(224, scale=(0.08, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
     ds = datasets.ImageFolder(str(root), transform=tf)
-    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True,
-                    prefetch_factor=prefetch, drop_last=True)
+    dl = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=True,
+        prefetch_factor=prefetch,
+        drop_last=True,
+    )
     it = iter(dl)
     return lambda: next(it)[0], lambda: None
 
@@ -136,9 +154,12 @@ def throughput(root: Path, rounds: int, batches: int, batch: int, workers: int, 
     with progress() as bar:
         job = bar.add_task("decode+augment 224 px", total=2 * rounds)
         for r in range(rounds):
-            for name in (("ufo", "torchvision") if r % 2 == 0 else ("torchvision", "ufo")):
-                make = (lambda: _ufo_loader(root, batch, workers, prefetch, r)) if name == "ufo" else (
-                    lambda: _torchvision_loader(root, batch, workers, prefetch))
+            for name in ("ufo", "torchvision") if r % 2 == 0 else ("torchvision", "ufo"):
+                make = (
+                    (lambda: _ufo_loader(root, batch, workers, prefetch, r))
+                    if name == "ufo"
+                    else (lambda: _torchvision_loader(root, batch, workers, prefetch))
+                )
                 nxt, close = make()
                 for _ in range(2):  # worker start-up and the first batches are not timed
                     x = nxt()
@@ -151,25 +172,59 @@ def throughput(root: Path, rounds: int, batches: int, batch: int, workers: int, 
                 del nxt, close
                 bar.advance(job)
     ratios = [a / b for a, b in zip(rates["ufo"], rates["torchvision"])]
-    return {"ufo_img_per_s": quantiles(rates["ufo"]), "torchvision_img_per_s": quantiles(rates["torchvision"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "rounds": rounds, "batches_per_round": batches,
-            "batch": batch, "workers": workers, "prefetch": prefetch}
+    return {
+        "ufo_img_per_s": quantiles(rates["ufo"]),
+        "torchvision_img_per_s": quantiles(rates["torchvision"]),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "rounds": rounds,
+        "batches_per_round": batches,
+        "batch": batch,
+        "workers": workers,
+        "prefetch": prefetch,
+    }
 
 
 # ----- 2 and 3. memory and start-up of `ufo train` -----
+
 
 def train_config(folder: Path, steps: int, workers: int, files: int, classes: int) -> dict:
     test_fraction = max(0.01, 2 * classes / files)  # a small held-out part, at least two images per class
     return {
         "name": "data-bench",
         "seed": 0,
-        "model": {"img_size": 224, "patch_size": 16, "head_dim": 32, "depth": [2], "embed_dim": [64],
-                  "num_heads": [2], "mlp_ratio": [2.0], "mean": list(MEAN), "std": list(STD)},
-        "tasks": {"images": {"kind": "classification", "augment": {"random_resized_crop": 0.08, "hflip": True},
-                             "data": {"reader": "image_folder", "path": str(folder), "cache": "stream",
-                                      "test_fraction": test_fraction}}},
-        "train": {"steps": steps, "batch_size": 32, "log_every": 10, "ckpt_every": 10_000, "warmup_steps": 5,
-                  "workers": workers, "eval_batch_size": 64},
+        "model": {
+            "img_size": 224,
+            "patch_size": 16,
+            "head_dim": 32,
+            "depth": [2],
+            "embed_dim": [64],
+            "num_heads": [2],
+            "mlp_ratio": [2.0],
+            "mean": list(MEAN),
+            "std": list(STD),
+        },
+        "tasks": {
+            "images": {
+                "kind": "classification",
+                "augment": {"random_resized_crop": 0.08, "hflip": True},
+                "data": {
+                    "reader": "image_folder",
+                    "path": str(folder),
+                    "cache": "stream",
+                    "test_fraction": test_fraction,
+                },
+            }
+        },
+        "train": {
+            "steps": steps,
+            "batch_size": 32,
+            "log_every": 10,
+            "ckpt_every": 10_000,
+            "warmup_steps": 5,
+            "workers": workers,
+            "eval_batch_size": 64,
+        },
     }
 
 
@@ -182,10 +237,8 @@ def _tree_memory(proc: psutil.Process) -> tuple[float, float]:
     except psutil.Error:
         return 0.0, 0.0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             pss += p.memory_full_info().pss / 2**20
-        except psutil.Error:
-            pass
     return pss, rss
 
 
@@ -195,8 +248,12 @@ def train_run(folder: Path, steps: int, workers: int, out: Path, classes: int) -
     files = sum(1 for _ in folder.rglob("*.jpg"))
     cfg_path.write_text(yaml.safe_dump(train_config(folder, steps, workers, files, classes)))
     t0 = time.time()
-    proc = subprocess.Popen([str(BIN / "ufo"), "train", str(cfg_path), "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "ufo"), "train", str(cfg_path), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ps = psutil.Process(proc.pid)
     peak_pss = peak_rss = 0.0
     while proc.poll() is None:
@@ -207,16 +264,24 @@ def train_run(folder: Path, steps: int, workers: int, out: Path, classes: int) -
     if proc.returncode != 0:
         raise SystemExit(f"ufo train failed on {folder}:\n{err[-3000:]}")
     summary = json.loads((out / "train_summary.json").read_text())
-    return {"files": files, "peak_pss_mib": peak_pss, "peak_main_rss_mib": peak_rss,
-            "first_step_s": summary["first_step_s"], "wall_s": time.time() - t0,
-            "train_images_per_s": summary["images_per_s"], "steps": steps}
+    return {
+        "files": files,
+        "peak_pss_mib": peak_pss,
+        "peak_main_rss_mib": peak_rss,
+        "first_step_s": summary["first_step_s"],
+        "wall_s": time.time() - t0,
+        "train_images_per_s": summary["images_per_s"],
+        "steps": steps,
+    }
 
 
 # ----- 4. the suite, streamed against in memory -----
 
+
 def _rate_after(metrics: Path, skip_step: int, batch: int) -> float:
     """Images per second between step `skip_step` and the last logged step (from the cumulative rates)."""
-    rows = [(int(r["step"]), float(r["images_per_s"])) for r in csv.DictReader(open(metrics)) if r["images_per_s"]]
+    with open(metrics) as f:
+        rows = [(int(r["step"]), float(r["images_per_s"])) for r in csv.DictReader(f) if r["images_per_s"]]
     (s0, r0), (s1, r1) = next(x for x in rows if x[0] >= skip_step), rows[-1]
     t0, t1 = s0 * batch / r0, s1 * batch / r1
     return (s1 - s0) * batch / (t1 - t0)
@@ -228,10 +293,14 @@ def suite(steps: int, rounds: int, workers: int, tmp: Path) -> dict:
     with progress() as bar:
         job = bar.add_task("suite streamed vs memory", total=2 * rounds)
         for r in range(rounds):
-            for mode in (("stream", "memory") if r % 2 == 0 else ("memory", "stream")):
+            for mode in ("stream", "memory") if r % 2 == 0 else ("memory", "stream"):
                 out = tmp / f"suite-{mode}-{r}"
-                sets = [f"train.steps={steps}", "train.log_every=10", f"train.workers={workers}",
-                        "train.ckpt_every=100000"] + (stream if mode == "stream" else [])
+                sets = [
+                    f"train.steps={steps}",
+                    "train.log_every=10",
+                    f"train.workers={workers}",
+                    "train.ckpt_every=100000",
+                ] + (stream if mode == "stream" else [])
                 args = [str(BIN / "ufo"), "train", str(ROOT / "configs" / "suite.yaml"), "--out", str(out)]
                 for s in sets:
                     args += ["--set", s]
@@ -241,9 +310,15 @@ def suite(steps: int, rounds: int, workers: int, tmp: Path) -> dict:
                 rates[mode].append(_rate_after(out / "metrics.csv", 20, 96))
                 bar.advance(job)
     ratios = [a / b for a, b in zip(rates["stream"], rates["memory"])]
-    return {"stream_img_per_s": quantiles(rates["stream"]), "memory_img_per_s": quantiles(rates["memory"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "steps": steps, "workers": workers,
-            "streamed_tasks": list(STREAMED)}
+    return {
+        "stream_img_per_s": quantiles(rates["stream"]),
+        "memory_img_per_s": quantiles(rates["memory"]),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "steps": steps,
+        "workers": workers,
+        "streamed_tasks": list(STREAMED),
+    }
 
 
 def main() -> None:
@@ -256,9 +331,15 @@ def main() -> None:
     n_base, n_large, classes = (800, 3200, 20) if a.quick else (20_000, 80_000, 100)
     rounds, batches, steps = (2, 4, 12) if a.quick else (8, 20, 60)
     base, large = make_folders(a.data_dir, n_large, n_base, classes)
-    results: dict = {"folders": {"base": str(base), "large": str(large), "files": [n_base, n_large],
-                                 "classes": classes, "mean_file_kb": float(np.mean([
-                                     f.stat().st_size for f in list(base.rglob("*.jpg"))[:500]])) / 1024}}
+    results: dict = {
+        "folders": {
+            "base": str(base),
+            "large": str(large),
+            "files": [n_base, n_large],
+            "classes": classes,
+            "mean_file_kb": float(np.mean([f.stat().st_size for f in list(base.rglob("*.jpg"))[:500]])) / 1024,
+        }
+    }
     results["load_before"] = load_average()
     results["throughput"] = throughput(base, rounds, batches, 64, a.workers, 4)
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,20 +351,31 @@ def main() -> None:
     b, lg = results["train_base"], results["train_large"]
     results["memory_ratio_pss"] = lg["peak_pss_mib"] / b["peak_pss_mib"]
     results["memory_ratio_main_rss"] = lg["peak_main_rss_mib"] / b["peak_main_rss_mib"]
-    results["in_memory_estimate_mib"] = {"base": n_base * 3 * 224 * 224 / 2**20, "large": n_large * 3 * 224 * 224 / 2**20}
+    results["in_memory_estimate_mib"] = {
+        "base": n_base * 3 * 224 * 224 / 2**20,
+        "large": n_large * 3 * 224 * 224 / 2**20,
+    }
     results["load_after"] = load_average()
     targets = [
-        target("decode+augment 224 px: UFO / torchvision ImageFolder (same workers)", results["throughput"]["ratio"],
-               ">=", 1.0),
-        target(f"peak memory of ufo train, {n_large:,} / {n_base:,} files (PSS of process + workers)",
-               results["memory_ratio_pss"], "<=", 1.2),
+        target(
+            "decode+augment 224 px: UFO / torchvision ImageFolder (same workers)",
+            results["throughput"]["ratio"],
+            ">=",
+            1.0,
+        ),
+        target(
+            f"peak memory of ufo train, {n_large:,} / {n_base:,} files (PSS of process + workers)",
+            results["memory_ratio_pss"],
+            "<=",
+            1.2,
+        ),
         target(f"ufo train start to first step, {n_large:,} files (s)", lg["first_step_s"], "<=", 30.0),
     ]
     if "suite" in results:
         targets.append(target("suite training throughput, streamed / in memory", results["suite"]["ratio"], ">=", 0.9))
     name = "data-quick" if a.quick else "data"
     cmd = "python bench/data.py" + (" --quick" if a.quick else "") + (" --skip-suite" if a.skip_suite else "")
-    jpath, mpath = write_results(name, results, targets, command=cmd)
+    _jpath, mpath = write_results(name, results, targets, command=cmd)
     print(mpath.read_text())
 
 

@@ -34,9 +34,10 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -46,17 +47,32 @@ from PIL import Image
 from _common import compare, load_average, progress, quantiles, target, time_interleaved, write_results
 from ufo.config import load_config
 from ufo.demo import demo_config_path
-from ufo.deploy.onnx_export import (OnnxTaskModel, calibration_inputs, evaluate_predict, export_onnx, make_session,
-                                    max_abs_diff, quantize, sample_inputs)
-from ufo.deploy.process import ServeProcess
+from ufo.deploy.onnx_export import (
+    OnnxTaskModel,
+    calibration_inputs,
+    evaluate_predict,
+    export_onnx,
+    make_session,
+    max_abs_diff,
+    quantize,
+    sample_inputs,
+)
 from ufo.deploy.package import extract_task_model, load_task_data, load_trained, save_task_model
+from ufo.deploy.process import ServeProcess
 from ufo.train.store import arch_from_spec
 
 THREADS = 2
 TASK = "digits"
-MODEL_OVERRIDES = ["model.img_size=32", "model.patch_size=4", "model.head_dim=64", "model.depth=[4, 6]",
-                   "model.embed_dim=[128, 192]", "model.num_heads=[2, 3]", "model.mlp_ratio=[2.0, 4.0]",
-                   "model.drop_path_rate=0.0"]
+MODEL_OVERRIDES = [
+    "model.img_size=32",
+    "model.patch_size=4",
+    "model.head_dim=64",
+    "model.depth=[4, 6]",
+    "model.embed_dim=[128, 192]",
+    "model.num_heads=[2, 3]",
+    "model.mlp_ratio=[2.0, 4.0]",
+    "model.drop_path_rate=0.0",
+]
 NOTES = [
     "The widened model is trained only briefly: a ViT from scratch stays near chance for the first few hundred "
     "steps, and its weights do not change the timings or the serving figures. INT8 accuracy is therefore "
@@ -97,13 +113,17 @@ QUICK = Plan(steps=4, batch=24, small_steps=4, b1=5, b32=2, load_s=1.0, load_rou
 def train_demo(out: Path, steps: int, overrides: list[str]) -> Path:
     from ufo.train.loop import Trainer
 
-    cfg = load_config(demo_config_path(), overrides + [f"train.steps={steps}", f"train.threads={THREADS}",
-                                                       "train.log_every=25", "train.ckpt_every=100000"])
+    cfg = load_config(
+        demo_config_path(),
+        overrides
+        + [f"train.steps={steps}", f"train.threads={THREADS}", "train.log_every=25", "train.ckpt_every=100000"],
+    )
     Trainer(cfg, out, show_progress=True).fit()
     return out
 
 
 # ----- 1 and 2: latency and INT8 -----
+
 
 def latency_and_int8(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     model, cfg, _ = load_trained(run)
@@ -118,14 +138,21 @@ def latency_and_int8(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any],
         fp32 = export_onnx(tm, TASK, work / f"{name}.onnx")
         calib = calibration_inputs(pre, data[TASK], 256, cfg.seed)
         int8 = {m: quantize(fp32, work / f"{name}-{m}.onnx", m, calib) for m in ("dynamic", "static")}
-        sessions = {"ort_fp32": make_session(fp32, THREADS, spinning=False),
-                    **{f"ort_int8_{m}": make_session(p, THREADS, spinning=False) for m, p in int8.items()}}
+        sessions = {
+            "ort_fp32": make_session(fp32, THREADS, spinning=False),
+            **{f"ort_int8_{m}": make_session(p, THREADS, spinning=False) for m, p in int8.items()},
+        }
         x_all = sample_inputs(pre, data[TASK], n=32)
         parity = max_abs_diff(tm, TASK, OnnxTaskModel(fp32, THREADS), x_all)
         entry: dict[str, Any] = {
-            "arch": {"depth": arch.depth, "embed_dim": arch.embed_dim, "num_heads": arch.num_heads,
-                     "mlp_ratio": arch.mlp_ratio},
-            "num_params": tm.num_params(), "parity_fp32_max_abs_diff": parity,
+            "arch": {
+                "depth": arch.depth,
+                "embed_dim": arch.embed_dim,
+                "num_heads": arch.num_heads,
+                "mlp_ratio": arch.mlp_ratio,
+            },
+            "num_params": tm.num_params(),
+            "parity_fp32_max_abs_diff": parity,
             "size_bytes": {"fp32": fp32.stat().st_size, **{m: p.stat().st_size for m, p in int8.items()}},
         }
         for bname, b, rounds in (("batch1", 1, plan.b1), ("batch32", 32, plan.b32)):
@@ -141,12 +168,24 @@ def latency_and_int8(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any],
                 "int8_dynamic_vs_fp32": compare(times, "ort_fp32", "ort_int8_dynamic"),
                 "int8_static_vs_fp32": compare(times, "ort_fp32", "ort_int8_static"),
             }
-        targets.append(target(f"ORT FP32 speed-up over torch eager, batch 1 ({name})",
-                              entry["batch1"]["ort_fp32_vs_torch"]["ratio"], ">=", 1.3))
+        targets.append(
+            target(
+                f"ORT FP32 speed-up over torch eager, batch 1 ({name})",
+                entry["batch1"]["ort_fp32_vs_torch"]["ratio"],
+                ">=",
+                1.3,
+            )
+        )
         if name == "largest":
             for m in ("dynamic", "static"):
-                targets.append(target(f"INT8 {m} speed-up over ORT FP32, batch 32 (largest)",
-                                      entry["batch32"][f"int8_{m}_vs_fp32"]["ratio"], ">=", 1.5))
+                targets.append(
+                    target(
+                        f"INT8 {m} speed-up over ORT FP32, batch 32 (largest)",
+                        entry["batch32"][f"int8_{m}_vs_fp32"]["ratio"],
+                        ">=",
+                        1.5,
+                    )
+                )
         out[name] = entry
     return out, targets
 
@@ -163,8 +202,10 @@ def int8_accuracy(run: Path, work: Path) -> tuple[dict[str, Any], list[dict[str,
         pre, head = tm.info.preprocessing, tm.info.heads[t]
         fp32 = export_onnx(tm, t, work / f"acc-{t}.onnx")
         calib = calibration_inputs(pre, data[t], 256, cfg.seed)
-        models = {"ort_fp32": fp32, **{f"ort_int8_{m}": quantize(fp32, work / f"acc-{t}-{m}.onnx", m, calib)
-                                       for m in ("dynamic", "static")}}
+        models = {
+            "ort_fp32": fp32,
+            **{f"ort_int8_{m}": quantize(fp32, work / f"acc-{t}-{m}.onnx", m, calib) for m in ("dynamic", "static")},
+        }
         top1 = {"torch": evaluate_predict(_torch_predict(tm, pre, t), t, head, cfg, data[t])["top1"]}
         for k, p in models.items():
             top1[k] = evaluate_predict(OnnxTaskModel(p, THREADS).predict_fn(), t, head, cfg, data[t])["top1"]
@@ -172,8 +213,11 @@ def int8_accuracy(run: Path, work: Path) -> tuple[dict[str, Any], list[dict[str,
     targets = []
     for m in ("dynamic", "static"):
         drop = max(100 * (out[t]["top1"]["ort_fp32"] - out[t]["top1"][f"ort_int8_{m}"]) for t in tasks)
-        targets.append(target(f"INT8 {m} top-1 drop vs ORT FP32, points (worst of {', '.join(tasks)}; stock demo)",
-                              drop, "<=", 1.0))
+        targets.append(
+            target(
+                f"INT8 {m} top-1 drop vs ORT FP32, points (worst of {', '.join(tasks)}; stock demo)", drop, "<=", 1.0
+            )
+        )
     return out, targets
 
 
@@ -181,6 +225,7 @@ def _torch_fn(tm, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             tm(x, TASK)
+
     return run
 
 
@@ -190,10 +235,12 @@ def _torch_predict(tm, pre, task: str):
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             return tm(x, task).numpy()
+
     return predict_fn(run, pre)
 
 
 # ----- 3: serving -----
+
 
 def _png(img: torch.Tensor) -> bytes:
     arr = img.numpy()
@@ -229,8 +276,13 @@ def load_round(urls: dict[str, str], pngs: dict[str, list[bytes]], clients: int,
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"requests": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "throughput_rps": len(lat) / wall, "latency_ms": [x * 1e3 for x in lat]}
+    return {
+        "requests": len(lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "throughput_rps": len(lat) / wall,
+        "latency_ms": [x * 1e3 for x in lat],
+    }
 
 
 def serving(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -247,39 +299,59 @@ def serving(run: Path, work: Path, plan: Plan) -> tuple[dict[str, Any], list[dic
     try:
         for s in (multi, *singles.values()):
             s.wait_ready(180)
-        urls = {"multi": {t: multi.url for t in tasks}, "single": {t: singles[t].url for t in tasks}}
+        urls = {"multi": dict.fromkeys(tasks, multi.url), "single": {t: singles[t].url for t in tasks}}
         for u in urls.values():  # warm-up: every task path once per server, then a short burst
             load_round(u, pngs, len(tasks), 0.5)
         rounds: dict[str, list[dict[str, Any]]] = {"multi": [], "single": []}
         with progress() as bar:
             t = bar.add_task("serving load rounds", total=2 * plan.load_rounds)
             for r in range(plan.load_rounds):
-                for name in (("multi", "single") if r % 2 == 0 else ("single", "multi")):
+                for name in ("multi", "single") if r % 2 == 0 else ("single", "multi"):
                     rounds[name].append(load_round(urls[name], pngs, plan.clients, plan.load_s))
                     bar.advance(t)
-        rss = {"multi": multi.rss(), "single": sum(s.rss() for s in singles.values()),
-               "single_each": {t: s.rss() for t, s in singles.items()}}
+        rss = {
+            "multi": multi.rss(),
+            "single": sum(s.rss() for s in singles.values()),
+            "single_each": {t: s.rss() for t, s in singles.items()},
+        }
     finally:
         for s in (multi, *singles.values()):
             s.stop()
-    res: dict[str, Any] = {"clients": plan.clients, "seconds_per_round": plan.load_s, "rounds": plan.load_rounds,
-                           "threads": {"multi": THREADS, "single_each": 1}}
+    res: dict[str, Any] = {
+        "clients": plan.clients,
+        "seconds_per_round": plan.load_s,
+        "rounds": plan.load_rounds,
+        "threads": {"multi": THREADS, "single_each": 1},
+    }
     for name, rs in rounds.items():
         lat = [x for r in rs for x in r["latency_ms"]]
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
-        res[name] = {"throughput_rps": quantiles([r["throughput_rps"] for r in rs]),
-                     "requests": sum(r["requests"] for r in rs), "errors": sum(r["errors"] for r in rs),
-                     "first_error": next((r["first_error"] for r in rs if r["first_error"]), None),
-                     "latency_p50_ms": q[49], "latency_p99_ms": q[98], "rss_mb": rss[name] / 2**20}
+        res[name] = {
+            "throughput_rps": quantiles([r["throughput_rps"] for r in rs]),
+            "requests": sum(r["requests"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+            "first_error": next((r["first_error"] for r in rs if r["first_error"]), None),
+            "latency_p50_ms": q[49],
+            "latency_p99_ms": q[98],
+            "rss_mb": rss[name] / 2**20,
+        }
     res["single"]["rss_mb_each"] = {t: v / 2**20 for t, v in rss["single_each"].items()}
     ratios = [a["throughput_rps"] / b["throughput_rps"] for a, b in zip(rounds["multi"], rounds["single"])]
     res["throughput_ratio_multi_over_single"] = statistics.median(ratios)
     res["rss_ratio_multi_over_single"] = rss["multi"] / rss["single"]
     targets = [
-        target("multi-task server RSS / 3 single-task servers' total RSS", res["rss_ratio_multi_over_single"], "<", 1.0),
-        target("multi-task server throughput / 3 single-task servers' (same load)",
-               res["throughput_ratio_multi_over_single"], ">=", 0.9),
-        target("serving load test: failed requests", float(res["multi"]["errors"] + res["single"]["errors"]), "==", 0.0),
+        target(
+            "multi-task server RSS / 3 single-task servers' total RSS", res["rss_ratio_multi_over_single"], "<", 1.0
+        ),
+        target(
+            "multi-task server throughput / 3 single-task servers' (same load)",
+            res["throughput_ratio_multi_over_single"],
+            ">=",
+            0.9,
+        ),
+        target(
+            "serving load test: failed requests", float(res["multi"]["errors"] + res["single"]["errors"]), "==", 0.0
+        ),
     ]
     return res, targets
 
@@ -297,8 +369,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ufo-bench-deploy-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        run = args.run or train_demo(work / "run", plan.steps, MODEL_OVERRIDES + [f"train.batch_size={plan.batch}",
-                                                                                   "train.warmup_steps=10"])
+        run = args.run or train_demo(
+            work / "run", plan.steps, MODEL_OVERRIDES + [f"train.batch_size={plan.batch}", "train.warmup_steps=10"]
+        )
         train_s = time.perf_counter() - t0
         lat, t_lat = latency_and_int8(run, work, plan)
         serve, t_serve = serving(run, work, plan)
@@ -309,24 +382,37 @@ def main() -> None:
     results = {
         "quick": args.quick,
         "load_average": {"before": load_before, "after": load_average()},
-        "model": {"config": "demo (digits, mnist, mnist_retrieval)", "overrides": MODEL_OVERRIDES,
-                  "trained_steps": None if args.run else plan.steps, "train_batch": plan.batch,
-                  "train_seconds": train_s if not args.run else None, "run": str(args.run) if args.run else "trained here",
-                  "task_timed": TASK, "threads": THREADS,
-                  "thread_pools": "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "") +
-                                  ", ORT session.intra_op.allow_spinning=0 (timings)"},
+        "model": {
+            "config": "demo (digits, mnist, mnist_retrieval)",
+            "overrides": MODEL_OVERRIDES,
+            "trained_steps": None if args.run else plan.steps,
+            "train_batch": plan.batch,
+            "train_seconds": train_s if not args.run else None,
+            "run": str(args.run) if args.run else "trained here",
+            "task_timed": TASK,
+            "threads": THREADS,
+            "thread_pools": "OMP_WAIT_POLICY="
+            + os.environ.get("OMP_WAIT_POLICY", "")
+            + ", ORT session.intra_op.allow_spinning=0 (timings)",
+        },
         "plan": {"rounds_batch1": plan.b1, "rounds_batch32": plan.b32},
-        "accuracy_model": {"config": "demo as shipped (img 16, embed 64, depth 4)", "run": str(args.small_run or
-                           "trained here"), "trained_steps": None if args.small_run else plan.small_steps,
-                           "train_seconds": None if args.small_run else small_s},
+        "accuracy_model": {
+            "config": "demo as shipped (img 16, embed 64, depth 4)",
+            "run": str(args.small_run or "trained here"),
+            "trained_steps": None if args.small_run else plan.small_steps,
+            "train_seconds": None if args.small_run else small_s,
+        },
         "latency": lat,
         "int8_accuracy": acc,
         "serving": serve,
         "notes": NOTES,
     }
     targets = t_lat + t_acc + t_serve
-    command = ".venv/bin/python bench/deploy.py" + (" --quick" if args.quick else "") + \
-        (f" --run {args.run}" if args.run else "")
+    command = (
+        ".venv/bin/python bench/deploy.py"
+        + (" --quick" if args.quick else "")
+        + (f" --run {args.run}" if args.run else "")
+    )
     jpath, mpath = write_results("deploy", _drop_raw(results), targets, command)
     for t in targets:
         print(f"{'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.3f} {t['op']} {t['target']}")

@@ -78,43 +78,88 @@ def run_distillation(run: Path, tasks: list[str], work: Path, steps: int, batch:
     for task in tasks:
         out[task] = {}
         for label, name, kwargs, over in STUDENTS:
-            cfg = DistillConfig(student=name, student_kwargs=kwargs, steps=steps, batch_size=batch, threads=threads,
-                                ckpt_every=steps, log_every=25, **over)
+            cfg = DistillConfig(
+                student=name,
+                student_kwargs=kwargs,
+                steps=steps,
+                batch_size=batch,
+                threads=threads,
+                ckpt_every=steps,
+                log_every=25,
+                **over,
+            )
             print(f"\n== distill {task} -> {label} ({name} {kwargs}), {steps} steps")
             r = distill_and_compare(run, task, work / f"distill-{task}-{label}", cfg, show_progress=True)
             p = r["primary"]
             out[task][label] = {
-                "student": name, "kwargs": kwargs, "primary": p,
-                "teacher_params": r["teacher"]["params"], "student_params": r["student"]["params"],
-                "params_ratio": r["student"]["params"] / r["teacher"]["params"], "compression": r["compression"],
-                "teacher_metric": r["teacher"]["metrics"][p], "student_metric": r["student"]["metrics"][p],
-                "no_teacher_metric": r["no_teacher"]["metrics"][p], "share_of_teacher": r["share_of_teacher"],
-                "no_teacher_share": r["no_teacher"]["share_of_teacher"], "gain": r["gain"],
+                "student": name,
+                "kwargs": kwargs,
+                "primary": p,
+                "teacher_params": r["teacher"]["params"],
+                "student_params": r["student"]["params"],
+                "params_ratio": r["student"]["params"] / r["teacher"]["params"],
+                "compression": r["compression"],
+                "teacher_metric": r["teacher"]["metrics"][p],
+                "student_metric": r["student"]["metrics"][p],
+                "no_teacher_metric": r["no_teacher"]["metrics"][p],
+                "share_of_teacher": r["share_of_teacher"],
+                "no_teacher_share": r["no_teacher"]["share_of_teacher"],
+                "gain": r["gain"],
                 "train_seconds": r["train_seconds"],
             }
             print({k: v for k, v in out[task][label].items() if k not in ("kwargs",)})
     return out
 
 
-def run_extension(run: Path, held: str, suite: Config, base_tasks: list[str], base_metrics: dict[str, dict[str, float]],
-                  work: Path, steps: int, batch: int, threads: int) -> dict[str, Any]:
+def run_extension(
+    run: Path,
+    held: str,
+    suite: Config,
+    base_tasks: list[str],
+    base_metrics: dict[str, dict[str, float]],
+    work: Path,
+    steps: int,
+    batch: int,
+    threads: int,
+) -> dict[str, Any]:
     tc = suite.tasks[held]
     data = build_task_data(held, tc, suite)
     p = primary_of(tc.kind)
-    out: dict[str, Any] = {"task": held, "kind": tc.kind, "primary": p, "full_train_samples": len(data.train),
-                           "runs": {}}
+    out: dict[str, Any] = {
+        "task": held,
+        "kind": tc.kind,
+        "primary": p,
+        "full_train_samples": len(data.train),
+        "runs": {},
+    }
     for mode, frac in EXT_MODES:
         key = f"{mode}@{frac:g}"
         print(f"\n== extend +{held}: {key}, {steps} steps")
-        r = extend(run, {held: tc.model_dump(mode="json")}, work / f"extend-{mode}-{frac:g}",
-                   ExtendConfig(train=mode, fraction=frac, steps=steps, batch_size=batch, threads=threads,
-                                ckpt_every=steps, log_every=25), data=data)
+        r = extend(
+            run,
+            {held: tc.model_dump(mode="json")},
+            work / f"extend-{mode}-{frac:g}",
+            ExtendConfig(
+                train=mode,
+                fraction=frac,
+                steps=steps,
+                batch_size=batch,
+                threads=threads,
+                ckpt_every=steps,
+                log_every=25,
+            ),
+            data=data,
+        )
         model, cfg, _ = load_model(work / f"extend-{mode}-{frac:g}" / "model.safetensors")
         base_data = {t: build_task_data(t, cfg.tasks[t], cfg) for t in base_tasks}
         after = evaluate_tasks(model, base_data, cfg, base_tasks)
         out["runs"][key] = {
-            "train": mode, "fraction": frac, "train_samples": r["train_samples"], "metric": r["metrics"][p],
-            "trainable_params": r["trainable_params"], "others_bitwise_unchanged": all(r["others_unchanged"].values()),
+            "train": mode,
+            "fraction": frac,
+            "train_samples": r["train_samples"],
+            "metric": r["metrics"][p],
+            "trainable_params": r["trainable_params"],
+            "others_bitwise_unchanged": all(r["others_unchanged"].values()),
             "others_metrics_equal": all(after[t] == base_metrics[t] for t in base_tasks),
             "others_metrics": {t: after[t][primary_of(cfg.tasks[t].kind)] for t in base_tasks},
             "train_seconds": r["train_seconds"],
@@ -125,16 +170,25 @@ def run_extension(run: Path, held: str, suite: Config, base_tasks: list[str], ba
     if sub.groups is not None:  # as the extension's loop does: P x K cannot exceed the subset's identities
         batch = min(batch, pk_capacity(sub.groups.numpy(), int(tc.options.get("k", 4))))
     alone = suite.only(held)
-    alone = alone.model_copy(update={"train": alone.train.model_copy(update={
-        "steps": steps, "batch_size": batch, "ckpt_every": steps, "log_every": 25, "threads": threads})})
+    alone = alone.model_copy(
+        update={
+            "train": alone.train.model_copy(
+                update={"steps": steps, "batch_size": batch, "ckpt_every": steps, "log_every": 25, "threads": threads}
+            )
+        }
+    )
     print(f"\n== {held} alone from scratch on 10% ({len(sub.train)} samples), {steps} steps")
     t0 = time.perf_counter()
     tr = Trainer(alone, work / "scratch-0.1", data={held: sub})
     tr.fit()
     m = evaluate_tasks(tr.eval_model(), {held: data}, alone, [held])[held]
-    out["scratch@0.1"] = {"metric": m[p], "train_samples": len(sub.train), "batch": batch,
-                          "train_seconds": time.perf_counter() - t0,
-                          "params": sum(q.numel() for q in tr.model.parameters())}
+    out["scratch@0.1"] = {
+        "metric": m[p],
+        "train_samples": len(sub.train),
+        "batch": batch,
+        "train_seconds": time.perf_counter() - t0,
+        "params": sum(q.numel() for q in tr.model.parameters()),
+    }
     print(out["scratch@0.1"])
     return out
 
@@ -150,8 +204,9 @@ def plot(distill: dict[str, Any], ext: dict[str, Any], path: Path) -> None:
     for ax, task in zip(axes, tasks):
         rows = distill[task]
         first = next(iter(rows.values()))
-        ax.scatter([first["teacher_params"]], [first["teacher_metric"]], marker="*", s=160, c="k",
-                   label="teacher (ViT)")
+        ax.scatter(
+            [first["teacher_params"]], [first["teacher_metric"]], marker="*", s=160, c="k", label="teacher (ViT)"
+        )
         for i, (label, r) in enumerate(rows.items()):
             c = f"C{i}"
             ax.scatter([r["student_params"]], [r["student_metric"]], c=c, marker="o", label=f"{label} distilled")
@@ -212,16 +267,22 @@ def main() -> None:
     base_metrics = evaluate_tasks(tr.eval_model(), tr.data, cfg)
     aio_s = time.perf_counter() - t0
     results: dict[str, Any] = {
-        "quick": args.quick, "base_tasks": base_tasks, "distill_tasks": distill_tasks, "held_out": args.held_out,
+        "quick": args.quick,
+        "base_tasks": base_tasks,
+        "distill_tasks": distill_tasks,
+        "held_out": args.held_out,
         "steps": {"all_in_one": aio, "distill": dsteps, "extend": esteps, "scratch": esteps},
         "batch": {"all_in_one": cfg.train.batch_size, "student": args.batch, "extend": args.batch},
-        "base_run": {"metrics": {t: base_metrics[t][primary_of(cfg.tasks[t].kind)] for t in base_tasks},
-                     "train_seconds": aio_s},
+        "base_run": {
+            "metrics": {t: base_metrics[t][primary_of(cfg.tasks[t].kind)] for t in base_tasks},
+            "train_seconds": aio_s,
+        },
     }
     print(results["base_run"])
     results["distill"] = run_distillation(run, distill_tasks, work, dsteps, args.batch, args.threads)
-    ext = run_extension(run, args.held_out, full_suite, base_tasks, base_metrics, work, esteps, args.batch,
-                        args.threads)
+    ext = run_extension(
+        run, args.held_out, full_suite, base_tasks, base_metrics, work, esteps, args.batch, args.threads
+    )
     results["extend"] = ext
     results["seconds"] = time.perf_counter() - t_start
     results["load_average"] = {"before": load_before, "after": load_average()}
@@ -229,14 +290,21 @@ def main() -> None:
     targets = []
     for task, rows in results["distill"].items():
         ok = [r["share_of_teacher"] for r in rows.values() if r["compression"] >= 10]
-        targets.append(target(f"{task}: best student share of teacher metric at >= 10x fewer params",
-                              max(ok) if ok else 0.0, ">=", 0.95))
+        targets.append(
+            target(
+                f"{task}: best student share of teacher metric at >= 10x fewer params",
+                max(ok) if ok else 0.0,
+                ">=",
+                0.95,
+            )
+        )
         for label, r in rows.items():
             targets.append(target(f"{task}/{label}: gain of distillation over no teacher", r["gain"], ">", 0.0))
     e10, e100 = ext["runs"]["head+expert@0.1"]["metric"], ext["runs"]["head+expert@1"]["metric"]
     targets.append(target(f"+{args.held_out}: extension at 10% / at 100%", e10 / e100 if e100 else 0.0, ">=", 0.9))
-    targets.append(target(f"+{args.held_out}: extension at 10% - scratch at 10%", e10 - ext["scratch@0.1"]["metric"],
-                          ">", 0.0))
+    targets.append(
+        target(f"+{args.held_out}: extension at 10% - scratch at 10%", e10 - ext["scratch@0.1"]["metric"], ">", 0.0)
+    )
     exact = [k for k, r in ext["runs"].items() if not k.startswith("all@")]
     same = all(ext["runs"][k]["others_bitwise_unchanged"] and ext["runs"][k]["others_metrics_equal"] for k in exact)
     targets.append(target("base tasks bitwise unchanged and metrics equal (exact modes)", float(same), "==", 1.0))

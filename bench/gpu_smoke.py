@@ -31,12 +31,24 @@ GPU = {"device": "cuda", "amp": "bf16", "threads": 2}
 TINY = {
     "name": "gpu-smoke",
     "seed": 0,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.1},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.1,
+    },
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
-        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 600}, "batch": 16,
-                  "options": {"embedding_dim": 16, "k": 4}},
+        "mnist": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "max_train": 600},
+            "batch": 16,
+            "options": {"embedding_dim": 16, "k": 4},
+        },
     },
     "train": {"steps": 6, "batch_size": 32, "log_every": 1, "ckpt_every": 3, "warmup_steps": 2, **GPU},
 }
@@ -70,28 +82,113 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
     """(name, command, run folder whose metrics.csv must be finite, extra environment)."""
     ufo = str(BIN / "ufo")
     aio = _config(root, "aio", {"grad_checkpointing": True})
-    task = _config(root, "task", {"stage": "task_supernet", "paths": None, "grad_checkpointing": True},
-                   init={"kind": "run", "path": str(root / "aio")})
-    chip = _config(root, "chip", {"stage": "chip_supernet", "grad_checkpointing": True},
-                   init={"kind": "run", "path": str(root / "task")})
+    task = _config(
+        root,
+        "task",
+        {"stage": "task_supernet", "paths": None, "grad_checkpointing": True},
+        init={"kind": "run", "path": str(root / "aio")},
+    )
+    chip = _config(
+        root,
+        "chip",
+        {"stage": "chip_supernet", "grad_checkpointing": True},
+        init={"kind": "run", "path": str(root / "task")},
+    )
     mim = _config(root, "mim", {"stage": "pretrain_mim", "grad_checkpointing": True})
     new_task = root / "new_task.yaml"
     new_task.write_text(yaml.safe_dump({"digits2": {"kind": "classification", "data": {"recipe": "digits"}}}))
     return [
-        ("train all_in_one (bf16, grad ckpt)", [ufo, "train", str(aio), "--out", str(root / "aio")], root / "aio", None),
+        (
+            "train all_in_one (bf16, grad ckpt)",
+            [ufo, "train", str(aio), "--out", str(root / "aio")],
+            root / "aio",
+            None,
+        ),
         ("eval", [ufo, "eval", str(root / "aio")], None, None),
         ("train task_supernet", [ufo, "train", str(task), "--out", str(root / "task")], root / "task", None),
         ("train chip_supernet", [ufo, "train", str(chip), "--out", str(root / "chip")], root / "chip", None),
         ("train pretrain_mim", [ufo, "train", str(mim), "--out", str(root / "mim")], root / "mim", None),
-        ("search (cuda latency)", [ufo, "search", str(root / "chip"), "-t", "digits", "--out", str(root / "search"),
-                                   "--backend", "cuda", "--max-latency-ms", "1000", "--trials", "50", "--top-k", "2",
-                                   "--metric-samples", "4", "--latency-samples", "6"], None, None),
-        ("distill", [ufo, "distill", str(root / "aio"), "-t", "digits", "--student", "resnet10t",
-                     "--out", str(root / "distill"), "--steps", "4", "--batch-size", "16"], root / "distill", None),
-        ("extend", [ufo, "extend", str(root / "aio"), "--task-config", str(new_task), "--out", str(root / "extend"),
-                    "--steps", "4", "--batch-size", "16"], root / "extend", None),
-        ("torchrun 1 GPU", [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "1", "-m", "ufo.cli", "train",
-                            str(aio), "--out", str(root / "torchrun")], root / "torchrun", {"OMP_NUM_THREADS": "1"}),
+        (
+            "search (cuda latency)",
+            [
+                ufo,
+                "search",
+                str(root / "chip"),
+                "-t",
+                "digits",
+                "--out",
+                str(root / "search"),
+                "--backend",
+                "cuda",
+                "--max-latency-ms",
+                "1000",
+                "--trials",
+                "50",
+                "--top-k",
+                "2",
+                "--metric-samples",
+                "4",
+                "--latency-samples",
+                "6",
+            ],
+            None,
+            None,
+        ),
+        (
+            "distill",
+            [
+                ufo,
+                "distill",
+                str(root / "aio"),
+                "-t",
+                "digits",
+                "--student",
+                "resnet10t",
+                "--out",
+                str(root / "distill"),
+                "--steps",
+                "4",
+                "--batch-size",
+                "16",
+            ],
+            root / "distill",
+            None,
+        ),
+        (
+            "extend",
+            [
+                ufo,
+                "extend",
+                str(root / "aio"),
+                "--task-config",
+                str(new_task),
+                "--out",
+                str(root / "extend"),
+                "--steps",
+                "4",
+                "--batch-size",
+                "16",
+            ],
+            root / "extend",
+            None,
+        ),
+        (
+            "torchrun 1 GPU",
+            [
+                str(BIN / "torchrun"),
+                "--standalone",
+                "--nproc-per-node",
+                "1",
+                "-m",
+                "ufo.cli",
+                "train",
+                str(aio),
+                "--out",
+                str(root / "torchrun"),
+            ],
+            root / "torchrun",
+            {"OMP_NUM_THREADS": "1"},
+        ),
     ]
 
 
@@ -107,8 +204,15 @@ def main() -> int:
         for name, cmd, run, env in stages(Path(tmp)):
             ok, seconds, err = _run(cmd, env)
             finite, last = _finite_losses(run) if (ok and run is not None) else (ok, None)
-            rows.append({"stage": name, "ok": ok and finite, "seconds": round(seconds, 2), "last_loss": last,
-                         **({} if ok and finite else {"error": err if not ok else "non-finite or missing losses"})})
+            rows.append(
+                {
+                    "stage": name,
+                    "ok": ok and finite,
+                    "seconds": round(seconds, 2),
+                    "last_loss": last,
+                    **({} if ok and finite else {"error": err if not ok else "non-finite or missing losses"}),
+                }
+            )
             print(f"{name:<36} {'ok' if rows[-1]['ok'] else 'FAIL':<5} {seconds:7.1f} s  loss={last}", flush=True)
     passed = sum(r["ok"] for r in rows)
     results = {"device": torch.cuda.get_device_name(0), "stages": rows, "passed": passed, "total": len(rows)}

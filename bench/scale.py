@@ -30,9 +30,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -70,9 +71,16 @@ FULL, QUICK = Plan(rounds=4, warmup=1, gpu_rounds=20), Plan(rounds=3, warmup=1, 
 
 
 def make_space(shape: Shape, tasks: int) -> ufo.SearchSpace:
-    return ufo.SearchSpace(tasks=[f"t{i:02d}" for i in range(tasks)], depth=[shape.depth],
-                           embed_dim=[shape.embed_dim], num_heads=[shape.num_heads], mlp_ratio=[shape.mlp_ratio],
-                           head_dim=shape.head_dim, img_size=shape.img_size, patch_size=shape.patch_size)
+    return ufo.SearchSpace(
+        tasks=[f"t{i:02d}" for i in range(tasks)],
+        depth=[shape.depth],
+        embed_dim=[shape.embed_dim],
+        num_heads=[shape.num_heads],
+        mlp_ratio=[shape.mlp_ratio],
+        head_dim=shape.head_dim,
+        img_size=shape.img_size,
+        patch_size=shape.patch_size,
+    )
 
 
 def supernet(shape: Shape, tasks: int, path: str) -> ufo.nn.SuperViT:
@@ -85,9 +93,17 @@ def supernet(shape: Shape, tasks: int, path: str) -> ufo.nn.SuperViT:
 
 
 def timm_vit(shape: Shape) -> VisionTransformer:
-    return VisionTransformer(img_size=shape.img_size, patch_size=shape.patch_size, num_classes=0,
-                             embed_dim=shape.embed_dim, depth=shape.depth, num_heads=shape.num_heads,
-                             mlp_ratio=shape.mlp_ratio, qkv_bias=True, global_pool="token").train()
+    return VisionTransformer(
+        img_size=shape.img_size,
+        patch_size=shape.patch_size,
+        num_classes=0,
+        embed_dim=shape.embed_dim,
+        depth=shape.depth,
+        num_heads=shape.num_heads,
+        mlp_ratio=shape.mlp_ratio,
+        qkv_bias=True,
+        global_pool="token",
+    ).train()
 
 
 def set_batched(model: ufo.nn.SuperViT, batched: bool) -> None:
@@ -95,10 +111,17 @@ def set_batched(model: ufo.nn.SuperViT, batched: bool) -> None:
         blk.mlp.batched = batched
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, ids: torch.Tensor | None = None, batched: bool | None = None,
-            layout_of: ufo.nn.SuperViT | None = None, sync: bool = False) -> Callable[[], None]:
+def step_fn(
+    model: nn.Module,
+    x: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    batched: bool | None = None,
+    layout_of: ufo.nn.SuperViT | None = None,
+    sync: bool = False,
+) -> Callable[[], None]:
     """One forward+backward with a scalar loss, then gradients set to None (as a training step).
     With `layout_of`, the batch layout is computed eagerly by that SuperViT and passed as the task."""
+
     def run() -> None:
         if batched is not None:
             set_batched(layout_of or model, batched)
@@ -108,6 +131,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, ids: torch.Tensor | None = None, 
         model.zero_grad(set_to_none=True)
         if sync:
             torch.cuda.synchronize()
+
     return run
 
 
@@ -122,8 +146,11 @@ def graph_count(model: ufo.nn.SuperViT, x: torch.Tensor, ids: torch.Tensor) -> d
     torch._dynamo.reset()
     e = torch._dynamo.explain(model)(x, model.layout(ids, x.shape[0]))
     torch._dynamo.reset()
-    return {"graphs": e.graph_count, "breaks": e.graph_break_count,
-            "break_reasons": [str(b.reason).splitlines()[0] for b in e.break_reasons]}
+    return {
+        "graphs": e.graph_count,
+        "breaks": e.graph_break_count,
+        "break_reasons": [str(b.reason).splitlines()[0] for b in e.break_reasons],
+    }
 
 
 # ----- peak memory of one step, in a fresh process -----
@@ -155,8 +182,13 @@ def memory_child(shape: Shape, checkpointing: bool, device: str) -> dict[str, An
     model(x, 0).pow(2).mean().backward()
     step_s = time.perf_counter() - t0
     peak = _status_bytes("VmHWM")
-    return {"peak_bytes": peak - base, "rss_before": base, "peak_rss": peak, "step_s": step_s,
-            "method": "VmHWM after the step - VmRSS before it, peak reset by /proc/self/clear_refs (fresh process)"}
+    return {
+        "peak_bytes": peak - base,
+        "rss_before": base,
+        "peak_rss": peak,
+        "step_s": step_s,
+        "method": "VmHWM after the step - VmRSS before it, peak reset by /proc/self/clear_refs (fresh process)",
+    }
 
 
 def measure_memory(shape: Shape, device: str) -> dict[str, Any]:
@@ -181,11 +213,16 @@ def run_cpu(shape: Shape, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with progress() as bar:
         t = bar.add_task("mixed fwd+bwd vs timm", total=plan.rounds)
-        times = time_interleaved({
-            "supernet": step_fn(model, x, ids, batched=False),
-            "supernet_batched": step_fn(model, x, ids, batched=True),
-            "timm": step_fn(vit, x),
-        }, plan.rounds, plan.warmup, lambda: bar.advance(t))
+        times = time_interleaved(
+            {
+                "supernet": step_fn(model, x, ids, batched=False),
+                "supernet_batched": step_fn(model, x, ids, batched=True),
+                "timm": step_fn(vit, x),
+            },
+            plan.rounds,
+            plan.warmup,
+            lambda: bar.advance(t),
+        )
     out["mixed_vs_timm"] = compare(times, "supernet", "timm")
     out["batched_vs_timm"] = compare(times, "supernet_batched", "timm")
     out["batched_vs_loop"] = compare(times, "supernet_batched", "supernet")
@@ -198,9 +235,12 @@ def run_cpu(shape: Shape, plan: Plan) -> dict[str, Any]:
     out["compile_s"] = time.perf_counter() - t0
     with progress() as bar:
         t = bar.add_task("compiled vs eager", total=plan.rounds)
-        times = time_interleaved({"compiled": step_fn(compiled, x, ids, layout_of=model),
-                                  "eager": step_fn(model, x, ids, layout_of=model)},
-                                 plan.rounds, plan.warmup, lambda: bar.advance(t))
+        times = time_interleaved(
+            {"compiled": step_fn(compiled, x, ids, layout_of=model), "eager": step_fn(model, x, ids, layout_of=model)},
+            plan.rounds,
+            plan.warmup,
+            lambda: bar.advance(t),
+        )
     out["compiled_vs_eager"] = compare(times, "compiled", "eager")
     torch._dynamo.reset()
     del compiled, model
@@ -214,25 +254,45 @@ def run_cuda(shape: Shape, plan: Plan) -> dict[str, Any]:
     vit = timm_vit(shape).cuda()
     x, ids = mixed_batch(shape, "cuda")
     out: dict[str, Any] = {"device": torch.cuda.get_device_name()}
-    times = time_interleaved({"supernet": step_fn(model, x, ids, batched=False, sync=True),
-                              "supernet_batched": step_fn(model, x, ids, batched=True, sync=True),
-                              "timm": step_fn(vit, x, sync=True)}, plan.gpu_rounds, 3)
+    times = time_interleaved(
+        {
+            "supernet": step_fn(model, x, ids, batched=False, sync=True),
+            "supernet_batched": step_fn(model, x, ids, batched=True, sync=True),
+            "timm": step_fn(vit, x, sync=True),
+        },
+        plan.gpu_rounds,
+        3,
+    )
     out["mixed_vs_timm"] = compare(times, "supernet", "timm")
     out["batched_vs_timm"] = compare(times, "supernet_batched", "timm")
     set_batched(model, False)
     compiled = torch.compile(model)
     step_fn(compiled, x, ids, layout_of=model, sync=True)()
-    times = time_interleaved({"compiled": step_fn(compiled, x, ids, layout_of=model, sync=True),
-                              "eager": step_fn(model, x, ids, layout_of=model, sync=True)}, plan.gpu_rounds, 3)
+    times = time_interleaved(
+        {
+            "compiled": step_fn(compiled, x, ids, layout_of=model, sync=True),
+            "eager": step_fn(model, x, ids, layout_of=model, sync=True),
+        },
+        plan.gpu_rounds,
+        3,
+    )
     out["compiled_vs_eager"] = compare(times, "compiled", "eager")
 
     def bf16(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 fn()
+
         return run
-    times = time_interleaved({"supernet": bf16(step_fn(model, x, ids, layout_of=model, sync=True)),
-                              "timm": bf16(step_fn(vit, x, sync=True))}, plan.gpu_rounds, 3)
+
+    times = time_interleaved(
+        {
+            "supernet": bf16(step_fn(model, x, ids, layout_of=model, sync=True)),
+            "timm": bf16(step_fn(vit, x, sync=True)),
+        },
+        plan.gpu_rounds,
+        3,
+    )
     out["bf16_images_per_s"] = {k: shape.batch / (quantiles(v)["median"] / 1e3) for k, v in times.items()}
     out["bf16_vs_timm"] = compare(times, "supernet", "timm")
     torch._dynamo.reset()
@@ -254,8 +314,12 @@ def main() -> None:
     shape, plan = (QUICK_SHAPE, QUICK) if args.quick else (VIT_B, FULL)
     load_before = load_average()
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"quick": args.quick, "shape": asdict(shape), "plan": asdict(plan),
-                               "cpu": run_cpu(shape, plan)}
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "shape": asdict(shape),
+        "plan": asdict(plan),
+        "cpu": run_cpu(shape, plan),
+    }
     if torch.cuda.is_available():
         results["cuda"] = run_cuda(shape, plan)
     results["load_average"] = {"before": load_before, "after": load_average()}
@@ -265,16 +329,21 @@ def main() -> None:
         target(f"CPU: {shape.tasks} tasks mixed fwd+bwd / timm ViT", cpu["mixed_vs_timm"]["ratio"], "<=", 1.15),
         target("CPU: compiled / eager mixed-task step", cpu["compiled_vs_eager"]["ratio"], "<=", 1.0),
         target("CPU: graphs in the compiled mixed-task forward", cpu["graphs"]["graphs"], "<=", 1),
-        target(f"CPU: peak memory with / without checkpointing, batch {shape.mem_batch}",
-               cpu["memory"]["ratio"], "<=", 0.6),
+        target(
+            f"CPU: peak memory with / without checkpointing, batch {shape.mem_batch}", cpu["memory"]["ratio"], "<=", 0.6
+        ),
     ]
     if "cuda" in results:
         g = results["cuda"]
         targets += [
             target(f"CUDA: {shape.tasks} tasks mixed fwd+bwd / timm ViT", g["mixed_vs_timm"]["ratio"], "<=", 1.15),
             target("CUDA: compiled / eager mixed-task step", g["compiled_vs_eager"]["ratio"], "<=", 1.0),
-            target(f"CUDA: peak memory with / without checkpointing, batch {shape.mem_batch}",
-                   g["memory"]["ratio"], "<=", 0.6),
+            target(
+                f"CUDA: peak memory with / without checkpointing, batch {shape.mem_batch}",
+                g["memory"]["ratio"],
+                "<=",
+                0.6,
+            ),
         ]
     command = ".venv/bin/python bench/scale.py" + (" --quick" if args.quick else "")
     jpath, mpath = write_results("scale-quick" if args.quick else "scale", results, targets, command)

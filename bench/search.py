@@ -77,11 +77,10 @@ from _common import RESULTS_DIR, load_average, target, write_results
 from ufo.arch import Arch
 from ufo.config import Config, load_config, parse_config
 from ufo.search.features import arch_features
-from ufo.search.latency import (LatencyDataset, LatencyRecord, fraction_budget, machine_info, measure_many,
-                               sample_archs)
+from ufo.search.latency import LatencyDataset, LatencyRecord, fraction_budget, machine_info, measure_many, sample_archs
 from ufo.search.metric import MetricDataset, MetricRecord, TrainedRun, fit_metric_predictor
 from ufo.search.pipeline import LATENCY_REPEATS, SearchResult, predictor_paths, search_task
-from ufo.search.predictor import GPPredictor, cross_validate, fit_latency_predictor, kendall_tau, mape
+from ufo.search.predictor import fit_latency_predictor, kendall_tau, mape
 from ufo.train.slimming import ChipTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +96,14 @@ def chip_config(config: Path, task: str, steps: int, batch: int, extra: list[str
         raise SystemExit(f"--task {task!r}: not a task of {config}; its tasks are {list(base['tasks'])}")
     base["tasks"] = {task: {**base["tasks"][task], "batch": None}}
     base.pop("pipeline", None)  # `ufo run` settings (budgets per task) do not apply to one stage
-    base["train"].update(stage="chip_supernet", steps=steps, batch_size=batch, log_every=25, ckpt_every=steps,
-                         warmup_steps=min(base["train"]["warmup_steps"], max(1, steps // 10)))
+    base["train"].update(
+        stage="chip_supernet",
+        steps=steps,
+        batch_size=batch,
+        log_every=25,
+        ckpt_every=steps,
+        warmup_steps=min(base["train"]["warmup_steps"], max(1, steps // 10)),
+    )
     base["chip_supernet"] = {"num_random": 2, "distill": True}
     base["name"] = f"search-bench-{task}"
     return parse_config(base, f"{config} (task {task}, chip supernet)")
@@ -107,8 +112,12 @@ def chip_config(config: Path, task: str, steps: int, batch: int, extra: list[str
 def train(cfg: Config, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     summary = ChipTrainer(cfg, out).fit()
-    return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "train_s": round(time.perf_counter() - t0, 1),
-            "images_per_s": summary["images_per_s"]}
+    return {
+        "steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "train_s": round(time.perf_counter() - t0, 1),
+        "images_per_s": summary["images_per_s"],
+    }
 
 
 def accuracy_predictor(run: TrainedRun, n_train: int, n_test: int, pred_dir: Path) -> tuple[dict[str, Any], Any]:
@@ -120,18 +129,33 @@ def accuracy_predictor(run: TrainedRun, n_train: int, n_test: int, pred_dir: Pat
     ms = run.evaluate_many(tr + te, description=f"evaluate {len(tr) + len(te)} subnets ({run.metric})")
     eval_s = time.perf_counter() - t0
     y = np.array([m[run.metric] for m in ms])
-    ds = MetricDataset(space=run.space, task=run.task, metric=run.metric, run=str(run.run_dir),
-                       model_digest=run.digest, split="+".join(run.data.eval), seed=0, eval_s=round(eval_s, 2),
-                       records=[MetricRecord(arch=a, value=v, metrics=m) for a, v, m in zip(tr, y, ms)])
+    ds = MetricDataset(
+        space=run.space,
+        task=run.task,
+        metric=run.metric,
+        run=str(run.run_dir),
+        model_digest=run.digest,
+        split="+".join(run.data.eval),
+        seed=0,
+        eval_s=round(eval_s, 2),
+        records=[MetricRecord(arch=a, value=v, metrics=m) for a, v, m in zip(tr, y, ms)],
+    )
     ds.save(predictor_paths(pred_dir, run.task, BACKEND)["metric_data"])
     gp, meta = fit_metric_predictor(ds, seed=0)
     p = gp.predict(arch_features(run.space, te, run.task))
-    y_te = y[len(tr):]
+    y_te = y[len(tr) :]
     log_params = np.log([run.space.num_params(a, run.task) for a in te])
-    res = {"n_train": len(tr), "n_test": len(te), "kendall_tau": kendall_tau(y_te, p), "mape": mape(y_te, p),
-           "cv_kendall_tau_train": meta["cv"]["kendall_tau"], "params_only_kendall_tau": kendall_tau(y_te, log_params),
-           "metric_range": [float(y.min()), float(y.max())], "eval_s_per_subnet": eval_s / len(ms),
-           "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()}}
+    res = {
+        "n_train": len(tr),
+        "n_test": len(te),
+        "kendall_tau": kendall_tau(y_te, p),
+        "mape": mape(y_te, p),
+        "cv_kendall_tau_train": meta["cv"]["kendall_tau"],
+        "params_only_kendall_tau": kendall_tau(y_te, log_params),
+        "metric_range": [float(y.min()), float(y.max())],
+        "eval_s_per_subnet": eval_s / len(ms),
+        "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()},
+    }
     return res, (te, y_te, p)
 
 
@@ -162,38 +186,65 @@ def measurement_ceiling(run: TrainedRun, archs: list[Arch], halves: int = 20, se
     r = float(np.sin(np.pi * np.mean(taus) / 2))
     reliability = 2 * r / (1 + r) if r > 0 else 0.0
     ceiling = float(2 / np.pi * np.arcsin(np.sqrt(reliability)))
-    return {"kind": "classification", "test_images": n, "split_half_kendall_tau": float(np.mean(taus)),
-            "split_half_kendall_tau_sd": float(np.std(taus)), "full_test_reliability": reliability,
-            "ceiling_kendall_tau": ceiling}
+    return {
+        "kind": "classification",
+        "test_images": n,
+        "split_half_kendall_tau": float(np.mean(taus)),
+        "split_half_kendall_tau_sd": float(np.std(taus)),
+        "full_test_reliability": reliability,
+        "ceiling_kendall_tau": ceiling,
+    }
 
 
-def latency_predictor(run: TrainedRun, n_train: int, n_test: int, repeats: int,
-                      pred_dir: Path) -> tuple[dict[str, Any], Any]:
+def latency_predictor(
+    run: TrainedRun, n_train: int, n_test: int, repeats: int, pred_dir: Path
+) -> tuple[dict[str, Any], Any]:
     """Time train and held-out subnets together in interleaved rounds; fit on the train ones."""
     tr = sample_archs(run.space, run.task, n_train, 0, run.routes)
     te = sample_archs(run.space, run.task, n_test, 1, run.routes, exclude=tr, extremes=False)
     t0 = time.perf_counter()
     lats = measure_many(run.space, tr + te, run.task, BACKEND, 0, BATCH, THREADS, repeats, warmup=5)
     meas_s = time.perf_counter() - t0
-    ds = LatencyDataset(space=run.space, task=run.task, backend=BACKEND, batch=BATCH, threads=THREADS,
-                        repeats=repeats, warmup=5, seed=0, machine={**machine_info(), "threads": THREADS},
-                        records=[LatencyRecord(arch=a, latency=lat) for a, lat in zip(tr, lats)])
+    ds = LatencyDataset(
+        space=run.space,
+        task=run.task,
+        backend=BACKEND,
+        batch=BATCH,
+        threads=THREADS,
+        repeats=repeats,
+        warmup=5,
+        seed=0,
+        machine={**machine_info(), "threads": THREADS},
+        records=[LatencyRecord(arch=a, latency=lat) for a, lat in zip(tr, lats)],
+    )
     ds.save(predictor_paths(pred_dir, run.task, BACKEND)["latency_data"])
     gp, meta = fit_latency_predictor(ds, seed=0)
-    y_te = np.array([lat.median_ms for lat in lats[len(tr):]])
+    y_te = np.array([lat.median_ms for lat in lats[len(tr) :]])
     p = gp.predict(arch_features(run.space, te, run.task))
-    retest = np.array([lat.median_ms for lat in measure_many(run.space, te, run.task, BACKEND, 3, BATCH, THREADS,
-                                                             repeats, warmup=5)])
+    retest = np.array(
+        [lat.median_ms for lat in measure_many(run.space, te, run.task, BACKEND, 3, BATCH, THREADS, repeats, warmup=5)]
+    )
     flops = np.array([run.space.flops(a, run.task) for a in te], dtype=np.float64)
     rel_iqr = [(lat.q3_ms - lat.q1_ms) / lat.median_ms for lat in lats]
-    res = {"n_train": len(tr), "n_test": len(te), "repeats": repeats, "kendall_tau": kendall_tau(y_te, p),
-           "mape": mape(y_te, p), "cv_kendall_tau_train": meta["cv"]["kendall_tau"], "cv_mape_train": meta["cv"]["mape"],
-           "retest_kendall_tau": kendall_tau(y_te, retest), "retest_mape": mape(y_te, retest),
-           "kendall_tau_vs_retest": kendall_tau(retest, p), "mape_vs_retest": mape(retest, p),
-           "flops_only_kendall_tau": kendall_tau(y_te, flops), "median_relative_iqr": float(np.median(rel_iqr)),
-           "latency_range_ms": [float(min(lt.median_ms for lt in lats)), float(max(lt.median_ms for lt in lats))],
-           "measure_s": round(meas_s, 1), "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()}}
-    return res, (te, y_te, p, lats[:len(tr)])
+    res = {
+        "n_train": len(tr),
+        "n_test": len(te),
+        "repeats": repeats,
+        "kendall_tau": kendall_tau(y_te, p),
+        "mape": mape(y_te, p),
+        "cv_kendall_tau_train": meta["cv"]["kendall_tau"],
+        "cv_mape_train": meta["cv"]["mape"],
+        "retest_kendall_tau": kendall_tau(y_te, retest),
+        "retest_mape": mape(y_te, retest),
+        "kendall_tau_vs_retest": kendall_tau(retest, p),
+        "mape_vs_retest": mape(retest, p),
+        "flops_only_kendall_tau": kendall_tau(y_te, flops),
+        "median_relative_iqr": float(np.median(rel_iqr)),
+        "latency_range_ms": [float(min(lt.median_ms for lt in lats)), float(max(lt.median_ms for lt in lats))],
+        "measure_s": round(meas_s, 1),
+        "test_points": {"measured": y_te.tolist(), "predicted": p.tolist()},
+    }
+    return res, (te, y_te, p, lats[: len(tr)])
 
 
 def random_best(values: np.ndarray, ok: np.ndarray, n: int, draws: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -207,20 +258,39 @@ def random_best(values: np.ndarray, ok: np.ndarray, n: int, draws: int = 2000, s
         feas = values[idx][ok[idx]]
         best.append(feas.max() if len(feas) else np.nan)
     b = np.array(best)
-    return {"n": n, "mean_best": float(np.nanmean(b)), "median_best": float(np.nanmedian(b)),
-            "p_none_feasible": float(np.isnan(b).mean())}
+    return {
+        "n": n,
+        "mean_best": float(np.nanmean(b)),
+        "median_best": float(np.nanmedian(b)),
+        "p_none_feasible": float(np.isnan(b).mean()),
+    }
 
 
 def summary(r: SearchResult) -> dict[str, Any]:
     kept = [c for c in r.candidates if c.meets_budget]
-    return {"budget": r.budget, "chosen": {"depth": r.arch.depth, "embed_dim": r.arch.embed_dim,
-                                           "num_heads": r.arch.num_heads, "mlp_ratio": r.arch.mlp_ratio},
-            "predicted_metric": r.predicted_metric, "measured_metric": r.measured_metric,
-            "predicted_latency_ms": r.predicted_latency_ms, "measured_latency_ms": r.measured_latency_ms,
-            "params": r.params, "flops": r.flops, "candidates_measured": len(r.candidates), "candidates_kept": len(kept),
-            "front_size": len(r.front), "distinct_archs": r.distinct_archs, "nsga_s": r.search_s,
-            "measure_s": r.measure_s, "total_s": r.total_s,
-            "predictors_cached": {k: v["cached"] for k, v in r.predictors.items() if isinstance(v, dict)}}
+    return {
+        "budget": r.budget,
+        "chosen": {
+            "depth": r.arch.depth,
+            "embed_dim": r.arch.embed_dim,
+            "num_heads": r.arch.num_heads,
+            "mlp_ratio": r.arch.mlp_ratio,
+        },
+        "predicted_metric": r.predicted_metric,
+        "measured_metric": r.measured_metric,
+        "predicted_latency_ms": r.predicted_latency_ms,
+        "measured_latency_ms": r.measured_latency_ms,
+        "params": r.params,
+        "flops": r.flops,
+        "candidates_measured": len(r.candidates),
+        "candidates_kept": len(kept),
+        "front_size": len(r.front),
+        "distinct_archs": r.distinct_archs,
+        "nsga_s": r.search_s,
+        "measure_s": r.measure_s,
+        "total_s": r.total_s,
+        "predictors_cached": {k: v["cached"] for k, v in r.predictors.items() if isinstance(v, dict)},
+    }
 
 
 def plot(acc: Any, lat: Any, searches: dict[str, SearchResult], pool: dict[str, Any], metric: str, path: Path) -> None:
@@ -236,22 +306,32 @@ def plot(acc: Any, lat: Any, searches: dict[str, SearchResult], pool: dict[str, 
         a.plot([lo, hi], [lo, hi], "k--", lw=1)
         a.set_xlabel(f"measured {name}")
         a.set_ylabel(f"predicted {name}")
-        a.set_title(f"{name} predictor, {len(y)} held-out subnets\nKendall tau {kendall_tau(y, p):.3f}, "
-                    f"MAPE {100 * mape(y, p):.1f}%", fontsize=10)
+        a.set_title(
+            f"{name} predictor, {len(y)} held-out subnets\nKendall tau {kendall_tau(y, p):.3f}, "
+            f"MAPE {100 * mape(y, p):.1f}%",
+            fontsize=10,
+        )
     r = searches["params"]
     a = ax[2]
     a.scatter(pool["params"], pool["metric"], s=10, c="0.6", label="random subnets (measured)")
-    a.plot([q.cost for q in r.front], [q.metric for q in r.front], "-o", ms=3, c="tab:blue",
-           label="predicted Pareto front")
-    a.scatter([c.params for c in r.candidates], [c.measured_metric for c in r.candidates], c="tab:orange", s=25,
-              label="search candidates (measured)")
+    a.plot(
+        [q.cost for q in r.front], [q.metric for q in r.front], "-o", ms=3, c="tab:blue", label="predicted Pareto front"
+    )
+    a.scatter(
+        [c.params for c in r.candidates],
+        [c.measured_metric for c in r.candidates],
+        c="tab:orange",
+        s=25,
+        label="search candidates (measured)",
+    )
     a.scatter([r.params], [r.measured_metric], marker="*", s=250, c="tab:red", zorder=5, label="chosen")
     a.axvline(r.budget["max_params"], ls="--", c="k", lw=1, label="budget")
     a.set_xscale("log")
     a.set_xlabel("parameters")
     a.set_ylabel(metric)
-    a.set_title(f"search under a parameter budget\n(measured {metric} of the candidates and a random pool)",
-                fontsize=10)
+    a.set_title(
+        f"search under a parameter budget\n(measured {metric} of the candidates and a random pool)", fontsize=10
+    )
     a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -261,21 +341,34 @@ def plot(acc: Any, lat: Any, searches: dict[str, SearchResult], pool: dict[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few steps and small samples, to check the script")
-    p.add_argument("--config", type=Path, default=SEARCH_CONFIG, help="experiment config whose task is used "
-                   "(default configs/search.yaml, MNIST-5k; configs/suite.yaml is the real suite in ../shared/data)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=SEARCH_CONFIG,
+        help="experiment config whose task is used "
+        "(default configs/search.yaml, MNIST-5k; configs/suite.yaml is the real suite in ../shared/data)",
+    )
     p.add_argument("--task", default="mnist", help="task of --config (classification works best: a precise metric)")
     p.add_argument("--steps", type=int, default=None, help="chip-supernet steps (2000)")
     p.add_argument("--batch", type=int, default=64, help="chip-supernet batch size")
-    p.add_argument("--work", type=Path, default=None, help="keep the run, predictor data and searches here "
-                   "(default: a temporary folder)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep the run, predictor data and searches here (default: a temporary folder)",
+    )
     p.add_argument("--trials", type=int, default=None, help="NSGA-II trials per search (2000)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per subnet for the latency data (200)")
     p.add_argument("--pool", type=int, default=None, help="random-search pool size per budget (100)")
     p.add_argument("--set", action="append", default=[], help="extra config override, e.g. train.lr=2e-3")
     p.add_argument("--demo-runs", type=int, default=None, help="demo-shaped runs from scratch, seeds 0.. (5)")
     p.add_argument("--judge-pool", type=int, default=None, help="random subnets judged beside each front (30)")
-    p.add_argument("--predictor-pool", type=int, default=None, help="subnets of the 9-block space evaluated for the "
-                   "predictor comparison (500)")
+    p.add_argument(
+        "--predictor-pool",
+        type=int,
+        default=None,
+        help="subnets of the 9-block space evaluated for the predictor comparison (500)",
+    )
     p.add_argument("--skip-trust", action="store_true", help="skip the predictor comparison and the demo runs")
     args = p.parse_args()
     q = args.quick
@@ -292,8 +385,16 @@ def main() -> None:
     pred_sizes, pred_test = ([20, 40], 20) if q else ([20, 50, 100, 200, 400], 100)
     t_start = time.perf_counter()
     load_before = load_average()
-    results: dict[str, Any] = {"quick": q, "config": str(args.config.resolve().relative_to(ROOT))
-                               if args.config.resolve().is_relative_to(ROOT) else str(args.config), "task": args.task, "backend": BACKEND, "threads": THREADS, "batch": BATCH}
+    results: dict[str, Any] = {
+        "quick": q,
+        "config": str(args.config.resolve().relative_to(ROOT))
+        if args.config.resolve().is_relative_to(ROOT)
+        else str(args.config),
+        "task": args.task,
+        "backend": BACKEND,
+        "threads": THREADS,
+        "batch": BATCH,
+    }
     with tempfile.TemporaryDirectory(prefix="ufo-bench-search-") as tmp_dir:
         tmp = str(args.work) if args.work is not None else tmp_dir
         run_dir = Path(tmp) / "chip"
@@ -302,16 +403,19 @@ def main() -> None:
         results["training"] = train(cfg, run_dir)
         run = TrainedRun(run_dir, args.task)
         results["metric"] = run.metric
-        results["space"] = run.space.model_dump(include={"depth", "embed_dim", "num_heads", "mlp_ratio", "img_size",
-                                                         "patch_size", "head_dim"})
+        results["space"] = run.space.model_dump(
+            include={"depth", "embed_dim", "num_heads", "mlp_ratio", "img_size", "patch_size", "head_dim"}
+        )
         pred_dir = run_dir / "predictors"
         print(f"== accuracy predictor: {n_acc} training + {n_acc_test} held-out subnets")
         results["accuracy_predictor"], acc = accuracy_predictor(run, n_acc, n_acc_test, pred_dir)
         held_out = {"archs": [a.model_dump() for a in acc[0]], "measured": acc[1].tolist()}
         (pred_dir / f"{args.task}-metric-held-out.json").write_text(json.dumps(held_out))
         results["accuracy_predictor"]["measurement"] = measurement_ceiling(run, acc[0])
-        print(f"   held-out tau {results['accuracy_predictor']['kendall_tau']:.3f}; noise ceiling of the "
-              f"measurement {results['accuracy_predictor']['measurement']['ceiling_kendall_tau']}")
+        print(
+            f"   held-out tau {results['accuracy_predictor']['kendall_tau']:.3f}; noise ceiling of the "
+            f"measurement {results['accuracy_predictor']['measurement']['ceiling_kendall_tau']}"
+        )
         print(f"== latency predictor: {n_lat} training + {n_lat_test} held-out subnets, {repeats} rounds")
         results["latency_predictor"], lat = latency_predictor(run, n_lat, n_lat_test, repeats, pred_dir)
         held_out = {"archs": [a.model_dump() for a in lat[0]], "measured": lat[1].tolist()}
@@ -325,8 +429,16 @@ def main() -> None:
         }
         fractions = {"latency_30": 0.3, "latency_60": 0.6}
         searches: dict[str, SearchResult] = {}
-        kw = dict(backend=BACKEND, trials=trials, top_k=top_k, seed=0, metric_samples=n_acc, latency_samples=n_lat,
-                  threads=THREADS, batch=BATCH)
+        kw = dict(
+            backend=BACKEND,
+            trials=trials,
+            top_k=top_k,
+            seed=0,
+            metric_samples=n_acc,
+            latency_samples=n_lat,
+            threads=THREADS,
+            batch=BATCH,
+        )
         for name, f in fractions.items():  # relative to this machine, timed with every measurement
             budgets[name] = {"max_latency_fraction": f}
         for name in budgets:
@@ -337,17 +449,22 @@ def main() -> None:
         # constraint satisfaction: every chosen subnet, re-measured afresh
         returned = [(k, next(c for c in r.candidates if c.arch == r.arch)) for k, r in searches.items()]
         lat_ret = [(k, c) for k, c in returned if "max_latency_fraction" in budgets[k]]
-        print(f"== re-measuring the {len(returned)} chosen subnets ({len(lat_ret)} timed, with the smallest and the "
-              "largest subnet: the relative budgets)")
-        timed = measure_many(space, [small, large, *(c.arch for _, c in lat_ret)], task, BACKEND, 1, BATCH, THREADS,
-                             repeats, warmup=5)
+        print(
+            f"== re-measuring the {len(returned)} chosen subnets ({len(lat_ret)} timed, with the smallest and the "
+            "largest subnet: the relative budgets)"
+        )
+        timed = measure_many(
+            space, [small, large, *(c.arch for _, c in lat_ret)], task, BACKEND, 1, BATCH, THREADS, repeats, warmup=5
+        )
         limits = {k: fraction_budget(timed[0], timed[1], budgets[k]["max_latency_fraction"]) for k, _ in lat_ret}
         again = timed[2:]
         ok, strict = [], []
         for k, c in returned:
             b = budgets[k]
-            ok.append(space.num_params(c.arch, task) <= b.get("max_params", np.inf)
-                      and space.flops(c.arch, task) <= b.get("max_flops", np.inf))
+            ok.append(
+                space.num_params(c.arch, task) <= b.get("max_params", np.inf)
+                and space.flops(c.arch, task) <= b.get("max_flops", np.inf)
+            )
             strict.append(ok[-1])
         for (k, c), lt in zip(lat_ret, again):
             i = returned.index((k, c))
@@ -355,62 +472,102 @@ def main() -> None:
             # a little above as below for a subnet at the budget's edge: 5% is the re-test tolerance
             strict[i] = strict[i] and lt.median_ms <= limits[k]
             ok[i] = ok[i] and lt.median_ms <= 1.05 * limits[k]
-        results["constraint_satisfaction"] = {"returned": len(returned), "meet_when_re_measured": int(sum(ok)),
-                                              "fraction": float(np.mean(ok)) if ok else float("nan"),
-                                              "fraction_strict": float(np.mean(strict)) if strict else float("nan"),
-                                              "latency_re_measured_ms": [lt.median_ms for lt in again],
-                                              "latency_budgets_ms": [limits[k] for k, _ in lat_ret]}
+        results["constraint_satisfaction"] = {
+            "returned": len(returned),
+            "meet_when_re_measured": int(sum(ok)),
+            "fraction": float(np.mean(ok)) if ok else float("nan"),
+            "fraction_strict": float(np.mean(strict)) if strict else float("nan"),
+            "latency_re_measured_ms": [lt.median_ms for lt in again],
+            "latency_budgets_ms": [limits[k] for k, _ in lat_ret],
+        }
 
         # random search with the same number of real evaluations
         print(f"== random search pools: {pool_n} subnets under the parameter budget, {pool_n} timed")
         pool_archs = run.sample(pool_n, seed=7, extremes=False)
         pool_metric = np.array([m[run.metric] for m in run.evaluate_many(pool_archs, description="random pool")])
         pool_params = np.array([space.num_params(a, task) for a in pool_archs])
-        pool_lat = measure_many(space, [small, large, *pool_archs], task, BACKEND, 2, BATCH, THREADS, repeats,
-                                warmup=5)
+        pool_lat = measure_many(space, [small, large, *pool_archs], task, BACKEND, 2, BATCH, THREADS, repeats, warmup=5)
         limit_60 = fraction_budget(pool_lat[0], pool_lat[1], budgets["latency_60"]["max_latency_fraction"])
         comp = {}
-        for name, feasible in (("params", pool_params <= budgets["params"]["max_params"]),
-                               ("latency_60", np.array([lt.median_ms for lt in pool_lat[2:]]) <= limit_60)):
+        for name, feasible in (
+            ("params", pool_params <= budgets["params"]["max_params"]),
+            ("latency_60", np.array([lt.median_ms for lt in pool_lat[2:]]) <= limit_60),
+        ):
             r = searches[name]
             n_cand = len(r.candidates)
             # under an exact size budget random search skips infeasible draws for free
-            vals, okm = (pool_metric[feasible], np.ones(int(feasible.sum()), bool)) if name == "params" else \
-                (pool_metric, feasible)
-            comp[name] = {"search_measured_metric": r.measured_metric, "search_real_evaluations": n_cand,
-                          "search_real_evaluations_with_predictor_data": n_cand + n_acc,
-                          "pool": len(vals), "pool_feasible": int(okm.sum()),
-                          "random_same_evaluations": random_best(vals, okm, n_cand),
-                          "random_same_evaluations_with_predictor_data": random_best(vals, okm, n_cand + n_acc)}
+            vals, okm = (
+                (pool_metric[feasible], np.ones(int(feasible.sum()), bool))
+                if name == "params"
+                else (pool_metric, feasible)
+            )
+            comp[name] = {
+                "search_measured_metric": r.measured_metric,
+                "search_real_evaluations": n_cand,
+                "search_real_evaluations_with_predictor_data": n_cand + n_acc,
+                "pool": len(vals),
+                "pool_feasible": int(okm.sum()),
+                "random_same_evaluations": random_best(vals, okm, n_cand),
+                "random_same_evaluations_with_predictor_data": random_best(vals, okm, n_cand + n_acc),
+            }
         results["random_search"] = comp
-        plot(acc, lat, searches, {"params": pool_params, "metric": pool_metric}, f"{task} {run.metric}",
-             RESULTS_DIR / "search.png")
+        plot(
+            acc,
+            lat,
+            searches,
+            {"params": pool_params, "metric": pool_metric},
+            f"{task} {run.metric}",
+            RESULTS_DIR / "search.png",
+        )
         if not args.skip_trust:
             from _search_trust import demo_runs, predictor_comparison, trust_plot
 
             deep = chip_config(args.config, args.task, steps, args.batch, [*args.set, f"model.depth={DEEP_DEPTHS}"])
-            print(f"== predictor comparison: a {max(DEEP_DEPTHS)}-block chip supernet, {steps} steps; "
-                  f"{pred_pool} subnets evaluated")
+            print(
+                f"== predictor comparison: a {max(DEEP_DEPTHS)}-block chip supernet, {steps} steps; "
+                f"{pred_pool} subnets evaluated"
+            )
             results["predictor_comparison"] = {"training": train(deep, Path(tmp) / "deep")}
             deep_run = TrainedRun(Path(tmp) / "deep", args.task)
-            results["predictor_comparison"].update(predictor_comparison(deep_run, pred_pool, pred_sizes, pred_test,
-                                                                        3 if q else 5, Path(tmp)))
-            quick_demo = ["train.steps=20", "pipeline.task_supernet.steps=10", "pipeline.chip_supernet.steps=10",
-                          "pipeline.search.trials=200"] if q else []
+            results["predictor_comparison"].update(
+                predictor_comparison(deep_run, pred_pool, pred_sizes, pred_test, 3 if q else 5, Path(tmp))
+            )
+            quick_demo = (
+                [
+                    "train.steps=20",
+                    "pipeline.task_supernet.steps=10",
+                    "pipeline.chip_supernet.steps=10",
+                    "pipeline.search.trials=200",
+                ]
+                if q
+                else []
+            )
             results["demo_runs"] = demo_runs(Path(tmp), demo_n, judge_pool, LATENCY_REPEATS, quick_demo)
             trust_plot(results["predictor_comparison"], results["demo_runs"], RESULTS_DIR / "search_trust.png")
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results["load_average_before"], results["load_average_after"] = load_before, load_average()
     ap, lp = results["accuracy_predictor"], results["latency_predictor"]
     targets = [
-        target(f"accuracy predictor Kendall tau, {ap['n_test']} held-out subnets ({ap['n_train']} train)",
-               ap["kendall_tau"], ">=", 0.8),
+        target(
+            f"accuracy predictor Kendall tau, {ap['n_test']} held-out subnets ({ap['n_train']} train)",
+            ap["kendall_tau"],
+            ">=",
+            0.8,
+        ),
         target(f"latency predictor MAPE, {lp['n_test']} held-out ({lp['n_train']} train)", lp["mape"], "<=", 0.03),
         target(f"latency predictor Kendall tau, {lp['n_test']} held-out", lp["kendall_tau"], ">=", 0.95),
-        target("chosen subnets meeting the budget when re-measured (latency: median within budget + 5%)",
-               results["constraint_satisfaction"]["fraction"], ">=", 1.0),
-        target("search wall time (s, cached predictors, slowest of the searches)",
-               max(s["total_s"] for s in results["searches"].values()), "<", 60.0),
+        target(
+            "chosen subnets meeting the budget when re-measured (latency: median within budget + 5%)",
+            results["constraint_satisfaction"]["fraction"],
+            ">=",
+            1.0,
+        ),
+        target(
+            "search wall time (s, cached predictors, slowest of the searches)",
+            max(s["total_s"] for s in results["searches"].values()),
+            "<",
+            60.0,
+        ),
     ]
     if "demo_runs" in results:
         pc, dr = results["predictor_comparison"], results["demo_runs"]
@@ -418,15 +575,32 @@ def main() -> None:
         sizes = pc["sizes"]
         biggest = sizes[str(max(int(k) for k in sizes))]
         targets += [
-            target(f"demo-shaped runs x{len(dr)}, every task: best measured metric meeting the budget (whole front + "
-                   f"{judge_pool} random subnets) minus the chosen subnet's, worst case", max(gaps), "<=", 0.01),
-            target(f"metric predictor fit at {max(int(k) for k in sizes)} subnets, {pc['features']} features "
-                   "(s, slowest of the splits)", biggest["gp_fit_s_max"], "<=", 3.0),
-            target("predictor tau minus ridge regression tau, worst training size "
-                   f"({', '.join(sizes)})", min(r["kendall_tau"]["gp"] - r["kendall_tau"]["ridge"]
-                                               for r in sizes.values()), ">=", 0.0),
-            target("predictor tau minus parameter-count ranking tau, worst training size",
-                   min(r["kendall_tau"]["gp"] - r["kendall_tau"]["params"] for r in sizes.values()), ">=", 0.0),
+            target(
+                f"demo-shaped runs x{len(dr)}, every task: best measured metric meeting the budget (whole front + "
+                f"{judge_pool} random subnets) minus the chosen subnet's, worst case",
+                max(gaps),
+                "<=",
+                0.01,
+            ),
+            target(
+                f"metric predictor fit at {max(int(k) for k in sizes)} subnets, {pc['features']} features "
+                "(s, slowest of the splits)",
+                biggest["gp_fit_s_max"],
+                "<=",
+                3.0,
+            ),
+            target(
+                f"predictor tau minus ridge regression tau, worst training size ({', '.join(sizes)})",
+                min(r["kendall_tau"]["gp"] - r["kendall_tau"]["ridge"] for r in sizes.values()),
+                ">=",
+                0.0,
+            ),
+            target(
+                "predictor tau minus parameter-count ranking tau, worst training size",
+                min(r["kendall_tau"]["gp"] - r["kendall_tau"]["params"] for r in sizes.values()),
+                ">=",
+                0.0,
+            ),
         ]
     if q:
         for t in targets:

@@ -16,8 +16,16 @@ TASKS = ["cls", "faces", "signs"]
 
 
 def tiny_space(**overrides) -> SearchSpace:
-    kw = dict(tasks=TASKS, depth=[1, 2, 3], embed_dim=[16, 24, 32], num_heads=[1, 2, 3], mlp_ratio=[1.0, 1.5, 2.0],
-              head_dim=8, img_size=16, patch_size=4)
+    kw = dict(
+        tasks=TASKS,
+        depth=[1, 2, 3],
+        embed_dim=[16, 24, 32],
+        num_heads=[1, 2, 3],
+        mlp_ratio=[1.0, 1.5, 2.0],
+        head_dim=8,
+        img_size=16,
+        patch_size=4,
+    )
     kw.update(overrides)
     return SearchSpace(**kw)
 
@@ -25,7 +33,9 @@ def tiny_space(**overrides) -> SearchSpace:
 @st.composite
 def archs(draw, space: SearchSpace, with_paths: bool = True) -> Arch:
     d = draw(st.sampled_from(space.depth))
-    paths = {t: draw(st.lists(st.sampled_from(PATHS), min_size=d, max_size=d)) for t in space.tasks} if with_paths else {}
+    paths = (
+        {t: draw(st.lists(st.sampled_from(PATHS), min_size=d, max_size=d)) for t in space.tasks} if with_paths else {}
+    )
     return Arch(
         depth=d,
         embed_dim=draw(st.sampled_from(space.embed_dim)),
@@ -39,12 +49,28 @@ def train_one_and_two_processes(config: Path, tmp_path: Path) -> tuple[list[dict
     """`ufo train CONFIG` in one process (run "one") and under `torchrun` with 2 CPU processes
     (run "two"); returns both metrics.csv logs. Fails the test if either run fails."""
     bin_dir = Path(sys.executable).parent
-    one = subprocess.run([str(bin_dir / "ufo"), "train", str(config), "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True)
+    one = subprocess.run(
+        [str(bin_dir / "ufo"), "train", str(config), "--out", str(tmp_path / "one")], capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "ufo.cli",
-                          "train", str(config), "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ufo.cli",
+            "train",
+            str(config),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     def log(run: str) -> list[dict[str, str]]:
@@ -54,8 +80,15 @@ def train_one_and_two_processes(config: Path, tmp_path: Path) -> tuple[list[dict
     return log("one"), log("two")
 
 
-def make_image_folder(root: Path, classes: int = 4, per_class: int = 10, seed: int = 0, fmt: str = "JPEG",
-                      min_side: int = 20, max_side: int = 48) -> Path:
+def make_image_folder(
+    root: Path,
+    classes: int = 4,
+    per_class: int = 10,
+    seed: int = 0,
+    fmt: str = "JPEG",
+    min_side: int = 20,
+    max_side: int = 48,
+) -> Path:
     """`root/c<k>/<i>.jpg`: RGB images of varied sizes whose mean colour follows the class (so a
     model can learn them); returns root."""
     import numpy as np

@@ -14,15 +14,33 @@ import yaml
 TINY_RUN = {
     "name": "tiny-run",
     "seed": 0,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.0,
+    },
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}},
-        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 300},
-                  "options": {"embedding_dim": 16, "k": 4}},
+        "mnist": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "max_train": 300},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
     },
-    "train": {"steps": 8, "batch_size": 16, "log_every": 2, "ckpt_every": 4, "warmup_steps": 2, "threads": 1,
-              "eval_batch_size": 512},
+    "train": {
+        "steps": 8,
+        "batch_size": 16,
+        "log_every": 2,
+        "ckpt_every": 4,
+        "warmup_steps": 2,
+        "threads": 1,
+        "eval_batch_size": 512,
+    },
     "task_supernet": {"tau_start": 1.0, "expert_cost": 0.1},
     "chip_supernet": {"num_random": 1},
     "pipeline": {
@@ -30,8 +48,11 @@ TINY_RUN = {
         "task_supernet": {"steps": 6},
         "chip_supernet": {"steps": 6, "eval_subnets": 4},
         "predictors": {"metric_samples": 10, "latency_samples": 10},
-        "search": {"budgets": {"digits": {"max_params": 12000}, "mnist": {"max_flops": 400000}}, "trials": 300,
-                   "top_k": 3},
+        "search": {
+            "budgets": {"digits": {"max_params": 12000}, "mnist": {"max_flops": 400000}},
+            "trials": 300,
+            "top_k": 3,
+        },
         "export": {"int8": "dynamic", "latency_repeats": 5},
     },
 }

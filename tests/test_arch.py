@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from helpers import TASKS, tiny_space
 from ufo.arch import Arch, SearchSpace
 from ufo.errors import ArchError
-from helpers import TASKS, tiny_space
 
 
 def test_largest_smallest_sample_are_in_space():
@@ -38,10 +38,13 @@ def test_json_round_trip(tmp_path):
     assert Arch.load(tmp_path / "a.json") == arch
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("embed_dim", 20, "arch.embed_dim=20"),
-    ("depth", 4, "arch.depth=4"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("embed_dim", 20, "arch.embed_dim=20"),
+        ("depth", 4, "arch.depth=4"),
+    ],
+)
 def test_out_of_space_error_names_field_and_allowed(field, value, needle):
     space = tiny_space()
     arch = space.largest()

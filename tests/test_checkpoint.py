@@ -4,11 +4,19 @@ import os
 import pytest
 import torch
 
-from ufo.checkpoint import (MANIFEST_KEY, load_checkpoint, load_extracted, load_supernet, read_manifest,
-                            save_checkpoint, save_extracted, save_supernet)
+from helpers import TASKS, tiny_space
+from ufo.checkpoint import (
+    MANIFEST_KEY,
+    load_checkpoint,
+    load_extracted,
+    load_supernet,
+    read_manifest,
+    save_checkpoint,
+    save_extracted,
+    save_supernet,
+)
 from ufo.errors import CheckpointError, StorageError
 from ufo.nn import SuperViT, extract
-from helpers import TASKS, tiny_space
 
 
 def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -70,7 +78,9 @@ def test_shape_mismatch_lists_tensors(tmp_path):
 
     small, big = SuperViT(tiny_space(tasks=["cls"])), SuperViT(tiny_space())
     tensors = big.state_dict()
-    with pytest.raises(CheckpointError, match=r"unexpected: .*experts\.faces.*router_logits: checkpoint \(3, 3\) vs model \(1, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected: .*experts\.faces.*router_logits: checkpoint \(3, 3\) vs model \(1, 3\)"
+    ):
         load_state_checked(small, tensors, "big.safetensors")
 
 
@@ -87,6 +97,7 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
         load_supernet(junk)
     foreign = tmp_path / "foreign.safetensors"
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(CheckpointError, match="no UFO manifest"):
         load_supernet(foreign)

@@ -43,10 +43,10 @@ def test_shell_completion_is_on():
 
 def test_choices_equal_the_library_lists():
     from ufo.data.readers import OnError
+    from ufo.demo import SUITES
     from ufo.deploy.extend import MODES
     from ufo.deploy.onnx_export import Int8Mode
     from ufo.deploy.server import Backend
-    from ufo.demo import SUITES
     from ufo.run import STAGE_NAMES
     from ufo.search.latency import BACKENDS
 
@@ -62,33 +62,39 @@ def test_choices_equal_the_library_lists():
     assert values(choices.OnError) == get_args(OnError)
 
 
-@pytest.mark.parametrize("args, option, bad, allowed", [
-    (["export", "m.safetensors", "--out", "m.onnx"], "--int8", "fast", "'dynamic', 'static'"),
-    (["export", "m.safetensors", "--out", "m.onnx"], "--format", "tflite", "'onnx'"),
-    (["serve", "m.safetensors"], "--backend", "tensorrt", "'torch', 'onnx'"),
-    (["latency", "run", "-t", "a", "--out", "l.json"], "--backend", "tpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
-    (["search", "run", "-t", "a", "--out", "s"], "--backend", "gpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
-    (["predictor", "fit", "run"], "--backend", "gpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
-    (["run", "c.yaml", "--out", "r"], "--from", "training", "'all_in_one', 'task_supernet'"),
-    (["run", "c.yaml", "--out", "r"], "--until", "deploy", "'all_in_one', 'task_supernet'"),
-    (["demo"], "--from", "x", "'all_in_one'"),
-    (["demo"], "--suite", "tiny", "'builtin', 'full'"),
-    (["extend", "run", "--task-config", "t.yaml", "--out", "e"], "--train", "experts", "'head', 'head+expert'"),
-    (["data", "pack", "src", "out"], "--on-error", "ignore", "'raise', 'skip'"),
-])
+@pytest.mark.parametrize(
+    "args, option, bad, allowed",
+    [
+        (["export", "m.safetensors", "--out", "m.onnx"], "--int8", "fast", "'dynamic', 'static'"),
+        (["export", "m.safetensors", "--out", "m.onnx"], "--format", "tflite", "'onnx'"),
+        (["serve", "m.safetensors"], "--backend", "tensorrt", "'torch', 'onnx'"),
+        (["latency", "run", "-t", "a", "--out", "l.json"], "--backend", "tpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
+        (["search", "run", "-t", "a", "--out", "s"], "--backend", "gpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
+        (["predictor", "fit", "run"], "--backend", "gpu", "'torch-cpu', 'ort-cpu', 'cuda'"),
+        (["run", "c.yaml", "--out", "r"], "--from", "training", "'all_in_one', 'task_supernet'"),
+        (["run", "c.yaml", "--out", "r"], "--until", "deploy", "'all_in_one', 'task_supernet'"),
+        (["demo"], "--from", "x", "'all_in_one'"),
+        (["demo"], "--suite", "tiny", "'builtin', 'full'"),
+        (["extend", "run", "--task-config", "t.yaml", "--out", "e"], "--train", "experts", "'head', 'head+expert'"),
+        (["data", "pack", "src", "out"], "--on-error", "ignore", "'raise', 'skip'"),
+    ],
+)
 def test_a_value_outside_the_choices_is_refused_before_running(args, option, bad, allowed):
     res = CliRunner().invoke(app, [*args, option, bad], env=WIDE)
     assert res.exit_code == 2, res.output
     assert f"Invalid value for '{option}'" in res.output and f"'{bad}' is not one of {allowed}" in res.output
 
 
-@pytest.mark.parametrize("path, new, old", [
-    (("latency",), "--samples", "--n"),
-    (("latency",), "--batch-size", "--batch"),
-    (("search",), "--batch-size", "--batch"),
-    (("data", "pack"), "--max-count", "--maxcount"),
-    (("data", "pack"), "--max-size-mb", "--maxsize-mb"),
-])
+@pytest.mark.parametrize(
+    "path, new, old",
+    [
+        (("latency",), "--samples", "--n"),
+        (("latency",), "--batch-size", "--batch"),
+        (("search",), "--batch-size", "--batch"),
+        (("data", "pack"), "--max-count", "--maxcount"),
+        (("data", "pack"), "--max-size-mb", "--maxsize-mb"),
+    ],
+)
 def test_renamed_options_keep_their_old_spelling(path, new, old):
     params = {p.name: p.opts for p in command(*path).params}
     assert any(opts[0] == new and old in opts for opts in params.values()), params
@@ -115,13 +121,16 @@ def pipeline_run(tmp_path):
     return run
 
 
-@pytest.mark.parametrize("args", [
-    ["inspect", "{run}"],
-    ["export", "{run}", "--out", "{run}/x.onnx"],
-    ["eval", "{run}"],
-    ["latency", "{run}", "-t", "digits", "--out", "{run}/l.json"],
-    ["serve", "{run}"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{run}"],
+        ["export", "{run}", "--out", "{run}/x.onnx"],
+        ["eval", "{run}"],
+        ["latency", "{run}", "-t", "digits", "--out", "{run}/l.json"],
+        ["serve", "{run}"],
+    ],
+)
 def test_a_pipeline_folder_given_as_a_model_says_where_the_models_are(pipeline_run, args):
     res = invoke(*(a.format(run=pipeline_run) for a in args))
     assert res.exit_code == 2, res.output
@@ -143,8 +152,10 @@ def test_no_hint_for_a_train_folder_or_a_missing_one(tmp_path):
 # ----- optional packages
 
 
-@pytest.mark.parametrize("module, extra", [("optuna", "search"), ("onnx", "export"), ("fastapi", "serve"),
-                                           ("onnxruntime.quantization", "export")])
+@pytest.mark.parametrize(
+    "module, extra",
+    [("optuna", "search"), ("onnx", "export"), ("fastapi", "serve"), ("onnxruntime.quantization", "export")],
+)
 def test_require_names_the_extra_of_a_missing_package(monkeypatch, module, extra):
     monkeypatch.setitem(sys.modules, module.split(".")[0], None)  # what an uninstalled package looks like
     with pytest.raises(MissingExtra, match=rf"pip install 'ufo-vision\[{extra}\]'"):
@@ -175,8 +186,10 @@ def test_serve_without_the_serve_extra_is_one_line(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "ufo.deploy.server", raising=False)  # imported again, without fastapi
     res = invoke("serve", str(tmp_path / "m.safetensors"))
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "ufo serve needs the optional package 'fastapi', which is not installed: pip install " \
-           "'ufo-vision[serve]'" in " ".join(res.output.split())
+    assert (
+        "ufo serve needs the optional package 'fastapi', which is not installed: pip install "
+        "'ufo-vision[serve]'" in " ".join(res.output.split())
+    )
 
 
 def test_search_without_the_search_extra_is_one_line(monkeypatch, tmp_path):

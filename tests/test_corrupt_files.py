@@ -12,8 +12,8 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -30,10 +30,20 @@ from ufo.errors import UFOError
 from ufo.train.store import build_model, load_model, resolve_train_arch, save_model
 
 BIN = Path(sys.executable).parent
-CFG = {"seed": 0, "model": {"img_size": 16, "patch_size": 8, "head_dim": 8, "depth": [1], "embed_dim": [16],
-                            "num_heads": [2], "mlp_ratio": [2.0]},
-       "tasks": {"digits": {"kind": "classification", "data": {"recipe": "digits", "max_train": 200}}},
-       "train": {"steps": 2, "batch_size": 16, "log_every": 1, "ckpt_every": 2, "warmup_steps": 1, "threads": 1}}
+CFG = {
+    "seed": 0,
+    "model": {
+        "img_size": 16,
+        "patch_size": 8,
+        "head_dim": 8,
+        "depth": [1],
+        "embed_dim": [16],
+        "num_heads": [2],
+        "mlp_ratio": [2.0],
+    },
+    "tasks": {"digits": {"kind": "classification", "data": {"recipe": "digits", "max_train": 200}}},
+    "train": {"steps": 2, "batch_size": 16, "log_every": 1, "ckpt_every": 2, "warmup_steps": 1, "threads": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +65,10 @@ def good(tmp_path_factory) -> dict[str, Path]:
 
 # ----- corruptions -----
 
+
 def _read(f: Path) -> tuple[dict, dict]:
     with safetensors.safe_open(str(f), framework="pt") as h:
-        return json.loads(h.metadata()[MANIFEST_KEY]), {k: h.get_tensor(k) for k in h.keys()}
+        return json.loads(h.metadata()[MANIFEST_KEY]), {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118  (safe_open is not iterable)
 
 
 def _write(f: Path, manifest: dict | str, tensors: dict, redigest: bool = False) -> None:
@@ -72,6 +83,7 @@ def _truncate(at: Callable[[bytes], int]) -> Callable[[Path], None]:
     def cut(f: Path) -> None:
         b = f.read_bytes()
         f.write_bytes(b[: at(b)])
+
     return cut
 
 
@@ -84,6 +96,7 @@ def _edit_manifest(edit: Callable[[dict], None]) -> Callable[[Path], None]:
         m, t = _read(f)
         edit(m)
         _write(f, m, t)
+
     return apply
 
 
@@ -92,6 +105,7 @@ def _edit_tensors(edit: Callable[[dict], None]) -> Callable[[Path], None]:
         m, t = _read(f)
         edit(t)
         _write(f, m, t, redigest=True)
+
     return apply
 
 
@@ -152,6 +166,7 @@ def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch | None = None):
 
         def bound(*a, **k):
             raise AssertionError("ufo serve got as far as binding its port")
+
         monkeypatch.setattr(uvicorn, "run", bound)
     return CliRunner().invoke(app, args, env={"COLUMNS": "300"})
 
@@ -165,8 +180,9 @@ def _assert_one_line_exit_2(res, name: str = "") -> None:
 
 
 def _ufo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ufo"), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "300"})
+    return subprocess.run(
+        [str(BIN / "ufo"), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "300"}
+    )
 
 
 def _assert_subprocess_exit_2(res: subprocess.CompletedProcess, *needles: str, lines: int = 1) -> None:
@@ -179,6 +195,7 @@ def _assert_subprocess_exit_2(res: subprocess.CompletedProcess, *needles: str, l
 
 
 # ----- task model and trained model files -----
+
 
 @pytest.mark.parametrize("corruption", list(CHECKPOINT_CORRUPTIONS))
 def test_library_loaders_refuse_corrupt_checkpoints_naming_the_file(corruption, good, tmp_path):
@@ -201,8 +218,9 @@ def test_cli_commands_refuse_corrupt_checkpoints_in_one_line(corruption, good, t
     _assert_one_line_exit_2(_cli(["export", str(tm), "--out", str(tmp_path / "x.onnx")]), str(tm))
     _assert_one_line_exit_2(_cli(["serve", str(tm), "--port", "1"], monkeypatch), str(tm))
     # each names the run folder or its model.safetensors
-    _assert_one_line_exit_2(_cli(["extract", str(run), "-t", "digits", "--out", str(tmp_path / "e.safetensors")]),
-                            str(run))
+    _assert_one_line_exit_2(
+        _cli(["extract", str(run), "-t", "digits", "--out", str(tmp_path / "e.safetensors")]), str(run)
+    )
     _assert_one_line_exit_2(_cli(["eval", str(run)]), str(run))
     _assert_one_line_exit_2(_cli(["serve", str(run), "--port", "1"], monkeypatch), str(run))
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "e.safetensors").exists()
@@ -220,6 +238,7 @@ def test_corrupt_onnx_files_are_refused(corruption, good, tmp_path, monkeypatch)
 
 
 # ----- run folders -----
+
 
 def _garble_config(run: Path) -> None:
     (run / "config.yaml").write_text("name: [unclosed\n  tasks: {")
@@ -262,6 +281,7 @@ def test_broken_run_folders(corruption, good, tmp_path, monkeypatch):
 
 # ----- through the real command line -----
 
+
 def _task_model_with(good: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
     shutil.copy(good, dst)
     _edit_manifest(edit)(dst)
@@ -273,20 +293,25 @@ def _rename_task(name: str) -> Callable[[dict], None]:
         m["tasks"], m["heads"] = [name], {name: m["heads"]["digits"]}
         m["space"]["tasks"] = [name]
         m["arch"]["paths"] = {name: m["arch"]["paths"]["digits"]}
+
     return rename
 
 
 def test_real_cli_one_line_errors(good, tmp_path):
     """Issue 21's cases through the installed `ufo`: exit 2, one `error:` line, no traceback."""
     evil = _task_model_with(good["task_model"], tmp_path / "evil.safetensors", _rename_task("../../x"))
-    std0 = _task_model_with(good["task_model"], tmp_path / "std0.safetensors",
-                            lambda m: m["preprocessing"].update(std=[0.0, 0.5, 0.5]))
+    std0 = _task_model_with(
+        good["task_model"], tmp_path / "std0.safetensors", lambda m: m["preprocessing"].update(std=[0.0, 0.5, 0.5])
+    )
     _assert_subprocess_exit_2(_ufo("export", str(evil), "--out", str(tmp_path / "e.onnx")), str(evil), "../../x")
     _assert_subprocess_exit_2(_ufo("export", str(std0), "--out", str(tmp_path / "s.onnx")), str(std0), "positive")
     _assert_subprocess_exit_2(_ufo("serve", str(evil), "--port", "1", timeout=60), str(evil), "../../x")
     truncated = _corrupt(good["task_model"], tmp_path / "t.safetensors", CHECKPOINT_CORRUPTIONS["truncated_in_weights"])
     _assert_subprocess_exit_2(_ufo("serve", str(truncated), "--port", "1", timeout=60), str(truncated))
-    for where, override in (("model.img_size", "model.img_size=20"), ("tasks.digits.img_size", "tasks.digits.img_size=12")):
+    for where, override in (
+        ("model.img_size", "model.img_size=20"),
+        ("tasks.digits.img_size", "tasks.digits.img_size=12"),
+    ):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text(yaml.safe_dump(CFG))
         res = _ufo("train", str(cfg), "--out", str(tmp_path / "r"), "--set", override)
@@ -327,14 +352,14 @@ def test_a_second_writer_on_a_locked_run_folder_fails_at_once(tmp_path):
 def test_the_lock_is_reentrant_in_one_process_and_only_rank_0_takes_it(tmp_path):
     from ufo.runlock import holder, run_lock
 
-    with run_lock(tmp_path):
-        with run_lock(tmp_path / "."):  # the same folder, spelt differently
-            assert holder(tmp_path)["pid"] == os.getpid()
+    with run_lock(tmp_path), run_lock(tmp_path / "."):  # the same folder, spelt differently
+        assert holder(tmp_path)["pid"] == os.getpid()
     with run_lock(tmp_path / "other", rank=1):
         assert not (tmp_path / "other" / ".ufo.lock").exists()
 
 
 # ----- a full disk -----
+
 
 def _enospc(*a, **k):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -351,6 +376,7 @@ def test_disk_full_mid_write_leaves_the_old_file_and_no_temp_file(good, tmp_path
     def half_then_full(t, path, metadata=None):
         Path(path).write_bytes(before[: len(before) // 2])
         _enospc()
+
     monkeypatch.setattr(ck, "save_file", half_then_full)
     with pytest.raises(UFOError) as e:
         save_checkpoint(f, tensors, manifest)
@@ -367,7 +393,12 @@ def test_disk_full_through_the_cli_is_one_line(good, tmp_path, monkeypatch):
     _assert_one_line_exit_2(res, f"cannot write {out}: No space left on device")
     assert os.listdir(tmp_path) == []
     # an OSError that escapes elsewhere (here: the config a command reads) is one line as well
-    monkeypatch.setattr(Path, "read_text", lambda *a, **k: (_ for _ in ()).throw(
-        PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "cfg.yaml"))))
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda *a, **k: (_ for _ in ()).throw(
+            PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "cfg.yaml"))
+        ),
+    )
     res = _cli(["data", "show", str(tmp_path / "cfg.yaml")])
     _assert_one_line_exit_2(res)

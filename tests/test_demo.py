@@ -11,18 +11,26 @@ from pathlib import Path
 import torch
 import yaml
 
-from ufo.deploy.package import load_task_model
 from ufo.demo import demo_config_path
+from ufo.deploy.package import load_task_model
 from ufo.run import STAGE_NAMES
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["train.steps=10", "train.threads=1", "pipeline.baselines.steps=5", "pipeline.task_supernet.steps=5",
-         "pipeline.chip_supernet.steps=5", "pipeline.chip_supernet.eval_subnets=2",
-         "pipeline.predictors.metric_samples=10", "pipeline.predictors.latency_samples=10",
-         "pipeline.search.trials=100", "pipeline.search.top_k=1",
-         "pipeline.export.latency_repeats=5",
-         "tasks.mnist_retrieval.data.test_fraction=0.2"]  # half the retrieval evaluation
+SHORT = [
+    "train.steps=10",
+    "train.threads=1",
+    "pipeline.baselines.steps=5",
+    "pipeline.task_supernet.steps=5",
+    "pipeline.chip_supernet.steps=5",
+    "pipeline.chip_supernet.eval_subnets=2",
+    "pipeline.predictors.metric_samples=10",
+    "pipeline.predictors.latency_samples=10",
+    "pipeline.search.trials=100",
+    "pipeline.search.top_k=1",
+    "pipeline.export.latency_repeats=5",
+    "tasks.mnist_retrieval.data.test_fraction=0.2",
+]  # half the retrieval evaluation
 
 
 def test_packaged_demo_config_is_the_repository_one():
@@ -41,12 +49,17 @@ def test_demo_short_run_end_to_end(tmp_path):
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "report:" in res.stdout and (out / "report" / "index.html").is_file()
-    rows = [line for line in res.stdout.splitlines()
-            if line.lstrip("│| ").startswith(("digits ", "mnist ", "mnist_retrieval "))]
+    rows = [
+        line
+        for line in res.stdout.splitlines()
+        if line.lstrip("│| ").startswith(("digits ", "mnist ", "mnist_retrieval "))
+    ]
     assert len(rows) == 3 and "chosen subnet" in res.stdout and "All in One" in res.stdout, res.stdout[-3000:]
     assert all((out / s / "done.json").is_file() for s in STAGE_NAMES)
     aio = json.loads((out / "all_in_one" / "metrics.json").read_text())
-    assert set(aio["primary"]) == {"digits", "mnist", "mnist_retrieval"} and set(aio["baselines"]) == set(aio["primary"])
+    assert set(aio["primary"]) == {"digits", "mnist", "mnist_retrieval"} and set(aio["baselines"]) == set(
+        aio["primary"]
+    )
     ext = json.loads((out / "extract" / "extract.json").read_text())
     assert set(ext) == {"digits", "mnist", "mnist_retrieval"}
     assert ext["digits"]["backbone_params"] <= 40000  # the demo's budgets
@@ -71,8 +84,11 @@ def test_full_suite_needs_its_data(tmp_path):
 
     from ufo.cli import app
 
-    res = CliRunner().invoke(app, ["demo", "--suite", "full", "--data-dir", str(tmp_path / "none"), "--out",
-                                   str(tmp_path / "r")], env={"COLUMNS": "300"})
+    res = CliRunner().invoke(
+        app,
+        ["demo", "--suite", "full", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r")],
+        env={"COLUMNS": "300"},
+    )
     assert res.exit_code == 2 and "--suite full needs the datasets folder" in res.output
     res = CliRunner().invoke(app, ["demo", "--suite", "tiny", "--out", str(tmp_path / "r")], env={"COLUMNS": "300"})
     assert res.exit_code == 2 and "'tiny' is not one of 'builtin', 'full'" in res.output

@@ -19,8 +19,15 @@ from ufo.checkpoint import read_manifest, save_supernet
 from ufo.cli import app
 from ufo.config import parse_config
 from ufo.deploy import DeployError, extract_task_model, load_task_model, save_task_model
-from ufo.deploy.onnx_export import (OnnxTaskModel, calibration_inputs, check_parity, evaluate_predict, export_task,
-                                    quantize, sample_inputs)
+from ufo.deploy.onnx_export import (
+    OnnxTaskModel,
+    calibration_inputs,
+    check_parity,
+    evaluate_predict,
+    export_task,
+    quantize,
+    sample_inputs,
+)
 from ufo.deploy.package import load_task_data, load_trained
 from ufo.train.store import arch_from_spec
 
@@ -29,17 +36,38 @@ from ufo.train.store import arch_from_spec
 TINY = {
     "name": "deploy-tiny",
     "seed": 0,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.0,
+    },
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits", "test_fraction": 0.25}},
-        "mnist_ret": {"kind": "retrieval", "data": {"recipe": "mnist5k", "test_fraction": 0.4, "max_train": 600},
-                      "options": {"embedding_dim": 16, "k": 4}},
-        "faces": {"kind": "verification", "data": {"recipe": "digits", "test_fraction": 0.3},
-                  "options": {"embedding_dim": 16, "k": 4, "num_pairs": 600}},
+        "mnist_ret": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "test_fraction": 0.4, "max_train": 600},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
+        "faces": {
+            "kind": "verification",
+            "data": {"recipe": "digits", "test_fraction": 0.3},
+            "options": {"embedding_dim": 16, "k": 4, "num_pairs": 600},
+        },
     },
-    "train": {"steps": 16, "batch_size": 48, "log_every": 8, "ckpt_every": 100, "warmup_steps": 2, "threads": 2,
-              "paths": None},
+    "train": {
+        "steps": 16,
+        "batch_size": 48,
+        "log_every": 8,
+        "ckpt_every": 100,
+        "warmup_steps": 2,
+        "threads": 2,
+        "paths": None,
+    },
 }
 
 
@@ -98,7 +126,8 @@ def test_task_model_equals_trained_model_at_its_arch(trained, data, spec):
     single = extract_task_model(model, arch, "digits", cfg)
     assert isinstance(single.backbone, VisionTransformer)
     with torch.no_grad():
-        assert (single(x := _images(data, "digits"), "digits") - model(x, "digits")).abs().max() <= 1e-5
+        x = _images(data, "digits")
+        assert (single(x, "digits") - model(x, "digits")).abs().max() <= 1e-5
     assert tm.info.heads["digits"].class_names is None and tm.info.heads["digits"].threshold is None
 
 
@@ -202,7 +231,9 @@ def test_int8_dynamic_and_static_report_metrics(task_model, trained, data, digit
         ops = {n.op_type for n in onnx.load(str(out)).graph.node}
         assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"}, ops
         om = OnnxTaskModel(out)
-        assert om.meta["int8"] == mode and om.meta["task"] == "digits" and om(_images(data, "digits", 3)).shape == (3, 10)
+        assert (
+            om.meta["int8"] == mode and om.meta["task"] == "digits" and om(_images(data, "digits", 3)).shape == (3, 10)
+        )
         after = evaluate_predict(om.predict_fn(), "digits", head, cfg, data["digits"])
         print(f"digits INT8 {mode}: top1 fp32 {report['metrics_fp32']['top1']:.4f} -> int8 {after['top1']:.4f}")
         assert 0 <= after["top1"] <= 1
@@ -224,14 +255,30 @@ def test_parity_failure_is_an_error_with_the_difference(task_model, digits_onnx,
     # The command fails (exit 2, the difference in the message); the export itself is reused.
     monkeypatch.setattr("ufo.deploy.onnx_export.export_onnx", lambda tm, task, out, opset=18: shutil.copy(fp32, out))
     monkeypatch.setattr("ufo.deploy.onnx_export.max_abs_diff", lambda *a, **k: 0.5)
-    res = CliRunner().invoke(app, ["export", str(tmp_path / "tm.safetensors"), "--task", "digits",
-                                   "--out", str(tmp_path / "e.onnx")])
+    res = CliRunner().invoke(
+        app, ["export", str(tmp_path / "tm.safetensors"), "--task", "digits", "--out", str(tmp_path / "e.onnx")]
+    )
     assert res.exit_code == 2 and "differs from torch by 0.5" in res.output.replace("\n", " ")
 
 
 def test_cli_export_from_a_run_with_static_int8(run, tmp_path):
-    res = CliRunner().invoke(app, ["export", str(run), "--task", "digits", "--arch", "smallest", "--int8", "static",
-                                   "--calib-size", "32", "--out", str(tmp_path / "d.onnx")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(run),
+            "--task",
+            "digits",
+            "--arch",
+            "smallest",
+            "--int8",
+            "static",
+            "--calib-size",
+            "32",
+            "--out",
+            str(tmp_path / "d.onnx"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "top1: fp32" in res.output and "int8" in res.output and "max abs diff" in res.output
     assert re.search(r"batch 1, 1 thread: \d+\.\d+ ms \(fp32 \d+\.\d+ ms\)", " ".join(res.output.split()))

@@ -20,8 +20,14 @@ from ufo.deploy.package import DeployError, TaskModel, task_model_from_run
 from ufo.tasks import task_class
 from ufo.train.distill_losses import kl_logits, relational
 
-STUDENT = dict(student="test_efficientnet", student_kwargs={"channel_multiplier": 0.25}, batch_size=24,
-               warmup_steps=1, log_every=2, threads=1)
+STUDENT = dict(
+    student="test_efficientnet",
+    student_kwargs={"channel_multiplier": 0.25},
+    batch_size=24,
+    warmup_steps=1,
+    log_every=2,
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +36,7 @@ def run(tmp_path_factory):
 
 
 # ----- losses -----
+
 
 def test_kl_gradient_matches_the_closed_form_and_scales_with_temperature():
     s = torch.randn(5, 7, requires_grad=True)
@@ -58,7 +65,7 @@ def test_identity_terms_use_a_learned_projection_and_the_relational_loss():
     student = _student("retrieval", 8, 16)
     assert student.proj is not None and student.proj.weight.shape == (16, 8)
     x, y = torch.randn(8, 3, 16, 16), torch.arange(4).repeat_interleave(2)
-    teacher = lambda x, task: F.normalize(torch.randn(len(x), 16), dim=-1)  # noqa: E731
+    teacher = lambda x, task: F.normalize(torch.randn(len(x), 16), dim=-1)
     cfg = DistillConfig(embed_weight=1.0, rel_weight=1.0)
     terms = distill_terms(student, teacher, x, y, cfg)
     assert set(terms) == {"label", "embed", "rel"} and all(torch.isfinite(v) for v in terms.values())
@@ -93,6 +100,7 @@ def test_a_student_that_cannot_run_at_the_input_size_is_a_clear_error():
 
 # ----- end to end -----
 
+
 def test_distilled_student_is_a_task_model_that_loads_exports_and_serves(run, tmp_path):
     out = tmp_path / "student"
     r = distill(run, "digits", out, DistillConfig(steps=4, **STUDENT), show_progress=False)
@@ -104,12 +112,14 @@ def test_distilled_student_is_a_task_model_that_loads_exports_and_serves(run, tm
     assert isinstance(tm, TaskModel) and not hasattr(tm.backbone, "ufo_arch")
     teacher = task_model_from_run(run, ["digits"], with_data=False)
     assert r["teacher"]["params"] == teacher.num_params() and r["compression"] == pytest.approx(
-        teacher.num_params() / tm.num_params())
+        teacher.num_params() / tm.num_params()
+    )
     assert tm.info.heads["digits"].class_names and r["student"]["metrics"]["top1"] >= 0
     x = torch.randn(3, 3, 16, 16)
     assert tm(x, "digits").shape == (3, 10)
 
     from ufo.deploy.onnx_export import OnnxTaskModel, export_onnx
+
     onnx_path = export_onnx(tm, "digits", tmp_path / "student.onnx")
     om = OnnxTaskModel(onnx_path)
     with torch.no_grad():
@@ -117,6 +127,7 @@ def test_distilled_student_is_a_task_model_that_loads_exports_and_serves(run, tm
     assert abs(om(x) - ref).max() < 1e-4
 
     from ufo.deploy.server import load_served
+
     served = load_served([f])
     assert list(served) == ["digits"] and served["digits"].head.output == "logits"
 
@@ -137,6 +148,7 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
     distill(run, "digits", tmp_path / "a", cfg, show_progress=False)
 
     import ufo.deploy.distill as mod
+
     real, calls = mod.distill_terms, {"n": 0}
 
     def crash_after_4(*args, **kwargs):
@@ -159,14 +171,46 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
 
 def test_cli_distill_with_the_no_teacher_comparison(run, tmp_path):
     out = tmp_path / "cli"
-    res = CliRunner().invoke(app, ["distill", str(run), "--task", "digits", "--student", "test_efficientnet",
-                                   "--student-kwargs", '{"channel_multiplier": 0.25}', "--out", str(out),
-                                   "--steps", "2", "--batch-size", "16", "--compare", "--threads", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            str(run),
+            "--task",
+            "digits",
+            "--student",
+            "test_efficientnet",
+            "--student-kwargs",
+            '{"channel_multiplier": 0.25}',
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--compare",
+            "--threads",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "fewer parameters" in res.output and "without the teacher" in res.output
     report = json.loads((out / "distill.json").read_text())
     assert report["with_teacher"] and "gain" in report and (out / "no_teacher" / "model.safetensors").exists()
     assert not json.loads((out / "no_teacher" / "distill.json").read_text())["with_teacher"]
-    bad = CliRunner().invoke(app, ["distill", str(run), "--task", "nope", "--student", "test_efficientnet", "--out",
-                                   str(out / "x"), "--steps", "1"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            str(run),
+            "--task",
+            "nope",
+            "--student",
+            "test_efficientnet",
+            "--out",
+            str(out / "x"),
+            "--steps",
+            "1",
+        ],
+    )
     assert bad.exit_code == 2 and "nope" in bad.output

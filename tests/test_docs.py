@@ -13,8 +13,9 @@ DOCS = ROOT / "docs"
 
 
 def test_config_reference_is_up_to_date():
-    assert (DOCS / "config.md").read_text() == config_docs.render(), \
+    assert (DOCS / "config.md").read_text() == config_docs.render(), (
         "docs/config.md is out of date: run `python -m ufo.config_docs`"
+    )
     assert config_docs.main(["--check"]) == 0
 
 

@@ -18,16 +18,29 @@ from test_deploy import make_run
 from ufo.cli import app
 from ufo.config import TaskConfig
 from ufo.data.build import build_task_data
-from ufo.deploy.extend import (ExtendConfig, ExtendStep, add_task, extend, fraction_subset, load_task_config,
-                               probe_outputs)
+from ufo.deploy.extend import (
+    ExtendConfig,
+    ExtendStep,
+    add_task,
+    extend,
+    fraction_subset,
+    load_task_config,
+    probe_outputs,
+)
 from ufo.deploy.package import extract_task_model, load_trained, task_model_from_run
 from ufo.errors import ConfigError
 from ufo.train.store import load_model
 
-NEW_CLS = {"mnist_cls": {"kind": "classification", "data": {"recipe": "mnist5k", "test_fraction": 0.3,
-                                                             "max_train": 400}}}
-NEW_VER = {"faces2": {"kind": "verification", "data": {"recipe": "digits", "test_fraction": 0.3},
-                      "options": {"embedding_dim": 16, "k": 4, "num_pairs": 300}}}
+NEW_CLS = {
+    "mnist_cls": {"kind": "classification", "data": {"recipe": "mnist5k", "test_fraction": 0.3, "max_train": 400}}
+}
+NEW_VER = {
+    "faces2": {
+        "kind": "verification",
+        "data": {"recipe": "digits", "test_fraction": 0.3},
+        "options": {"embedding_dim": 16, "k": 4, "num_pairs": 300},
+    }
+}
 EXACT = ["head", "head+expert", "head+expert+norms"]
 
 
@@ -51,8 +64,14 @@ def extended(run, cls_data, tmp_path_factory):
     out = {}
     for mode in [*EXACT, "all"]:
         amp = "bf16" if mode == "head+expert" else "none"
-        r = extend(run, NEW_CLS, base / mode, ExtendConfig(train=mode, fraction=0.5, steps=3, batch_size=24,
-                                                           threads=1, amp=amp), show_progress=False, data=cls_data)
+        r = extend(
+            run,
+            NEW_CLS,
+            base / mode,
+            ExtendConfig(train=mode, fraction=0.5, steps=3, batch_size=24, threads=1, amp=amp),
+            show_progress=False,
+            data=cls_data,
+        )
         assert r["recipe"]["amp"] == amp and all(v == v for v in r["metrics"].values())
         out[mode] = (base / mode, r)
     return out
@@ -68,7 +87,7 @@ def test_old_tasks_are_bitwise_unchanged_and_only_chosen_parameters_change(run, 
     folder, report = extended[mode]
     old, old_sd = _state(run)
     new, new_sd = _state(folder)
-    assert report["others_unchanged"] == {t: True for t in old.tasks}
+    assert report["others_unchanged"] == dict.fromkeys(old.tasks, True)
     # the outputs on real-looking inputs, from the files: bitwise equal for every old task
     before, after = probe_outputs(old, old.tasks, seed=7), probe_outputs(new, old.tasks, seed=7)
     assert all(torch.equal(before[t], after[t]) for t in old.tasks)
@@ -99,8 +118,11 @@ def test_all_mode_trains_the_shared_branch_and_changes_the_others(extended):
     _, report = extended["all"]
     assert not any(report["others_unchanged"].values())
     assert report["trainable_params"] > extended["head+expert"][1]["trainable_params"]
-    assert extended["head"][1]["trainable_params"] < extended["head+expert"][1]["trainable_params"] < \
-        extended["head+expert+norms"][1]["trainable_params"]
+    assert (
+        extended["head"][1]["trainable_params"]
+        < extended["head+expert"][1]["trainable_params"]
+        < extended["head+expert+norms"][1]["trainable_params"]
+    )
 
 
 @pytest.mark.parametrize("task_cfg", [NEW_CLS, NEW_VER], ids=["linear-head", "bn-neck-head"])
@@ -136,7 +158,7 @@ def test_fraction_subset_is_deterministic_nested_and_keeps_every_class(cls_data,
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
     assert set(a.train.labels.tolist()) == set(cls_data.train.labels.tolist())
     assert len(a.train) < len(c.train) < len(cls_data.train)
-    key = lambda s: {(bytes(img.numpy()), int(y)) for img, y in zip(s.images, s.labels)}  # noqa: E731
+    key = lambda s: {(bytes(img.numpy()), int(y)) for img, y in zip(s.images, s.labels)}
     assert key(a.train) <= key(c.train)
     assert fraction_subset(cls_data, 1.0, 0, grouped=False) is cls_data
     assert not torch.equal(fraction_subset(cls_data, 0.1, 1, grouped=False).train.images, a.train.images)
@@ -160,7 +182,8 @@ def test_extended_run_evaluates_extracts_and_keeps_old_extractions(run, extended
     res = CliRunner().invoke(app, ["eval", str(folder), "--task", "mnist_cls"])
     assert res.exit_code == 0, res.output
     assert json.loads((folder / "eval.json").read_text())["metrics"]["mnist_cls"]["top1"] == pytest.approx(
-        report["metrics"]["top1"])
+        report["metrics"]["top1"]
+    )
     # the new task's extracted model equals the extended supernet; an old task's equals the original's
     tm = task_model_from_run(folder, ["mnist_cls"], with_data=False)
     x = torch.randn(4, 3, 16, 16)
@@ -170,8 +193,9 @@ def test_extended_run_evaluates_extracts_and_keeps_old_extractions(run, extended
         new_tm = extract_task_model(model, None, ["digits"], cfg)
         assert torch.equal(old_tm(x, "digits"), new_tm(x, "digits"))
     out = tmp_path / "multi.safetensors"
-    res = CliRunner().invoke(app, ["extract", str(folder), "--task", "digits", "--task", "mnist_cls",
-                                   "--out", str(out)])
+    res = CliRunner().invoke(
+        app, ["extract", str(folder), "--task", "digits", "--task", "mnist_cls", "--out", str(out)]
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -179,12 +203,32 @@ def test_cli_extend_and_its_errors(run, tmp_path):
     yml = tmp_path / "new.yaml"
     yml.write_text(yaml.safe_dump(NEW_CLS))
     out = tmp_path / "ext"
-    res = CliRunner().invoke(app, ["extend", str(run), "--task-config", str(yml), "--fraction", "0.1", "--out",
-                                   str(out), "--steps", "2", "--batch-size", "16", "--threads", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extend",
+            str(run),
+            "--task-config",
+            str(yml),
+            "--fraction",
+            "0.1",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "bitwise unchanged" in res.output and (out / "model.safetensors").exists()
-    bad = CliRunner().invoke(app, ["extend", str(run), "--task-config", str(yml), "--out", str(tmp_path / "b"),
-                                   "--train", "experts"], env={"COLUMNS": "300"})
+    bad = CliRunner().invoke(
+        app,
+        ["extend", str(run), "--task-config", str(yml), "--out", str(tmp_path / "b"), "--train", "experts"],
+        env={"COLUMNS": "300"},
+    )
     assert bad.exit_code == 2 and "'experts' is not one of 'head', 'head+expert'" in bad.output
     clash = tmp_path / "clash.yaml"
     clash.write_text(yaml.safe_dump({"digits": NEW_CLS["mnist_cls"]}))

@@ -6,10 +6,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import TASKS, archs, tiny_space
 from ufo.errors import ArchError
 from ufo.nn import SuperViT, extract
 from ufo.nn.elastic import ElasticLinear
-from helpers import TASKS, archs, tiny_space
 
 SPACE = tiny_space()
 MODEL = SuperViT(SPACE).eval()
@@ -61,17 +61,26 @@ def test_multi_task_extraction_is_exact(arch, k):
 def test_timm_names_on_the_shared_path():
     arch = SPACE.largest().model_copy(update={"paths": {"cls": ["shared"] * 3}})
     names = set(extract(MODEL, arch, "cls").state_dict())
-    for expected in ["blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
-                     "blocks.2.mlp.fc1.weight", "blocks.2.mlp.fc2.bias", "norm.weight", "pos_embed", "cls_token",
-                     "patch_embed.proj.weight"]:
+    for expected in [
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.2.mlp.fc1.weight",
+        "blocks.2.mlp.fc2.bias",
+        "norm.weight",
+        "pos_embed",
+        "cls_token",
+        "patch_embed.proj.weight",
+    ]:
         assert expected in names
     # the supernet's shared expert keeps the same leaf names
     assert "blocks.0.mlp.shared.fc1.weight" in MODEL.state_dict()
 
 
 def test_multi_task_keeps_shared_weights_once():
-    arch = SPACE.largest().model_copy(update={"paths": {"cls": ["shared"] * 3, "faces": ["task"] * 3,
-                                                        "signs": ["mix"] * 3}})
+    arch = SPACE.largest().model_copy(
+        update={"paths": {"cls": ["shared"] * 3, "faces": ["task"] * 3, "signs": ["mix"] * 3}}
+    )
     sub = extract(MODEL, arch, TASKS)
     blk = sub.blocks[0].mlp
     assert blk.shared is not None and set(blk.experts) == {"faces", "signs"}

@@ -22,9 +22,19 @@ from ufo.deploy.server import create_app, load_served
 from ufo.errors import ConfigError
 from ufo.train.store import build_model
 
-CFG = {"seed": 0, "model": {"img_size": 16, "patch_size": 8, "head_dim": 8, "depth": [1], "embed_dim": [16],
-                            "num_heads": [2], "mlp_ratio": [2.0]},
-       "tasks": {"digits": {"kind": "classification", "data": {"recipe": "digits"}}}}
+CFG = {
+    "seed": 0,
+    "model": {
+        "img_size": 16,
+        "patch_size": 8,
+        "head_dim": 8,
+        "depth": [1],
+        "embed_dim": [16],
+        "num_heads": [2],
+        "mlp_ratio": [2.0],
+    },
+    "tasks": {"digits": {"kind": "classification", "data": {"recipe": "digits"}}},
+}
 
 
 @pytest.fixture
@@ -40,7 +50,7 @@ def _rewrite(f, edit_manifest=None, edit_tensors=None):
     """Write `f` again with its manifest and/or tensors changed, bypassing the library's writer."""
     with safetensors.safe_open(str(f), framework="pt") as h:
         meta = h.metadata()
-        tensors = {k: h.get_tensor(k) for k in h.keys()}
+        tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118  (safe_open is not iterable)
     manifest = json.loads(meta[MANIFEST_KEY])
     if edit_manifest:
         edit_manifest(manifest)
@@ -64,20 +74,26 @@ def test_task_names_that_could_become_paths_are_refused(name, model_file):
         m["tasks"], m["heads"] = [name], {name: m["heads"]["digits"]}
         m["space"]["tasks"] = [name]
         m["arch"]["paths"] = {name: m["arch"]["paths"]["digits"]}
+
     _rewrite(model_file, rename)
     with pytest.raises(CheckpointError) as e:
         load_task_model(model_file)
     assert "is not allowed" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda m: m["heads"]["digits"].update(class_names=["0", "1"]), "2 class_names for num_classes 10"),
-    (lambda m: m["preprocessing"].update(std=[0.0, 0.5, 0.5]), "must be positive"),
-    (lambda m: m["preprocessing"].update(img_size=4096), "outside 1..2048"),
-    (lambda m: m["preprocessing"].update(img_size=24), "input size of task 'digits' is 24x24 but the model was "
-                                                       "built for 16x16"),
-    (lambda m: m["heads"]["digits"].update(num_classes=0), "num_classes of a logits head must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda m: m["heads"]["digits"].update(class_names=["0", "1"]), "2 class_names for num_classes 10"),
+        (lambda m: m["preprocessing"].update(std=[0.0, 0.5, 0.5]), "must be positive"),
+        (lambda m: m["preprocessing"].update(img_size=4096), "outside 1..2048"),
+        (
+            lambda m: m["preprocessing"].update(img_size=24),
+            "input size of task 'digits' is 24x24 but the model was built for 16x16",
+        ),
+        (lambda m: m["heads"]["digits"].update(num_classes=0), "num_classes of a logits head must be at least 1"),
+    ],
+)
 def test_inconsistent_manifests_fail_at_load_in_one_line(model_file, edit, match):
     _rewrite(model_file, edit)
     with pytest.raises(CheckpointError, match=match) as e:
@@ -91,6 +107,7 @@ def test_flipped_weight_bytes_fail_the_checksum(model_file):
     def flip(t):
         k = next(k for k in sorted(t) if t[k].is_floating_point())
         t[k].view(-1).view(torch.int32)[0] ^= 1 << 20
+
     _rewrite(model_file, edit_tensors=flip)
     with pytest.raises(CheckpointError, match="do not match the manifest's checksum"):
         load_task_model(model_file)
@@ -129,9 +146,8 @@ def test_pixel_budget_bounds_concurrent_decodes_then_answers_busy():
     from ufo.deploy.server import ApiError, PixelBudget
 
     budget = PixelBudget(limit=100, wait_s=0.2)
-    with pytest.raises(ApiError) as e:
-        with budget.hold(101):
-            pass
+    with pytest.raises(ApiError) as e, budget.hold(101):
+        pass
     assert e.value.status == 413
     peak, lock = [0], threading.Lock()
 
@@ -140,16 +156,15 @@ def test_pixel_budget_bounds_concurrent_decodes_then_answers_busy():
             with lock:
                 peak[0] = max(peak[0], budget.used)
             time.sleep(0.05)
+
     threads = [threading.Thread(target=decode) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert peak[0] <= 100 and budget.used == 0  # at most two 40-pixel decodes at once, all finished
-    with budget.hold(80):
-        with pytest.raises(ApiError) as e:
-            with budget.hold(40):
-                pass
+    with budget.hold(80), pytest.raises(ApiError) as e, budget.hold(40):
+        pass
     assert e.value.status == 503 and e.value.error == "busy"
 
 
@@ -166,15 +181,26 @@ def test_server_refuses_an_image_over_the_decode_budget_and_serves_the_next(mode
 
 # ----- slow and vanishing clients, through the ASGI interface as uvicorn calls it -----
 
-def _call(app, path: str, chunks: list[bytes], after: str, *, ctype: bytes = b"application/octet-stream",
-          gap_s: float = 0.0, send_error: Exception | None = None) -> list[dict]:
+
+def _call(
+    app,
+    path: str,
+    chunks: list[bytes],
+    after: str,
+    *,
+    ctype: bytes = b"application/octet-stream",
+    gap_s: float = 0.0,
+    send_error: Exception | None = None,
+) -> list[dict]:
     """Run one request through `app` as uvicorn would: the body in `chunks` (`gap_s` apart), then
     `after`: "disconnect" (the client goes away mid-body), "stall" (it stops sending) or "end" (the
     last chunk ends the body). Returns the messages the app sent; `send_error` makes every send fail."""
     import asyncio
 
-    msgs = [{"type": "http.request", "body": c, "more_body": after != "end" or i < len(chunks) - 1}
-            for i, c in enumerate(chunks)]
+    msgs = [
+        {"type": "http.request", "body": c, "more_body": after != "end" or i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
     sent: list[dict] = []
 
     async def receive():
@@ -190,10 +216,20 @@ def _call(app, path: str, chunks: list[bytes], after: str, *, ctype: bytes = b"a
             raise send_error
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"test"), (b"content-type", ctype)], "client": ("127.0.0.1", 1),
-             "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"content-type", ctype)],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     asyncio.run(app(scope, receive, send))
     return sent
 
@@ -203,14 +239,20 @@ def _counts(app) -> dict[tuple[str, str], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = TestClient(app).get("/metrics").text
-    return {(s.labels["task"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == "ufo_requests_total"}
+    return {
+        (s.labels["task"], s.labels["status"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "ufo_requests_total"
+    }
 
 
 def _multipart(png: bytes) -> tuple[bytes, bytes]:
     boundary = b"ufo-test-boundary"
-    body = (b"--" + boundary + b'\r\ncontent-disposition: form-data; name="file"; filename="x.png"\r\n'
-            b"content-type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n")
+    body = (
+        b"--" + boundary + b'\r\ncontent-disposition: form-data; name="file"; filename="x.png"\r\n'
+        b"content-type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n"
+    )
     return body, b"multipart/form-data; boundary=" + boundary
 
 

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from helpers import tiny_space
 from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
 from ufo.errors import CheckpointError, ConfigError, UFOError
@@ -22,12 +23,19 @@ from ufo.nn.vit import SuperViT
 from ufo.tasks import task_class
 from ufo.train.init import apply_init, init_from_mim, init_from_timm
 from ufo.train.mim import MimTrainer, SimMIM, masked_l1, patchify, random_mask
-from helpers import tiny_space
 
 BIN = Path(sys.executable).parent
 SPACE = tiny_space(depth=[2], embed_dim=[24], num_heads=[3], mlp_ratio=[2.0])  # img 16, patch 4, head_dim 8
-MODEL = {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [2], "embed_dim": [24], "num_heads": [3],
-         "mlp_ratio": [2.0], "drop_path_rate": 0.1}
+MODEL = {
+    "img_size": 16,
+    "patch_size": 4,
+    "head_dim": 8,
+    "depth": [2],
+    "embed_dim": [24],
+    "num_heads": [3],
+    "mlp_ratio": [2.0],
+    "drop_path_rate": 0.1,
+}
 TRAIN = {"steps": 4, "batch_size": 16, "log_every": 1, "ckpt_every": 2, "warmup_steps": 1, "threads": 1}
 
 
@@ -54,6 +62,7 @@ def _cfg(stage: str = "all_in_one", tasks: dict | None = None, **extra) -> dict:
 
 # ----- timm -----
 
+
 @pytest.mark.parametrize("init_values", [None, 0.1])  # 0.1: layer scale, folded into proj and fc2
 def test_timm_weights_give_identical_features(init_values):
     ref = _timm(init_values=init_values)
@@ -69,8 +78,9 @@ def test_timm_weights_give_identical_features(init_values):
         assert (model(x, 0) - ref.forward_head(want, pre_logits=True)).abs().max().item() <= 1e-5
     assert report.resized == []
     assert report.unused_source == ["head.weight", "head.bias"]
-    assert sorted(report.uninitialised) == sorted(f"blocks.{i}.mlp.{k}" for i in range(2)
-                                                  for k in ("router_logits", "mix_logits"))
+    assert sorted(report.uninitialised) == sorted(
+        f"blocks.{i}.mlp.{k}" for i in range(2) for k in ("router_logits", "mix_logits")
+    )
     assert ("blocks.1.mlp.fc2.weight", "blocks.1.mlp.experts.signs.fc2.weight") in report.mapped
 
 
@@ -93,7 +103,8 @@ def test_resized_and_unmapped_tensors_are_listed():
     assert {"head.weight", "head.bias"} <= set(report.unused_source)
     assert not any(k.startswith("blocks.3.") for k in report.unused_source)  # timm has 3 blocks, all used
     assert {k for k in report.uninitialised if k.startswith("blocks.3.")} == {
-        k for k in fresh if k.startswith("blocks.3.")}
+        k for k in fresh if k.startswith("blocks.3.")
+    }
     sd, st = ref.state_dict(), model.state_dict()
     assert torch.equal(st["norm.weight"], sd["norm.weight"][:24])  # first-k slice
     assert torch.equal(st["blocks.3.attn.qkv.weight"], fresh["blocks.3.attn.qkv.weight"])  # left alone
@@ -180,6 +191,7 @@ def test_bad_sources_give_clear_errors(tmp_path, monkeypatch):
 
 # ----- MIM -----
 
+
 def _simmim(**kw) -> SimMIM:
     heads = {t: task_class("classification")(t, {}, 5, SPACE.max_embed_dim) for t in SPACE.tasks}
     ufo = UFOModel(SPACE, heads)
@@ -225,8 +237,9 @@ def test_forward_features_mask_keeps_behaviour_and_state():
         mask = random_mask(4, 16, 4, 8, 0.5)
         mixed = vit.forward_features(x, ids, mask, token)  # rows are regrouped by task, masks with them
         for i in range(4):
-            assert torch.allclose(mixed[i], vit.forward_features(x[i:i + 1], int(ids[i]), mask[i:i + 1], token)[0],
-                                  atol=1e-6)
+            assert torch.allclose(
+                mixed[i], vit.forward_features(x[i : i + 1], int(ids[i]), mask[i : i + 1], token)[0], atol=1e-6
+            )
     with pytest.raises(ValueError, match="mask_token"):
         vit.forward_features(x, 0, mask)
 
@@ -236,15 +249,18 @@ def test_mim_run_initialises_an_all_in_one_trainer(tmp_path):
 
     cfg = tmp_path / "mim.yaml"
     cfg.write_text(yaml.safe_dump(_cfg("pretrain_mim", mim={"mask_ratio": 0.5})))
-    res = subprocess.run([str(BIN / "ufo"), "train", str(cfg), "--out", str(tmp_path / "mim")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [str(BIN / "ufo"), "train", str(cfg), "--out", str(tmp_path / "mim")], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     mim_w, manifest = load_checkpoint(tmp_path / "mim" / "model.safetensors")
     assert manifest["kind"] == "ufo_model" and manifest["config"]["train"]["stage"] == "pretrain_mim"
 
     # another task list: MIM weights are task-independent
-    tasks = {"a": {"kind": "classification", "data": {"recipe": "digits"}},
-             "b": {"kind": "retrieval", "data": {"recipe": "digits"}, "options": {"embedding_dim": 8}}}
+    tasks = {
+        "a": {"kind": "classification", "data": {"recipe": "digits"}},
+        "b": {"kind": "retrieval", "data": {"recipe": "digits"}, "options": {"embedding_dim": 8}},
+    }
     aio = parse_config(_cfg(tasks=tasks, init={"kind": "mim", "path": str(tmp_path / "mim")}))
     tr = Trainer(aio, tmp_path / "aio", show_progress=False)
     report = apply_init(tr.model, aio, tr.out)

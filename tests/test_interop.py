@@ -58,8 +58,10 @@ def multi(trained):
 def _images(n: int = 5, seed: int = 0) -> list[np.ndarray]:
     """uint8 HxWx3 images of varied sizes (the model resizes them to 16x16)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (int(rng.integers(12, 40)), int(rng.integers(12, 40)), 3), dtype=np.uint8)
-            for _ in range(n)]
+    return [
+        rng.integers(0, 256, (int(rng.integers(12, 40)), int(rng.integers(12, 40)), 3), dtype=np.uint8)
+        for _ in range(n)
+    ]
 
 
 def _input(tm, task: str, arr: np.ndarray) -> torch.Tensor:
@@ -71,6 +73,7 @@ def _input(tm, task: str, arr: np.ndarray) -> torch.Tensor:
 
 # ----- timm.create_model("ufo_vit") -----
 
+
 @pytest.mark.parametrize("stem", ["patch", "conv"])
 def test_timm_builds_an_extracted_vit_with_per_block_heads_and_widths(stem):
     space = tiny_space(task_img_size={"signs": (16, 24)}, stem=stem)
@@ -78,8 +81,13 @@ def test_timm_builds_an_extracted_vit_with_per_block_heads_and_widths(stem):
     with torch.no_grad():
         for blk in model.blocks:
             blk.mlp.mix_logits.normal_()
-    arch = Arch(depth=3, embed_dim=24, num_heads=[1, 3, 2], mlp_ratio=[2.0, 1.0, 1.5],
-                paths={"signs": ["mix", "shared", "task"]})
+    arch = Arch(
+        depth=3,
+        embed_dim=24,
+        num_heads=[1, 3, 2],
+        mlp_ratio=[2.0, 1.0, 1.5],
+        paths={"signs": ["mix", "shared", "task"]},
+    )
     sub = extract(model, arch, "signs")
     kwargs = vit_kwargs(space, sub.ufo_arch, "signs")
     assert kwargs["img_size"] == [16, 24] and kwargs["mlp_hidden_dim"] == [96, 24, 36]
@@ -95,8 +103,17 @@ def test_timm_builds_an_extracted_vit_with_per_block_heads_and_widths(stem):
 
 
 def test_timm_vit_takes_per_block_ratios_and_rejects_wrong_lengths():
-    m = timm.create_model("ufo_vit", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=[1, 2],
-                          head_dim=8, mlp_ratio=[1.0, 2.0], num_classes=3)
+    m = timm.create_model(
+        "ufo_vit",
+        img_size=16,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        num_heads=[1, 2],
+        head_dim=8,
+        mlp_ratio=[1.0, 2.0],
+        num_classes=3,
+    )
     assert [b.attn.num_heads for b in m.blocks] == [1, 2] and [b.mlp.fc1.out_features for b in m.blocks] == [16, 32]
     assert m(torch.randn(1, 3, 16, 16)).shape == (1, 3) and torch.isfinite(m.pos_embed).all()
     with pytest.raises(ValueError, match="num_heads has 3 values for depth 2"):
@@ -104,6 +121,7 @@ def test_timm_vit_takes_per_block_ratios_and_rejects_wrong_lengths():
 
 
 # ----- pretrained_cfg: timm sees the real preprocessing -----
+
 
 def test_resolve_model_data_config_gives_the_task_models_preprocessing(digits, multi, tmp_path):
     save_task_model(tmp_path / "d.safetensors", digits)
@@ -121,6 +139,7 @@ def test_resolve_model_data_config_gives_the_task_models_preprocessing(digits, m
 
 
 # ----- Hugging Face-style folders and ufo.load -----
+
 
 def test_save_pretrained_then_load_gives_the_same_outputs(multi, tmp_path):
     folder = save_pretrained(multi, tmp_path / "multi")
@@ -184,6 +203,7 @@ def test_cli_extract_writes_a_folder_that_serve_and_load_take(run, trained, tmp_
 
 # ----- predict -----
 
+
 def test_predict_on_pil_paths_and_arrays_matches_the_forward(digits, tmp_path):
     arrs = _images(5)
     paths = []
@@ -224,6 +244,7 @@ def test_server_and_predict_read_outputs_the_same_way(digits):
 
 
 # ----- errors: one line, naming the task, file or field -----
+
 
 def test_errors_are_one_clear_line(digits, multi, tmp_path):
     cases = [

@@ -20,8 +20,15 @@ def test_measure_gives_positive_median_inside_iqr(backend):
 
 
 def test_larger_arch_is_slower_on_torch_cpu():
-    space = tiny_space(depth=[1, 6], embed_dim=[16, 128], num_heads=[1, 4], mlp_ratio=[1.0, 4.0], head_dim=32,
-                       img_size=32, patch_size=4)
+    space = tiny_space(
+        depth=[1, 6],
+        embed_dim=[16, 128],
+        num_heads=[1, 4],
+        mlp_ratio=[1.0, 4.0],
+        head_dim=32,
+        img_size=32,
+        patch_size=4,
+    )
     small = measure(space, space.smallest(), "cls", "torch-cpu", batch=4, repeats=15, warmup=3)
     large = measure(space, space.largest(), "cls", "torch-cpu", batch=4, repeats=15, warmup=3)
     assert large.median_ms > 2 * small.median_ms, (small, large)
@@ -101,14 +108,30 @@ def test_cli_latency_then_predictor_fit(tmp_path):
     space_file = tmp_path / "space.json"
     space_file.write_text(SPACE.model_dump_json())
     data, pred = tmp_path / "lat.json", tmp_path / "p.safetensors"
-    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--samples", "10",
-                                 "--repeats", "3", "--warmup", "1"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "latency",
+            str(space_file),
+            "-t",
+            "cls",
+            "--out",
+            str(data),
+            "--samples",
+            "10",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["predictor", "fit", str(data), "--out", str(pred), "--folds", "2"])
     assert r.exit_code == 0, r.output
     assert "Kendall tau" in r.output
     gp = GPPredictor.load(pred, SPACE)
     assert gp.meta_["task"] == "cls" and gp.meta_["backend"] == "torch-cpu"
-    r = CliRunner().invoke(app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--backend", "tpu"],
-                           env={"COLUMNS": "300"})
+    r = CliRunner().invoke(
+        app, ["latency", str(space_file), "-t", "cls", "--out", str(data), "--backend", "tpu"], env={"COLUMNS": "300"}
+    )
     assert r.exit_code == 2 and "'tpu' is not one of 'torch-cpu', 'ort-cpu', 'cuda'" in r.output

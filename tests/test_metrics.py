@@ -161,7 +161,7 @@ def test_reid_camera_filter_changes_result() -> None:
 
 
 def test_reid_skips_queries_without_valid_match() -> None:
-    q_emb, q_ids, g_emb, g_ids, q_cams, g_cams = _reid_case()
+    q_emb, _q_ids, g_emb, g_ids, _q_cams, g_cams = _reid_case()
     q_emb2 = np.concatenate([q_emb, unit([15])])
     q_ids2, q_cams2 = np.array([1, 2]), np.array([0, 1])  # id 2 was only seen by camera 1
     out = reid_metrics(q_emb2, q_ids2, g_emb, g_ids, q_cams2, g_cams)
@@ -183,7 +183,8 @@ def test_reid_perfect_embeddings_and_torchmetrics_agreement() -> None:
     # scores (a monotone change) into (1, 3) before comparing.
     sim = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T + 2.0
     expected = [
-        float(retrieval_average_precision(sim[i], torch.as_tensor(g_ids == q_ids[i]))) for i in range(20)
+        float(retrieval_average_precision(sim[i], torch.as_tensor(g_ids == q_ids[i])))
+        for i in range(20)
         if (g_ids == q_ids[i]).any()
     ]
     assert reid_metrics(q, q_ids, g, g_ids)["mAP"] == pytest.approx(np.mean(expected), abs=1e-6)

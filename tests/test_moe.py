@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from ufo.nn import Layout, SuperViT
 from helpers import TASKS, tiny_space
+from ufo.nn import Layout, SuperViT
 
 PATHS_FIXED = {"cls": ["task", "mix", "shared"], "faces": ["shared", "task", "task"], "signs": ["task", "task", "mix"]}
 
@@ -32,12 +32,15 @@ def _run(model: SuperViT, batched: bool, x: torch.Tensor, ids: torch.Tensor) -> 
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("paths,train", [
-    ({t: ["task"] * 3 for t in TASKS}, True),  # every task on its expert: the pure batched path
-    (PATHS_FIXED, True),  # shared, task and mix side by side
-    (PATHS_FIXED, False),
-    (None, True),  # routed by Gumbel-Softmax draws
-])
+@pytest.mark.parametrize(
+    "paths,train",
+    [
+        ({t: ["task"] * 3 for t in TASKS}, True),  # every task on its expert: the pure batched path
+        (PATHS_FIXED, True),  # shared, task and mix side by side
+        (PATHS_FIXED, False),
+        (None, True),  # routed by Gumbel-Softmax draws
+    ],
+)
 def test_batched_experts_match_the_loop(paths, train):
     model = _model(paths, train)
     x = torch.randn(7, 3, 16, 16)

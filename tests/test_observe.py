@@ -23,15 +23,34 @@ from ufo.train.loop import Trainer
 TINY = {
     "name": "observe",
     "seed": 4,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.1},  # drop path draws from the RNG
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.1,
+    },  # drop path draws from the RNG
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}},
-        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 300},
-                  "options": {"embedding_dim": 16, "k": 4}},
+        "mnist": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "max_train": 300},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
     },
-    "train": {"steps": 6, "batch_size": 16, "log_every": 1, "ckpt_every": 3, "eval_every": 2, "warmup_steps": 2,
-              "threads": 1, "eval_batch_size": 512},
+    "train": {
+        "steps": 6,
+        "batch_size": 16,
+        "log_every": 1,
+        "ckpt_every": 3,
+        "eval_every": 2,
+        "warmup_steps": 2,
+        "threads": 1,
+        "eval_batch_size": 512,
+    },
 }
 
 
@@ -64,8 +83,10 @@ def test_validation_changes_nothing_and_a_resumed_run_keeps_its_history(tmp_path
     Trainer(_cfg(eval_every=0), tmp_path / "off", data, show_progress=False).fit()
     # the RNG states are restored after each validation: the same weights as a run without any
     assert _max_diff(_weights(tmp_path / "full"), _weights(tmp_path / "off")) == 0.0
-    assert not (tmp_path / "off" / "metrics.json").exists() and "validation off" in (
-        tmp_path / "off" / "train.log").read_text()
+    assert (
+        not (tmp_path / "off" / "metrics.json").exists()
+        and "validation off" in (tmp_path / "off" / "train.log").read_text()
+    )
 
     cut = Trainer(cfg, tmp_path / "cut", data, show_progress=False)
     step = cut.train_step
@@ -100,10 +121,23 @@ def test_validation_changes_nothing_and_a_resumed_run_keeps_its_history(tmp_path
     assert len(val) == 3 * sum(len(m) for m in full["metrics"].values())
 
     log = (run / "train.log").read_text()
-    for needle in ("INFO start observe: stage all_in_one, 6 steps", "world size 1, device cpu", "seed 4",
-                   "validation every 2 steps", "torch ", "fresh start (init: scratch)", "step 1/6 loss=",
-                   "lr=", "img/s=", "step 2 validation: digits top1=", "ERROR stopped: KeyboardInterrupt",
-                   "resumed from", "at step 3", "step 6 final evaluation: digits top1=", "finished 6 steps"):
+    for needle in (
+        "INFO start observe: stage all_in_one, 6 steps",
+        "world size 1, device cpu",
+        "seed 4",
+        "validation every 2 steps",
+        "torch ",
+        "fresh start (init: scratch)",
+        "step 1/6 loss=",
+        "lr=",
+        "img/s=",
+        "step 2 validation: digits top1=",
+        "ERROR stopped: KeyboardInterrupt",
+        "resumed from",
+        "at step 3",
+        "step 6 final evaluation: digits top1=",
+        "finished 6 steps",
+    ):
         assert needle in log, needle
     assert log.count("INFO start observe") == 2 and log.count("step 4 validation") == 2  # appended, not rewritten
     assert log.index("ERROR stopped") < log.index("resumed from")
@@ -127,9 +161,11 @@ def test_every_trainer_validates_but_mim(tmp_path, data):
     from ufo.train.slimming import ChipTrainer
 
     short = dict(steps=2, ckpt_every=2, eval_every=1)
-    for trainer, stage, extra in [(RoutingTrainer, "task_supernet", {}),
-                                  (ChipTrainer, "chip_supernet", {"ema_decay": 0.5}),
-                                  (MimTrainer, "pretrain_mim", {})]:
+    for trainer, stage, extra in [
+        (RoutingTrainer, "task_supernet", {}),
+        (ChipTrainer, "chip_supernet", {"ema_decay": 0.5}),
+        (MimTrainer, "pretrain_mim", {}),
+    ]:
         run = tmp_path / stage
         tr = trainer(_cfg(stage=stage, **short, **extra), run, data, show_progress=False)
         tr.fit()
@@ -147,7 +183,10 @@ def test_every_trainer_validates_but_mim(tmp_path, data):
 
 def _oracle(kind: str):
     def predict(s):  # one-hot of the true class: logits for classification, embeddings otherwise
-        return torch.nn.functional.one_hot(s.labels, 10 if kind == "classification" else int(s.labels.max()) + 1).float()
+        return torch.nn.functional.one_hot(
+            s.labels, 10 if kind == "classification" else int(s.labels.max()) + 1
+        ).float()
+
     return predict
 
 

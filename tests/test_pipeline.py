@@ -19,7 +19,6 @@ from ufo.run.context import stage_config
 from ufo.run.state import inputs_of, read_record
 
 
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     return tiny_run(tmp_path_factory.getbasetemp() / "tiny-shared")  # shared with test_report
@@ -60,7 +59,7 @@ def test_search_extract_export_meet_the_budgets(run):
         assert tm.tasks == [t]
         assert torch.isfinite(tm(torch.zeros(2, 3, 16, 16), t)).all()
     exp = json.loads((run / "export" / "export.json").read_text())
-    for t, row in exp.items():
+    for row in exp.values():
         assert (run / row["fp32"]).is_file() and (run / row["int8"]).is_file()  # export.int8: dynamic
         assert row["parity_max_abs_diff"] <= row["parity_tol"]
         assert set(row["latency_ms"]) == {"torch", "onnx_fp32", "onnx_int8"}
@@ -159,7 +158,9 @@ def test_relative_latency_budget_goes_to_the_search_as_a_fraction(tmp_path, monk
     from ufo.run.context import RunContext
 
     budgets = {"digits": {"max_latency_fraction": 0.5}, "mnist": {"max_flops": 400000}}
-    cfg = load_config(tiny_config(tmp_path / "tiny.yaml", search={**TINY_RUN["pipeline"]["search"], "budgets": budgets}))
+    cfg = load_config(
+        tiny_config(tmp_path / "tiny.yaml", search={**TINY_RUN["pipeline"]["search"], "budgets": budgets})
+    )
     asked: list[dict] = []
 
     def search_task(run_dir, task, **kw):
@@ -169,8 +170,15 @@ def test_relative_latency_budget_goes_to_the_search_as_a_fraction(tmp_path, monk
             raise InfeasibleBudget(f"impossible for {task}", fastest_ms=1.4)
         from ufo.arch import Arch
 
-        return SimpleNamespace(arch=Arch(depth=1, embed_dim=16, num_heads=[1], mlp_ratio=[1.0]), objective="x",
-                               png_path=None, json_path=None, front=[], candidates=[], warnings=[])
+        return SimpleNamespace(
+            arch=Arch(depth=1, embed_dim=16, num_heads=[1], mlp_ratio=[1.0]),
+            objective="x",
+            png_path=None,
+            json_path=None,
+            front=[],
+            candidates=[],
+            warnings=[],
+        )
 
     api = SimpleNamespace(search_task=search_task, result_summary=lambda r: {"measured_metric": 0.5})
     monkeypatch.setattr(deploy_stages, "_search_api", lambda: api)

@@ -25,9 +25,11 @@ IMAGES = 1 + 1 + 2 + 3 + 2
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # records, once the page has loaded, each image's decoded width (0: not decoded) into the DOM
-PROBE = ("<script>window.addEventListener('load',()=>{const d=document.createElement('pre');d.id='ufo-probe';"
-         "d.textContent=JSON.stringify([...document.images].map(i=>i.complete?i.naturalWidth:-1));"
-         "document.body.appendChild(d);});</script>")
+PROBE = (
+    "<script>window.addEventListener('load',()=>{const d=document.createElement('pre');d.id='ufo-probe';"
+    "d.textContent=JSON.stringify([...document.images].map(i=>i.complete?i.naturalWidth:-1));"
+    "document.body.appendChild(d);});</script>"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +52,32 @@ def test_html_is_self_contained_and_md_has_every_section(run):
     assert "href=" not in page and "<link" not in page  # nothing outside the file
     assert "<details><summary>config.yaml</summary><pre>name: tiny-run" in page
     text = md.read_text()
-    for needle in ("## Metrics per task", "| digits | classification | top1 |", "## Training curves",
-                   "all_in_one: loss against step, validation primary metric against step", "## Routing map",
-                   "## Metric vs parameters", "## Pareto fronts", "## Task evaluation", "digits: confusion matrix",
-                   "mnist: Recall@K", "extracted task model on the test split", "## Exported models", "ufo serve ",
-                   "ufo export ", "--int8 static", "extract/digits.arch.json", "## Provenance", "Seed: 0",
-                   "### Config", "```yaml"):
+    for needle in (
+        "## Metrics per task",
+        "| digits | classification | top1 |",
+        "## Training curves",
+        "all_in_one: loss against step, validation primary metric against step",
+        "## Routing map",
+        "## Metric vs parameters",
+        "## Pareto fronts",
+        "## Task evaluation",
+        "digits: confusion matrix",
+        "mnist: Recall@K",
+        "extracted task model on the test split",
+        "## Exported models",
+        "ufo serve ",
+        "ufo export ",
+        "--int8 static",
+        "extract/digits.arch.json",
+        "## Provenance",
+        "Seed: 0",
+        "### Config",
+        "```yaml",
+    ):
         assert needle in text, needle
-    assert all(f"| {who} | " in _provenance(text) for who in ("all_in_one", "task_supernet", "chip_supernet",
-                                                               "this report"))
+    assert all(
+        f"| {who} | " in _provenance(text) for who in ("all_in_one", "task_supernet", "chip_supernet", "this report")
+    )
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(refs) == IMAGES
     for ref in refs:  # Markdown images point at the stage files and the report's own figures
@@ -122,10 +141,24 @@ def test_page_renders_in_headless_chromium_with_every_image(run, tmp_path):
     html, _ = write_report(run)
     page = tmp_path / "probe.html"
     page.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
-    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     m = re.search(r'<pre id="ufo-probe">([^<]*)</pre>', res.stdout)
     assert m, "the page did not finish loading: " + res.stdout[-500:]

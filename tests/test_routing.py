@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import train_one_and_two_processes
 from timm.models.vision_transformer import VisionTransformer
 
+from helpers import tiny_space, train_one_and_two_processes
 from ufo.arch import PATHS
 from ufo.checkpoint import load_checkpoint, read_manifest
 from ufo.config import TaskSupernetConfig, parse_config
@@ -29,18 +29,35 @@ from ufo.train.init import apply_init, init_from_run
 from ufo.train.loop import Trainer
 from ufo.train.routing import RoutingTrainer, expected_extra, expert_weights, temperature
 from ufo.train.store import load_model
-from helpers import tiny_space
 
 BIN = Path(sys.executable).parent
-MODEL = {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [2], "embed_dim": [24], "num_heads": [2],
-         "mlp_ratio": [2.0], "drop_path_rate": 0.0}
+MODEL = {
+    "img_size": 16,
+    "patch_size": 4,
+    "head_dim": 8,
+    "depth": [2],
+    "embed_dim": [24],
+    "num_heads": [2],
+    "mlp_ratio": [2.0],
+    "drop_path_rate": 0.0,
+}
 TASKS = {
     "digits": {"kind": "classification", "data": {"recipe": "digits"}},
-    "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 600},
-              "options": {"embedding_dim": 16, "k": 4}},
+    "mnist": {
+        "kind": "retrieval",
+        "data": {"recipe": "mnist5k", "max_train": 600},
+        "options": {"embedding_dim": 16, "k": 4},
+    },
 }
-TRAIN = {"stage": "task_supernet", "steps": 6, "batch_size": 16, "log_every": 1, "ckpt_every": 3,
-         "warmup_steps": 1, "threads": 1}
+TRAIN = {
+    "stage": "task_supernet",
+    "steps": 6,
+    "batch_size": 16,
+    "log_every": 1,
+    "ckpt_every": 3,
+    "warmup_steps": 1,
+    "threads": 1,
+}
 
 
 def _cfg(train: dict | None = None, **extra) -> dict:
@@ -69,6 +86,7 @@ def _nonzero(g: torch.Tensor | None) -> bool:
 
 
 # ----- gradients -----
+
 
 def test_training_takes_one_hard_path_per_task_and_block():
     space = _space(depth=1)
@@ -133,6 +151,7 @@ def test_router_gets_straight_through_gradients_and_experts_only_their_task():
 
 # ----- temperature -----
 
+
 @pytest.mark.parametrize("anneal", ["exponential", "linear"])
 def test_temperature_schedule(anneal):
     cfg = TaskSupernetConfig(tau_start=5.0, tau_end=0.1, anneal=anneal)
@@ -157,8 +176,9 @@ def test_task_supernet_config_errors_name_the_field(data):
     with pytest.raises(ConfigError, match="init: kind 'run' needs `path`"):
         parse_config(_cfg(init={"kind": "run"}))
     with pytest.raises(ConfigError, match="model.paths.*leaves out.*mix"):
-        RoutingTrainer(parse_config(_cfg(model={**MODEL, "paths": ["shared", "task"]})), "unused", data,
-                       show_progress=False)
+        RoutingTrainer(
+            parse_config(_cfg(model={**MODEL, "paths": ["shared", "task"]})), "unused", data, show_progress=False
+        )
 
 
 def test_scheduled_temperature_and_exact_resume(tmp_path, data):
@@ -201,11 +221,14 @@ def test_scheduled_temperature_and_exact_resume(tmp_path, data):
         a, b = load_checkpoint(tmp_path / "full" / f)[0], load_checkpoint(tmp_path / "cut" / f)[0]
         assert a.keys() == b.keys()
         assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6, f
-    assert json.loads((tmp_path / "full" / "routes.json").read_text())["routes"] == \
-        json.loads((tmp_path / "cut" / "routes.json").read_text())["routes"]
+    assert (
+        json.loads((tmp_path / "full" / "routes.json").read_text())["routes"]
+        == json.loads((tmp_path / "cut" / "routes.json").read_text())["routes"]
+    )
 
 
 # ----- frozen routes -----
+
 
 def test_frozen_routes_reach_the_manifest_eval_and_extraction(tmp_path, data):
     cfg = parse_config(_cfg({"steps": 2, "ckpt_every": 2}, task_supernet={"router_lr_scale": 1.0}))
@@ -249,6 +272,7 @@ def test_frozen_routes_reach_the_manifest_eval_and_extraction(tmp_path, data):
 
 # ----- expert cost -----
 
+
 def test_expert_cost_formula_and_gradient_sign():
     space = _space(depth=3)
     vit = SuperViT(space)
@@ -260,8 +284,9 @@ def test_expert_cost_formula_and_gradient_sign():
     shared = arch.model_copy(update={"paths": {t: ["shared"] * 3 for t in space.tasks}})
     base = space.num_params(shared)
     for i, w in enumerate(weights):  # F_i / P0, as num_params counts one more expert
-        own = shared.model_copy(update={"paths": {**shared.paths, "cls": ["task" if j == i else "shared"
-                                                                           for j in range(3)]}})
+        own = shared.model_copy(
+            update={"paths": {**shared.paths, "cls": ["task" if j == i else "shared" for j in range(3)]}}
+        )
         assert math.isclose(w, (space.num_params(own) - base) / base)
     cost = expected_extra(vit, weights)
     want = sum(w * (1 - blk.mlp.router_logits.softmax(-1)[:, SHARED]).sum() for w, blk in zip(weights, vit.blocks))
@@ -274,8 +299,12 @@ def test_expert_cost_formula_and_gradient_sign():
 
 def test_expert_cost_pushes_routes_to_shared(tmp_path, data):
     def p_shared(cost: float) -> tuple[float, int]:
-        cfg = parse_config(_cfg({"steps": 12, "ckpt_every": 12, "lr": 2e-3},
-                                task_supernet={"expert_cost": cost, "router_lr_scale": 100.0}))
+        cfg = parse_config(
+            _cfg(
+                {"steps": 12, "ckpt_every": 12, "lr": 2e-3},
+                task_supernet={"expert_cost": cost, "router_lr_scale": 100.0},
+            )
+        )
         RoutingTrainer(cfg, tmp_path / f"c{cost}", data, show_progress=False).fit()
         r = json.loads((tmp_path / f"c{cost}" / "routes.json").read_text())
         probs = [p[SHARED] for t in r["probs"].values() for p in t]
@@ -287,6 +316,7 @@ def test_expert_cost_pushes_routes_to_shared(tmp_path, data):
 
 
 # ----- init from an All-in-One run -----
+
 
 def _aio(tmp_path: Path, data, paths: str | None = "shared") -> Path:
     cfg = parse_config(_cfg({"stage": "all_in_one", "steps": 2, "ckpt_every": 2, "paths": paths}))
@@ -324,12 +354,12 @@ def test_init_from_an_all_in_one_run(tmp_path, data):
 def test_init_from_run_refuses_another_model(tmp_path, data):
     src = _aio(tmp_path, data)
     other_tasks = {"digits": TASKS["digits"], "more": {"kind": "classification", "data": {"recipe": "digits"}}}
-    tr = Trainer(parse_config(_cfg({"stage": "all_in_one"}, tasks=other_tasks)), tmp_path / "x",
-                 show_progress=False)
+    tr = Trainer(parse_config(_cfg({"stage": "all_in_one"}, tasks=other_tasks)), tmp_path / "x", show_progress=False)
     with pytest.raises(CheckpointError, match=r"tasks \['digits', 'mnist'\].*\['digits', 'more'\]"):
         init_from_run(tr.model, src)
-    wide = RoutingTrainer(parse_config(_cfg(model={**MODEL, "embed_dim": [16, 24]})), tmp_path / "y", data,
-                          show_progress=False)
+    wide = RoutingTrainer(
+        parse_config(_cfg(model={**MODEL, "embed_dim": [16, 24]})), tmp_path / "y", data, show_progress=False
+    )
     with pytest.raises(CheckpointError, match="search space.*embed_dim"):
         init_from_run(wide.model, src)
     with pytest.raises(CheckpointError, match="not a trained model"):
@@ -340,11 +370,13 @@ def test_init_from_run_refuses_another_model(tmp_path, data):
 
 # ----- the command line -----
 
+
 def test_cli_trains_a_task_supernet(tmp_path):
     cfg = tmp_path / "ts.yaml"
     cfg.write_text(yaml.safe_dump(_cfg({"steps": 2, "ckpt_every": 2})))
-    res = subprocess.run([str(BIN / "ufo"), "train", str(cfg), "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [str(BIN / "ufo"), "train", str(cfg), "--out", str(tmp_path / "run")], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     assert "routes (frozen" in res.stderr and "digits" in res.stderr
     routes = json.loads((tmp_path / "run" / "routes.json").read_text())["routes"]
@@ -354,8 +386,10 @@ def test_cli_trains_a_task_supernet(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
-    tasks = {"digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
-             "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16}}
+    tasks = {
+        "digits": {"kind": "classification", "data": {"recipe": "digits"}, "batch": 16},
+        "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16},
+    }
     cfg = _cfg({"steps": 6, "ckpt_every": 6, "batch_size": 32}, tasks=tasks, task_supernet={"expert_cost": 1.0})
     path = tmp_path / "ts.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -363,5 +397,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert len(l1) == len(l2) == 6
     for key in ("loss", "loss/cost"):  # every rank draws the same Gumbel noise (same seed), so the same paths
         assert max(abs(float(a[key]) - float(b[key])) for a, b in zip(l1, l2)) <= 1e-4, key
-    assert json.loads((tmp_path / "one" / "routes.json").read_text())["routes"] == \
-        json.loads((tmp_path / "two" / "routes.json").read_text())["routes"]
+    assert (
+        json.loads((tmp_path / "one" / "routes.json").read_text())["routes"]
+        == json.loads((tmp_path / "two" / "routes.json").read_text())["routes"]
+    )

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_space
 from typer.testing import CliRunner
 
+from helpers import tiny_space
 from ufo.arch import Arch
 from ufo.config import parse_config
 from ufo.deploy.package import load_task_model
-from ufo.errors import InfeasibleBudget, SearchError
+from ufo.errors import SearchError
 from ufo.search.features import arch_features
-from ufo.search.latency import measure
 from ufo.search.metric import TrainedRun
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.pipeline import fit_predictors, search_task
@@ -30,11 +29,27 @@ TASK = "digits"
 TINY = {
     "name": "tiny-search",
     "seed": 3,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.0,
+    },
     "tasks": {TASK: {"kind": "classification", "data": {"recipe": "digits"}}},
-    "train": {"stage": "chip_supernet", "steps": 60, "batch_size": 32, "log_every": 50, "ckpt_every": 100,
-              "warmup_steps": 5, "threads": 1, "lr": 3e-3},
+    "train": {
+        "stage": "chip_supernet",
+        "steps": 60,
+        "batch_size": 32,
+        "log_every": 50,
+        "ckpt_every": 100,
+        "warmup_steps": 5,
+        "threads": 1,
+        "lr": 3e-3,
+    },
     "chip_supernet": {"num_random": 1},
 }
 FAST = {"trials": 150, "top_k": 3, "metric_samples": 12, "latency_samples": 10, "repeats": 15, "progress": False}
@@ -94,7 +109,7 @@ def test_saved_subnet_is_a_task_model_equal_to_the_supernet_at_that_arch(params_
 
 
 def test_second_search_reuses_the_cached_predictors(params_search, run_dir, tmp_path):
-    params_search  # the first search fitted and cached the metric predictor
+    assert params_search is not None  # the first search fitted and cached the metric predictor
     r = search_task(run_dir, TASK, max_flops=10**9, out_dir=tmp_path, **FAST)
     assert r.predictors["metric"]["cached"] is True
     assert r.predictors["metric"]["predictor"] == str(run_dir / "predictors" / f"{TASK}-metric.safetensors")
@@ -125,12 +140,14 @@ def test_latency_search_result_meets_the_budget_when_re_measured(run_dir, run, t
     assert (run_dir / "predictors" / f"{TASK}-latency-torch-cpu.safetensors").is_file()
 
 
-
-@pytest.mark.parametrize("budget, pattern", [
-    ({"max_params": 100}, r"smallest subnet has 2,264 parameters"),
-    ({"max_flops": 1000}, r"smallest subnet has 68,\d{3} FLOPs"),
-    ({"max_latency_ms": 1e-4}, r"smallest subnet measures \d+\.\d+ ms"),
-])
+@pytest.mark.parametrize(
+    "budget, pattern",
+    [
+        ({"max_params": 100}, r"smallest subnet has 2,264 parameters"),
+        ({"max_flops": 1000}, r"smallest subnet has 68,\d{3} FLOPs"),
+        ({"max_latency_ms": 1e-4}, r"smallest subnet measures \d+\.\d+ ms"),
+    ],
+)
 def test_impossible_budget_names_the_smallest_achievable_value(run_dir, tmp_path, budget, pattern):
     with pytest.raises(SearchError, match=pattern):
         search_task(run_dir, TASK, out_dir=tmp_path, **budget, **FAST)
@@ -138,7 +155,9 @@ def test_impossible_budget_names_the_smallest_achievable_value(run_dir, tmp_path
 
 
 def test_unknown_backend_and_missing_budget(run_dir, tmp_path):
-    with pytest.raises(SearchError, match="unknown latency backend 'tpu'; available backends: torch-cpu, ort-cpu, cuda"):
+    with pytest.raises(
+        SearchError, match="unknown latency backend 'tpu'; available backends: torch-cpu, ort-cpu, cuda"
+    ):
         search_task(run_dir, TASK, max_latency_ms=1.0, backend="tpu", out_dir=tmp_path, **FAST)
     with pytest.raises(SearchError, match="give a budget"):
         search_task(run_dir, TASK, out_dir=tmp_path, **FAST)
@@ -163,9 +182,10 @@ def test_a_predictor_of_another_space_is_refused(run_dir, tmp_path):
 
 def test_pareto_front_and_nsga2_respect_the_constraint():
     a = Arch(depth=1, embed_dim=16, num_heads=[1], mlp_ratio=[1.0])
-    pts = [Point(arch=a, metric=m, metric_std=0, cost=c, feasible=f, trial=i)
-           for i, (m, c, f) in enumerate([(0.5, 1, True), (0.4, 2, True), (0.7, 3, True), (0.9, 5, False),
-                                          (0.7, 4, True)])]
+    pts = [
+        Point(arch=a, metric=m, metric_std=0, cost=c, feasible=f, trial=i)
+        for i, (m, c, f) in enumerate([(0.5, 1, True), (0.4, 2, True), (0.7, 3, True), (0.9, 5, False), (0.7, 4, True)])
+    ]
     assert [(p.metric, p.cost) for p in pareto_front(pts)] == [(0.5, 1), (0.7, 3)]
     space = tiny_space(tasks=[TASK])
 
@@ -187,15 +207,50 @@ def test_commands_predictor_fit_and_search(run_dir, tmp_path):
     r = cli.invoke(app, ["predictor", "fit", str(run_dir), "--task", TASK, "--metric", "--samples", "12"])
     assert r.exit_code == 0, r.output
     assert "Kendall tau" in r.output and (run_dir / "predictors" / f"{TASK}-metric.safetensors").is_file()
-    r = cli.invoke(app, ["search", str(run_dir), "--task", TASK, "--max-params", "5000", "--out", str(tmp_path / "s"),
-                         "--trials", "100", "--top-k", "2", "--metric-samples", "12"])
+    r = cli.invoke(
+        app,
+        [
+            "search",
+            str(run_dir),
+            "--task",
+            TASK,
+            "--max-params",
+            "5000",
+            "--out",
+            str(tmp_path / "s"),
+            "--trials",
+            "100",
+            "--top-k",
+            "2",
+            "--metric-samples",
+            "12",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s" / "model.safetensors").is_file() and "chose depth" in r.output
     r = cli.invoke(app, ["search", str(run_dir), "--task", TASK, "--max-params", "10", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "smallest subnet has" in r.output
-    r = cli.invoke(app, ["search", str(run_dir), "--task", TASK, "--max-latency-fraction", "0.5", "--out",
-                         str(tmp_path / "f"), "--trials", "100", "--top-k", "2", "--metric-samples", "12",
-                         "--latency-samples", "10"])
+    r = cli.invoke(
+        app,
+        [
+            "search",
+            str(run_dir),
+            "--task",
+            TASK,
+            "--max-latency-fraction",
+            "0.5",
+            "--out",
+            str(tmp_path / "f"),
+            "--trials",
+            "100",
+            "--top-k",
+            "2",
+            "--metric-samples",
+            "12",
+            "--latency-samples",
+            "10",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     assert "max_latency_fraction 0.5 ->" in out and "(median)" in out and "chose depth" in out
@@ -209,8 +264,7 @@ def test_fit_predictors_reports_cross_validation_and_caches(run_dir):
     assert r["metric"]["dataset"] == str(run_dir / "predictors" / f"{TASK}-metric.json")
     again = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False)
     assert again["metric"]["cached"] and again["latency"]["cached"]
-    refit = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False, latency=False,
-                           seed=1)
+    refit = fit_predictors(run_dir, TASK, metric_samples=12, latency_samples=10, progress=False, latency=False, seed=1)
     assert not refit["metric"]["cached"] and "latency" not in refit
 
 
@@ -226,8 +280,9 @@ def test_latency_at_fraction_floors_at_the_smallest_and_rejects_bad_fractions(ru
         latency_at_fraction(run.space, small, large, TASK, 1.5)
 
 
-def test_an_optimistic_latency_predictor_walks_down_the_front_instead_of_falling_back(run_dir, run, tmp_path,
-                                                                                      monkeypatch):
+def test_an_optimistic_latency_predictor_walks_down_the_front_instead_of_falling_back(
+    run_dir, run, tmp_path, monkeypatch
+):
     """The demo's failure: every measured front point was over the budget and the search took the
     smallest subnet. Here latency is a deterministic function of FLOPs (no timing noise) and the
     latency predictor is made to promise 40% less than that for every subnet but the smallest and the
@@ -264,8 +319,14 @@ def test_an_optimistic_latency_predictor_walks_down_the_front_instead_of_falling
     space = run.space
     flops = sorted(space.flops(run.arch(a), TASK) for a in run.sample(40, seed=5))
     budget = 0.1 + flops[len(flops) // 2] / 1e6  # the median subnet's fake latency
-    r = search_task(run_dir, TASK, max_latency_ms=budget, out_dir=tmp_path / "s", predictor_dir=tmp_path / "pred",
-                    **{**FAST, "top_k": 4})
+    r = search_task(
+        run_dir,
+        TASK,
+        max_latency_ms=budget,
+        out_dir=tmp_path / "s",
+        predictor_dir=tmp_path / "pred",
+        **{**FAST, "top_k": 4},
+    )
     steps = [c.step for c in r.candidates]
     assert "fallback" not in steps and "bisect" in steps, steps
     over = [c for c in r.candidates if not c.meets_budget]
@@ -278,7 +339,6 @@ def test_an_optimistic_latency_predictor_walks_down_the_front_instead_of_falling
     hi = max(i for i, m in idx.items() if m)
     above = [i for i, m in idx.items() if not m and i > hi]
     assert not above or min(above) == hi + 1
-
 
 
 def test_a_relative_budget_moves_with_the_machine_speed_between_measurements(run_dir, run, tmp_path, monkeypatch):
@@ -301,8 +361,14 @@ def test_a_relative_budget_moves_with_the_machine_speed_between_measurements(run
 
     monkeypatch.setattr(latency_mod, "measure_many", drifting)
     monkeypatch.setattr(pl, "measure_many", drifting)
-    r = search_task(run_dir, TASK, max_latency_fraction=0.5, out_dir=tmp_path / "s", predictor_dir=tmp_path / "pred",
-                    **{**FAST, "top_k": 4})
+    r = search_task(
+        run_dir,
+        TASK,
+        max_latency_fraction=0.5,
+        out_dir=tmp_path / "s",
+        predictor_dir=tmp_path / "pred",
+        **{**FAST, "top_k": 4},
+    )
     assert "fallback" not in [c.step for c in r.candidates]
     assert len({round(c.budget_ms, 9) for c in r.candidates}) > 1  # the budget was timed again, and moved
     small, large = run.arch(run.space.smallest(run.routes)), run.arch(run.space.largest(run.routes))

@@ -127,8 +127,9 @@ def test_nu_auto_picks_the_smoothness_of_highest_marginal_likelihood(data):
 
     X, y = data
     auto = GPPredictor(nu="auto", ard=False).fit(X[:50], y[:50])
-    lml = {nu: GPPredictor(nu=nu, ard=False).fit(X[:50], y[:50]).gp_.log_marginal_likelihood_value_
-           for nu in NU_CHOICES}
+    lml = {
+        nu: GPPredictor(nu=nu, ard=False).fit(X[:50], y[:50]).gp_.log_marginal_likelihood_value_ for nu in NU_CHOICES
+    }
     assert auto.nu_ == max(lml, key=lml.get)
 
 
@@ -140,10 +141,17 @@ def test_fit_metric_predictor_uses_log_params_for_the_mean_and_fits_logits(data)
     archs = [SPACE.sample(rng) for _ in range(30)]
     # accuracy grows with capacity: depth and width, plus a small arch-dependent wiggle
     acc = [0.5 + 0.1 * a.depth + 0.002 * a.embed_dim + 0.01 * np.sin(sum(a.num_heads)) for a in archs]
-    ds = MetricDataset(space=SPACE, task="cls", metric="top1", run="synthetic", model_digest="0" * 16,
-                       split="test", seed=0, eval_s=0.0,
-                       records=[MetricRecord(arch=a, value=v, metrics={"top1": v})
-                       for a, v in zip(archs, acc)])
+    ds = MetricDataset(
+        space=SPACE,
+        task="cls",
+        metric="top1",
+        run="synthetic",
+        model_digest="0" * 16,
+        split="test",
+        seed=0,
+        eval_s=0.0,
+        records=[MetricRecord(arch=a, value=v, metrics={"top1": v}) for a, v in zip(archs, acc)],
+    )
     gp, meta = fit_metric_predictor(ds, folds=3)
     assert meta["target_transform"] == "logit" and gp.logit_target
     assert tuple(gp.mean_cols) == (LOG_PARAMS,) and gp.coef_.shape == (1,)

@@ -23,7 +23,6 @@ from ufo.deploy.process import ServeProcess
 from ufo.train.evaluate import make_predict
 
 
-
 def _png(img: torch.Tensor) -> bytes:
     """uint8 (C, H, W) -> PNG bytes (grayscale for one channel)."""
     arr = img.numpy()
@@ -70,7 +69,9 @@ def test_predictions_equal_the_library(server, library):
     probs = torch.softmax(logits.double(), -1)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for i, png in enumerate(pngs):
-            body = c.post("/v1/tasks/digits:predict", params={"k": 3}, files={"file": ("x.png", png, "image/png")}).json()
+            body = c.post(
+                "/v1/tasks/digits:predict", params={"k": 3}, files={"file": ("x.png", png, "image/png")}
+            ).json()
             top = torch.topk(probs[i], 3)
             assert [t["index"] for t in body["top_k"]] == top.indices.tolist()
             assert np.allclose([t["probability"] for t in body["top_k"]], top.values.numpy(), atol=1e-5)
@@ -108,8 +109,13 @@ def test_bad_inputs_get_4xx_json_and_the_next_request_is_served(server, library)
         ("empty body", "/v1/tasks/digits:predict", {"content": b""}, 400, "empty_image"),
         ("decompression bomb", "/v1/tasks/digits:predict", {"files": {"file": _bomb()}}, 413, "image_too_large"),
         ("oversized upload", "/v1/tasks/digits:predict", {"content": os.urandom(1_500_000)}, 413, "upload_too_large"),
-        ("oversized multipart", "/v1/tasks/digits:predict", {"files": {"file": os.urandom(1_500_000)}}, 413,
-         "upload_too_large"),
+        (
+            "oversized multipart",
+            "/v1/tasks/digits:predict",
+            {"files": {"file": os.urandom(1_500_000)}},
+            413,
+            "upload_too_large",
+        ),
         ("bad k", "/v1/tasks/digits:predict?k=0", {"content": png}, 422, "invalid_request"),
         ("a form (curl -d foo=bar)", "/v1/tasks/digits:predict", {"data": {"foo": "bar"}}, 415, "not_an_image"),
     ]
@@ -150,8 +156,10 @@ def test_load_every_request_succeeds(server, library):
     wall = time.perf_counter() - t0
     assert not failures, failures[:3]
     q = statistics.quantiles(lat, n=100)
-    print(f"\nload: 8 clients, {len(lat)} requests in {wall:.1f} s = {len(lat) / wall:.0f} req/s; "
-          f"p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms")
+    print(
+        f"\nload: 8 clients, {len(lat)} requests in {wall:.1f} s = {len(lat) / wall:.0f} req/s; "
+        f"p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms"
+    )
     assert len(lat) >= 8
     text = httpx.get(server.url + "/metrics").text
     count = _metric(text, 'ufo_batch_size_count{task="digits"}')
@@ -183,7 +191,9 @@ def test_openapi_lists_the_endpoints_and_errors(server):
     assert predict["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
     assert {"multipart/form-data", "application/octet-stream"} <= set(predict["requestBody"]["content"])
     assert "409" in paths["/v1/tasks/{task}:compare"]["post"]["responses"]
-    assert {"PredictResponse", "CompareResponse", "TasksResponse", "ErrorResponse"} <= set(spec["components"]["schemas"])
+    assert {"PredictResponse", "CompareResponse", "TasksResponse", "ErrorResponse"} <= set(
+        spec["components"]["schemas"]
+    )
     tasks = httpx.get(server.url + "/v1/tasks").json()["tasks"]
     assert [t["name"] for t in tasks] == ["digits", "mnist_ret", "faces"]
     assert tasks[0]["preprocessing"] == {"img_size": 16, "in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3}

@@ -14,32 +14,80 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from test_hardening import CFG
 from ufo.config import parse_config
 from ufo.deploy import extract_task_model, save_task_model
 from ufo.deploy.server import Settings, create_app, load_served
 from ufo.train.store import build_model
-from test_hardening import CFG
 
 MAX_EXAMPLES = 300
 # digits (logits) and faces (an embedding with a threshold), so that :compare runs to the end too
-FUZZ_CFG = {**CFG, "tasks": {**CFG["tasks"], "faces": {"kind": "verification", "data": {"recipe": "digits"},
-                                                       "options": {"embedding_dim": 8}}}}
+FUZZ_CFG = {
+    **CFG,
+    "tasks": {
+        **CFG["tasks"],
+        "faces": {"kind": "verification", "data": {"recipe": "digits"}, "options": {"embedding_dim": 8}},
+    },
+}
 
 # format -> the modes PIL writes in it
-FORMATS = {"PNG": ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"], "JPEG": ["L", "RGB", "CMYK"],
-           "BMP": ["1", "L", "P", "RGB"], "GIF": ["L", "P"], "TIFF": ["1", "L", "RGB", "RGBA", "CMYK", "I", "F", "I;16"],
-           "WEBP": ["RGB", "RGBA"], "PPM": ["1", "L", "RGB"], "ICO": ["RGBA"]}
-SIGNATURES = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
-              b"II*\x00", b"MM\x00*", b"P5\n", b"P6\n", b"\x00\x00\x01\x00"]
-TASKS = ["digits", "nope", "../digits", "../../etc/passwd", "..%2F..%2Fdigits", "digits%00", "%00", "%ff%fe",
-         "dïgits", "日本語", "a/b", "", " ", "digits:predict", "_unknown", "x" * 300]
+FORMATS = {
+    "PNG": ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"],
+    "JPEG": ["L", "RGB", "CMYK"],
+    "BMP": ["1", "L", "P", "RGB"],
+    "GIF": ["L", "P"],
+    "TIFF": ["1", "L", "RGB", "RGBA", "CMYK", "I", "F", "I;16"],
+    "WEBP": ["RGB", "RGBA"],
+    "PPM": ["1", "L", "RGB"],
+    "ICO": ["RGBA"],
+}
+SIGNATURES = [
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff\xe0",
+    b"GIF89a",
+    b"BM",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"II*\x00",
+    b"MM\x00*",
+    b"P5\n",
+    b"P6\n",
+    b"\x00\x00\x01\x00",
+]
+TASKS = [
+    "digits",
+    "nope",
+    "../digits",
+    "../../etc/passwd",
+    "..%2F..%2Fdigits",
+    "digits%00",
+    "%00",
+    "%ff%fe",
+    "dïgits",
+    "日本語",
+    "a/b",
+    "",
+    " ",
+    "digits:predict",
+    "_unknown",
+    "x" * 300,
+]
 ASCII = st.characters(min_codepoint=32, max_codepoint=126)
-CTYPES = ["image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded",
-          "multipart/form-data", "multipart/form-data; boundary=zzz", "text/plain; charset=utf-8",
-          "application/json", "", "image/*"]
+CTYPES = [
+    "image/png",
+    "image/jpeg",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "multipart/form-data; boundary=zzz",
+    "text/plain; charset=utf-8",
+    "application/json",
+    "",
+    "image/*",
+]
 
 
 @st.composite
@@ -86,8 +134,14 @@ def multiparts(draw) -> tuple[bytes, str]:
     for _ in range(draw(st.integers(0, 3))):
         name = draw(st.sampled_from(["file", "image_a", "image_b", "files", "", "FILE"]) | st.text(ASCII, max_size=8))
         name = name.replace('"', "").replace("\\", "")
-        body += (f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"; filename="x"\r\n'
-                 f"content-type: application/octet-stream\r\n\r\n").encode() + draw(payloads()) + b"\r\n"
+        body += (
+            (
+                f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"; filename="x"\r\n'
+                f"content-type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + draw(payloads())
+            + b"\r\n"
+        )
     body += f"--{boundary}--\r\n".encode()
     if draw(st.booleans()):
         body = body[: draw(st.integers(0, len(body)))]
@@ -104,12 +158,32 @@ def requests(draw) -> dict:
         path = f"/v1/tasks/{draw(st.sampled_from(['digits', 'faces']))}:{draw(st.sampled_from(['predict', 'compare']))}"
     else:
         method = draw(st.sampled_from(["POST", "GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]))
-        task = draw(st.sampled_from(["digits", "faces"] + TASKS) | st.text(max_size=12).map(lambda t: quote(t, safe="%/:.")))
-        path = draw(st.sampled_from([f"/v1/tasks/{task}:predict", f"/v1/tasks/{task}:compare", "/v1/tasks",
-                                     f"/v1/tasks/{task}", f"/v1/tasks/{task}:explode", "/healthz", "/metrics",
-                                     "/openapi.json", f"/{task}"]))
-    params = draw(st.just({}) | st.dictionaries(st.sampled_from(["k", "K", "file", "task", "x"]),
-                                                st.integers(-10**12, 10**12) | st.text(max_size=8), max_size=3))
+        task = draw(
+            st.sampled_from(["digits", "faces"] + TASKS) | st.text(max_size=12).map(lambda t: quote(t, safe="%/:."))
+        )
+        path = draw(
+            st.sampled_from(
+                [
+                    f"/v1/tasks/{task}:predict",
+                    f"/v1/tasks/{task}:compare",
+                    "/v1/tasks",
+                    f"/v1/tasks/{task}",
+                    f"/v1/tasks/{task}:explode",
+                    "/healthz",
+                    "/metrics",
+                    "/openapi.json",
+                    f"/{task}",
+                ]
+            )
+        )
+    params = draw(
+        st.just({})
+        | st.dictionaries(
+            st.sampled_from(["k", "K", "file", "task", "x"]),
+            st.integers(-(10**12), 10**12) | st.text(max_size=8),
+            max_size=3,
+        )
+    )
     kind = draw(st.sampled_from(["none", "raw", "raw", "image", "multipart", "multipart"]))
     headers, body = {}, b""
     if kind in ("raw", "image"):
@@ -119,10 +193,21 @@ def requests(draw) -> dict:
             headers["content-type"] = ctype
     elif kind == "multipart":
         body, headers["content-type"] = draw(multiparts())
-    well_formed = (kind == "image" and method == "POST" and path == "/v1/tasks/digits:predict" and not params
-                   and not headers.get("content-type", "").lower().startswith("multipart/"))
-    return {"method": method, "url": path, "params": params, "headers": headers, "content": body,
-            "well_formed": well_formed}
+    well_formed = (
+        kind == "image"
+        and method == "POST"
+        and path == "/v1/tasks/digits:predict"
+        and not params
+        and not headers.get("content-type", "").lower().startswith("multipart/")
+    )
+    return {
+        "method": method,
+        "url": path,
+        "params": params,
+        "headers": headers,
+        "content": body,
+        "well_formed": well_formed,
+    }
 
 
 def _valid_png() -> bytes:
@@ -135,8 +220,9 @@ def _valid_png() -> bytes:
 def app(tmp_path):
     cfg = parse_config(FUZZ_CFG)
     f = tmp_path / "fuzz.safetensors"
-    save_task_model(f, extract_task_model(build_model(cfg, {"digits": 10, "faces": 10}).eval(), None,
-                                          ["digits", "faces"], cfg))
+    save_task_model(
+        f, extract_task_model(build_model(cfg, {"digits": 10, "faces": 10}).eval(), None, ["digits", "faces"], cfg)
+    )
     served = load_served([f])
     served["faces"].head.threshold = 0.5  # fitted on data in real files; none here
     return create_app(served, Settings(max_upload_mb=1, max_pixels=4_000_000))
@@ -147,14 +233,24 @@ def test_hostile_requests_never_get_a_500_and_the_next_request_succeeds(app):
     t0 = time.perf_counter()
 
     with TestClient(app, raise_server_exceptions=False) as client:
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(req=requests())
         def check(req: dict) -> None:
             well_formed = req.pop("well_formed")
             r = client.request(**req)
             seen["examples"] += 1
-            code = r.status_code if r.status_code < 400 or req["method"] == "HEAD" else f"{r.status_code} {r.json()['error']}"
+            code = (
+                r.status_code
+                if r.status_code < 400 or req["method"] == "HEAD"
+                else f"{r.status_code} {r.json()['error']}"
+            )
             seen["statuses"][code] = seen["statuses"].get(code, 0) + 1
             what = f"{req['method']} {req['url']} {req['params']} {req['headers']} {req['content'][:40]!r}"
             if r.status_code >= 400 and req["method"] != "HEAD":

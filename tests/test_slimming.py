@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import train_one_and_two_processes
 
+from helpers import train_one_and_two_processes
 from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
 from ufo.errors import CheckpointError, ConfigError
@@ -24,15 +24,33 @@ BIN = Path(sys.executable).parent
 TINY = {
     "name": "tiny-chip",
     "seed": 5,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [16, 24],
-              "num_heads": [1, 2], "mlp_ratio": [1.0, 2.0], "drop_path_rate": 0.0},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [16, 24],
+        "num_heads": [1, 2],
+        "mlp_ratio": [1.0, 2.0],
+        "drop_path_rate": 0.0,
+    },
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}},
-        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 300},
-                  "options": {"embedding_dim": 16, "k": 4}},
+        "mnist": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "max_train": 300},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
     },
-    "train": {"stage": "chip_supernet", "steps": 6, "batch_size": 16, "log_every": 1, "ckpt_every": 3,
-              "warmup_steps": 2, "threads": 1},
+    "train": {
+        "stage": "chip_supernet",
+        "steps": 6,
+        "batch_size": 16,
+        "log_every": 1,
+        "ckpt_every": 3,
+        "warmup_steps": 2,
+        "threads": 1,
+    },
     "chip_supernet": {"num_random": 1},
 }
 
@@ -57,6 +75,7 @@ def _nz(g: torch.Tensor | None) -> bool:
 
 
 # ----- the sandwich step -----
+
 
 def test_sandwich_archs_are_deterministic_and_routed(trainer):
     a, b = trainer.sandwich(7), trainer.sandwich(7)
@@ -92,8 +111,17 @@ def test_sandwich_gradients_cover_every_sampled_subnet(trainer):
     m.zero_grad(set_to_none=True)
     logged = trainer.accumulate(x, ids, y, trainer.sandwich(0))
     assert logged is not None
-    for k in ("loss/largest", "loss/smallest", "loss/random", "distill/kl", "distill/cos", "distill/rel",
-              "loss/digits", "loss/mnist", "loss"):
+    for k in (
+        "loss/largest",
+        "loss/smallest",
+        "loss/random",
+        "distill/kl",
+        "distill/cos",
+        "distill/rel",
+        "loss/digits",
+        "loss/mnist",
+        "loss",
+    ):
         assert k in logged and torch.isfinite(torch.as_tensor(logged[k])), k
     assert float(logged["distill/kl"]) > 0 and float(logged["distill/cos"]) > 0
     g = _grads(m)
@@ -102,8 +130,14 @@ def test_sandwich_gradients_cover_every_sampled_subnet(trainer):
     assert _nz(qkv[:, 1, :, 16:])  # the largest-only slice
     assert _nz(g["backbone.blocks.0.mlp.shared.fc1.weight"][24:])
     for n, p in m.named_parameters():
-        if p.requires_grad and ".experts." not in n and "router" not in n and "mix_logits" not in n \
-                and "margin" not in n and not n.endswith("bn.bias"):
+        if (
+            p.requires_grad
+            and ".experts." not in n
+            and "router" not in n
+            and "mix_logits" not in n
+            and "margin" not in n
+            and not n.endswith("bn.bias")
+        ):
             assert g[n] is not None and torch.isfinite(g[n]).all(), f"{n} got no gradient"
     m.zero_grad(set_to_none=True)
 
@@ -115,7 +149,7 @@ def test_train_step_updates_the_regions_each_subnet_uses(tmp_path):
     row = tr.train_step()
     assert "skipped" not in row and row["loss/largest"] > 0
     after = dict(tr.model.named_parameters())
-    changed = lambda n, sl=slice(None): not torch.equal(before[n][sl], after[n].detach()[sl])  # noqa: E731
+    changed = lambda n, sl=slice(None): not torch.equal(before[n][sl], after[n].detach()[sl])
     assert changed("backbone.blocks.1.mlp.shared.fc2.weight")  # largest only
     assert changed("backbone.blocks.0.attn.proj.weight", (slice(0, 16), slice(0, 8)))  # both
     assert not changed("backbone.blocks.0.mlp.experts.digits.fc1.weight")  # not on any route
@@ -123,6 +157,7 @@ def test_train_step_updates_the_regions_each_subnet_uses(tmp_path):
 
 
 # ----- importance re-ordering -----
+
 
 def test_reorder_keeps_the_largest_function_and_sorts_importance(trainer):
     m = trainer.model
@@ -153,6 +188,7 @@ def test_reorder_keeps_the_largest_function_and_sorts_importance(trainer):
 
 # ----- BatchNorm recalibration of inherited subnets -----
 
+
 def test_recalibrate_bn_gives_the_subnets_own_statistics(trainer):
     from ufo.data.transforms import build_transform
     from ufo.train.evaluate import recalibrate_bn
@@ -180,6 +216,7 @@ def test_recalibrate_bn_gives_the_subnets_own_statistics(trainer):
 
 
 # ----- distillation losses -----
+
 
 def test_distill_losses_zero_at_the_teacher_positive_elsewhere():
     t = torch.randn(6, 10)
@@ -209,6 +246,7 @@ def test_distill_gradients():
 
 
 # ----- runs -----
+
 
 def test_bad_chip_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="chip_supernet.tasks"):
@@ -279,8 +317,9 @@ class _Stop(Exception):
 def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
-    full = subprocess.run([str(BIN / "ufo"), "train", str(cfg_file), "--out", str(tmp_path / "full")],
-                          capture_output=True, text=True)
+    full = subprocess.run(
+        [str(BIN / "ufo"), "train", str(cfg_file), "--out", str(tmp_path / "full")], capture_output=True, text=True
+    )
     assert full.returncode == 0, full.stderr
 
     cfg = parse_config(json.loads(json.dumps(TINY)))
@@ -308,15 +347,19 @@ def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     for k in ("loss/largest", "loss/smallest", "loss/random", "distill/kl", "distill/cos", "distill/rel"):
         assert all(r.get(k) not in (None, "") for r in rows), f"metrics.csv lacks {k}"
 
-    ev = subprocess.run([str(BIN / "ufo"), "eval", str(tmp_path / "full"), "--arch", "smallest"],
-                        capture_output=True, text=True)
+    ev = subprocess.run(
+        [str(BIN / "ufo"), "eval", str(tmp_path / "full"), "--arch", "smallest"], capture_output=True, text=True
+    )
     assert ev.returncode == 0, ev.stderr
     res = json.loads((tmp_path / "full" / "eval-smallest.json").read_text())
     assert res["arch"]["depth"] == 1 and set(res["metrics"]) == {"digits", "mnist"}
     assert all(set(p) == {"shared"} for p in res["arch"]["paths"].values())
 
-    ev = subprocess.run([str(BIN / "ufo"), "eval", str(tmp_path / "full"), "--arch", "smallest", "--arch", "largest",
-                         "--random", "2"], capture_output=True, text=True)
+    ev = subprocess.run(
+        [str(BIN / "ufo"), "eval", str(tmp_path / "full"), "--arch", "smallest", "--arch", "largest", "--random", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert ev.returncode == 0, ev.stderr
     rows = json.loads((tmp_path / "full" / "eval-subnets.json").read_text())["subnets"]
     assert [r["name"] for r in rows][:2] == ["smallest", "largest"] and len(rows) == 4

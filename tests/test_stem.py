@@ -7,10 +7,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import TASKS, tiny_space
 from ufo.arch import default_stem_channels
 from ufo.nn import SuperViT, extract
 from ufo.nn.stem import ConvStemEmbed, ElasticConvStem
-from helpers import TASKS, tiny_space
 
 SPACE = tiny_space(stem="conv", patch_size=4)
 torch.manual_seed(0)
@@ -43,8 +43,11 @@ def test_conv_stem_extraction_is_exact_with_exact_counts(seed):
         sub = extract(MODEL, arch, task)
         assert isinstance(sub, VisionTransformer) and isinstance(sub.patch_embed, ConvStemEmbed)
         assert type(sub.patch_embed).__module__ == "ufo.nn.stem"
-        assert all(type(m).__module__.startswith("torch.nn") for m in sub.patch_embed.children()
-                   if not isinstance(m, torch.nn.Sequential))
+        assert all(
+            type(m).__module__.startswith("torch.nn")
+            for m in sub.patch_embed.children()
+            if not isinstance(m, torch.nn.Sequential)
+        )
         MODEL.set_arch(arch)
         with torch.no_grad():
             assert (sub(X) - MODEL(X, task)).abs().max().item() <= 1e-5
@@ -66,7 +69,7 @@ def test_tokens_depend_only_on_their_own_image():
     try:
         with torch.no_grad():
             together = MODEL.patch_embed(X)
-            alone = torch.cat([MODEL.patch_embed(X[i:i + 1]) for i in range(len(X))])
+            alone = torch.cat([MODEL.patch_embed(X[i : i + 1]) for i in range(len(X))])
     finally:
         MODEL.eval()
     assert torch.allclose(together, alone, atol=1e-6)
@@ -99,8 +102,16 @@ def test_conv_stem_subnet_exports_to_onnx_with_parity(tmp_path):
     sub = extract(MODEL, arch, "signs")
     x = torch.randn(2, 3, 16, 16)
     batch = torch.export.Dim("batch", min=1, max=64)
-    prog = torch.onnx.export(sub, (x,), dynamo=True, opset_version=18, input_names=["x"], output_names=["y"],
-                             dynamic_shapes={"x": {0: batch}}, verbose=False)
+    prog = torch.onnx.export(
+        sub,
+        (x,),
+        dynamo=True,
+        opset_version=18,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_shapes={"x": {0: batch}},
+        verbose=False,
+    )
     prog.save(str(tmp_path / "stem.onnx"))
     sess = ort.InferenceSession(str(tmp_path / "stem.onnx"), providers=["CPUExecutionProvider"])
     x5 = torch.randn(5, 3, 16, 16)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from helpers import TASKS, tiny_space
 from ufo.errors import ArchError, TaskError
 from ufo.nn import SuperViT
-from helpers import TASKS, tiny_space
 
 
 def _grads_by_kind(model: SuperViT):
@@ -14,8 +14,9 @@ def test_active_path_gets_gradients_and_absent_tasks_do_not():
     space = tiny_space()
     model = SuperViT(space).train()
     arch = space.largest()
-    arch = arch.model_copy(update={"paths": {"cls": ["task", "mix", "shared"], "faces": ["shared"] * 3,
-                                             "signs": ["task"] * 3}})
+    arch = arch.model_copy(
+        update={"paths": {"cls": ["task", "mix", "shared"], "faces": ["shared"] * 3, "signs": ["task"] * 3}}
+    )
     model.set_arch(arch)
     x = torch.randn(6, 3, 16, 16)
     ids = torch.tensor([0, 0, 1, 1, 0, 1])  # cls and faces only: signs is absent

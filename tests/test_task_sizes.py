@@ -36,8 +36,17 @@ from ufo.tasks import task_class
 from ufo.train.evaluate import make_predict
 
 TALL, SQ = (24, 16), (16, 16)
-SPACE = SearchSpace(tasks=["tall", "sq"], depth=[2], embed_dim=[32], num_heads=[4], mlp_ratio=[2.0], head_dim=8,
-                    img_size=16, patch_size=4, task_img_size={"tall": TALL})
+SPACE = SearchSpace(
+    tasks=["tall", "sq"],
+    depth=[2],
+    embed_dim=[32],
+    num_heads=[4],
+    mlp_ratio=[2.0],
+    head_dim=8,
+    img_size=16,
+    patch_size=4,
+    task_img_size={"tall": TALL},
+)
 ARCH = SPACE.largest().model_copy(update={"paths": {"tall": ["mix", "task"], "sq": ["shared", "mix"]}})
 
 
@@ -57,6 +66,7 @@ def _x(n: int, hw: tuple[int, int], seed: int) -> torch.Tensor:
 
 
 # ----- the supernet and extraction -----
+
 
 def test_supernet_on_chunks_of_two_sizes_equals_each_chunk_alone():
     model = _supernet()
@@ -95,17 +105,40 @@ def test_multi_task_extraction_equals_the_supernet_at_both_sizes():
 # ----- a trained run with two sizes -----
 
 CFG = {
-    "name": "task-sizes", "seed": 0,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1, 2], "embed_dim": [24, 32],
-              "num_heads": [2, 4], "mlp_ratio": [2.0], "drop_path_rate": 0.0},
-    "tasks": {
-        "tall": {"kind": "classification", "img_size": [24, 16],
-                 "data": {"reader": "image_folder", "cache": "stream", "test_fraction": 0.25}},
-        "sq": {"kind": "retrieval", "data": {"recipe": "digits", "test_fraction": 0.4},
-               "options": {"embedding_dim": 16, "k": 4}},
+    "name": "task-sizes",
+    "seed": 0,
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [1, 2],
+        "embed_dim": [24, 32],
+        "num_heads": [2, 4],
+        "mlp_ratio": [2.0],
+        "drop_path_rate": 0.0,
     },
-    "train": {"steps": 6, "batch_size": 24, "log_every": 3, "ckpt_every": 100, "warmup_steps": 1, "threads": 2,
-              "workers": 0, "paths": None},
+    "tasks": {
+        "tall": {
+            "kind": "classification",
+            "img_size": [24, 16],
+            "data": {"reader": "image_folder", "cache": "stream", "test_fraction": 0.25},
+        },
+        "sq": {
+            "kind": "retrieval",
+            "data": {"recipe": "digits", "test_fraction": 0.4},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
+    },
+    "train": {
+        "steps": 6,
+        "batch_size": 24,
+        "log_every": 3,
+        "ckpt_every": 100,
+        "warmup_steps": 1,
+        "threads": 2,
+        "workers": 0,
+        "paths": None,
+    },
 }
 
 
@@ -175,7 +208,7 @@ def _image(h: int, w: int, seed: int, mode: str = "RGB") -> bytes:
 
 
 def test_multi_task_file_keeps_per_task_sizes_and_serves_each_task_at_its_size(trained, tmp_path):
-    model, cfg, data = trained
+    model, cfg, _data = trained
     tm = extract_task_model(model, None, ["tall", "sq"], cfg)
     f = tmp_path / "both.safetensors"
     save_task_model(f, tm)
@@ -183,8 +216,12 @@ def test_multi_task_file_keeps_per_task_sizes_and_serves_each_task_at_its_size(t
     assert pre["img_size"] == 16 and pre["task_img_size"] == {"tall": [24, 16]}
     loaded = load_task_model(f)
     assert loaded.info.preprocessing.for_task("tall").input_size() == TALL
-    assert loaded.info.preprocessing.for_task("sq").model_dump() == {"img_size": 16, "in_chans": 3,
-                                                                       "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert loaded.info.preprocessing.for_task("sq").model_dump() == {
+        "img_size": 16,
+        "in_chans": 3,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
 
     with TestClient(create_app(load_served([f]))) as client:
         tasks = {t["name"]: t["preprocessing"] for t in client.get("/v1/tasks").json()["tasks"]}
@@ -229,13 +266,14 @@ def test_latency_is_measured_at_the_task_size(tmp_path):
 
 # ----- extension, distillation students, timm init, SimMIM -----
 
+
 def test_a_new_task_may_have_its_own_size(trained):
     from ufo.config import TaskConfig
     from ufo.deploy.extend import add_task, probe_outputs
 
     model, cfg, _ = trained
     tc = TaskConfig.model_validate({"kind": "classification", "img_size": [16, 24], "data": {"recipe": "digits"}})
-    new, new_cfg, arch = add_task(model, cfg, model.arch, "wide", tc, 10, "task")
+    new, new_cfg, _arch = add_task(model, cfg, model.arch, "wide", tc, 10, "task")
     assert new_cfg.input_size("wide") == (16, 24) and new.space.input_size("wide") == (16, 24)
     before, after = probe_outputs(model, ["tall", "sq"]), probe_outputs(new, ["tall", "sq"])
     assert all(torch.equal(before[t], after[t]) for t in before)
@@ -307,11 +345,25 @@ def test_simmim_masks_each_size_on_its_own_grid():
 def test_mim_pretraining_runs_on_two_sizes(tmp_path):
     from ufo.train.mim import MimTrainer
 
-    cfg = {"name": "mim-sizes", "seed": 0, "model": {**CFG["model"], "depth": [2], "embed_dim": [32], "num_heads": [4]},
-           "tasks": {"tall": {"kind": "classification", "img_size": [24, 16], "data": {"recipe": "digits"}},
-                     "sq": {"kind": "classification", "data": {"recipe": "digits"}}},
-           "train": {"steps": 2, "batch_size": 16, "log_every": 1, "ckpt_every": 100, "warmup_steps": 1, "threads": 2,
-                     "workers": 0, "stage": "pretrain_mim"}}
+    cfg = {
+        "name": "mim-sizes",
+        "seed": 0,
+        "model": {**CFG["model"], "depth": [2], "embed_dim": [32], "num_heads": [4]},
+        "tasks": {
+            "tall": {"kind": "classification", "img_size": [24, 16], "data": {"recipe": "digits"}},
+            "sq": {"kind": "classification", "data": {"recipe": "digits"}},
+        },
+        "train": {
+            "steps": 2,
+            "batch_size": 16,
+            "log_every": 1,
+            "ckpt_every": 100,
+            "warmup_steps": 1,
+            "threads": 2,
+            "workers": 0,
+            "stage": "pretrain_mim",
+        },
+    }
     tr = MimTrainer(parse_config(cfg), tmp_path / "mim", show_progress=False)
     assert tr.model.mask_patch_size == 8
     tr.fit()

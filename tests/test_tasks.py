@@ -89,8 +89,9 @@ def test_splits_follow_each_kinds_protocol():
     assert again.eval["test"].class_names == ret.eval["test"].class_names
 
 
-@pytest.mark.parametrize("kind,key", [("classification", "top1"), ("retrieval", "recall@1"),
-                                      ("verification", "acc_10fold"), ("reid", "mAP")])
+@pytest.mark.parametrize(
+    "kind,key", [("classification", "top1"), ("retrieval", "recall@1"), ("verification", "acc_10fold"), ("reid", "mAP")]
+)
 def test_evaluate_with_a_perfect_predictor_scores_one(kind, key):
     ds = _digits()
     cls = task_class(kind)
@@ -98,7 +99,9 @@ def test_evaluate_with_a_perfect_predictor_scores_one(kind, key):
     task = cls("t", {}, num_classes=len(data.train.class_names), in_dim=8)
 
     def oracle(s):  # one-hot of the true class: logits for classification, embeddings otherwise
-        return torch.nn.functional.one_hot(s.labels, 10 if kind == "classification" else int(s.labels.max()) + 1).float()
+        return torch.nn.functional.one_hot(
+            s.labels, 10 if kind == "classification" else int(s.labels.max()) + 1
+        ).float()
 
     assert cls.primary == key
     assert task.evaluate(oracle, data)[key] == pytest.approx(1.0)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import train_one_and_two_processes
 
+from helpers import train_one_and_two_processes
 from ufo.checkpoint import load_checkpoint, read_manifest
 from ufo.config import parse_config
 from ufo.errors import ConfigError, DataError
@@ -23,12 +23,23 @@ BIN = Path(sys.executable).parent
 TINY = {
     "name": "tiny",
     "seed": 3,
-    "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [2], "embed_dim": [24], "num_heads": [2],
-              "mlp_ratio": [2.0], "drop_path_rate": 0.1},
+    "model": {
+        "img_size": 16,
+        "patch_size": 4,
+        "head_dim": 8,
+        "depth": [2],
+        "embed_dim": [24],
+        "num_heads": [2],
+        "mlp_ratio": [2.0],
+        "drop_path_rate": 0.1,
+    },
     "tasks": {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}, "augment": {"crop_padding": 1}},
-        "mnist": {"kind": "retrieval", "data": {"recipe": "mnist5k", "max_train": 600},
-                  "options": {"embedding_dim": 16, "k": 4}},
+        "mnist": {
+            "kind": "retrieval",
+            "data": {"recipe": "mnist5k", "max_train": 600},
+            "options": {"embedding_dim": 16, "k": 4},
+        },
     },
     "train": {"steps": 24, "batch_size": 32, "log_every": 2, "ckpt_every": 4, "warmup_steps": 4, "threads": 1},
 }
@@ -55,8 +66,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert full.returncode == 0, full.stderr
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(BIN / "ufo"), "train", str(cfg), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "ufo"), "train", str(cfg), "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = run / "checkpoints" / "latest.safetensors"
     deadline = time.time() + 120
     while time.time() < deadline and not ckpt.exists():
@@ -102,8 +114,14 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     }
     # ddp: the hetero shares give both ranks rows of both tasks on fixed routes, so DDP runs with
     # a static graph (ufo.train.distributed.wrap); ddp+ckpt adds per-block activation checkpointing
-    cfg["train"] = {**TINY["train"], "steps": 12, "log_every": 1, "ckpt_every": 6,
-                    "parallel": parallel.removesuffix("+ckpt"), "grad_checkpointing": parallel.endswith("+ckpt")}
+    cfg["train"] = {
+        **TINY["train"],
+        "steps": 12,
+        "log_every": 1,
+        "ckpt_every": 6,
+        "parallel": parallel.removesuffix("+ckpt"),
+        "grad_checkpointing": parallel.endswith("+ckpt"),
+    }
     path = _write(tmp_path, cfg)
     runs = train_one_and_two_processes(path, tmp_path)  # in one process `parallel` has no effect
     l1, l2 = ([float(r["loss"]) for r in log] for log in runs)
@@ -118,7 +136,7 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     s1, m1 = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.safetensors")
     s2, m2 = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.safetensors")
     assert m2["step"] == 12
-    model_keys = lambda s: {k for k in s if k.startswith("model.")}  # noqa: E731
+    model_keys = lambda s: {k for k in s if k.startswith("model.")}
     assert model_keys(s1) == model_keys(s2)
     # FSDP gives off-path weights zero gradients (see ufo.train.fsdp), so AdamW keeps state for them
     assert set(s1) <= set(s2) if parallel == "fsdp" else set(s1) == set(s2)
@@ -150,8 +168,14 @@ def test_config_errors_name_the_field(tmp_path):
 def test_task_the_data_cannot_serve_fails_before_training(tmp_path):
     from ufo.train.loop import Trainer
 
-    cfg = parse_config({**TINY, "tasks": {"f": {"kind": "verification", "data": {"reader": "image_folder",
-                                                                                "path": str(tmp_path / "nope")}}}})
+    cfg = parse_config(
+        {
+            **TINY,
+            "tasks": {
+                "f": {"kind": "verification", "data": {"reader": "image_folder", "path": str(tmp_path / "nope")}}
+            },
+        }
+    )
     with pytest.raises(DataError, match="nope.*does not exist"):
         Trainer(cfg, tmp_path / "r")
 

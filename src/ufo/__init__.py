@@ -10,8 +10,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from ufo.arch import Arch, SearchSpace  # noqa: E402
-from ufo.errors import UFOError  # noqa: E402
+from ufo.arch import Arch, SearchSpace
+from ufo.errors import UFOError
 
 __all__ = ["Arch", "SearchSpace", "UFOError", "__version__", "load"]
 

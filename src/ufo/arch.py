@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,7 +38,7 @@ def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
 
 def hidden_dim(embed_dim: int, mlp_ratio: float) -> int:
     """FFN width of one expert for an embedding width and ratio (monotone in both)."""
-    return int(round(embed_dim * mlp_ratio))
+    return round(embed_dim * mlp_ratio)
 
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -47,8 +48,10 @@ def check_task_name(name: str) -> str:
     """A task name becomes file names (exports, run folders) and URL paths: letters, digits, `_` and
     `-`, starting with a letter or digit, at most 64 characters. A ValueError names a bad one."""
     if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-        raise ValueError(f"task name {name!r} is not allowed: use letters, digits, '_' and '-' (starting with a "
-                         "letter or digit, at most 64 characters); it becomes file names and URL paths")
+        raise ValueError(
+            f"task name {name!r} is not allowed: use letters, digits, '_' and '-' (starting with a "
+            "letter or digit, at most 64 characters); it becomes file names and URL paths"
+        )
     return name
 
 
@@ -68,7 +71,7 @@ class Arch(BaseModel):
     paths: dict[str, list[PathName]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _lengths(self) -> "Arch":
+    def _lengths(self) -> Arch:
         for name in ("num_heads", "mlp_ratio"):
             if len(getattr(self, name)) != self.depth:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries but depth is {self.depth}")
@@ -77,7 +80,7 @@ class Arch(BaseModel):
                 raise ValueError(f"paths[{task!r}] has {len(p)} entries but depth is {self.depth}")
         return self
 
-    def with_routes(self, routes: Routes) -> "Arch":
+    def with_routes(self, routes: Routes) -> Arch:
         """Return a copy whose paths are `routes` cut to this depth (frozen routes of a run)."""
         return self.model_copy(update={"paths": {t: list(p[: self.depth]) for t, p in routes.items()}})
 
@@ -90,11 +93,11 @@ class Arch(BaseModel):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> "Arch":
+    def from_json(cls, text: str) -> Arch:
         return cls.model_validate_json(text)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Arch":
+    def load(cls, path: str | Path) -> Arch:
         """Read an arch from a JSON file, with errors that name the file."""
         path = Path(path)
         try:
@@ -161,9 +164,11 @@ class SearchSpace(BaseModel):
         return [p for p in PATHS if p in v]
 
     @model_validator(mode="after")
-    def _dims(self) -> "SearchSpace":
-        for where, size in (("img_size", self.img_size), *((f"task_img_size[{t!r}]", s)
-                                                          for t, s in self.task_img_size.items())):
+    def _dims(self) -> SearchSpace:
+        for where, size in (
+            ("img_size", self.img_size),
+            *((f"task_img_size[{t!r}]", s) for t, s in self.task_img_size.items()),
+        ):
             h, w = as_hw(size)
             if min(h, w) < 1 or h % self.patch_size or w % self.patch_size:
                 raise ValueError(f"{where} {h}x{w} (HxW) is not a positive multiple of patch_size {self.patch_size}")
@@ -178,13 +183,16 @@ class SearchSpace(BaseModel):
             return self
         n = self.patch_size.bit_length() - 1
         if self.patch_size < 2 or 2**n != self.patch_size:
-            raise ValueError(f"stem 'conv' needs a power-of-two patch_size (one stride-2 conv per halving); "
-                             f"got {self.patch_size}")
+            raise ValueError(
+                f"stem 'conv' needs a power-of-two patch_size (one stride-2 conv per halving); got {self.patch_size}"
+            )
         if not self.stem_channels:
             self.stem_channels = default_stem_channels(self.patch_size, self.max_embed_dim)
         if len(self.stem_channels) != n or min(self.stem_channels) < 1:
-            raise ValueError(f"stem_channels {self.stem_channels}: a conv stem for patch_size {self.patch_size} "
-                             f"has {n} positive widths (one per stride-2 layer)")
+            raise ValueError(
+                f"stem_channels {self.stem_channels}: a conv stem for patch_size {self.patch_size} "
+                f"has {n} positive widths (one per stride-2 layer)"
+            )
         return self
 
     # ----- the supernet's maximum dimensions -----
@@ -226,8 +234,15 @@ class SearchSpace(BaseModel):
         return self.tokens(None)
 
     # ----- canonical archs -----
-    def _make(self, depth: int, embed: int, heads: Sequence[int], ratios: Sequence[float],
-              path: str | None, routes: Routes | None) -> Arch:
+    def _make(
+        self,
+        depth: int,
+        embed: int,
+        heads: Sequence[int],
+        ratios: Sequence[float],
+        path: str | None,
+        routes: Routes | None,
+    ) -> Arch:
         arch = Arch(depth=depth, embed_dim=embed, num_heads=list(heads), mlp_ratio=list(ratios))
         if routes is not None:
             return arch.with_routes(routes)
@@ -397,5 +412,5 @@ class SearchSpace(BaseModel):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> "SearchSpace":
+    def from_json(cls, text: str) -> SearchSpace:
         return cls.model_validate_json(text)

@@ -14,8 +14,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
@@ -102,8 +103,14 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], manifest
     """Write `tensors` and `manifest` to one safetensors file, atomically; the manifest carries the
     weights' SHA-256 (`weights_sha256`), which loading checks."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "ufo_version": ufo.__version__,
-              "torch_version": torch.__version__, **manifest, "weights_sha256": weights_digest(tensors)}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ufo_version": ufo.__version__,
+        "torch_version": torch.__version__,
+        **manifest,
+        "weights_sha256": weights_digest(tensors),
+    }
     metadata = {MANIFEST_KEY: json.dumps(header)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -143,8 +150,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path}: manifest format_version {version!r} is not an integer")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {manifest['format_version']} is newer than this UFO "
-                              f"({FORMAT_VERSION}); upgrade ufo to read it")
+        raise CheckpointError(
+            f"{path}: format version {manifest['format_version']} is newer than this UFO "
+            f"({FORMAT_VERSION}); upgrade ufo to read it"
+        )
     return manifest
 
 
@@ -161,15 +170,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, manifest
 
 
-def load_state_checked(module: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, prefix: str = "") -> None:
+def load_state_checked(
+    module: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, prefix: str = ""
+) -> None:
     """Load `tensors[prefix + name]` into `module`, failing with a message that lists every
     missing, unexpected or wrongly shaped tensor rather than torch's traceback."""
     state = module.state_dict()
-    theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    theirs = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing = sorted(set(state) - set(theirs))
     unexpected = sorted(set(theirs) - set(state))
-    shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in state.items() if k in theirs and theirs[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in theirs and theirs[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
@@ -182,10 +196,17 @@ def load_state_checked(module: nn.Module, tensors: dict[str, torch.Tensor], sour
 
 # ----- models -----
 
+
 def save_supernet(path: str | Path, model: SuperViT, extra: dict[str, Any] | None = None) -> None:
     """Save a SuperViT with its search space, task list, router state and routes."""
-    manifest = {"kind": "supernet", "space": model.space.model_dump(), "tasks": model.tasks,
-                "router": model.router_state(), "routes": model.routes(), **(extra or {})}
+    manifest = {
+        "kind": "supernet",
+        "space": model.space.model_dump(),
+        "tasks": model.tasks,
+        "router": model.router_state(),
+        "routes": model.routes(),
+        **(extra or {}),
+    }
     save_checkpoint(path, model.state_dict(), manifest)
 
 
@@ -200,9 +221,10 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None) -> SuperVi
     saved = SearchSpace.model_validate(manifest["space"])
     if space is not None and saved != space:
         diff = [k for k in SearchSpace.model_fields if getattr(saved, k) != getattr(space, k)]
-        raise CheckpointError(f"{path} was saved for another search space; differing fields: "
-                              + ", ".join(f"{k} (checkpoint {getattr(saved, k)} vs model {getattr(space, k)})"
-                                          for k in diff))
+        raise CheckpointError(
+            f"{path} was saved for another search space; differing fields: "
+            + ", ".join(f"{k} (checkpoint {getattr(saved, k)} vs model {getattr(space, k)})" for k in diff)
+        )
     model = SuperViT(saved)
     load_state_checked(model, tensors, path)
     return model
@@ -213,9 +235,14 @@ def save_extracted(path: str | Path, model: nn.Module, space: SearchSpace, extra
     arch, tasks = getattr(model, "ufo_arch", None), getattr(model, "ufo_tasks", None)
     if arch is None or tasks is None:
         raise CheckpointError("model has no ufo_arch/ufo_tasks: save_extracted takes the output of ufo.nn.extract")
-    manifest = {"kind": "vit" if len(tasks) == 1 else "multitask_vit", "space": space.model_dump(),
-                "arch": arch.model_dump(), "tasks": list(tasks), "num_params": space.num_params(arch, tasks),
-                **(extra or {})}
+    manifest = {
+        "kind": "vit" if len(tasks) == 1 else "multitask_vit",
+        "space": space.model_dump(),
+        "arch": arch.model_dump(),
+        "tasks": list(tasks),
+        "num_params": space.num_params(arch, tasks),
+        **(extra or {}),
+    }
     save_checkpoint(path, model.state_dict(), manifest)
 
 

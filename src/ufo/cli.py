@@ -6,12 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
-
-import yaml
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -20,8 +19,11 @@ from ufo.choices import ExportFormat, Int8, LatencyBackend, OnError, ServeBacken
 from ufo.errors import UFOError
 from ufo.optional import missing_extra
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, help="UFO: one multi-task ViT supernet, "
-                  "exact subnets for every task and device.")
+app = typer.Typer(
+    add_completion=True,
+    no_args_is_help=True,
+    help="UFO: one multi-task ViT supernet, exact subnets for every task and device.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -70,8 +72,13 @@ def _print_version(show: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="print the versions of ufo, torch and timm and exit"),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="print the versions of ufo, torch and timm and exit",
+    ),
 ) -> None:
     """Options of `ufo` itself, before the command."""
 
@@ -110,18 +117,30 @@ def resolve_arch_arg(arch: str, space, routes=None):
 @app.command()
 @friendly
 def extract(
-    checkpoint: Path = typer.Argument(..., help="a run folder or its model.safetensors (trained model), or a bare "
-                                                "supernet checkpoint"),
+    checkpoint: Path = typer.Argument(
+        ..., help="a run folder or its model.safetensors (trained model), or a bare supernet checkpoint"
+    ),
     task: list[str] = typer.Option(..., "--task", "-t", help="task to keep; repeat for a multi-task model"),
-    arch: Optional[str] = typer.Option(None, help="ARCH.json, largest, smallest or random:SEED (default: the run's "
-                                                  "training arch; largest for a bare supernet)"),
-    out: Path = typer.Option(..., help="output .safetensors file, or a folder (a path without a suffix, or with "
-                                       "--format hf): config.json + model.safetensors"),
-    format: Optional[str] = typer.Option(None, "--format", help="file (one .safetensors) or hf (a Hugging Face-style "
-                                                                "folder); default: hf when --out has no suffix or is "
-                                                                "a folder"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder, for class names and "
-                                                                     "verification thresholds"),
+    arch: str | None = typer.Option(
+        None,
+        help="ARCH.json, largest, smallest or random:SEED (default: the run's "
+        "training arch; largest for a bare supernet)",
+    ),
+    out: Path = typer.Option(
+        ...,
+        help="output .safetensors file, or a folder (a path without a suffix, or with "
+        "--format hf): config.json + model.safetensors",
+    ),
+    format: str | None = typer.Option(
+        None,
+        "--format",
+        help="file (one .safetensors) or hf (a Hugging Face-style "
+        "folder); default: hf when --out has no suffix or is "
+        "a folder",
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="datasets folder, for class names and verification thresholds"
+    ),
 ) -> None:
     """Extract a standalone model for one or more tasks. From a trained run: a task model (backbone
     plus sliced heads, preprocessing, classes, thresholds), as one file or a Hugging Face-style
@@ -141,15 +160,19 @@ def extract(
         else:
             save_task_model(out, tm)
         a = tm.info.arch
-        console.print(f"wrote {out}{'/' if folder else ''}: task model for {task}, {tm.num_params():,} parameters, "
-                      f"depth {a.depth}, embed {a.embed_dim}")
+        console.print(
+            f"wrote {out}{'/' if folder else ''}: task model for {task}, {tm.num_params():,} parameters, "
+            f"depth {a.depth}, embed {a.embed_dim}"
+        )
         for t, h in tm.info.heads.items():
             extra = f", threshold {h.threshold:.4f}" if h.threshold is not None else ""
             console.print(f"  {t}: {h.kind} -> {h.output} ({h.num_classes} classes{extra})")
         return
     if format == "hf":
-        raise UFOError("--format hf writes a task model, which needs a trained run; a bare supernet extracts to "
-                       "a backbone-only .safetensors file")
+        raise UFOError(
+            "--format hf writes a task model, which needs a trained run; a bare supernet extracts to "
+            "a backbone-only .safetensors file"
+        )
     model = load_supernet(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).eval()
     a = resolve_arch_arg(arch or "largest", model.space, model.routes())
     sub = do_extract(model, a, task)
@@ -164,29 +187,45 @@ def export(
     model: Path = typer.Argument(..., help="a task_model file (ufo extract), or a run folder with --task/--arch"),
     format: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="export format"),
     out: Path = typer.Option(..., help="output .onnx file"),
-    task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="the task to export (one per file)"),
-    arch: Optional[str] = typer.Option(None, help="for a run folder: ARCH.json, largest, smallest or random:SEED"),
-    int8: Optional[Int8] = typer.Option(None, "--int8", help="also quantize: dynamic, or static (calibrated on "
-                                                              "training images); the fp32 model goes to OUT.fp32.onnx"),
+    task: list[str] | None = typer.Option(None, "--task", "-t", help="the task to export (one per file)"),
+    arch: str | None = typer.Option(None, help="for a run folder: ARCH.json, largest, smallest or random:SEED"),
+    int8: Int8 | None = typer.Option(
+        None,
+        "--int8",
+        help="also quantize: dynamic, or static (calibrated on training images); the fp32 model goes to OUT.fp32.onnx",
+    ),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)"),
     tol: float = typer.Option(1e-4, help="parity tolerance: max |ONNX Runtime - torch| on real inputs"),
     calib_size: int = typer.Option(256, help="training images for static INT8 calibration"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="datasets folder (parity inputs, metrics)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="datasets folder (parity inputs, metrics)"),
 ) -> None:
     """Export one task's path to ONNX (dynamic batch, metadata), check it against torch, and
     optionally quantize it to INT8 and report the task metric before and after."""
     from ufo.deploy.onnx_export import export_from
 
-    r = export_from(model, out, task, arch, value(int8), opset=opset, tol=tol, calib_size=calib_size,
-                    data_root=None if data_dir is None else str(data_dir))
-    console.print(f"wrote {r['fp32']}: task {r['task']} ({r['output_kind']}), opset {r['opset']}, dynamic batch; "
-                  f"parity on {r['parity_n']} {r['parity_inputs']}: max abs diff {r['parity_max_abs_diff']:.2e} "
-                  f"<= {r['parity_tol']:g}")
+    r = export_from(
+        model,
+        out,
+        task,
+        arch,
+        value(int8),
+        opset=opset,
+        tol=tol,
+        calib_size=calib_size,
+        data_root=None if data_dir is None else str(data_dir),
+    )
+    console.print(
+        f"wrote {r['fp32']}: task {r['task']} ({r['output_kind']}), opset {r['opset']}, dynamic batch; "
+        f"parity on {r['parity_n']} {r['parity_inputs']}: max abs diff {r['parity_max_abs_diff']:.2e} "
+        f"<= {r['parity_tol']:g}"
+    )
     if "int8" in r:
         q = r["int8"]
-        console.print(f"wrote {q['path']}: INT8 {q['mode']}, {q['size_bytes']:,} bytes (fp32 {q['fp32_size_bytes']:,}),"
-                      f" max abs diff vs torch {q['max_abs_diff_vs_torch']:.3g}; batch 1, 1 thread: "
-                      f"{q['latency_ms']['int8']:.3f} ms (fp32 {q['latency_ms']['fp32']:.3f} ms)")
+        console.print(
+            f"wrote {q['path']}: INT8 {q['mode']}, {q['size_bytes']:,} bytes (fp32 {q['fp32_size_bytes']:,}),"
+            f" max abs diff vs torch {q['max_abs_diff_vs_torch']:.3g}; batch 1, 1 thread: "
+            f"{q['latency_ms']['int8']:.3f} ms (fp32 {q['latency_ms']['fp32']:.3f} ms)"
+        )
         for w in r.get("warnings", []):
             console.print(f"[yellow]warning[/]: {w}")
     if "metrics_fp32" in r:
@@ -205,28 +244,39 @@ def serve(
     models: list[Path] = typer.Argument(..., help="run folders, task_model files or .onnx files (tasks must differ)"),
     host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
     port: int = typer.Option(8000, help="TCP port"),
-    backend: ServeBackend = typer.Option(ServeBackend.torch, help="onnx: run folders and task models are exported "
-                                                                   "on start"),
+    backend: ServeBackend = typer.Option(
+        ServeBackend.torch, help="onnx: run folders and task models are exported on start"
+    ),
     max_batch: int = typer.Option(32, help="largest micro-batch per task"),
     max_wait_ms: float = typer.Option(5.0, help="longest wait for a micro-batch to fill"),
     max_upload_mb: float = typer.Option(8.0, help="largest request body"),
-    max_pixels: Optional[int] = typer.Option(None, help="largest decoded image (default: PIL's MAX_IMAGE_PIXELS)"),
-    max_pixels_in_flight: Optional[int] = typer.Option(
-        None, help="decoded pixels of all requests at once (default: 2 x max-pixels); more waits, then 503"),
+    max_pixels: int | None = typer.Option(None, help="largest decoded image (default: PIL's MAX_IMAGE_PIXELS)"),
+    max_pixels_in_flight: int | None = typer.Option(
+        None, help="decoded pixels of all requests at once (default: 2 x max-pixels); more waits, then 503"
+    ),
     body_timeout_s: float = typer.Option(
-        30.0, help="longest wait for each chunk of a request body; then 408 and the connection is closed"),
+        30.0, help="longest wait for each chunk of a request body; then 408 and the connection is closed"
+    ),
     keep_alive_s: float = typer.Option(5.0, help="idle keep-alive connections are closed after this"),
-    threads: Optional[int] = typer.Option(None, help="intra-op threads for torch / ONNX Runtime"),
+    threads: int | None = typer.Option(None, help="intra-op threads for torch / ONNX Runtime"),
 ) -> None:
     """Serve task models over HTTP (FastAPI): predict, compare, task list, health and Prometheus metrics."""
-    from ufo.deploy.server import Settings, serve as run_server
+    from ufo.deploy.server import Settings
+    from ufo.deploy.server import serve as run_server
 
-    limits = {k: v for k, v in (("max_pixels", max_pixels), ("max_pixels_in_flight", max_pixels_in_flight))
-              if v is not None}
+    limits = {
+        k: v for k, v in (("max_pixels", max_pixels), ("max_pixels_in_flight", max_pixels_in_flight)) if v is not None
+    }
     if max_pixels is not None and max_pixels_in_flight is None:
         limits["max_pixels_in_flight"] = 2 * max_pixels
-    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
-                        body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s, **limits)
+    settings = Settings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_upload_mb=max_upload_mb,
+        body_timeout_s=body_timeout_s,
+        keep_alive_s=keep_alive_s,
+        **limits,
+    )
     run_server(models, host, port, backend.value, settings, threads, announce=console.print)
 
 
@@ -238,7 +288,7 @@ SetOpt = typer.Option(None, "--set", help="override a config value, e.g. --set t
 DataDirOpt = typer.Option(None, "--data-dir", help="folder holding the local datasets (default ../shared/data)")
 
 
-def _load(config: Path, overrides: Optional[list[str]], data_dir: Optional[Path]):
+def _load(config: Path, overrides: list[str] | None, data_dir: Path | None):
     from ufo.config import load_config
 
     cfg = load_config(config, overrides)
@@ -249,7 +299,7 @@ def _load(config: Path, overrides: Optional[list[str]], data_dir: Optional[Path]
 
 @data_app.command("show")
 @friendly
-def data_show(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, data_dir: Optional[Path] = DataDirOpt) -> None:
+def data_show(config: Path = ConfigArg, set_: list[str] | None = SetOpt, data_dir: Path | None = DataDirOpt) -> None:
     """Table of the config's tasks: kind, data, sizes, classes/identities and splits."""
     from ufo.data.build import build_task_data
 
@@ -264,8 +314,15 @@ def data_show(config: Path = ConfigArg, set_: Optional[list[str]] = SetOpt, data
         ev = ", ".join(f"{k} {len(v)}" for k, v in d.eval.items())
         n_eval_cls = "/".join(str(len(set(v.labels.tolist()))) for v in d.eval.values())
         extra = f"; {len(d.extra['oneshot_runs'])} one-shot runs" if "oneshot_runs" in d.extra else ""
-        table.add_row(name, t.kind, src, str(len(d.train)), f"{len(set(d.train.labels.tolist()))} train / {n_eval_cls} eval",
-                      ev + extra, "; ".join(d.notes))
+        table.add_row(
+            name,
+            t.kind,
+            src,
+            str(len(d.train)),
+            f"{len(set(d.train.labels.tolist()))} train / {n_eval_cls} eval",
+            ev + extra,
+            "; ".join(d.notes),
+        )
     console.print(table)
 
 
@@ -277,8 +334,11 @@ _PACK_READERS = {".csv": "csv", ".zip": "zip", ".npz": "npz", ".mat": "alphadigi
 def data_pack(
     src: Path = typer.Argument(..., help="the data: a folder or file that --reader understands"),
     out: Path = typer.Argument(..., help="output folder for shard-NNNNNN.tar and index.json"),
-    reader: Optional[str] = typer.Option(None, help="reader name, as `data.reader` in a config (default: image_folder "
-                                                    "for a folder, else by extension: csv, zip, npz, mat, tar)"),
+    reader: str | None = typer.Option(
+        None,
+        help="reader name, as `data.reader` in a config (default: image_folder "
+        "for a folder, else by extension: csv, zip, npz, mat, tar)",
+    ),
     max_count: int = typer.Option(10_000, "--max-count", "--maxcount", help="samples per shard"),
     max_size_mb: float = typer.Option(1000.0, "--max-size-mb", "--maxsize-mb", help="image bytes per shard, in MB"),
     on_error: OnError = typer.Option(OnError.raise_, "--on-error", help="raise, or skip unreadable images (counted)"),
@@ -288,26 +348,45 @@ def data_pack(
     access). Image files keep their own bytes; in-memory sets (npz, mat) are written as PNG."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ufo.data.build import READERS, STREAMING, reader as get_reader
+    from ufo.data.build import READERS, STREAMING
+    from ufo.data.build import reader as get_reader
     from ufo.data.shards import write_shards
 
     name = reader or ("image_folder" if src.is_dir() else _PACK_READERS.get(src.suffix.lower()))
     if name not in READERS:
-        raise UFOError(f"--reader {name!r}: expected one of {', '.join(READERS)}" if name else
-                       f"cannot tell the reader of {src}; pass --reader ({', '.join(READERS)})")
+        raise UFOError(
+            f"--reader {name!r}: expected one of {', '.join(READERS)}"
+            if name
+            else f"cannot tell the reader of {src}; pass --reader ({', '.join(READERS)})"
+        )
     on_error = on_error.value
     if not src.exists():
         raise UFOError(f"{src} does not exist")
     fn = get_reader(name)
     ds = fn(src, on_error=on_error, lazy=True) if name in STREAMING else fn(src, on_error=on_error)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         job = bar.add_task(f"packing {ds.name}", total=len(ds))
-        index = write_shards(ds, out, maxcount=max_count, maxsize=max_size_mb * 1e6, on_error=on_error,
-                             overwrite=overwrite, progress=lambda n: bar.advance(job, n))
-    console.print(f"wrote {len(index['shards'])} shard(s) with {index['num_samples']:,} images "
-                  f"({len(index['class_names'])} classes) and index.json to {out}; read them with "
-                  f"`data: {{reader: webdataset, path: {out}}}`")
+        index = write_shards(
+            ds,
+            out,
+            maxcount=max_count,
+            maxsize=max_size_mb * 1e6,
+            on_error=on_error,
+            overwrite=overwrite,
+            progress=lambda n: bar.advance(job, n),
+        )
+    console.print(
+        f"wrote {len(index['shards'])} shard(s) with {index['num_samples']:,} images "
+        f"({len(index['class_names'])} classes) and index.json to {out}; read them with "
+        f"`data: {{reader: webdataset, path: {out}}}`"
+    )
 
 
 @app.command()
@@ -316,9 +395,9 @@ def train(
     config: Path = ConfigArg,
     out: Path = typer.Option(..., help="run folder (checkpoints, logs, model.safetensors)"),
     resume: bool = typer.Option(False, help="continue exactly from the run folder's latest checkpoint"),
-    only: Optional[str] = typer.Option(None, help="train on this one task alone (single-task baseline)"),
-    set_: Optional[list[str]] = SetOpt,
-    data_dir: Optional[Path] = DataDirOpt,
+    only: str | None = typer.Option(None, help="train on this one task alone (single-task baseline)"),
+    set_: list[str] | None = SetOpt,
+    data_dir: Path | None = DataDirOpt,
 ) -> None:
     """Train the model the config describes (All in One by default)."""
     from ufo.checkpoint import atomic_write_text
@@ -333,25 +412,34 @@ def train(
         cfg = cfg.only(only)
     with run_lock(out):  # before config.yaml: a second `ufo train` on OUT must not rewrite it
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer,
-                   "chip_supernet": ChipTrainer}.get(cfg.train.stage, Trainer)(cfg, out)
+        trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer, "chip_supernet": ChipTrainer}.get(
+            cfg.train.stage, Trainer
+        )(cfg, out)
         summary = trainer.fit(resume=resume)
-    console.print(f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
-                  f"model: {out / 'model.safetensors'}")
+    console.print(
+        f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
+        f"model: {out / 'model.safetensors'}"
+    )
 
 
 @app.command("eval")
 @friendly
 def eval_(
     run_dir: Path = typer.Argument(..., help="a run folder written by `ufo train`"),
-    arch: Optional[list[str]] = typer.Option(None, help="evaluate this subnet with inherited weights: ARCH.json, "
-                                                        "largest, smallest or random:SEED; repeat for several"),
+    arch: list[str] | None = typer.Option(
+        None,
+        help="evaluate this subnet with inherited weights: ARCH.json, "
+        "largest, smallest or random:SEED; repeat for several",
+    ),
     random: int = typer.Option(0, help="also evaluate N more random subnets (metric against parameters)"),
-    task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="only these tasks"),
-    data_dir: Optional[Path] = DataDirOpt,
-    recalibrate_bn: bool = typer.Option(True, "--recalibrate-bn/--no-recalibrate-bn",
-                                        help="for subnets: re-estimate the heads' BatchNorm statistics for each one "
-                                             "on training images first (as Once-for-All does)"),
+    task: list[str] | None = typer.Option(None, "--task", "-t", help="only these tasks"),
+    data_dir: Path | None = DataDirOpt,
+    recalibrate_bn: bool = typer.Option(
+        True,
+        "--recalibrate-bn/--no-recalibrate-bn",
+        help="for subnets: re-estimate the heads' BatchNorm statistics for each one "
+        "on training images first (as Once-for-All does)",
+    ),
 ) -> None:
     """Run every task's protocol; writes RUN_DIR/eval.json and eval.md. With --arch / --random,
     evaluates subnets with inherited weights (eval-NAME.* for one, eval-subnets.* and a plot of
@@ -362,15 +450,21 @@ def eval_(
         _eval(run_dir, arch, random, task, data_dir, recalibrate_bn)
 
 
-def _eval(run_dir: Path, arch: Optional[list[str]], random: int, task: Optional[list[str]],
-          data_dir: Optional[Path], recalibrate_bn: bool) -> None:
+def _eval(
+    run_dir: Path,
+    arch: list[str] | None,
+    random: int,
+    task: list[str] | None,
+    data_dir: Path | None,
+    recalibrate_bn: bool,
+) -> None:
     from ufo.checkpoint import atomic_write_text
     from ufo.data.build import build_task_data
     from ufo.train.evaluate import evaluate_tasks
     from ufo.train.store import load_model
     from ufo.train.subnets import evaluate_subnets, plot_subnets, subnet_specs, subnets_markdown
 
-    model, cfg, manifest = load_model(run_dir / "model.safetensors")
+    model, cfg, _manifest = load_model(run_dir / "model.safetensors")
     if data_dir is not None:
         cfg.data_root = str(data_dir)
     tasks = task or cfg.task_names
@@ -387,7 +481,7 @@ def _eval(run_dir: Path, arch: Optional[list[str]], random: int, task: Optional[
         console.print(f"wrote {run_dir / 'eval-subnets.json'}, .md and .png ({len(rows)} subnets)")
         return
     if specs:
-        (name, a), = specs.items()
+        ((name, a),) = specs.items()
         results = evaluate_subnets(model, cfg, data, specs, tasks, recalibrate_bn, show_progress=False)[0]["metrics"]
         name = f"eval-{Path(name).stem.replace(':', '-')}"
     else:
@@ -411,8 +505,11 @@ def _eval(run_dir: Path, arch: Optional[list[str]], random: int, task: Optional[
 @app.command()
 @friendly
 def latency(
-    source: Path = typer.Argument(..., help="where the search space comes from: a run folder or checkpoint, a "
-                                            "config YAML, or a space / latency-dataset JSON"),
+    source: Path = typer.Argument(
+        ...,
+        help="where the search space comes from: a run folder or checkpoint, a "
+        "config YAML, or a space / latency-dataset JSON",
+    ),
     task: str = typer.Option(..., "--task", "-t", help="the task whose path is timed"),
     out: Path = typer.Option(..., help="output latency dataset (.json)"),
     samples: int = typer.Option(60, "--samples", "--n", help="archs to measure (the largest and smallest included)"),
@@ -430,9 +527,11 @@ def latency(
     ds = collect(space, task, samples, backend.value, seed, batch_size, threads, repeats, warmup)
     ds.save(out)
     y = ds.targets()
-    console.print(f"wrote {out}: {len(ds)} archs of task {task!r} on {backend.value} (batch {batch_size}, "
-                  f"{threads} threads), "
-                  f"median latency {y.min():.3g} to {y.max():.3g} ms")
+    console.print(
+        f"wrote {out}: {len(ds)} archs of task {task!r} on {backend.value} (batch {batch_size}, "
+        f"{threads} threads), "
+        f"median latency {y.min():.3g} to {y.max():.3g} ms"
+    )
 
 
 predictor_app = typer.Typer(no_args_is_help=True, help="Fit GP-NAS predictors of subnet metric and latency.")
@@ -442,22 +541,28 @@ app.add_typer(predictor_app, name="predictor")
 @predictor_app.command("fit")
 @friendly
 def predictor_fit(
-    source: Path = typer.Argument(..., help="a run folder (collect, then fit) or a latency dataset written by "
-                                            "`ufo latency`"),
-    out: Optional[Path] = typer.Option(None, help="output predictor (.safetensors) for a latency dataset; for a run "
-                                                  "folder, the output folder (default RUN_DIR/predictors)"),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="run folder: the task"),
+    source: Path = typer.Argument(
+        ..., help="a run folder (collect, then fit) or a latency dataset written by `ufo latency`"
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help="output predictor (.safetensors) for a latency dataset; for a run "
+        "folder, the output folder (default RUN_DIR/predictors)",
+    ),
+    task: str | None = typer.Option(None, "--task", "-t", help="run folder: the task"),
     metric: bool = typer.Option(False, "--metric", help="run folder: fit the task-metric predictor"),
     latency: bool = typer.Option(False, "--latency", help="run folder: fit the latency predictor"),
     backend: LatencyBackend = typer.Option(LatencyBackend.torch_cpu, help="run folder: where to time"),
-    metric_samples: Optional[int] = typer.Option(None, help="run folder: subnets evaluated for the metric predictor "
-                                                            "(default 50)"),
-    latency_samples: Optional[int] = typer.Option(None, help="run folder: subnets timed for the latency predictor "
-                                                             "(default 100)"),
-    samples: Optional[int] = typer.Option(None, help="run folder: both of the above at once"),
+    metric_samples: int | None = typer.Option(
+        None, help="run folder: subnets evaluated for the metric predictor (default 50)"
+    ),
+    latency_samples: int | None = typer.Option(
+        None, help="run folder: subnets timed for the latency predictor (default 100)"
+    ),
+    samples: int | None = typer.Option(None, help="run folder: both of the above at once"),
     threads: int = typer.Option(1, help="run folder: threads for latency measurement"),
     refit: bool = typer.Option(False, help="run folder: collect and fit again even if a cached predictor matches"),
-    data_dir: Optional[Path] = DataDirOpt,
+    data_dir: Path | None = DataDirOpt,
     folds: int = typer.Option(5, help="cross-validation folds (latency dataset)"),
     seed: int = typer.Option(0, help="seed of the subnet sample, folds and the kernel optimiser"),
     log_target: bool = typer.Option(True, "--log/--no-log", help="latency dataset: fit log latency"),
@@ -475,19 +580,33 @@ def predictor_fit(
             raise UFOError("give --metric and/or --latency: which predictor to fit")
         metric_samples = samples if metric_samples is None else metric_samples
         latency_samples = samples if latency_samples is None else latency_samples
-        n = {k: v for k, v in (("metric_samples", metric_samples), ("latency_samples", latency_samples))
-             if v is not None}
-        r = fit_predictors(source, task, backend=backend.value, seed=seed, out_dir=out, console=console, metric=metric,
-                           latency=latency, threads=threads, refit=refit,
-                           data_root=None if data_dir is None else str(data_dir), **n)
+        n = {
+            k: v for k, v in (("metric_samples", metric_samples), ("latency_samples", latency_samples)) if v is not None
+        }
+        r = fit_predictors(
+            source,
+            task,
+            backend=backend.value,
+            seed=seed,
+            out_dir=out,
+            console=console,
+            metric=metric,
+            latency=latency,
+            threads=threads,
+            refit=refit,
+            data_root=None if data_dir is None else str(data_dir),
+            **n,
+        )
         for k in ("metric", "latency"):
             if k in r:
                 p = r[k]
                 tau = "n/a" if p["cv_kendall_tau"] is None else f"{p['cv_kendall_tau']:.3f}"
                 mp = "n/a" if p["cv_mape"] is None else f"{100 * p['cv_mape']:.1f}%"
                 what = f"{task} {r['metric_name']}" if k == "metric" else f"{task} latency on {backend.value}"
-                console.print(f"{'reused' if p['cached'] else 'wrote'} {p['predictor']}: {what}, {p['n']} subnets; "
-                              f"5-fold CV Kendall tau {tau}, MAPE {mp}")
+                console.print(
+                    f"{'reused' if p['cached'] else 'wrote'} {p['predictor']}: {what}, {p['n']} subnets; "
+                    f"5-fold CV Kendall tau {tau}, MAPE {mp}"
+                )
         return
     from ufo.search.latency import LatencyDataset
     from ufo.search.predictor import fit_latency_predictor
@@ -498,8 +617,10 @@ def predictor_fit(
     gp, meta = fit_latency_predictor(ds, folds, seed, log_target)
     gp.save(out, ds.space, meta)
     cv = meta["cv"]
-    console.print(f"wrote {out}: GP latency predictor for task {ds.task!r} on {ds.backend}, {len(ds)} archs; "
-                  f"{folds}-fold CV Kendall tau {cv['kendall_tau']:.3f}, MAPE {100 * cv['mape']:.1f}%")
+    console.print(
+        f"wrote {out}: GP latency predictor for task {ds.task!r} on {ds.backend}, {len(ds)} archs; "
+        f"{folds}-fold CV Kendall tau {cv['kendall_tau']:.3f}, MAPE {100 * cv['mape']:.1f}%"
+    )
 
 
 def _register_command_modules() -> None:

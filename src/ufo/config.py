@@ -16,10 +16,32 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ufo.arch import ImageSize, PathName, SearchSpace, as_hw, check_task_name
 from ufo.errors import ConfigError
 
-READERS = ("image_folder", "imagenet", "csv", "market1501", "lfw", "sop", "webdataset", "npz", "zip", "gtsrb",
-           "alphadigits_mat")
-ReaderName = Literal["image_folder", "imagenet", "csv", "market1501", "lfw", "sop", "webdataset", "npz", "zip",
-                     "gtsrb", "alphadigits_mat"]
+READERS = (
+    "image_folder",
+    "imagenet",
+    "csv",
+    "market1501",
+    "lfw",
+    "sop",
+    "webdataset",
+    "npz",
+    "zip",
+    "gtsrb",
+    "alphadigits_mat",
+)
+ReaderName = Literal[
+    "image_folder",
+    "imagenet",
+    "csv",
+    "market1501",
+    "lfw",
+    "sop",
+    "webdataset",
+    "npz",
+    "zip",
+    "gtsrb",
+    "alphadigits_mat",
+]
 
 
 class Strict(BaseModel):
@@ -34,7 +56,9 @@ class DataConfig(Strict):
     path: str | None = None  # file or folder for `reader`
     root: str | None = None  # data folder for recipes that read local files (default ../shared/data)
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: fail, or skip with a counted warning
-    cache: Literal["auto", "memory", "stream"] = "auto"  # memory: decode once at the input size; stream: DataLoader workers decode each image when a batch needs it; auto: memory up to cache_max_mb
+    # memory: decode once at the input size; stream: DataLoader workers decode each image when a batch
+    # needs it; auto: memory up to cache_max_mb
+    cache: Literal["auto", "memory", "stream"] = "auto"
     cache_max_mb: float = Field(256.0, ge=0)  # auto: the largest decoded set (uint8 at the input size) kept in memory
     test_fraction: float = Field(0.2, gt=0, lt=1)
     use_official_split: bool = True
@@ -42,7 +66,7 @@ class DataConfig(Strict):
     oneshot_runs: bool = False  # Omniglot only: add the 20-way one-shot runs as an extra metric
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
+    def _one_source(self) -> DataConfig:
         if (self.recipe is None) == (self.reader is None):
             raise ValueError("give exactly one of `recipe` (a named dataset) or `reader` (+ `path`)")
         if self.reader is not None and self.path is None:
@@ -89,11 +113,22 @@ class ModelConfig(Strict):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def space(self, tasks: list[str], task_img_size: dict[str, tuple[int, int]] | None = None) -> SearchSpace:
-        return SearchSpace(tasks=tasks, depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
-                           mlp_ratio=self.mlp_ratio, paths=self.paths, img_size=self.img_size,
-                           task_img_size=task_img_size or {},
-                           patch_size=self.patch_size, in_chans=self.in_chans, head_dim=self.head_dim,
-                           qkv_bias=self.qkv_bias, stem=self.stem, stem_channels=self.stem_channels)
+        return SearchSpace(
+            tasks=tasks,
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            paths=self.paths,
+            img_size=self.img_size,
+            task_img_size=task_img_size or {},
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_bias,
+            stem=self.stem,
+            stem_channels=self.stem_channels,
+        )
 
 
 class TrainConfig(Strict):
@@ -117,7 +152,9 @@ class TrainConfig(Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(100, gt=0)
-    eval_every: int | None = Field(None, ge=0)  # steps between validations on the eval splits (null: ckpt_every; 0: off)
+    eval_every: int | None = Field(
+        None, ge=0
+    )  # steps between validations on the eval splits (null: ckpt_every; 0: off)
     eval_batch_size: int = Field(256, gt=0)
     max_bad_steps: int = Field(5, gt=0)  # consecutive non-finite losses before the run stops
     workers: int | None = Field(None, ge=0)  # DataLoader workers decoding streamed tasks (None: min(8, CPU cores))
@@ -139,7 +176,7 @@ class InitConfig(Strict):
     timm_num_heads: int | None = Field(None, gt=0)  # timm: heads of a `path` state dict (default: inferred)
 
     @model_validator(mode="after")
-    def _source(self) -> "InitConfig":
+    def _source(self) -> InitConfig:
         if self.kind != "timm" and self.timm_num_heads is not None:
             raise ValueError("`timm_num_heads` only applies to kind 'timm'")
         if self.kind == "scratch" and (self.path or self.timm_model):
@@ -147,9 +184,13 @@ class InitConfig(Strict):
         if self.kind == "timm" and (self.path is None) == (self.timm_model is None):
             raise ValueError("kind 'timm' needs exactly one of `path` (a local state dict file) or `timm_model`")
         if self.kind == "mim" and (self.path is None or self.timm_model is not None):
-            raise ValueError("kind 'mim' needs `path` (a pretrain_mim run folder or its checkpoint) and no `timm_model`")
+            raise ValueError(
+                "kind 'mim' needs `path` (a pretrain_mim run folder or its checkpoint) and no `timm_model`"
+            )
         if self.kind == "run" and (self.path is None or self.timm_model is not None):
-            raise ValueError("kind 'run' needs `path` (a trained run folder or its model.safetensors) and no `timm_model`")
+            raise ValueError(
+                "kind 'run' needs `path` (a trained run folder or its model.safetensors) and no `timm_model`"
+            )
         return self
 
 
@@ -191,10 +232,12 @@ class TaskSupernetConfig(Strict):
     router_lr_scale: float = Field(10.0, gt=0)  # router and mix logits learn at train.lr * this, without decay
 
     @model_validator(mode="after")
-    def _cools(self) -> "TaskSupernetConfig":
+    def _cools(self) -> TaskSupernetConfig:
         if self.tau_end > self.tau_start:
-            raise ValueError(f"tau_end ({self.tau_end}) must not exceed tau_start ({self.tau_start}): "
-                             "the temperature is annealed down")
+            raise ValueError(
+                f"tau_end ({self.tau_end}) must not exceed tau_start ({self.tau_start}): "
+                "the temperature is annealed down"
+            )
         return self
 
 
@@ -233,16 +276,20 @@ class SearchBudget(Strict):
 
     max_latency_ms: float | None = Field(None, gt=0)  # predicted then measured on `backend`, batch 1
     # floor = the smallest subnet's upper-quartile latency + 5%, timed with the largest one on `backend`
-    max_latency_fraction: float | None = Field(None, ge=0, le=1)  # relative budget: floor + fraction x (largest - floor)
+    max_latency_fraction: float | None = Field(
+        None, ge=0, le=1
+    )  # relative budget: floor + fraction x (largest - floor)
     max_params: int | None = Field(None, gt=0)  # parameters of the extracted task model's backbone
     max_flops: int | None = Field(None, gt=0)  # FLOPs of one image through the task's path
     backend: Literal["torch-cpu", "ort-cpu", "cuda"] | None = None  # default: pipeline.search.backend
 
     @model_validator(mode="after")
-    def _one_latency_limit(self) -> "SearchBudget":
+    def _one_latency_limit(self) -> SearchBudget:
         if self.max_latency_ms is not None and self.max_latency_fraction is not None:
-            raise ValueError(f"give max_latency_ms ({self.max_latency_ms}) or max_latency_fraction "
-                             f"({self.max_latency_fraction}), not both")
+            raise ValueError(
+                f"give max_latency_ms ({self.max_latency_ms}) or max_latency_fraction "
+                f"({self.max_latency_fraction}), not both"
+            )
         return self
 
 
@@ -308,26 +355,31 @@ class Config(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _kinds(self) -> "Config":
+    def _kinds(self) -> Config:
         from ufo.tasks import TASK_KINDS
 
         for name, t in self.tasks.items():
             if t.kind not in TASK_KINDS:
                 raise ValueError(f"tasks.{name}.kind: unknown task kind {t.kind!r}; available: {sorted(TASK_KINDS)}")
         m, p = self.mim.mask_patch_size, self.model.patch_size
-        for where, size in (("model.img_size", self.model.img_size),
-                            *((f"tasks.{n}.img_size", t.img_size) for n, t in self.tasks.items() if t.img_size)):
+        for where, size in (
+            ("model.img_size", self.model.img_size),
+            *((f"tasks.{n}.img_size", t.img_size) for n, t in self.tasks.items() if t.img_size),
+        ):
             h, w = as_hw(size)
             if min(h, w) < 1 or h % p or w % p:
-                raise ValueError(f"{where}: {h}x{w} (HxW) must be a positive multiple of model.patch_size ({p}) "
-                                 "in both sides")
+                raise ValueError(
+                    f"{where}: {h}x{w} (HxW) must be a positive multiple of model.patch_size ({p}) in both sides"
+                )
         if m is not None and (m % p or any(v % m for v in as_hw(self.model.img_size))):
-            raise ValueError(f"mim.mask_patch_size: {m} must be a multiple of model.patch_size ({p}) "
-                             f"and divide model.img_size ({self.model.img_size})")
+            raise ValueError(
+                f"mim.mask_patch_size: {m} must be a multiple of model.patch_size ({p}) "
+                f"and divide model.img_size ({self.model.img_size})"
+            )
         return self
 
     @model_validator(mode="after")
-    def _pipeline_tasks(self) -> "Config":
+    def _pipeline_tasks(self) -> Config:
         p = self.pipeline
         if p is None:
             return self
@@ -351,7 +403,7 @@ class Config(BaseModel):
         sizes = {n: self.input_size(n) for n in self.task_names if self.input_size(n) != base}
         return self.model.space(self.task_names, sizes)
 
-    def only(self, task: str) -> "Config":
+    def only(self, task: str) -> Config:
         """The same experiment restricted to one task (single-task baselines)."""
         if task not in self.tasks:
             raise ConfigError(f"--only {task!r}: no such task; the config's tasks are {self.task_names}")
@@ -366,8 +418,10 @@ def _format(e: ValidationError, source: str) -> str:
     for err in e.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and
-                                        not isinstance(err["input"], dict) else ""))
+        lines.append(
+            f"{loc}: {msg}"
+            + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else "")
+        )
     if len(lines) == 1:  # the usual case: one line
         return f"invalid config {source}: {lines[0]}"
     return f"invalid config {source}:\n  " + "\n  ".join(lines)

@@ -9,9 +9,11 @@ and each section's text from its docstring. `python -m ufo.config_docs` rewrites
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import re
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -47,13 +49,13 @@ NOTES = {
     "Config.chip_supernet": "the chip-supernet stage (sandwich rule)",
     "Config.task_supernet": "the task-supernet stage (path routing)",
     "ModelConfig.img_size": "input side in pixels, or [height, width]: the position-embedding grid, and every "
-                            "task's input unless the task sets its own `img_size` (resampled per task)",
+    "task's input unless the task sets its own `img_size` (resampled per task)",
     "ModelConfig.patch_size": "patch side in pixels (tokens = (img_size / patch_size)^2)",
     "ModelConfig.in_chans": "input channels (1 or 3; grey images are repeated to 3)",
     "ModelConfig.head_dim": "width of one attention head (fixed; heads are elastic)",
     "ModelConfig.qkv_bias": "bias in the qkv projection",
     "ModelConfig.stem": "token embedding: one patch_size conv ('patch'), or log2(patch_size) 3x3 stride-2 convs "
-                        "with GroupNorm + ReLU and a 1x1 projection ('conv', Xiao et al. 2021: learns faster from scratch)",
+    "with GroupNorm + ReLU and a 1x1 projection ('conv', Xiao et al. 2021: learns faster from scratch)",
     "ModelConfig.stem_channels": "conv stem widths, one per stride-2 layer ([] doubles up to the largest embed_dim)",
     "ModelConfig.depth": "elastic: number of blocks",
     "ModelConfig.embed_dim": "elastic: token width",
@@ -69,9 +71,11 @@ NOTES = {
     "TaskConfig.loss_weight": "multiplies the task's loss in the sum over tasks",
     "TaskConfig.lr_scale": "multiplies the learning rate of the task's head",
     "TaskConfig.augment": "training augmentations of this task",
-    "DataConfig.recipe": "a named dataset: digits, mnist5k (built in), orl-faces, omniglot-small, gtsrb, ... (`ufo data show`)",
+    "DataConfig.recipe": (
+        "a named dataset: digits, mnist5k (built in), orl-faces, omniglot-small, gtsrb, ... (`ufo data show`)"
+    ),
     "DataConfig.reader": "read the user's own files: image_folder, imagenet, csv, market1501, lfw, sop, webdataset "
-                         "(tar shards), gtsrb, npz, zip, alphadigits_mat (see docs/data.md)",
+    "(tar shards), gtsrb, npz, zip, alphadigits_mat (see docs/data.md)",
     "DataConfig.test_fraction": "share held out for evaluation when the data has no official split",
     "DataConfig.use_official_split": "use the dataset's own train/test split when it has one",
     "AugmentConfig.hflip": "random horizontal flips",
@@ -114,18 +118,31 @@ NOTES = {
 
 
 def field_comments(model: type[BaseModel]) -> dict[str, str]:
-    """`name: type = default  # comment` -> {name: comment}, read from the class source."""
+    """{field: its comment} read from the class source: the comment ending the field's statement
+    (`name: type = default  # comment`, also after a wrapped `Field(...)`), else the comment lines
+    right above it."""
     out: dict[str, str] = {}
-    for cls in reversed([c for c in model.__mro__ if isinstance(c, type) and issubclass(c, BaseModel)
-                         and c is not BaseModel]):  # base classes first, so subclasses override
+    for cls in reversed(
+        [c for c in model.__mro__ if isinstance(c, type) and issubclass(c, BaseModel) and c is not BaseModel]
+    ):  # base classes first, so subclasses override
         try:
-            src = inspect.getsource(cls)
+            src = textwrap.dedent(inspect.getsource(cls))
         except (OSError, TypeError):
             continue
-        for line in src.splitlines():
-            m = re.match(r"\s{4}(\w+):[^#]*#\s*(.+)$", line)
-            if m:
-                out[m.group(1)] = m.group(2).strip()
+        lines = src.splitlines()
+        body = ast.parse(src).body[0]
+        for node in getattr(body, "body", []):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            m = re.search(r"#\s*(.+)$", lines[(node.end_lineno or node.lineno) - 1])
+            above = []
+            i = node.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            note = m.group(1).strip() if m else " ".join(above)
+            if note:
+                out[node.target.id] = note
     return out
 
 
@@ -133,7 +150,7 @@ def type_name(t: Any) -> str:
     """A short readable type: `int | None`, `list[float]`, `"adamw" | "sgd"`, a section name."""
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin is typing.Literal:
-        return " \\| ".join(f'`{a}`' if not isinstance(a, str) else f'`"{a}"`' for a in args)
+        return " \\| ".join(f"`{a}`" if not isinstance(a, str) else f'`"{a}"`' for a in args)
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(type_name(a) for a in args)
     if origin is not None:
@@ -175,8 +192,9 @@ def sections(root: type[BaseModel] = C.Config) -> list[tuple[str, type[BaseModel
         for name, info in model.model_fields.items():
             for m in models_in(info.annotation):
                 sub = f"{path}.{name}" if path else name
-                if typing.get_origin(info.annotation) is dict or any(typing.get_origin(a) is dict
-                                                                     for a in typing.get_args(info.annotation)):
+                if typing.get_origin(info.annotation) is dict or any(
+                    typing.get_origin(a) is dict for a in typing.get_args(info.annotation)
+                ):
                     sub += ".NAME"
                 walk(sub, m)
 
@@ -189,8 +207,14 @@ def render() -> str:
     for path, model in sections():
         doc = inspect.cleandoc(model.__doc__ or "").replace("\n", " ")
         title = f"`{path}`" if path else "top level"
-        parts += [f"## {model.__name__}", "", f"Section: {title}. {doc}".rstrip(), "",
-                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        parts += [
+            f"## {model.__name__}",
+            "",
+            f"Section: {title}. {doc}".rstrip(),
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         notes = field_comments(model)
         for name, info in model.model_fields.items():
             meaning = (notes.get(name) or NOTES.get(f"{model.__name__}.{name}", "")).replace("|", "\\|")
@@ -208,8 +232,9 @@ def task_options() -> list[str]:
     for kind in sorted(TASK_KINDS):
         opts = TASK_KINDS[kind].OptionsModel
         notes = field_comments(opts)
-        cells = ", ".join(f"`{n}` = `{i.default!r}`" + (f" ({notes[n]})" if n in notes else "")
-                          for n, i in opts.model_fields.items())
+        cells = ", ".join(
+            f"`{n}` = `{i.default!r}`" + (f" ({notes[n]})" if n in notes else "") for n, i in opts.model_fields.items()
+        )
         parts.append(f"- **{kind}**: {cells or '(none)'}")
     return parts + [""]
 

@@ -9,9 +9,10 @@ the report, sized to finish in minutes on a 2-core CPU. `suite="full"` runs the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 
@@ -31,8 +32,9 @@ def suite_config_path() -> Path:
     return repo if repo.is_file() else Path("configs") / "suite.yaml"
 
 
-def demo_config(suite: str = "builtin", overrides: Sequence[str] | None = None,
-                data_dir: str | Path | None = None) -> Config:
+def demo_config(
+    suite: str = "builtin", overrides: Sequence[str] | None = None, data_dir: str | Path | None = None
+) -> Config:
     """The demo's config: the packaged built-in one, or the full suite over local data."""
     if suite not in SUITES:
         raise UFOError(f"--suite {suite!r}: expected one of {', '.join(SUITES)}")
@@ -42,9 +44,11 @@ def demo_config(suite: str = "builtin", overrides: Sequence[str] | None = None,
 
     root = Path(data_dir) if data_dir is not None else default_data_root()
     if root is None or not Path(root).is_dir():
-        raise UFOError(f"--suite full needs the datasets folder (ORL, Omniglot, GTSRB, Alphadigits): "
-                       f"{'--data-dir ' + str(data_dir) + ' does not exist' if data_dir else 'no ../shared/data here'}"
-                       "; pass --data-dir DIR or set UFO_DATA_DIR, or run the built-in demo (`ufo demo`)")
+        raise UFOError(
+            f"--suite full needs the datasets folder (ORL, Omniglot, GTSRB, Alphadigits): "
+            f"{'--data-dir ' + str(data_dir) + ' does not exist' if data_dir else 'no ../shared/data here'}"
+            "; pass --data-dir DIR or set UFO_DATA_DIR, or run the built-in demo (`ufo demo`)"
+        )
     path = suite_config_path()
     if not path.is_file():
         raise UFOError(f"--suite full: {path} not found; run from the UFO repository")
@@ -53,9 +57,14 @@ def demo_config(suite: str = "builtin", overrides: Sequence[str] | None = None,
     return cfg
 
 
-def run_demo(out: str | Path = "runs/demo", suite: str = "builtin", overrides: Sequence[str] | None = None,
-             data_dir: str | Path | None = None, from_stage: str | None = None,
-             console: Console | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo",
+    suite: str = "builtin",
+    overrides: Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    from_stage: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Run the pipeline on the demo config into `out`; print the final table and where the report is."""
     from ufo.report import final_table
     from ufo.run import run_pipeline
@@ -81,6 +90,8 @@ def run_demo(out: str | Path = "runs/demo", suite: str = "builtin", overrides: S
     else:  # a log file or a pipe: the Markdown table, never truncated to the console width
         console.print(f"\n{view.title}\n{table}", markup=False, highlight=False, soft_wrap=True)
     html = out / "report" / "index.html"
-    console.print(f"\nreport: {html.resolve()}\n(also {out / 'report' / 'report.md'}; serve the task models with "
-                  f"`ufo serve {out / 'extract'}/*.safetensors`)")
+    console.print(
+        f"\nreport: {html.resolve()}\n(also {out / 'report' / 'report.md'}; serve the task models with "
+        f"`ufo serve {out / 'extract'}/*.safetensors`)"
+    )
     return {"records": records, "table": table, "report": str(html)}

@@ -21,15 +21,19 @@ def predictor_flag(task: str, cv_tau: float | None, n: int | None) -> str | None
     """A warning when `task`'s metric predictor has a low cross-validated Kendall tau; None when it is fine."""
     if cv_tau is None or cv_tau >= LOW_PREDICTOR_TAU:
         return None
-    return (f"{task}: the metric predictor ranks subnets poorly (cross-validated Kendall tau {cv_tau:.2f} < "
-            f"{LOW_PREDICTOR_TAU} on {n} subnets); the choice rests on the measured candidates. Evaluate more "
-            "subnets for it (metric_samples / --metric-samples) or measure more candidates (top_k / --top-k); "
-            "a test split too small to separate subnets caps the tau as well")
+    return (
+        f"{task}: the metric predictor ranks subnets poorly (cross-validated Kendall tau {cv_tau:.2f} < "
+        f"{LOW_PREDICTOR_TAU} on {n} subnets); the choice rests on the measured candidates. Evaluate more "
+        "subnets for it (metric_samples / --metric-samples) or measure more candidates (top_k / --top-k); "
+        "a test split too small to separate subnets caps the tau as well"
+    )
 
 
 def int8_flag(task: str, fp32_ms: float | None, int8_ms: float | None) -> str | None:
     """A warning when `task`'s INT8 model measured slower than its FP32 one; None otherwise."""
     if fp32_ms is None or int8_ms is None or int8_ms <= fp32_ms:
         return None
-    return (f"{task}: the INT8 model is slower than FP32 ({int8_ms:.3f} vs {fp32_ms:.3f} ms, batch 1, 1 thread): "
-            "this CPU or this model size gains nothing from int8; ship the FP32 model, or try --int8 dynamic")
+    return (
+        f"{task}: the INT8 model is slower than FP32 ({int8_ms:.3f} vs {fp32_ms:.3f} ms, batch 1, 1 thread): "
+        "this CPU or this model size gains nothing from int8; ship the FP32 model, or try --int8 dynamic"
+    )

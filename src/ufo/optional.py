@@ -17,8 +17,10 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "search": ("the subnet search", ("optuna",)),
 }
 # module -> its extra; starlette comes with fastapi, multipart is python-multipart's old module name
-EXTRA_OF: dict[str, str] = {m: e for e, (_, mods) in EXTRAS.items() for m in mods} | {"starlette": "serve",
-                                                                                       "multipart": "serve"}
+EXTRA_OF: dict[str, str] = {m: e for e, (_, mods) in EXTRAS.items() for m in mods} | {
+    "starlette": "serve",
+    "multipart": "serve",
+}
 
 
 class MissingExtra(UFOError):
@@ -32,8 +34,10 @@ def missing_extra(e: BaseException) -> MissingExtra | None:
     extra = EXTRA_OF.get(top)
     if extra is None:
         return None
-    return MissingExtra(f"{EXTRAS[extra][0]} needs the optional package {top!r}, which is not installed: "
-                        f"pip install 'ufo-vision[{extra}]' (or 'ufo-vision[all]')")
+    return MissingExtra(
+        f"{EXTRAS[extra][0]} needs the optional package {top!r}, which is not installed: "
+        f"pip install 'ufo-vision[{extra}]' (or 'ufo-vision[all]')"
+    )
 
 
 def require(module: str) -> ModuleType:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,12 @@ def versions() -> dict[str, str]:
 
     import ufo
 
-    return {"ufo": ufo.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
+    return {
+        "ufo": ufo.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def cpu_model() -> str:
@@ -35,8 +39,9 @@ def cpu_model() -> str:
         pass
     if platform.system() == "Darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):
@@ -49,9 +54,16 @@ def hardware() -> dict[str, Any]:
     import psutil
     import torch
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "gpus": gpus, "os": platform.platform()}
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpus,
+        "os": platform.platform(),
+    }
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -76,8 +88,12 @@ def git_commit(where: Path | None = None) -> str | None:
 
 def provenance(seed: int | None = None) -> dict[str, Any]:
     """Versions, hardware, git commit, the seed and the time (UTC), as one JSON-ready dict."""
-    out: dict[str, Any] = {"versions": versions(), "hardware": hardware(), "git_commit": git_commit(),
-                           "time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")}
+    out: dict[str, Any] = {
+        "versions": versions(),
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+    }
     if seed is not None:
         out["seed"] = seed
     return out
@@ -87,5 +103,8 @@ def summary_line(p: dict[str, Any]) -> str:
     """One line of `provenance()` for a log."""
     v, h = p["versions"], p["hardware"]
     gpu = ", ".join(h["gpus"]) or "no GPU"
-    return (" ".join(f"{k} {x}" for k, x in v.items()) + f"; {h['cpu']} ({h['cores']} cores), {gpu}"
-            + (f"; git {p['git_commit']}" if p.get("git_commit") else ""))
+    return (
+        " ".join(f"{k} {x}" for k, x in v.items())
+        + f"; {h['cpu']} ({h['cores']} cores), {gpu}"
+        + (f"; git {p['git_commit']}" if p.get("git_commit") else "")
+    )

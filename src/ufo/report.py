@@ -76,50 +76,105 @@ def _f(v: Any, digits: int = 4) -> str:
 def metrics_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Rows of (task, kind, metric, then the primary metric after each stage)."""
     cfg = run["cfg"]
-    aio, ts, chip, ext, exp = (run[k] or {} for k in ("all_in_one", "task_supernet", "chip_supernet", "extract", "export"))
+    aio, ts, chip, ext, exp = (
+        run[k] or {} for k in ("all_in_one", "task_supernet", "chip_supernet", "extract", "export")
+    )
     base = aio.get("baselines") or {}
-    cols = ["task", "kind", "metric"] + (["alone"] if base else []) + [
-        "All in One", "task supernet", "chip supernet (largest)", "chosen subnet", "its model's params", "ONNX fp32", "INT8"]
+    cols = (
+        ["task", "kind", "metric"]
+        + (["alone"] if base else [])
+        + [
+            "All in One",
+            "task supernet",
+            "chip supernet (largest)",
+            "chosen subnet",
+            "its model's params",
+            "ONNX fp32",
+            "INT8",
+        ]
+    )
     rows = []
     for t, tc in cfg["tasks"].items():
         e = exp.get(t) or {}
         key = task_class(tc["kind"]).primary
         row = [t, tc["kind"], key] + ([_f((base.get(t) or {}).get("primary"))] if base else [])
-        row += [_f((aio.get("primary") or {}).get(t)), _f((ts.get("primary") or {}).get(t)),
-                _f((chip.get("primary") or {}).get(t)), _f((ext.get(t) or {}).get("primary")),
-                f"{ext[t]['params']:,}" if t in ext else "–",
-                _f((e.get("metrics_fp32") or {}).get(key)), _f((e.get("metrics_int8") or {}).get(key))]
+        row += [
+            _f((aio.get("primary") or {}).get(t)),
+            _f((ts.get("primary") or {}).get(t)),
+            _f((chip.get("primary") or {}).get(t)),
+            _f((ext.get(t) or {}).get("primary")),
+            f"{ext[t]['params']:,}" if t in ext else "–",
+            _f((e.get("metrics_fp32") or {}).get(key)),
+            _f((e.get("metrics_int8") or {}).get(key)),
+        ]
         rows.append(row)
     return cols, rows
 
 
 def export_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    cols = ["task", "ONNX file", "size (KB)", "INT8 size (KB)", "torch ms", "ONNX ms", "INT8 ms",
-            "parity: max abs diff", "INT8: max abs diff"]
+    cols = [
+        "task",
+        "ONNX file",
+        "size (KB)",
+        "INT8 size (KB)",
+        "torch ms",
+        "ONNX ms",
+        "INT8 ms",
+        "parity: max abs diff",
+        "INT8: max abs diff",
+    ]
     rows = []
     for t, e in (run["export"] or {}).items():
         lat = e.get("latency_ms") or {}
-        rows.append([t, e["fp32"], f"{e['fp32_bytes'] / 1024:.0f}",
-                     f"{e['int8_bytes'] / 1024:.0f}" if "int8_bytes" in e else "–",
-                     _f(lat.get("torch"), 3), _f(lat.get("onnx_fp32"), 3), _f(lat.get("onnx_int8"), 3),
-                     f"{e['parity_max_abs_diff']:.1e}", f"{e['int8_max_abs_diff']:.2g}" if "int8_max_abs_diff" in e else "–"])
+        rows.append(
+            [
+                t,
+                e["fp32"],
+                f"{e['fp32_bytes'] / 1024:.0f}",
+                f"{e['int8_bytes'] / 1024:.0f}" if "int8_bytes" in e else "–",
+                _f(lat.get("torch"), 3),
+                _f(lat.get("onnx_fp32"), 3),
+                _f(lat.get("onnx_int8"), 3),
+                f"{e['parity_max_abs_diff']:.1e}",
+                f"{e['int8_max_abs_diff']:.2g}" if "int8_max_abs_diff" in e else "–",
+            ]
+        )
     return cols, rows
 
 
 def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per task: the budget, the chosen subnet (predicted vs measured), and the predictors' CV quality."""
-    cols = ["task", "budget", "chosen params", "MFLOPs", "predicted metric", "measured metric", "predicted ms",
-            "measured ms", "metric GP tau (CV)", "latency GP tau / MAPE (CV)"]
+    cols = [
+        "task",
+        "budget",
+        "chosen params",
+        "MFLOPs",
+        "predicted metric",
+        "measured metric",
+        "predicted ms",
+        "measured ms",
+        "metric GP tau (CV)",
+        "latency GP tau / MAPE (CV)",
+    ]
     rows = []
     for t, r in (run["search"] or {}).items():
         p = (run["predictors"] or {}).get(t) or {}
         m, lat = p.get("metric") or {}, p.get("latency") or {}
         budget = ", ".join(f"{k.removeprefix('max_')} <= {v:g}" for k, v in (r.get("budget") or {}).items())
-        rows.append([t, budget, f"{r['params']:,}", f"{r['flops'] / 1e6:.2f}", _f(r.get("predicted_metric")),
-                     _f(r.get("measured_metric")), _f(r.get("predicted_latency_ms"), 3),
-                     _f(r.get("measured_latency_ms"), 3), _f(m.get("cv_kendall_tau"), 2),
-                     f"{lat['cv_kendall_tau']:.2f} / {100 * lat['cv_mape']:.1f}%" if lat.get("cv_mape") is not None
-                     else "–"])
+        rows.append(
+            [
+                t,
+                budget,
+                f"{r['params']:,}",
+                f"{r['flops'] / 1e6:.2f}",
+                _f(r.get("predicted_metric")),
+                _f(r.get("measured_metric")),
+                _f(r.get("predicted_latency_ms"), 3),
+                _f(r.get("measured_latency_ms"), 3),
+                _f(m.get("cv_kendall_tau"), 2),
+                f"{lat['cv_kendall_tau']:.2f} / {100 * lat['cv_mape']:.1f}%" if lat.get("cv_mape") is not None else "–",
+            ]
+        )
     return cols, rows
 
 
@@ -134,8 +189,11 @@ def warnings(run: dict[str, Any]) -> list[str]:
 
 
 def stage_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = [[s, "done" if d else "not run", f"{d['seconds']:.0f}" if d else "–", d["finished"] if d else "–"]
-            for s, d in run["done"].items() if s != "report"]
+    rows = [
+        [s, "done" if d else "not run", f"{d['seconds']:.0f}" if d else "–", d["finished"] if d else "–"]
+        for s, d in run["done"].items()
+        if s != "report"
+    ]
     return ["stage", "state", "seconds", "finished (UTC)"], rows
 
 
@@ -144,19 +202,26 @@ def commands(run_dir: Path, run: dict[str, Any]) -> list[str]:
     ext, exp = run["extract"] or {}, run["export"] or {}
     if not ext:
         return []
-    r = lambda p: str(run_dir / p)  # noqa: E731
-    lines = ["# serve every task model on http://127.0.0.1:8000 (torch)",
-             "ufo serve " + " ".join(r(v["file"]) for v in ext.values())]
+    r = lambda p: str(run_dir / p)
+    lines = [
+        "# serve every task model on http://127.0.0.1:8000 (torch)",
+        "ufo serve " + " ".join(r(v["file"]) for v in ext.values()),
+    ]
     if exp:
-        lines += ["# the same from the ONNX exports", "ufo serve " + " ".join(r(v.get("int8") or v["fp32"])
-                                                                          for v in exp.values()) + " --backend onnx"]
+        lines += [
+            "# the same from the ONNX exports",
+            "ufo serve " + " ".join(r(v.get("int8") or v["fp32"]) for v in exp.values()) + " --backend onnx",
+        ]
     t, v = next(iter(ext.items()))
-    lines += [f"# export a task model again (here {t}) with static INT8 calibrated on its training images",
-              f"ufo export {r(v['file'])} --format onnx --int8 static --out {t}.onnx",
-              "# cut the same subnet out of the chip supernet yourself (the heads' BatchNorm statistics as trained;",
-              "# the pipeline re-estimates them for the subnet first, ufo.train.evaluate.recalibrate_bn)",
-              f"ufo extract {r('chip_supernet')} --task {t} --arch {r(v['arch_file'])} --out {t}.safetensors"
-              if "arch_file" in v else f"ufo extract {r('chip_supernet')} --task {t} --arch smallest --out {t}.safetensors"]
+    lines += [
+        f"# export a task model again (here {t}) with static INT8 calibrated on its training images",
+        f"ufo export {r(v['file'])} --format onnx --int8 static --out {t}.onnx",
+        "# cut the same subnet out of the chip supernet yourself (the heads' BatchNorm statistics as trained;",
+        "# the pipeline re-estimates them for the subnet first, ufo.train.evaluate.recalibrate_bn)",
+        f"ufo extract {r('chip_supernet')} --task {t} --arch {r(v['arch_file'])} --out {t}.safetensors"
+        if "arch_file" in v
+        else f"ufo extract {r('chip_supernet')} --task {t} --arch smallest --out {t}.safetensors",
+    ]
     return lines
 
 
@@ -170,9 +235,17 @@ def provenance_table(run_dir: Path) -> tuple[list[str], list[list[str]]]:
     rows = []
     for who, p in [*((s, p) for s, p in found if p), ("this report", provenance())]:
         v, h = p.get("versions") or {}, p.get("hardware") or {}
-        rows.append([who, *(str(v.get(k, "–")) for k in ("ufo", "torch", "timm", "python")), str(h.get("cpu", "–")),
-                     str(h.get("cores", "–")), ", ".join(h.get("gpus") or []) or "none",
-                     _short_commit(p.get("git_commit")), str(p.get("time", "–"))])
+        rows.append(
+            [
+                who,
+                *(str(v.get(k, "–")) for k in ("ufo", "torch", "timm", "python")),
+                str(h.get("cpu", "–")),
+                str(h.get("cores", "–")),
+                ", ".join(h.get("gpus") or []) or "none",
+                _short_commit(p.get("git_commit")),
+                str(p.get("time", "–")),
+            ]
+        )
     return cols, rows
 
 
@@ -187,8 +260,13 @@ def images(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]]:
     out = []
     f = run_dir / "task_supernet" / "routing_map.png"
     if f.is_file():
-        out.append(("Routing map", "FFN path per task and block learned by the task supernet (router probability "
-                    "in each cell)", f))
+        out.append(
+            (
+                "Routing map",
+                "FFN path per task and block learned by the task supernet (router probability in each cell)",
+                f,
+            )
+        )
     f = run_dir / "chip_supernet" / "metric_vs_params.png"
     if f.is_file():
         out.append(("Metric vs parameters", "inherited subnets of the chip supernet, no fine-tuning", f))
@@ -204,16 +282,20 @@ def images(run_dir: Path, run: dict[str, Any]) -> list[tuple[str, str, Path]]:
 
 
 def _md_table(cols: list[str], rows: list[list[str]]) -> str:
-    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
-    return "\n".join(["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
-                     + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+    esc = lambda c: c.replace("|", "\\|")
+    return "\n".join(
+        ["| " + " | ".join(map(esc, cols)) + " |", "|" + "---|" * len(cols)]
+        + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    )
 
 
 def _html_table(cols: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     num = re.compile(r"^[-+0-9.,e–]+$")  # numbers right-aligned, text left-aligned
-    body = "".join("<tr>" + "".join(f'<td{"" if num.match(c) else " class=t"}>{html.escape(c)}</td>' for c in r)
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td{'' if num.match(c) else ' class=t'}>{html.escape(c)}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -241,11 +323,17 @@ def write_report(run_dir: str | Path, data: dict[str, TaskData] | None = None) -
     out = run_dir / "report"
     title = f"UFO run {cfg.get('name', '')}: {len(cfg['tasks'])} tasks"
     kinds = ", ".join(f"{t} ({tc['kind']})" for t, tc in cfg["tasks"].items())
-    intro = (f"Tasks: {kinds}. Primary metric of each "
-             "task on its test split after each stage; 'chosen subnet' is the model the search picked under the "
-             "task's budget, extracted as a plain timm ViT plus head.")
-    sections = [("Metrics per task", metrics_table(run)), ("Search under each task's budget", search_table(run)),
-                ("Exported models", export_table(run)), ("Stages", stage_table(run))]
+    intro = (
+        f"Tasks: {kinds}. Primary metric of each "
+        "task on its test split after each stage; 'chosen subnet' is the model the search picked under the "
+        "task's budget, extracted as a plain timm ViT plus head."
+    )
+    sections = [
+        ("Metrics per task", metrics_table(run)),
+        ("Search under each task's budget", search_table(run)),
+        ("Exported models", export_table(run)),
+        ("Stages", stage_table(run)),
+    ]
     task_figs, notes = curve_figures(run_dir, run, out, data)
     figs = training_figures(run_dir, out) + images(run_dir, run) + task_figs
     cmds = commands(run_dir, run)
@@ -254,8 +342,10 @@ def write_report(run_dir: str | Path, data: dict[str, TaskData] | None = None) -
     flags = warnings(run)
     if flags:
         md += ["## Warnings", "", *[f"- {w}" for w in flags], ""]
-        doc += ["<h2>Warnings</h2>", "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in flags)
-                + "</ul>"]
+        doc += [
+            "<h2>Warnings</h2>",
+            "<ul>" + "".join(f'<li class="warn">{html.escape(w)}</li>' for w in flags) + "</ul>",
+        ]
     for name, (cols, rows) in sections[:3]:
         md += [f"## {name}", "", _md_table(cols, rows) if rows else "(stage not run)", ""]
         doc += [f"<h2>{name}</h2>", _html_table(cols, rows) if rows else "<p>(stage not run)</p>"]
@@ -267,12 +357,15 @@ def write_report(run_dir: str | Path, data: dict[str, TaskData] | None = None) -
             last = section
         rel = f.relative_to(out) if f.parent == out else Path("..") / f.relative_to(run_dir)
         md += [f"![{caption}]({rel.as_posix()})", "", f"*{caption}*", ""]
-        doc.append(f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(f)}">'
-                   f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        doc.append(
+            f'<figure><img alt="{html.escape(caption)}" src="{_data_uri(f)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     if notes:
         md += ["## Task evaluation", "", *notes, ""] if last != "Task evaluation" else [*notes, ""]
         doc += (["<h2>Task evaluation</h2>"] if last != "Task evaluation" else []) + [
-            f"<p>{html.escape(n)}</p>" for n in notes]
+            f"<p>{html.escape(n)}</p>" for n in notes
+        ]
     if cmds:
         md += ["## Serve or export", "", "```bash", *cmds, "```", ""]
         doc += ["<h2>Serve or export</h2>", f"<pre>{html.escape(chr(10).join(cmds))}</pre>"]
@@ -281,13 +374,34 @@ def write_report(run_dir: str | Path, data: dict[str, TaskData] | None = None) -
     doc += [f"<h2>{name}</h2>", _html_table(cols, rows)]
     cols, rows = provenance_table(run_dir)
     config = yaml.safe_dump(cfg, sort_keys=False)
-    seed = f"Seed: {cfg.get('seed', '–')}. Each training stage's versions and machine (its provenance.json), then this report's."
-    md += ["## Provenance", "", seed, "", _md_table(cols, rows), "", "### Config", "", "```yaml", config.rstrip(), "```",
-           ""]
-    doc += ["<h2>Provenance</h2>", f"<p>{html.escape(seed)}</p>", _html_table(cols, rows),
-            f"<details><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>"]
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(doc) + "\n</body></html>\n")
+    seed = (
+        f"Seed: {cfg.get('seed', '–')}. Each training stage's versions and machine (its provenance.json), "
+        "then this report's."
+    )
+    md += [
+        "## Provenance",
+        "",
+        seed,
+        "",
+        _md_table(cols, rows),
+        "",
+        "### Config",
+        "",
+        "```yaml",
+        config.rstrip(),
+        "```",
+        "",
+    ]
+    doc += [
+        "<h2>Provenance</h2>",
+        f"<p>{html.escape(seed)}</p>",
+        _html_table(cols, rows),
+        f"<details><summary>config.yaml</summary><pre>{html.escape(config)}</pre></details>",
+    ]
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(doc) + "\n</body></html>\n"
+    )
     atomic_write_text(out / "index.html", page)
     atomic_write_text(out / "report.md", "\n".join(md))
     return out / "index.html", out / "report.md"

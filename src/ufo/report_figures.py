@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ufo.checkpoint import atomic_write, atomic_write_text, read_manifest
 from ufo.errors import UFOError
@@ -38,6 +39,7 @@ def _integer_x(ax: Any) -> None:
 
 # ----- training curves -----
 
+
 def read_losses(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Column -> (step, value) of every loss column of a stage's metrics.csv that has values."""
     f = stage_dir / "metrics.csv"
@@ -52,8 +54,9 @@ def read_losses(stage_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def plot_training(stage: str, losses: dict[str, list[tuple[int, float]]], metrics: dict[str, Any] | None,
-                  path: Path) -> Path:
+def plot_training(
+    stage: str, losses: dict[str, list[tuple[int, float]]], metrics: dict[str, Any] | None, path: Path
+) -> Path:
     """Loss against step (the total thick, each task's thin) and, when the stage validated, each
     task's primary metric against step."""
     from matplotlib.figure import Figure as MplFigure
@@ -64,8 +67,12 @@ def plot_training(stage: str, losses: dict[str, list[tuple[int, float]]], metric
     axes = fig.subplots(1, 2 if history else 1, squeeze=False)[0]
     ax = axes[0]
     for k, pts in losses.items():
-        ax.plot([s for s, _ in pts], [v for _, v in pts], lw=2.2 if k == "loss" else 1.0,
-                label="total" if k == "loss" else k[5:])
+        ax.plot(
+            [s for s, _ in pts],
+            [v for _, v in pts],
+            lw=2.2 if k == "loss" else 1.0,
+            label="total" if k == "loss" else k[5:],
+        )
     ax.set_xlabel("step")
     _integer_x(ax)
     ax.set_ylabel("training loss")
@@ -98,13 +105,17 @@ def training_figures(run_dir: Path, out: Path) -> list[Figure]:
         except (OSError, json.JSONDecodeError):
             metrics = None
         png = plot_training(stage, losses, metrics, out / f"training_{stage}.png")
-        what = "loss against step" + (", validation primary metric against step" if (metrics or {}).get("history")
-                                      else " (no validation history: train.eval_every 0)")
+        what = "loss against step" + (
+            ", validation primary metric against step"
+            if (metrics or {}).get("history")
+            else " (no validation history: train.eval_every 0)"
+        )
         figs.append(("Training curves", f"{stage}: {what}", png))
     return figs
 
 
 # ----- the final models' evaluation figures -----
+
 
 def _models(run_dir: Path, run: dict[str, Any]) -> tuple[str, dict[str, Path]]:
     """(what is evaluated, task -> model file): the extracted task models, else the last trained
@@ -115,7 +126,7 @@ def _models(run_dir: Path, run: dict[str, Any]) -> tuple[str, dict[str, Path]]:
     for stage in reversed(TRAIN_STAGES):
         f = run_dir / stage / "model.safetensors"
         if f.is_file():
-            return f"{stage} model at its training arch", {t: f for t in run["cfg"]["tasks"]}
+            return f"{stage} model at its training arch", dict.fromkeys(run["cfg"]["tasks"], f)
     return "", {}
 
 
@@ -124,8 +135,9 @@ def _key(files: dict[str, Path]) -> dict[str, list]:
     return {t: [str(f), f.stat().st_size, f.stat().st_mtime_ns] for t, f in files.items()}
 
 
-def compute_curves(run_dir: Path, run: dict[str, Any], files: dict[str, Path],
-                   data: dict[str, TaskData] | None = None) -> dict[str, Any]:
+def compute_curves(
+    run_dir: Path, run: dict[str, Any], files: dict[str, Path], data: dict[str, TaskData] | None = None
+) -> dict[str, Any]:
     """Task -> its kind's `curves()` on the test split, from the model file given for it."""
     from ufo.config import parse_config
     from ufo.deploy.package import load_task_data, load_task_model
@@ -146,13 +158,15 @@ def compute_curves(run_dir: Path, run: dict[str, Any], files: dict[str, Path],
             out[t] = proto.curves(make_predict(tm, t, cfg, cfg.train.eval_batch_size), data[t], seed=cfg.seed)
         else:
             model = loaded.get(f) or loaded.setdefault(f, load_model(f)[0])
-            out[t] = model.heads[t].curves(make_predict(model, t, cfg, cfg.train.eval_batch_size), data[t],
-                                           seed=cfg.seed)
+            out[t] = model.heads[t].curves(
+                make_predict(model, t, cfg, cfg.train.eval_batch_size), data[t], seed=cfg.seed
+            )
     return {t: c for t, c in out.items() if c is not None}
 
 
-def task_curves(run_dir: Path, run: dict[str, Any], out: Path,
-                data: dict[str, TaskData] | None = None) -> tuple[str, dict[str, Any], str | None]:
+def task_curves(
+    run_dir: Path, run: dict[str, Any], out: Path, data: dict[str, TaskData] | None = None
+) -> tuple[str, dict[str, Any], str | None]:
     """(source, task -> curve data, a note when none could be computed), cached in out/curves.json."""
     source, files = _models(run_dir, run)
     if not files:
@@ -185,8 +199,15 @@ def plot_confusion(ax: Any, c: dict[str, Any]) -> str:
         for i in range(n):
             for j in range(n):
                 if m[i, j]:
-                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
-                            color="white" if share[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(m[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
     ticks = range(n)
     ax.set_xticks(ticks, c["classes"], rotation=90, fontsize=6)
     ax.set_yticks(ticks, c["classes"], fontsize=6)
@@ -227,11 +248,16 @@ def plot_recall(ax: Any, c: dict[str, Any]) -> str:
 
 
 PLOTS: dict[str, Callable[[Any, dict[str, Any]], str]] = {
-    "confusion_matrix": plot_confusion, "roc": plot_roc, "cmc": plot_cmc, "recall_at_k": plot_recall}
+    "confusion_matrix": plot_confusion,
+    "roc": plot_roc,
+    "cmc": plot_cmc,
+    "recall_at_k": plot_recall,
+}
 
 
-def curve_figures(run_dir: Path, run: dict[str, Any], out: Path,
-                  data: dict[str, TaskData] | None = None) -> tuple[list[Figure], list[str]]:
+def curve_figures(
+    run_dir: Path, run: dict[str, Any], out: Path, data: dict[str, TaskData] | None = None
+) -> tuple[list[Figure], list[str]]:
     """(one figure per task with curve data, notes for the page)."""
     from matplotlib.figure import Figure as MplFigure
 

@@ -68,15 +68,19 @@ def _acquire(folder: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunLockedError(f"{folder} is in use by another ufo process ({_describe(holder(folder))}); wait for it "
-                             f"to finish or stop it") from None
+        raise RunLockedError(
+            f"{folder} is in use by another ufo process ({_describe(holder(folder))}); wait for it to finish or stop it"
+        ) from None
     except OSError as e:  # a file system without locks: run unguarded rather than not at all
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
             os.close(fd)
             raise StorageError(f"cannot lock {folder / LOCK_NAME}: {e.strerror or e}") from None
         return fd
-    info = {"pid": os.getpid(), "command": _command(),
-            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    info = {
+        "pid": os.getpid(),
+        "command": _command(),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

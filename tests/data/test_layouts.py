@@ -224,8 +224,9 @@ def test_sop_products_splits_and_missing_file(tmp_path):
     root = make_sop(tmp_path / "Stanford_Online_Products")
     ds = read_sop(tmp_path, lazy=True)  # the parent folder is accepted too
     assert len(ds) == 10 and ds.class_names == ["101", "102", "103", "201", "202"]
-    assert [ds.class_names[i] for i in ds.labels.tolist()] == [c for c in ("101", "102", "103", "201", "202")
-                                                               for _ in range(2)]
+    assert [ds.class_names[i] for i in ds.labels.tolist()] == [
+        c for c in ("101", "102", "103", "201", "202") for _ in range(2)
+    ]
     assert ds.split == ["train"] * 6 + ["test"] * 4 and _names(ds)[0] == "101_0.JPG"
     assert "Ebay_train.txt: line 2" in ds.origin[0]
     assert torch.equal(ds.to_memory(SIZE).images, read_sop(root, image_size=SIZE).images)
@@ -272,10 +273,22 @@ def test_imagenet_val_errors_name_the_file_and_line(tmp_path):
 def _cfg(reader: str, path: Path, kind: str, **data) -> dict:
     return {
         "seed": 0,
-        "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1], "embed_dim": [16], "num_heads": [2],
-                  "mlp_ratio": [2.0]},
-        "tasks": {"t": {"kind": kind, "options": {} if kind == "classification" else {"k": 2},
-                        "data": {"reader": reader, "path": str(path), **data}}},
+        "model": {
+            "img_size": 16,
+            "patch_size": 4,
+            "head_dim": 8,
+            "depth": [1],
+            "embed_dim": [16],
+            "num_heads": [2],
+            "mlp_ratio": [2.0],
+        },
+        "tasks": {
+            "t": {
+                "kind": kind,
+                "options": {} if kind == "classification" else {"k": 2},
+                "data": {"reader": reader, "path": str(path), **data},
+            }
+        },
     }
 
 
@@ -297,7 +310,7 @@ def test_reid_uses_market1501_train_query_gallery(tmp_path):
     assert q.image_shape == (3, 16, 16)
     # a perfect embedding: each query finds its person on camera 2 (camera 1 is dropped) before the distractors
     task = task_class("reid")("t", {}, num_classes=3, in_dim=8)
-    oracle = lambda s: torch.nn.functional.one_hot(s.identities.clamp(min=0), 14).float() + 1e-3  # noqa: E731
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities.clamp(min=0), 14).float() + 1e-3
     m = task.evaluate(oracle, d)
     assert m["mAP"] == pytest.approx(1.0) and m["num_queries"] == 3
     random = _task_data("market1501", root, "reid", use_official_split=False, test_fraction=0.5)
@@ -316,7 +329,7 @@ def test_verification_scores_lfw_official_pairs_with_their_folds(tmp_path):
     fo, to = _names(full), _names(test)
     assert [(to[a], to[b]) for a, b in test.pairs[:, :2]] == [(fo[a], fo[b]) for a, b in full.pairs[:, :2]]
     task = task_class("verification")("t", {}, num_classes=3, in_dim=8)
-    oracle = lambda s: torch.nn.functional.one_hot(s.identities, 7).float()  # noqa: E731
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities, 7).float()
     m = task.evaluate(oracle, d)
     assert m["acc_10fold"] == pytest.approx(1.0) and m["roc_auc"] == pytest.approx(1.0)
     random = _task_data("lfw", root, "verification", use_official_split=False, test_fraction=0.5)
@@ -362,8 +375,13 @@ def test_classification_uses_imagenet_val_as_test(tmp_path):
 
 # ------------------------------------------------------------------------------ a CSV manifest's split column
 # people a and b train, c and d test; one test image of an unknown person (empty identity)
-FACES = [("a", "1", "train")] * 2 + [("b", "2", "train")] * 2 + [("c", "3", "test")] * 5 + [("d", "4", "test")] * 5 \
+FACES = (
+    [("a", "1", "train")] * 2
+    + [("b", "2", "train")] * 2
+    + [("c", "3", "test")] * 5
+    + [("d", "4", "test")] * 5
     + [("d", "", "test")]
+)
 
 
 def test_verification_follows_a_csv_train_test_split(tmp_path):
@@ -374,7 +392,7 @@ def test_verification_follows_a_csv_train_test_split(tmp_path):
     assert _names(test) == [f"{i:02d}.jpg" for i in range(4, 14)]  # the unknown person is left out
     assert test.identities.tolist() == [3] * 5 + [4] * 5
     task = task_class("verification")("t", {}, num_classes=2, in_dim=8)
-    oracle = lambda s: torch.nn.functional.one_hot(s.identities, 5).float()  # noqa: E731
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities, 5).float()
     assert task.evaluate(oracle, d)["roc_auc"] == pytest.approx(1.0)
 
 
@@ -393,8 +411,13 @@ def test_verification_reads_split_values_in_any_case(tmp_path):
 
 
 def test_verification_tests_on_query_and_gallery_together(tmp_path):
-    rows = FACES[:4] + [("c", "3", "query"), ("c", "3", "gallery"), ("c", "3", "gallery"), ("d", "4", "query"),
-                        ("d", "4", "gallery")]
+    rows = FACES[:4] + [
+        ("c", "3", "query"),
+        ("c", "3", "gallery"),
+        ("c", "3", "gallery"),
+        ("d", "4", "query"),
+        ("d", "4", "gallery"),
+    ]
     d = _task_data("csv", make_csv(tmp_path, rows), "verification")
     assert len(d.train) == 4 and d.eval["test"].identities.tolist() == [3, 3, 3, 4, 4]
 
@@ -402,16 +425,25 @@ def test_verification_tests_on_query_and_gallery_together(tmp_path):
 def test_verification_refuses_a_split_with_no_training_samples(tmp_path):
     rows = [(label, ident, "query" if i % 3 == 0 else "gallery") for i, (label, ident, _) in enumerate(FACES)]
     path = make_csv(tmp_path, rows)
-    with pytest.raises(DataError, match=r"m: its split marks no sample train \(its values are \['gallery', 'query'\]\)"
-                                        r".*use_official_split: false"):
+    with pytest.raises(
+        DataError,
+        match=r"m: its split marks no sample train \(its values are \['gallery', 'query'\]\)"
+        r".*use_official_split: false",
+    ):
         _task_data("csv", path, "verification")
     d = _task_data("csv", path, "verification", use_official_split=False, test_fraction=0.5)
     assert d.notes[0].startswith("identities disjoint")
 
 
 def test_reid_leaves_out_queries_of_unknown_identity_and_ignores_unknown_cameras(tmp_path):
-    rows = FACES[:4] + [("c", "3", "query"), ("c", "3", "gallery"), ("d", "4", "query"), ("d", "4", "gallery"),
-                        ("e", "", "query"), ("e", "", "gallery")]
+    rows = FACES[:4] + [
+        ("c", "3", "query"),
+        ("c", "3", "gallery"),
+        ("d", "4", "query"),
+        ("d", "4", "gallery"),
+        ("e", "", "query"),
+        ("e", "", "gallery"),
+    ]
     cams = ["1"] * 4 + ["", "", "1", "2", "1", "2"]  # c's query and its match: both cameras unknown
     cfg = parse_config(_cfg("csv", make_csv(tmp_path, rows, cams), "reid"))
     with pytest.warns(UserWarning, match="left 1 queries with unknown"):
@@ -419,6 +451,6 @@ def test_reid_leaves_out_queries_of_unknown_identity_and_ignores_unknown_cameras
     q, g = d.eval["query"], d.eval["gallery"]
     assert q.identities.tolist() == [3, 4] and q.cameras.tolist() == [-1, 1] and g.identities.tolist() == [3, 4, -1]
     task = task_class("reid")("t", {}, num_classes=2, in_dim=8)
-    oracle = lambda s: torch.nn.functional.one_hot(s.identities.clamp(min=0), 5).float() + 1e-3  # noqa: E731
+    oracle = lambda s: torch.nn.functional.one_hot(s.identities.clamp(min=0), 5).float() + 1e-3
     m = task.evaluate(oracle, d)
     assert m["num_queries"] == 2 and m["mAP"] == pytest.approx(1.0)

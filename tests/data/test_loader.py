@@ -3,15 +3,13 @@ read-ahead, ranks that read only their part, per-task sizes, bad files, and the 
 
 from __future__ import annotations
 
-import csv
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import make_image_folder, train_one_and_two_processes
 
+from helpers import make_image_folder, train_one_and_two_processes
 from ufo.config import parse_config
 from ufo.data.build import build_task_data
 from ufo.data.loader import Feed, MixedLoader, iter_batches
@@ -28,19 +26,26 @@ def folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "imgs", classes=4, per_class=10)
 
 
-def _loader(folder: Path, size=(24, 20), workers=0, world=1, rank=0, batch=12, seed=0, on_error="raise",
-            augment=AUG) -> MixedLoader:
+def _loader(
+    folder: Path, size=(24, 20), workers=0, world=1, rank=0, batch=12, seed=0, on_error="raise", augment=AUG
+) -> MixedLoader:
     ds = read_image_folder(folder, lazy=True)
     sampler = MixedTaskSampler([TaskSource("t", len(ds))], batch, seed=seed)
-    return MixedLoader([Feed("t", 0, ds, size, 3, augment=augment, on_error=on_error)], sampler, seed=seed,
-                       rank=rank, world=world, workers=workers)
+    return MixedLoader(
+        [Feed("t", 0, ds, size, 3, augment=augment, on_error=on_error)],
+        sampler,
+        seed=seed,
+        rank=rank,
+        world=world,
+        workers=workers,
+    )
 
 
 def test_lazy_folder_is_listed_not_decoded_and_decodes_like_the_eager_reader(folder):
     ds = read_image_folder(folder, lazy=True)
     assert not ds.in_memory and len(ds) == 40 and ds.class_names == ["c0", "c1", "c2", "c3"]
     with pytest.raises(DataError, match="streams its images"):
-        ds.images
+        _ = ds.images
     eager = read_image_folder(folder, image_size=(24, 20))
     mem = ds.to_memory((24, 20))
     assert mem.in_memory and torch.equal(mem.images, eager.images)
@@ -95,8 +100,9 @@ def test_each_rank_reads_its_slice_with_the_single_process_augmentation(folder):
 def test_tasks_of_different_sizes_come_as_one_chunk_per_size(folder):
     mem = read_image_folder(folder, image_size=16)
     sampler = MixedTaskSampler([TaskSource("a", 40), TaskSource("b", 40)], 16, quotas={"a": 6, "b": 10}, seed=1)
-    ld = MixedLoader([Feed("a", 0, mem, (16, 16)), Feed("b", 1, read_image_folder(folder, lazy=True), (24, 16))],
-                     sampler, workers=0)
+    ld = MixedLoader(
+        [Feed("a", 0, mem, (16, 16)), Feed("b", 1, read_image_folder(folder, lazy=True), (24, 16))], sampler, workers=0
+    )
     x, ids, y = ld.next()
     assert isinstance(x, list) and [tuple(t.shape) for t in x] == [(6, 3, 16, 16), (10, 3, 24, 16)]
     assert ids.tolist() == [0] * 6 + [1] * 10 and len(y) == 16
@@ -131,17 +137,44 @@ def test_iter_batches_of_a_streamed_set_equal_its_decoded_images(folder):
 def _cfg(folder: Path, **data) -> dict:
     return {
         "seed": 0,
-        "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1], "embed_dim": [16], "num_heads": [2],
-                  "mlp_ratio": [2.0]},
-        "tasks": {"t": {"kind": "classification", "img_size": [24, 16], "augment": {"crop_padding": 2},
-                        "data": {"reader": "image_folder", "path": str(folder), **data}}},
-        "train": {"steps": 6, "batch_size": 8, "ckpt_every": 2, "log_every": 1, "warmup_steps": 1, "threads": 1,
-                  "workers": 2},
+        "model": {
+            "img_size": 16,
+            "patch_size": 4,
+            "head_dim": 8,
+            "depth": [1],
+            "embed_dim": [16],
+            "num_heads": [2],
+            "mlp_ratio": [2.0],
+        },
+        "tasks": {
+            "t": {
+                "kind": "classification",
+                "img_size": [24, 16],
+                "augment": {"crop_padding": 2},
+                "data": {"reader": "image_folder", "path": str(folder), **data},
+            }
+        },
+        "train": {
+            "steps": 6,
+            "batch_size": 8,
+            "ckpt_every": 2,
+            "log_every": 1,
+            "warmup_steps": 1,
+            "threads": 1,
+            "workers": 2,
+        },
     }
 
 
-@pytest.mark.parametrize("data, streamed", [({}, False), ({"cache_max_mb": 0.01}, True),
-                                             ({"cache": "stream"}, True), ({"cache": "memory", "cache_max_mb": 0}, False)])
+@pytest.mark.parametrize(
+    "data, streamed",
+    [
+        ({}, False),
+        ({"cache_max_mb": 0.01}, True),
+        ({"cache": "stream"}, True),
+        ({"cache": "memory", "cache_max_mb": 0}, False),
+    ],
+)
 def test_cache_policy_decodes_small_sets_and_streams_the_rest(folder, data, streamed):
     cfg = parse_config(_cfg(folder, **data))
     d = build_task_data("t", cfg.tasks["t"], cfg)

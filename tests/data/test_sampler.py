@@ -39,6 +39,7 @@ def _check_pk(idx: np.ndarray, groups: np.ndarray, k: int, p: int) -> None:
 
 # ---- hetero ----
 
+
 def test_hetero_explicit_quotas_every_step() -> None:
     q = {"cls": 20, "face": 4, "reid": 8}
     s = MixedTaskSampler(_tasks(), 32, quotas=q, seed=1)
@@ -142,6 +143,7 @@ def test_pk_capacity_is_the_largest_batch_a_grouped_task_fills() -> None:
 
 # ---- other modes ----
 
+
 def test_round_robin_order() -> None:
     s = MixedTaskSampler(_tasks(), 24, mode="round_robin")
     for step in range(9):
@@ -170,13 +172,14 @@ def test_epoch_coverage_plain_task() -> None:
     s = MixedTaskSampler([TaskSource("a", 1000), TaskSource("b", 10)], 7, quotas={"a": 4, "b": 3}, seed=2)
     drawn = np.concatenate([s.next()["b"] for _ in range(10)])  # 30 draws = 3 epochs of 10
     for e in range(3):
-        assert sorted(drawn[10 * e: 10 * (e + 1)].tolist()) == list(range(10))
+        assert sorted(drawn[10 * e : 10 * (e + 1)].tolist()) == list(range(10))
     assert not np.array_equal(drawn[:10], drawn[10:20]), "reshuffled each epoch"
     big = MixedTaskSampler([TaskSource("x", 5)], 12, mode="round_robin").next()["x"]  # quota > size wraps
     assert sorted(big[:5].tolist()) == sorted(big[5:10].tolist()) == list(range(5))
 
 
 # ---- determinism and resumption ----
+
 
 @pytest.mark.parametrize("mode", ["hetero", "round_robin", "proportional"])
 def test_determinism(mode: str) -> None:
@@ -223,7 +226,8 @@ def test_state_mismatch_raises() -> None:
         "task list": MixedTaskSampler(_tasks()[:2], 32, seed=1),
         "'face' size": MixedTaskSampler([_tasks()[0], TaskSource("face", 201), _tasks()[2]], 32, seed=1),
         "'reid' group labels": MixedTaskSampler(
-            _tasks()[:2] + [TaskSource("reid", 160, groups=np.arange(160) % 40, k=4)], 32, seed=1),
+            _tasks()[:2] + [TaskSource("reid", 160, groups=np.arange(160) % 40, k=4)], 32, seed=1
+        ),
     }
     for what, other in cases.items():
         with pytest.raises(DataError, match=what):
@@ -233,6 +237,7 @@ def test_state_mismatch_raises() -> None:
 
 
 # ---- input validation ----
+
 
 def test_bad_inputs() -> None:
     t = [TaskSource("a", 10), TaskSource("b", 20)]

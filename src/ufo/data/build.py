@@ -12,8 +12,8 @@ the same rule; array-based ones (digits, mnist5k, alphadigits) are always in mem
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ def load_images(d: DataConfig, data_root: str | None, image_size: tuple[int, int
         return load_recipe(d.recipe, root=d.root or data_root, image_size=image_size, lazy=d.cache != "memory")
     path = Path(d.path)
     if not path.exists():
-        raise DataError(f"data path {path} does not exist; set `path:` of this task's data to your "
-                        f"{d.reader} data (relative paths are read from {Path.cwd()})")
+        raise DataError(
+            f"data path {path} does not exist; set `path:` of this task's data to your "
+            f"{d.reader} data (relative paths are read from {Path.cwd()})"
+        )
     if d.reader in STREAMING:
         return reader(d.reader)(path, on_error=d.on_error, lazy=True)
     return reader(d.reader)(path, image_size=image_size, on_error=d.on_error)
@@ -70,9 +72,12 @@ def place(data: TaskData, d: DataConfig, image_size: tuple[int, int], in_chans: 
     n = sum(len(p) for p in parts)
     mb = n * in_chans * image_size[0] * image_size[1] / 2**20
     if d.cache == "stream" or (d.cache == "auto" and mb > d.cache_max_mb):
-        data.notes.append(f"streamed from disk ({n:,} images, {mb:,.0f} MB at {image_size[0]}x{image_size[1]} "
-                          f"> cache_max_mb {d.cache_max_mb:g})" if d.cache == "auto" else
-                          f"streamed from disk ({n:,} images)")
+        data.notes.append(
+            f"streamed from disk ({n:,} images, {mb:,.0f} MB at {image_size[0]}x{image_size[1]} "
+            f"> cache_max_mb {d.cache_max_mb:g})"
+            if d.cache == "auto"
+            else f"streamed from disk ({n:,} images)"
+        )
         return data
     data.train = data.train.to_memory(image_size, None, d.on_error)
     data.eval = {k: v.to_memory(image_size, None, d.on_error) for k, v in data.eval.items()}
@@ -90,8 +95,12 @@ def _subsample(ds: ImageSet, n: int, seed: int) -> ImageSet:
 def _oneshot_sets(root: str | None, image_size: tuple[int, int]) -> list[dict[str, ImageSet]]:
     runs = []
     for r in load_oneshot_runs(root, image_size=image_size):
-        mk = lambda kind: ImageSet(images=r[f"{kind}_images"], labels=r[f"{kind}_labels"],  # noqa: E731
-                                   class_names=[str(i) for i in range(20)], name=f"{r['run']}/{kind}")
+        mk = lambda kind: ImageSet(
+            images=r[f"{kind}_images"],
+            labels=r[f"{kind}_labels"],
+            class_names=[str(i) for i in range(20)],
+            name=f"{r['run']}/{kind}",
+        )
         runs.append({"support": mk("support"), "query": mk("query")})
     return runs
 
@@ -129,8 +138,10 @@ def check_task_data(name: str, t: TaskConfig, data: TaskData) -> None:
         k = int(t.options.get("k", 4))
         ok = int((counts >= 2).sum())
         if ok < 2:
-            raise DataError(f"task {name!r}: P x K sampling needs at least 2 identities with 2 or more images; "
-                            f"the training split has {len(counts)} identities, {ok} with >= 2 images (K={k})")
+            raise DataError(
+                f"task {name!r}: P x K sampling needs at least 2 identities with 2 or more images; "
+                f"the training split has {len(counts)} identities, {ok} with >= 2 images (K={k})"
+            )
 
 
 def build_all(cfg: Config) -> dict[str, TaskData]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,10 +48,18 @@ class ImageSet:
     pairs: int64 (M, 4) official verification pairs (index a, index b, same 0/1, fold), or None.
     """
 
-    def __init__(self, images: torch.Tensor | ImageStore, labels: torch.Tensor, class_names: Sequence[str],
-                 identities: torch.Tensor | None = None, cameras: torch.Tensor | None = None,
-                 split: Sequence[str] | None = None, origin: Sequence[str] | None = None, name: str = "images",
-                 pairs: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor | ImageStore,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        identities: torch.Tensor | None = None,
+        cameras: torch.Tensor | None = None,
+        split: Sequence[str] | None = None,
+        origin: Sequence[str] | None = None,
+        name: str = "images",
+        pairs: np.ndarray | None = None,
+    ) -> None:
         self.name = name
         if isinstance(images, ImageStore):
             if origin:
@@ -93,8 +102,13 @@ class ImageSet:
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.image_shape)) if self.in_memory else self.store.describe()
         extra = "".join(
-            f", {k}" for k, v in (("identities", self.identities), ("cameras", self.cameras), ("split", self.split),
-                                  ("pairs", self.pairs))
+            f", {k}"
+            for k, v in (
+                ("identities", self.identities),
+                ("cameras", self.cameras),
+                ("split", self.split),
+                ("pairs", self.pairs),
+            )
             if v is not None
         )
         return f"ImageSet({self.name!r}, n={len(self)}, classes={self.num_classes}, {shape}{extra})"
@@ -109,8 +123,10 @@ class ImageSet:
         """uint8 (N, C, H, W) of an in-memory set. A streamed set has no such tensor: read it in
         batches (`ufo.data.loader.iter_batches`) or decode it whole with `to_memory()`."""
         if not self.in_memory:
-            raise DataError(f"ImageSet {self.name!r} streams its images ({self.store.describe()}); read it with "
-                            "ufo.data.loader.iter_batches, or decode it whole with .to_memory(image_size)")
+            raise DataError(
+                f"ImageSet {self.name!r} streams its images ({self.store.describe()}); read it with "
+                "ufo.data.loader.iter_batches, or decode it whole with .to_memory(image_size)"
+            )
         return self.store.images
 
     @property
@@ -132,7 +148,7 @@ class ImageSet:
         """Number of samples of each class, int64 (num_classes,)."""
         return torch.bincount(self.labels, minlength=self.num_classes)
 
-    def replace(self, **changes: Any) -> "ImageSet":
+    def replace(self, **changes: Any) -> ImageSet:
         """The same set with some of its fields changed (images/store are shared, never copied)."""
         unknown = sorted(set(changes) - set(_FIELDS) - {"images"})
         if unknown:
@@ -142,7 +158,7 @@ class ImageSet:
         images = kw.pop("images", self.store)
         return ImageSet(images, **kw)
 
-    def subset(self, indices: Indices) -> "ImageSet":
+    def subset(self, indices: Indices) -> ImageSet:
         """The samples at `indices` (ints or a boolean mask), with every field kept consistent.
 
         Labels and class_names are unchanged; call `relabel()` to drop classes left empty. Pairs
@@ -176,22 +192,29 @@ class ImageSet:
             pairs=pairs,
         )
 
-    def relabel(self) -> "ImageSet":
+    def relabel(self) -> ImageSet:
         """Same samples with the used labels renumbered 0..k-1 (in their old order) and class_names
         filtered to the used classes."""
         used = torch.unique(self.labels)  # sorted
         remap = torch.full((max(self.num_classes, 1),), -1, dtype=torch.int64)
         remap[used] = torch.arange(used.numel())
-        return self.replace(labels=remap[self.labels] if len(self) else self.labels.clone(),
-                            class_names=[self.class_names[i] for i in used.tolist()])
+        return self.replace(
+            labels=remap[self.labels] if len(self) else self.labels.clone(),
+            class_names=[self.class_names[i] for i in used.tolist()],
+        )
 
-    def with_labels(self, labels: torch.Tensor, class_names: list[str]) -> "ImageSet":
+    def with_labels(self, labels: torch.Tensor, class_names: list[str]) -> ImageSet:
         """Same images with other labels (e.g. identities used as classes for re-identification)."""
         return self.replace(labels=labels, class_names=list(class_names))
 
     # ----- decoding -----
-    def to_memory(self, image_size: int | tuple[int, int] | None = None, channels: int | None = None,
-                  on_error: str = "raise", threads: int | None = None) -> "ImageSet":
+    def to_memory(
+        self,
+        image_size: int | tuple[int, int] | None = None,
+        channels: int | None = None,
+        on_error: str = "raise",
+        threads: int | None = None,
+    ) -> ImageSet:
         """Every image decoded into memory (uint8) at `image_size` (None: the files' own size, which
         must then agree). Unreadable images raise a DataError naming them, or with on_error="skip"
         are dropped with one counted warning. Decoding runs on `threads` threads (PIL releases the
@@ -290,8 +313,7 @@ class Collector:
         """uint8 (N, C, H, W) of the kept images; warns about the skipped ones."""
         if self.skipped:
             warnings.warn(
-                f"skipped {len(self.skipped)} unreadable image(s) in {self.where}: "
-                f"{some(self.skipped)}",
+                f"skipped {len(self.skipped)} unreadable image(s) in {self.where}: {some(self.skipped)}",
                 stacklevel=3,
             )
         if not self.arrays:
@@ -366,7 +388,7 @@ def encode_values(values: Iterable[str], keep_ints: bool = False) -> tuple[torch
 # Per-process decode cache.
 # ---------------------------------------------------------------------------------------------
 
-_CACHE: "OrderedDict[tuple, tuple[ImageSet, list[str]]]" = OrderedDict()
+_CACHE: OrderedDict[tuple, tuple[ImageSet, list[str]]] = OrderedDict()
 _CACHE_MAX = 16
 _CACHE_STATS = Counter()
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -43,8 +44,9 @@ def to_chw(arr: np.ndarray, channels: int | None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def adapt(arr: np.ndarray, size_hw: tuple[int, int] | None, channels: int | None, box: BoxFn | None = None
-          ) -> np.ndarray:
+def adapt(
+    arr: np.ndarray, size_hw: tuple[int, int] | None, channels: int | None, box: BoxFn | None = None
+) -> np.ndarray:
     """uint8 (H, W) or (H, W, 3) -> (C, H', W'): the box cut out and resized (PIL bilinear), channels forced."""
     h, w = arr.shape[:2]
     b = None if box is None else box(w, h)
@@ -53,7 +55,7 @@ def adapt(arr: np.ndarray, size_hw: tuple[int, int] | None, channels: int | None
     if b is not None or (size_hw is not None and (h, w) != tuple(size_hw)):
         im = Image.fromarray(arr)
         if size_hw is None:
-            im = im.crop(tuple(int(round(v)) for v in b))
+            im = im.crop(tuple(round(v) for v in b))
         else:
             im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=b)
         arr = np.asarray(im)
@@ -85,8 +87,9 @@ def _draft(im: Image.Image, gray: bool, b: Box, size_hw: tuple[int, int]) -> Box
     return (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)
 
 
-def decode(src: Any, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-           box: BoxFn | None = None) -> np.ndarray:
+def decode(
+    src: Any, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+) -> np.ndarray:
     """Decode one image (path, bytes or file object) to uint8 (C, H, W); see the module docstring."""
     if isinstance(src, Path) and src.suffix.lower() in (".pgm", ".ppm", ".pnm"):
         src = src.read_bytes()
@@ -101,8 +104,13 @@ def decode(src: Any, size_hw: tuple[int, int] | None = None, channels: int | Non
         return from_pil(im, size_hw, channels, box, draft=True)
 
 
-def from_pil(im: Image.Image, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None, draft: bool = False) -> np.ndarray:
+def from_pil(
+    im: Image.Image,
+    size_hw: tuple[int, int] | None = None,
+    channels: int | None = None,
+    box: BoxFn | None = None,
+    draft: bool = False,
+) -> np.ndarray:
     """A PIL image -> uint8 (C, H, W), as `decode` reads files (it calls this on the opened file).
     `draft`: an opened JPEG not yet loaded may decode at a reduced DCT scale (this changes `im`)."""
     gray = channels == 1 or (channels is None and im.mode in GRAY_MODES)
@@ -120,5 +128,5 @@ def from_pil(im: Image.Image, size_hw: tuple[int, int] | None = None, channels: 
     if size_hw is not None and (not full or im.size != (size_hw[1], size_hw[0])):
         im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=None if full else b)
     elif not full:
-        im = im.crop(tuple(int(round(v)) for v in b))
+        im = im.crop(tuple(round(v) for v in b))
     return to_chw(np.asarray(im), channels)

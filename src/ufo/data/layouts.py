@@ -18,8 +18,8 @@ import csv
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,8 +53,7 @@ class _Problems:
 
     def warn(self) -> None:
         if self.items:
-            warnings.warn(f"skipped {len(self.items)} {self.what}(s) in {self.where}: "
-                          f"{some(self.items)}", stacklevel=4)
+            warnings.warn(f"skipped {len(self.items)} {self.what}(s) in {self.where}: {some(self.items)}", stacklevel=4)
 
 
 def _find_base(root: Path, marker: str, names: Sequence[str] = ()) -> Path | None:
@@ -93,8 +92,10 @@ def read_market1501(
     root = _need(Path(root), "Market-1501 folder")
     base = _find_base(root, "bounding_box_train") if root.is_dir() else None
     if base is None:
-        raise DataError(f"Market-1501 layout not found under {root}: expected {root}/bounding_box_train/, "
-                        "query/ and bounding_box_test/ of PPPP_cCsS_FFFFFF_NN.jpg files")
+        raise DataError(
+            f"Market-1501 layout not found under {root}: expected {root}/bounding_box_train/, "
+            "query/ and bounding_box_test/ of PPPP_cCsS_FFFFFF_NN.jpg files"
+        )
 
     def load() -> ImageSet:
         rel, pids, cams, split = [], [], [], []
@@ -103,13 +104,17 @@ def read_market1501(
         for folder, part in _MARKET_PARTS:
             d = base / folder
             if not d.is_dir():
-                raise DataError(f"Market-1501 folder {base} has no {folder}/; expected bounding_box_train/, "
-                                "query/ and bounding_box_test/")
+                raise DataError(
+                    f"Market-1501 folder {base} has no {folder}/; expected bounding_box_train/, "
+                    "query/ and bounding_box_test/"
+                )
             for f in list_images(d, (".jpg", ".jpeg")):
                 m = _MARKET_NAME.fullmatch(f)
                 if m is None:
-                    bad.add(f"Market-1501 file {d / f}: the name is not PPPP_cCsS_FFFFFF_NN.jpg "
-                            "(person id, camera C, sequence S, frame, box)")
+                    bad.add(
+                        f"Market-1501 file {d / f}: the name is not PPPP_cCsS_FFFFFF_NN.jpg "
+                        "(person id, camera C, sequence S, frame, box)"
+                    )
                     continue
                 pid = int(m.group(1))
                 if pid == -1 or (pid == 0 and part != "gallery"):
@@ -122,8 +127,11 @@ def read_market1501(
                 split.append(part)
         bad.warn()
         if left_out:
-            warnings.warn(f"Market-1501 {base}: left out {sum(left_out.values())} images the protocol does not "
-                          f"score ({', '.join(f'{n} {k}' for k, n in left_out.items())})", stacklevel=3)
+            warnings.warn(
+                f"Market-1501 {base}: left out {sum(left_out.values())} images the protocol does not "
+                f"score ({', '.join(f'{n} {k}' for k, n in left_out.items())})",
+                stacklevel=3,
+            )
         if not rel:
             raise DataError(f"no usable images in Market-1501 folder {base}")
         ids = sorted(set(pids))
@@ -158,13 +166,19 @@ def _lfw_pairs(path: Path, index: dict[tuple[str, int], int], on_error: str) -> 
     lines = path.read_text(encoding="utf-8-sig").splitlines()
     head = lines[0].split() if lines else []
     if not (1 <= len(head) <= 2 and all(h.isdigit() for h in head)):
-        raise DataError(f"LFW pairs file {path}: line 1 should be the header 'FOLDS PAIRS' (e.g. '10 300') or "
-                        f"'PAIRS', got {lines[0][:60]!r}" if lines else f"LFW pairs file {path} is empty")
+        raise DataError(
+            f"LFW pairs file {path}: line 1 should be the header 'FOLDS PAIRS' (e.g. '10 300') or "
+            f"'PAIRS', got {lines[0][:60]!r}"
+            if lines
+            else f"LFW pairs file {path} is empty"
+        )
     folds, n = (1, int(head[0])) if len(head) == 1 else (int(head[0]), int(head[1]))
     body = [(no, ln.split()) for no, ln in enumerate(lines[1:], start=2) if ln.strip()]
     if len(body) != 2 * folds * n:
-        raise DataError(f"LFW pairs file {path}: the header '{lines[0].strip()}' announces {2 * folds * n} pairs "
-                        f"({folds} fold(s) x {n} matched + {n} mismatched) but the file has {len(body)}")
+        raise DataError(
+            f"LFW pairs file {path}: the header '{lines[0].strip()}' announces {2 * folds * n} pairs "
+            f"({folds} fold(s) x {n} matched + {n} mismatched) but the file has {len(body)}"
+        )
     missing = _Problems(f"LFW pairs file {path}", on_error, "pair")
     rows = []
     for k, (no, tok) in enumerate(body):
@@ -177,8 +191,9 @@ def _lfw_pairs(path: Path, index: dict[tuple[str, int], int], on_error: str) -> 
             else:
                 raise ValueError
         except ValueError:
-            raise DataError(f"{where}: expected 'name n1 n2' (matched) or 'name1 n1 name2 n2' (mismatched), "
-                            f"got {' '.join(tok)!r}") from None
+            raise DataError(
+                f"{where}: expected 'name n1 n2' (matched) or 'name1 n1 name2 n2' (mismatched), got {' '.join(tok)!r}"
+            ) from None
         absent = [f"{p}/{p}_{i:04d}.jpg" for p, i in (a, b) if (p, i) not in index]
         if absent:
             missing.add(f"{where}: image {absent[0]} does not exist")
@@ -229,8 +244,15 @@ def read_lfw(
             tested = set(np.asarray(labels)[pair_rows[:, :2].ravel()].tolist()) if len(pair_rows) else set()
             split = ["test" if c in tested else "train" for c in labels]
         lab = torch.tensor(labels, dtype=torch.int64)
-        ds = ImageSet(FileStore(images, rel), labels=lab, class_names=names, identities=lab.clone(), split=split,
-                      name="lfw", pairs=pair_rows)
+        ds = ImageSet(
+            FileStore(images, rel),
+            labels=lab,
+            class_names=names,
+            identities=lab.clone(),
+            split=split,
+            name="lfw",
+            pairs=pair_rows,
+        )
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [images] + ([pairs_file] if pairs_file is not None else [])
@@ -262,8 +284,9 @@ def read_sop(
     root = _need(Path(root), "Stanford Online Products folder")
     base = _find_base(root, "Ebay_train.txt", ["Stanford_Online_Products"]) if root.is_dir() else None
     if base is None:
-        raise DataError(f"Stanford Online Products layout not found under {root}: expected {root}/Ebay_train.txt "
-                        "and Ebay_test.txt")
+        raise DataError(
+            f"Stanford Online Products layout not found under {root}: expected {root}/Ebay_train.txt and Ebay_test.txt"
+        )
 
     def load() -> ImageSet:
         paths, classes, split, wheres = [], [], [], []
@@ -272,8 +295,10 @@ def read_sop(
             lst = _need(base / fname, "Stanford Online Products list file")
             lines = lst.read_text(encoding="utf-8-sig").splitlines()
             if not lines or [h.lower() for h in lines[0].split()] != _SOP_HEADER:
-                raise DataError(f"SOP list file {lst}: line 1 should be the header '{' '.join(_SOP_HEADER)}', "
-                                f"got {(lines or [''])[0][:80]!r}")
+                raise DataError(
+                    f"SOP list file {lst}: line 1 should be the header '{' '.join(_SOP_HEADER)}', "
+                    f"got {(lines or [''])[0][:80]!r}"
+                )
             for no, ln in enumerate(lines[1:], start=2):
                 tok = ln.split()
                 if not tok:
@@ -310,12 +335,14 @@ def _val_solution(root: Path, given: str | Path | None) -> Path | None:
     if given is not None:
         return _need(Path(given), "ImageNet validation labels")
     # Kaggle's layout keeps it three levels above ILSVRC/Data/CLS-LOC/
-    return next((d / _VAL_SOLUTION for d in (root, *list(root.resolve().parents)[:3]) if (d / _VAL_SOLUTION).is_file()),
-                None)
+    return next(
+        (d / _VAL_SOLUTION for d in (root, *list(root.resolve().parents)[:3]) if (d / _VAL_SOLUTION).is_file()), None
+    )
 
 
-def _flat_val(val: Path, solution: Path, classes: dict[str, int], exts: Sequence[str], on_error: str
-              ) -> tuple[list[str], list[int]]:
+def _flat_val(
+    val: Path, solution: Path, classes: dict[str, int], exts: Sequence[str], on_error: str
+) -> tuple[list[str], list[int]]:
     """(paths relative to val's parent, labels) of a flat val/ folder labelled by
     LOC_val_solution.csv (`ImageId,PredictionString`, the first token of which is the wnid)."""
     files = {os.path.splitext(f)[0]: f for f in list_images(val, exts)}
@@ -323,8 +350,10 @@ def _flat_val(val: Path, solution: Path, classes: dict[str, int], exts: Sequence
     reader = csv.reader(lines)
     header = [h.strip() for h in next(reader, [])]
     if "ImageId" not in header or "PredictionString" not in header:
-        raise DataError(f"ImageNet validation labels {solution}: line 1 should be 'ImageId,PredictionString', "
-                        f"got {','.join(header)[:80]!r}")
+        raise DataError(
+            f"ImageNet validation labels {solution}: line 1 should be 'ImageId,PredictionString', "
+            f"got {','.join(header)[:80]!r}"
+        )
     col_id, col_pred = header.index("ImageId"), header.index("PredictionString")
     missing = _Problems(f"ImageNet {val}", on_error, "image")
     rel, labels, seen = [], [], set()
@@ -346,8 +375,9 @@ def _flat_val(val: Path, solution: Path, classes: dict[str, int], exts: Sequence
     missing.warn()
     unlabelled = len(files) - len(seen)
     if unlabelled:
-        warnings.warn(f"ImageNet {val}: left out {unlabelled} image(s) that {solution.name} does not label",
-                      stacklevel=4)
+        warnings.warn(
+            f"ImageNet {val}: left out {unlabelled} image(s) that {solution.name} does not label", stacklevel=4
+        )
     return rel, labels
 
 
@@ -369,8 +399,10 @@ def read_imagenet(
     root = _need(Path(root), "ImageNet folder")
     train_dir, val = root / "train", root / "val"
     if not train_dir.is_dir():
-        raise DataError(f"ImageNet layout not found under {root}: expected {root}/train/<wnid>/*.JPEG "
-                        "(and val/<wnid>/*.JPEG, or a flat val/ with LOC_val_solution.csv)")
+        raise DataError(
+            f"ImageNet layout not found under {root}: expected {root}/train/<wnid>/*.JPEG "
+            "(and val/<wnid>/*.JPEG, or a flat val/ with LOC_val_solution.csv)"
+        )
     exts = tuple(IMAGE_EXTENSIONS)
     solution = _val_solution(root, val_solution) if val.is_dir() else None
 
@@ -389,15 +421,22 @@ def read_imagenet(
                     rel += [f"val/{d}/{f}" for f in files]
                     labels += [classes[d]] * len(files)
             elif solution is None:
-                raise DataError(f"ImageNet {val} is a flat folder: its labels need {_VAL_SOLUTION} (in {root} or "
-                                "above it), or sort val/ into val/<wnid>/ folders")
+                raise DataError(
+                    f"ImageNet {val} is a flat folder: its labels need {_VAL_SOLUTION} (in {root} or "
+                    "above it), or sort val/ into val/<wnid>/ folders"
+                )
             else:
                 v_rel, v_labels = _flat_val(val, solution, classes, exts, on_error)
                 rel, labels = rel + v_rel, labels + v_labels
             split += ["test"] * (len(rel) - len(split))
         has_val = split[-1] == "test"  # val images come last
-        ds = ImageSet(FileStore(root, rel), labels=torch.tensor(labels, dtype=torch.int64), class_names=names,
-                      split=split if has_val else None, name="imagenet")
+        ds = ImageSet(
+            FileStore(root, rel),
+            labels=torch.tensor(labels, dtype=torch.int64),
+            class_names=names,
+            split=split if has_val else None,
+            name="imagenet",
+        )
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [train_dir] + ([val] if val.is_dir() else []) + ([solution] if solution is not None else [])

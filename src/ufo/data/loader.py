@@ -24,9 +24,10 @@ import copy
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ class Feed:
 
 # ----- what the workers run -----
 
+
 class _Samples(Dataset):
     """(feed, sample index, step, slot) -> (feed, uint8 image, label, skipped problems, error)."""
 
@@ -79,8 +81,7 @@ class _Samples(Dataset):
         # on CPU the workers also convert to float and normalise (as a torchvision pipeline does),
         # leaving the training process's cores to the model; for a GPU they send uint8 (4x less to
         # copy) and the GPU normalises
-        self.norm = [build_transform(f.size, f.mean, f.std, in_chans=f.in_chans) if normalize else None
-                     for f in feeds]
+        self.norm = [build_transform(f.size, f.mean, f.std, in_chans=f.in_chans) if normalize else None for f in feeds]
         self.ids = [f.index for f in feeds]
         self.stores: list[ImageStore] = [f.data.store for f in feeds]
         self.labels = [f.data.labels.numpy() for f in feeds]
@@ -108,7 +109,11 @@ class _Samples(Dataset):
                     return f, None, label, skipped, problem, step
                 skipped.append(problem)
                 same = self.members[f].get(label)
-                i = int(rng.choice(same)) if same is not None and len(same) > 1 else int(rng.integers(len(self.labels[f])))
+                i = (
+                    int(rng.choice(same))
+                    if same is not None and len(same) > 1
+                    else int(rng.integers(len(self.labels[f])))
+                )
                 label = int(self.labels[f][i])
         return f, None, label, skipped, f"{MAX_TRIES} unreadable images in a row (last: {skipped[-1]})", step
 
@@ -162,6 +167,7 @@ class _PlanBatches(Sampler):
 
 # ----- the training loader -----
 
+
 class MixedLoader:
     """Model input for each step of a `MixedTaskSampler` (see the module docstring).
 
@@ -169,9 +175,17 @@ class MixedLoader:
     every task in the step has the same input size, else a list with one tensor per size (task ids
     and labels follow the list's order)."""
 
-    def __init__(self, feeds: Sequence[Feed], sampler: MixedTaskSampler, seed: int = 0, rank: int = 0,
-                 world: int = 1, device: torch.device | str = "cpu", workers: int | None = None,
-                 prefetch: int = 4) -> None:
+    def __init__(
+        self,
+        feeds: Sequence[Feed],
+        sampler: MixedTaskSampler,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+        workers: int | None = None,
+        prefetch: int = 4,
+    ) -> None:
         by_name = {f.name: f for f in feeds}
         missing = [n for n in sampler.names if n not in by_name]
         if missing:
@@ -187,11 +201,13 @@ class MixedLoader:
         streamed = []
         for f in self.feeds:
             if f.data.in_memory:
-                self.memory[f.name] = build_transform(f.size, f.mean, f.std, train=True, augment=f.augment,
-                                                      in_chans=f.in_chans)
+                self.memory[f.name] = build_transform(
+                    f.size, f.mean, f.std, train=True, augment=f.augment, in_chans=f.in_chans
+                )
             else:
-                self.post[f.name] = post_transform(f.size, f.mean, f.std, train=True, augment=f.augment,
-                                                   in_chans=f.in_chans)
+                self.post[f.name] = post_transform(
+                    f.size, f.mean, f.std, train=True, augment=f.augment, in_chans=f.in_chans
+                )
                 self.erasing[f.name] = self.post[f.name].aug["erasing"]
                 streamed.append(f)
         self.streamed = {f.name: k for k, f in enumerate(streamed)}
@@ -222,10 +238,15 @@ class MixedLoader:
         if self._it is None:
             batches = _PlanBatches(self.sampler, self.sampler.state_dict(), self.streamed, self.rank, self.world)
             w = self.workers
-            self._loader = DataLoader(self._samples, batch_sampler=batches, num_workers=w,
-                                      collate_fn=partial(_collate, norm=self._samples.norm),
-                                      pin_memory=self.device.type == "cuda", persistent_workers=w > 0,
-                                      prefetch_factor=self.prefetch if w > 0 else None)
+            self._loader = DataLoader(
+                self._samples,
+                batch_sampler=batches,
+                num_workers=w,
+                collate_fn=partial(_collate, norm=self._samples.norm),
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=w > 0,
+                prefetch_factor=self.prefetch if w > 0 else None,
+            )
             self._it = iter(self._loader)
         return self._it
 
@@ -234,8 +255,10 @@ class MixedLoader:
             self.skipped[self._names[f]] += 1
             if self._warned < _SHOW:
                 self._warned += 1
-                warnings.warn(f"task {self._names[f]!r}: {problem}; replaced by another image of the same label "
-                              "(on_error: skip)", stacklevel=3)
+                warnings.warn(
+                    f"task {self._names[f]!r}: {problem}; replaced by another image of the same label (on_error: skip)",
+                    stacklevel=3,
+                )
 
     def next(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
         stream = self._stream() if self.streamed else None  # started at the position before this step
@@ -266,8 +289,9 @@ class MixedLoader:
                 parts[name] = (x, y.to(self.device, non_blocking=True))
         return self._assemble(parts)
 
-    def _assemble(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                  ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _assemble(
+        self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Tasks in model order, grouped into one chunk per input size."""
         chunks: dict[tuple[int, int], list[tuple[Feed, torch.Tensor, torch.Tensor]]] = {}
         for f in self.feeds:
@@ -285,6 +309,7 @@ class MixedLoader:
 
 
 # ----- evaluation -----
+
 
 class _EvalSamples(Dataset):
     def __init__(self, store: ImageStore, size: tuple[int, int], in_chans: int) -> None:
@@ -314,8 +339,14 @@ class _Collate:
         return _stack_eval(items, self.size, self.in_chans)
 
 
-def iter_batches(ds: ImageSet, image_size: int | tuple[int, int], in_chans: int = 3, batch_size: int = 256,
-                 workers: int | None = None, on_error: str = "raise") -> Iterator[torch.Tensor]:
+def iter_batches(
+    ds: ImageSet,
+    image_size: int | tuple[int, int],
+    in_chans: int = 3,
+    batch_size: int = 256,
+    workers: int | None = None,
+    on_error: str = "raise",
+) -> Iterator[torch.Tensor]:
     """`ds`'s images in order, as uint8 (B, C, H, W) batches.
 
     An in-memory set yields slices of its tensor (already at the size it was decoded at; the eval
@@ -330,8 +361,12 @@ def iter_batches(ds: ImageSet, image_size: int | tuple[int, int], in_chans: int 
         return
     size = as_hw(image_size)
     w = default_workers(workers) if n >= 512 else 0
-    loader = DataLoader(_EvalSamples(ds.store, size, in_chans), batch_size=batch_size, num_workers=w,
-                        collate_fn=_Collate(size, in_chans))
+    loader = DataLoader(
+        _EvalSamples(ds.store, size, in_chans),
+        batch_size=batch_size,
+        num_workers=w,
+        collate_fn=_Collate(size, in_chans),
+    )
     problems: list[str] = []
     for x, bad in loader:
         if bad and on_error == "raise":
@@ -339,5 +374,6 @@ def iter_batches(ds: ImageSet, image_size: int | tuple[int, int], in_chans: int 
         problems += bad
         yield x
     if problems:
-        warnings.warn(f"{ds.name}: {len(problems)} unreadable image(s) scored as black images: "
-                      f"{some(problems)}", stacklevel=2)
+        warnings.warn(
+            f"{ds.name}: {len(problems)} unreadable image(s) scored as black images: {some(problems)}", stacklevel=2
+        )

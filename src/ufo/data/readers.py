@@ -28,8 +28,9 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -82,8 +83,9 @@ class _Collector(Collector):
         super().__init__(where, _size_hw(image_size), channels, on_error)
 
 
-def decode_set(ds: ImageSet, lazy: bool, image_size: ImageSize, channels: int | None, on_error: str,
-               relabel: bool = True) -> ImageSet:
+def decode_set(
+    ds: ImageSet, lazy: bool, image_size: ImageSize, channels: int | None, on_error: str, relabel: bool = True
+) -> ImageSet:
     """A listed set as the reader returns it: streamed (`lazy`), else decoded into memory, with
     classes left empty by skipped images dropped (`relabel`)."""
     if lazy:
@@ -95,8 +97,11 @@ def decode_set(ds: ImageSet, lazy: bool, image_size: ImageSize, channels: int | 
 def list_images(folder: Path, exts: Sequence[str]) -> list[str]:
     """Names of the image files directly in `folder`, in natural order (no per-file stat)."""
     with os.scandir(folder) as it:
-        names = [e.name for e in it if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in exts
-                 and e.is_file()]
+        names = [
+            e.name
+            for e in it
+            if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in exts and e.is_file()
+        ]
     return sorted(names, key=_natural_key)
 
 
@@ -126,15 +131,17 @@ def read_image_folder(
 
     def load() -> ImageSet:
         names, rel, labels = folder_classes(root, exts, on_error)
-        ds = ImageSet(FileStore(root, rel), labels=torch.tensor(labels, dtype=torch.int64), class_names=names,
-                      name=root.name)
+        ds = ImageSet(
+            FileStore(root, rel), labels=torch.tensor(labels, dtype=torch.int64), class_names=names, name=root.name
+        )
         return decode_set(ds, lazy, image_size, channels, on_error)
 
     return cached("read_image_folder", [root], _params(image_size, channels, on_error, ext=exts, lazy=lazy), load)
 
 
-def folder_classes(root: Path, exts: Sequence[str], on_error: str, prefix: str = ""
-                   ) -> tuple[list[str], list[str], list[int]]:
+def folder_classes(
+    root: Path, exts: Sequence[str], on_error: str, prefix: str = ""
+) -> tuple[list[str], list[str], list[int]]:
     """(class names, file paths relative to root's parent folder `prefix`, label of each file) of
     `root/<class>/<image>`; empty class folders raise, or are skipped with a warning."""
     if not root.is_dir():
@@ -151,8 +158,9 @@ def folder_classes(root: Path, exts: Sequence[str], on_error: str, prefix: str =
         files = list_images(root / d, exts)
         if not files:
             if on_error == "raise":
-                raise DataError(f"class folder {root / d} has no images (extensions {', '.join(exts)}); "
-                                "add images or remove it")
+                raise DataError(
+                    f"class folder {root / d} has no images (extensions {', '.join(exts)}); add images or remove it"
+                )
             empty.append(str(root / d))
             continue
         rel += [os.path.join(prefix, d, f) for f in files]
@@ -222,8 +230,7 @@ def read_csv_manifest(
         if not n_rows:
             raise DataError(f"CSV manifest {path} has a header but no rows")
         if missing:
-            warnings.warn(f"skipped {len(missing)} missing image(s) in {path}: {some(missing)}",
-                          stacklevel=3)
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {path}: {some(missing)}", stacklevel=3)
         if not rows:
             raise DataError(f"no readable images in {path}")
         labels, names = encode_values([r["label"] for r in rows])
@@ -406,8 +413,12 @@ def read_zip_images(
             raise DataError(f"no images ({', '.join(exts)}) in {', '.join(map(str, paths))}")
         labels, names = encode_values(classes)
         store = ZipStore([str(p) for p in paths], np.array(zip_index, np.int32), np.array(members, dtype=np.bytes_))
-        ds = ImageSet(store, labels=labels, class_names=names,
-                      name=paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths))
+        ds = ImageSet(
+            store,
+            labels=labels,
+            class_names=names,
+            name=paths[0].stem if len(paths) == 1 else "+".join(p.stem for p in paths),
+        )
         return decode_set(ds, lazy, image_size, channels, on_error)
 
     params = _params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts, lazy=lazy)
@@ -498,8 +509,7 @@ def read_gtsrb(
             for n, row in _read_semicolon_csv(csv_path, ("Filename", "ClassId")):
                 add(csv_path, n, row, os.path.join("Final_Test", "Images"), "test")
         if missing:
-            warnings.warn(f"skipped {len(missing)} missing image(s) in {base}: {some(missing)}",
-                          stacklevel=3)
+            warnings.warn(f"skipped {len(missing)} missing image(s) in {base}: {some(missing)}", stacklevel=3)
         if not meta:
             raise DataError(f"no readable images in {base}")
         tracks = sorted({m[1] for m in meta if m[1] is not None})

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -98,8 +98,9 @@ def _dataset_dir(recipe: Recipe, root: str | Path | None) -> Path:
     raise DataError(f"dataset {recipe.name!r} not found: expected the folder {expected}{what}; {_HOW}")
 
 
-def load_recipe(name: str, root: str | Path | None = None, image_size: ImageSize = None,
-                lazy: bool = False) -> ImageSet:
+def load_recipe(
+    name: str, root: str | Path | None = None, image_size: ImageSize = None, lazy: bool = False
+) -> ImageSet:
     """Read the built-in dataset `name` (see `list_recipes()`), decoded once per process.
 
     `root` is the data root holding the dataset's folder, or that folder itself; `image_size`

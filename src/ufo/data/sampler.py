@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -162,15 +163,17 @@ def _check_task(i: int, t: TaskSource) -> None:
     if not isinstance(t.name, str) or not t.name:
         raise DataError(f"tasks[{i}]: name must be a non-empty string, got {t.name!r}")
     if not _is_int(t.size) or t.size <= 0:
-        raise DataError(f"task {t.name!r}: size must be a positive int, got {t.size!r} "
-                        "(an empty task cannot be sampled)")
+        raise DataError(
+            f"task {t.name!r}: size must be a positive int, got {t.size!r} (an empty task cannot be sampled)"
+        )
     if t.groups is not None:
         if not _is_int(t.k) or t.k < 1:
             raise DataError(f"task {t.name!r}: k must be a positive int, got {t.k!r}")
         g = np.asarray(t.groups)
         if g.ndim != 1 or len(g) != t.size:
-            raise DataError(f"task {t.name!r}: groups must be 1-D with one label per sample ({t.size}), "
-                            f"got shape {g.shape}")
+            raise DataError(
+                f"task {t.name!r}: groups must be 1-D with one label per sample ({t.size}), got shape {g.shape}"
+            )
 
 
 def _group_members(groups: np.ndarray) -> tuple[int, list[np.ndarray], str]:
@@ -195,9 +198,11 @@ def _check_groups(t: TaskSource, n_groups: int, n_eligible: int, p: int, share: 
     p = max(p, 2)
     if n_eligible < p:
         why = f", batch share {share}" if share is not None else ""
-        raise DataError(f"task {t.name!r}: P x K sampling needs P={p} distinct groups with >= 2 samples "
-                        f"(K={t.k}{why}), but it has {n_groups} groups of which only {n_eligible} have "
-                        ">= 2 samples; lower its share, batch_size or k, or add data")
+        raise DataError(
+            f"task {t.name!r}: P x K sampling needs P={p} distinct groups with >= 2 samples "
+            f"(K={t.k}{why}), but it has {n_groups} groups of which only {n_eligible} have "
+            ">= 2 samples; lower its share, batch_size or k, or add data"
+        )
 
 
 def _fits(r: int, units: list[tuple[int, int]]) -> bool:
@@ -224,8 +229,9 @@ def temperature_probs(sizes: list[int], temperature: float) -> np.ndarray:
     return p / p.sum()
 
 
-def allocate_quotas(targets: np.ndarray, batch_size: int, lo: list[int], unit: list[int],
-                    hi: list[int | None], names: list[str]) -> list[int]:
+def allocate_quotas(
+    targets: np.ndarray, batch_size: int, lo: list[int], unit: list[int], hi: list[int | None], names: list[str]
+) -> list[int]:
     """Integer shares near `targets` that sum to batch_size, each in [lo, hi] and a multiple of unit.
 
     Starts from the minimums and adds one unit at a time where it most reduces |target - share|
@@ -235,20 +241,26 @@ def allocate_quotas(targets: np.ndarray, batch_size: int, lo: list[int], unit: l
     rest = batch_size - sum(q)
     if rest < 0:
         need = ", ".join(f"{n}={m}" for n, m in zip(names, lo))
-        raise DataError(f"hetero mode needs batch_size >= {sum(lo)} (every task at least 1 sample per batch, "
-                        f"grouped tasks at least 2*k: {need}); got batch_size={batch_size}")
+        raise DataError(
+            f"hetero mode needs batch_size >= {sum(lo)} (every task at least 1 sample per batch, "
+            f"grouped tasks at least 2*k: {need}); got batch_size={batch_size}"
+        )
 
     def room(t: int) -> int:
         return (batch_size if hi[t] is None else hi[t] - q[t]) // unit[t]
 
     if all(h is not None for h in hi) and sum(hi) < batch_size:
         cap = ", ".join(f"{n}={h}" for n, h in zip(names, hi))
-        raise DataError(f"batch_size={batch_size} is more than the grouped tasks can fill with distinct groups "
-                        f"(eligible groups * k: {cap}, {sum(hi)} in all); lower batch_size or add a plain task")
+        raise DataError(
+            f"batch_size={batch_size} is more than the grouped tasks can fill with distinct groups "
+            f"(eligible groups * k: {cap}, {sum(hi)} in all); lower batch_size or add a plain task"
+        )
     if not _fits(rest, [(unit[t], room(t)) for t in range(len(q))]):
-        raise DataError(f"batch_size={batch_size} cannot be split into whole groups of k "
-                        f"({dict(zip(names, unit))}) within the available groups; pick another batch_size "
-                        "or give a plain (ungrouped) task a share")
+        raise DataError(
+            f"batch_size={batch_size} cannot be split into whole groups of k "
+            f"({dict(zip(names, unit))}) within the available groups; pick another batch_size "
+            "or give a plain (ungrouped) task a share"
+        )
     while rest > 0:
         best, best_key = -1, None
         for t in range(len(q)):
@@ -281,8 +293,15 @@ class MixedTaskSampler:
     tasks are drawn P x K. Tasks absent from a step are not keys of its dict.
     """
 
-    def __init__(self, tasks: list[TaskSource], batch_size: int, mode: str = "hetero",
-                 quotas: dict[str, int] | None = None, temperature: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: list[TaskSource],
+        batch_size: int,
+        mode: str = "hetero",
+        quotas: dict[str, int] | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         if mode not in MODES:
             raise DataError(f"unknown sampler mode {mode!r}; choose one of {', '.join(MODES)}")
         if not _is_int(batch_size) or batch_size <= 0:
@@ -346,8 +365,10 @@ class MixedTaskSampler:
             if not _is_int(q) or q <= 0:
                 raise DataError(f"quotas[{t.name!r}] must be a positive int, got {q!r}")
             if t.groups is not None and (q < 2 * t.k or q % t.k):
-                raise DataError(f"quotas[{t.name!r}]={q}: a grouped task's share must be a multiple of k={t.k} "
-                                f"and at least 2*k={2 * t.k}")
+                raise DataError(
+                    f"quotas[{t.name!r}]={q}: a grouped task's share must be a multiple of k={t.k} "
+                    f"and at least 2*k={2 * t.k}"
+                )
         if sum(quotas.values()) != self.batch_size:
             raise DataError(f"quotas sum to {sum(quotas.values())} but batch_size is {self.batch_size}: {quotas}")
         return {n: int(quotas[n]) for n in self.names}
@@ -362,8 +383,10 @@ class MixedTaskSampler:
     def quotas(self) -> dict[str, int]:
         """Each task's share of every batch (hetero mode only: other modes vary per step)."""
         if self._quotas is None:
-            raise DataError(f"quotas() is defined for hetero mode only; in {self.mode!r} mode the "
-                            "per-task counts vary from step to step")
+            raise DataError(
+                f"quotas() is defined for hetero mode only; in {self.mode!r} mode the "
+                "per-task counts vary from step to step"
+            )
         return dict(self._quotas)
 
     def _counts(self) -> list[int]:
@@ -398,15 +421,25 @@ class MixedTaskSampler:
             sig["quotas"] = dict(self._quotas)
         if self.mode == "proportional":
             sig["temperature"] = self.temperature
-        sig["tasks"] = [{"name": t.name, "size": int(t.size),
-                         "k": int(t.k) if t.groups is not None else None,
-                         "groups": self._fingerprints.get(i)} for i, t in enumerate(self.tasks)]
+        sig["tasks"] = [
+            {
+                "name": t.name,
+                "size": int(t.size),
+                "k": int(t.k) if t.groups is not None else None,
+                "groups": self._fingerprints.get(i),
+            }
+            for i, t in enumerate(self.tasks)
+        ]
         return sig
 
     def state_dict(self) -> dict:
         """Plain JSON-serialisable state (ints, strs, lists, dicts) from which the sequence resumes."""
-        return {"version": STATE_VERSION, "signature": self._signature(), "step": self._step,
-                "streams": [s.state() for s in self._streams]}
+        return {
+            "version": STATE_VERSION,
+            "signature": self._signature(),
+            "step": self._step,
+            "streams": [s.state() for s in self._streams],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`; DataError naming the field when it is from another sampler."""
@@ -419,8 +452,9 @@ class MixedTaskSampler:
         mine = self._signature()
 
         def mismatch(what: str, theirs: Any, ours: Any) -> DataError:
-            return DataError(f"sampler state does not match this sampler: {what} is {theirs!r} in the state "
-                             f"but {ours!r} here")
+            return DataError(
+                f"sampler state does not match this sampler: {what} is {theirs!r} in the state but {ours!r} here"
+            )
 
         for key in ("mode", "seed", "batch_size"):
             if sig.get(key) != mine[key]:

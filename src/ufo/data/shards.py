@@ -25,8 +25,9 @@ import json
 import os
 import tarfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,14 +73,26 @@ def encoded_image(store: ImageStore, i: int) -> tuple[str, bytes]:
 
 def _meta(ds: ImageSet, i: int) -> dict[str, Any]:
     label = int(ds.labels[i])
-    opt = lambda t: None if t is None else int(t[i])  # noqa: E731
-    return {"label": label, "class_name": ds.class_names[label], "identity": opt(ds.identities),
-            "camera": opt(ds.cameras), "split": None if ds.split is None else ds.split[i], "origin": ds.store.origin(i)}
+    opt = lambda t: None if t is None else int(t[i])
+    return {
+        "label": label,
+        "class_name": ds.class_names[label],
+        "identity": opt(ds.identities),
+        "camera": opt(ds.cameras),
+        "split": None if ds.split is None else ds.split[i],
+        "origin": ds.store.origin(i),
+    }
 
 
-def write_shards(ds: ImageSet, out_dir: str | Path, maxcount: int = 10_000, maxsize: float = 1e9,
-                 on_error: OnError = "raise", overwrite: bool = False,
-                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def write_shards(
+    ds: ImageSet,
+    out_dir: str | Path,
+    maxcount: int = 10_000,
+    maxsize: float = 1e9,
+    on_error: OnError = "raise",
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Write `ds` as webdataset shards `out_dir/shard-%06d.tar` (a new shard after `maxcount`
     samples or `maxsize` bytes) plus `out_dir/index.json`; returns the index.
 
@@ -97,14 +110,21 @@ def write_shards(ds: ImageSet, out_dir: str | Path, maxcount: int = 10_000, maxs
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("shard-*.tar")) + ([out / INDEX] if (out / INDEX).exists() else [])
     if old and not overwrite:
-        raise DataError(f"{out} already holds shards ({len(old)} files); pass overwrite=True (--overwrite) or pick "
-                        "another folder")
+        raise DataError(
+            f"{out} already holds shards ({len(old)} files); pass overwrite=True (--overwrite) or pick another folder"
+        )
     for f in old:
         f.unlink()
     shards: list[dict[str, Any]] = []
-    writer = wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=maxcount, maxsize=maxsize, verbose=0,
-                             encoder=False, mtime=0.0,
-                             post=lambda f: shards.append({"file": Path(f).name, "samples": writer.count}))
+    writer = wds.ShardWriter(
+        str(out / SHARD_PATTERN),
+        maxcount=maxcount,
+        maxsize=maxsize,
+        verbose=0,
+        encoder=False,
+        mtime=0.0,
+        post=lambda f: shards.append({"file": Path(f).name, "samples": writer.count}),
+    )
     kept, skipped = [], []
     try:
         for i in range(len(ds)):
@@ -123,8 +143,7 @@ def write_shards(ds: ImageSet, out_dir: str | Path, maxcount: int = 10_000, maxs
     finally:
         writer.close()
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {ds.name}: {some(skipped)}",
-                      stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {ds.name}: {some(skipped)}", stacklevel=2)
     if not kept:
         raise DataError(f"no readable images in {ds.name}")
     labels = ds.labels[torch.as_tensor(kept)]
@@ -133,9 +152,16 @@ def write_shards(ds: ImageSet, out_dir: str | Path, maxcount: int = 10_000, maxs
         ok = np.zeros(len(ds), bool)
         ok[kept] = True
         pairs = ds.pairs[ok[ds.pairs[:, 0]] & ok[ds.pairs[:, 1]]].tolist()
-    index = {"format": "webdataset", "writer": "ufo", "name": ds.name, "num_samples": len(kept),
-             "class_names": ds.class_names, "counts": torch.bincount(labels, minlength=ds.num_classes).tolist(),
-             "shards": shards, "pairs": pairs}
+    index = {
+        "format": "webdataset",
+        "writer": "ufo",
+        "name": ds.name,
+        "num_samples": len(kept),
+        "class_names": ds.class_names,
+        "counts": torch.bincount(labels, minlength=ds.num_classes).tolist(),
+        "shards": shards,
+        "pairs": pairs,
+    }
     (out / INDEX).write_text(json.dumps(index, indent=1))
     return index
 
@@ -150,8 +176,10 @@ def _shard_files(path: Path) -> tuple[list[Path], dict[str, Any] | None]:
     and the index, if any."""
     if path.is_file():
         if not path.name.endswith(".tar"):
-            raise DataError(f"webdataset shard {path} is not an uncompressed .tar; random access needs plain tar "
-                            "(repack with `ufo data pack`)")
+            raise DataError(
+                f"webdataset shard {path} is not an uncompressed .tar; random access needs plain tar "
+                "(repack with `ufo data pack`)"
+            )
         return [path], None
     index = None
     if (path / INDEX).is_file():
@@ -184,8 +212,7 @@ def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]], byte
                 if not m.isfile():
                     continue
                 if m.offset_data + m.size > size:
-                    raise tarfile.ReadError(f"member {m.name} needs bytes up to {m.offset_data + m.size:,} of "
-                                            f"{size:,}")
+                    raise tarfile.ReadError(f"member {m.name} needs bytes up to {m.offset_data + m.size:,} of {size:,}")
                 folder, base = os.path.split(m.name)
                 if "." not in base:
                     continue
@@ -241,8 +268,11 @@ def read_webdataset(
                 except (ValueError, UnicodeDecodeError) as e:
                     raise DataError(f"{where}: unreadable metadata: {e}") from None
                 if ext is None or ("label" not in meta and "class_name" not in meta):
-                    problem = (f"{where} has no image member (it has {sorted(members)})" if ext is None else
-                               f"{where} has no label (a json 'label' or 'class_name', or a .cls member)")
+                    problem = (
+                        f"{where} has no image member (it has {sorted(members)})"
+                        if ext is None
+                        else f"{where} has no label (a json 'label' or 'class_name', or a .cls member)"
+                    )
                     if on_error == "raise":
                         raise DataError(f"{problem} (pass on_error='skip' to leave such samples out)")
                     problems.append(problem)
@@ -254,8 +284,7 @@ def read_webdataset(
                 metas.append(meta)
                 keys.append(key)
         if problems:
-            warnings.warn(f"skipped {len(problems)} sample(s) in {path}: {some(problems)}",
-                          stacklevel=3)
+            warnings.warn(f"skipped {len(problems)} sample(s) in {path}: {some(problems)}", stacklevel=3)
         if not metas:
             raise DataError(f"no samples with an image and a label in {path}")
         names = (index or {}).get("class_names")
@@ -277,10 +306,23 @@ def read_webdataset(
             pos = {k: i for i, k in enumerate(keys)}
             rows = [(pos.get(f"{a:09d}"), pos.get(f"{b:09d}"), same, fold) for a, b, same, fold in index["pairs"]]
             pairs = np.array([r for r in rows if r[0] is not None and r[1] is not None], np.int64).reshape(-1, 4)
-        store = TarStore([str(f) for f in files], np.array(shard, np.int32), np.array(offset, np.int64),
-                         np.array(size, np.int64), np.array(member, dtype=np.bytes_))
-        ds = ImageSet(store, labels=labels, class_names=names, identities=column("identity"),
-                      cameras=column("camera"), split=split, name=(index or {}).get("name") or path.stem, pairs=pairs)
+        store = TarStore(
+            [str(f) for f in files],
+            np.array(shard, np.int32),
+            np.array(offset, np.int64),
+            np.array(size, np.int64),
+            np.array(member, dtype=np.bytes_),
+        )
+        ds = ImageSet(
+            store,
+            labels=labels,
+            class_names=names,
+            identities=column("identity"),
+            cameras=column("camera"),
+            split=split,
+            name=(index or {}).get("name") or path.stem,
+            pairs=pairs,
+        )
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     return cached("read_webdataset", [path, *files], _params(image_size, channels, on_error, lazy=lazy), load)

@@ -16,7 +16,8 @@ global state. Indices inside each part keep the set's original order.
 from __future__ import annotations
 
 import warnings
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -216,8 +217,10 @@ def split_official(ds: ImageSet, parts: Sequence[str], rest: str | None = None) 
         out[rest] = np.flatnonzero(~named)
     for p, idx in out.items():
         if len(idx) == 0:
-            raise DataError(f"{ds.name}: the official split has no {p!r} samples "
-                            f"(its values are {sorted(set(ds.split))}); use use_official_split: false to draw one")
+            raise DataError(
+                f"{ds.name}: the official split has no {p!r} samples "
+                f"(its values are {sorted(set(ds.split))}); use use_official_split: false to draw one"
+            )
     return {p: ds.subset(idx) for p, idx in out.items()}
 
 
@@ -225,6 +228,7 @@ def check_disjoint(train: ImageSet, test: ImageSet, what: Literal["classes", "id
     """Raise a DataError when the official train and test parts share classes (`labels`, by name)
     or identities (`identities`, else labels; negative ones are unknown and never shared): open-set
     retrieval and verification must be scored on classes / identities unseen in training."""
+
     def keys(ds: ImageSet) -> set:
         if what == "identities" and ds.identities is not None:
             return set(ds.identities[ds.identities >= 0].tolist())
@@ -233,6 +237,8 @@ def check_disjoint(train: ImageSet, test: ImageSet, what: Literal["classes", "id
     shared = keys(train) & keys(test)
     if shared:
         eg = ", ".join(map(str, sorted(shared)[:3]))
-        raise DataError(f"{train.name}: the official split shares {len(shared)} {what} between train and test "
-                        f"(e.g. {eg}); this kind is scored on {what} unseen in training, so set "
-                        "use_official_split: false to draw a disjoint split")
+        raise DataError(
+            f"{train.name}: the official split shares {len(shared)} {what} between train and test "
+            f"(e.g. {eg}); this kind is scored on {what} unseen in training, so set "
+            "use_official_split: false to draw a disjoint split"
+        )

@@ -17,12 +17,13 @@ the main process share it without copy-on-write growth.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import zipfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class ImageStore(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def take(self, idx: np.ndarray) -> "ImageStore":
+    def take(self, idx: np.ndarray) -> ImageStore:
         """The store of the samples at int64 `idx` (in that order)."""
 
     @abstractmethod
@@ -48,8 +49,9 @@ class ImageStore(ABC):
         """Where sample i comes from (a file, "shard.tar:member", "set[i]"), for messages."""
 
     @abstractmethod
-    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None) -> np.ndarray:
+    def read(
+        self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+    ) -> np.ndarray:
         """Sample i as uint8 (C, H, W); raises whatever the decoder raises for a bad file."""
 
     def origins(self) -> list[str]:
@@ -73,13 +75,14 @@ class TensorStore(ImageStore):
         self.images = images
         self._origins = list(origins) if origins else [f"{name}[{i}]" for i in range(images.shape[0])]
         if len(self._origins) != images.shape[0]:
-            raise DataError(f"ImageSet {name!r}: origin has {len(self._origins)} entries but there are "
-                            f"{images.shape[0]} images")
+            raise DataError(
+                f"ImageSet {name!r}: origin has {len(self._origins)} entries but there are {images.shape[0]} images"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def take(self, idx: np.ndarray) -> "TensorStore":
+    def take(self, idx: np.ndarray) -> TensorStore:
         t = torch.as_tensor(idx, dtype=torch.int64)
         return TensorStore(self.images[t], [self._origins[i] for i in t.tolist()])
 
@@ -89,8 +92,9 @@ class TensorStore(ImageStore):
     def origins(self) -> list[str]:
         return list(self._origins)
 
-    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None) -> np.ndarray:
+    def read(
+        self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+    ) -> np.ndarray:
         img = self.images[i].numpy()
         return adapt(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), size_hw, channels, box)
 
@@ -103,8 +107,9 @@ class FileStore(ImageStore):
     """Image files `root / rel[i]`, decoded when read. `where` (optional) names each sample's
     record for messages, e.g. "manifest.csv row 12"."""
 
-    def __init__(self, root: str | Path, rel: Sequence[str | Path] | np.ndarray,
-                 where: Sequence[str] | np.ndarray | None = None) -> None:
+    def __init__(
+        self, root: str | Path, rel: Sequence[str | Path] | np.ndarray, where: Sequence[str] | np.ndarray | None = None
+    ) -> None:
         self.root = os.fsencode(str(root))
         self.rel = rel if isinstance(rel, np.ndarray) else _as_bytes_array(rel)
         self.where = None if where is None else (where if isinstance(where, np.ndarray) else _as_bytes_array(where))
@@ -114,7 +119,7 @@ class FileStore(ImageStore):
     def __len__(self) -> int:
         return len(self.rel)
 
-    def take(self, idx: np.ndarray) -> "FileStore":
+    def take(self, idx: np.ndarray) -> FileStore:
         idx = np.asarray(idx, dtype=np.int64)
         out = FileStore.__new__(FileStore)
         out.root, out.rel = self.root, self.rel[idx]
@@ -128,8 +133,9 @@ class FileStore(ImageStore):
         p = self.path(i)
         return p if self.where is None else f"{os.fsdecode(self.where[i])}: {p}"
 
-    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None) -> np.ndarray:
+    def read(
+        self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+    ) -> np.ndarray:
         return decode(Path(self.path(i)), size_hw, channels, box)
 
     def describe(self) -> str:
@@ -143,18 +149,23 @@ class TarStore(ImageStore):
     named `member[i]` inside it. Each process opens a shard once and reads with `os.pread`, so
     forked DataLoader workers never share a file position."""
 
-    def __init__(self, shards: Sequence[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
-                 member: np.ndarray) -> None:
+    def __init__(
+        self, shards: Sequence[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray, member: np.ndarray
+    ) -> None:
         self.shards = [str(s) for s in shards]
-        self.shard, self.offset, self.size, self.member = (np.asarray(shard, np.int32), np.asarray(offset, np.int64),
-                                                           np.asarray(size, np.int64), member)
+        self.shard, self.offset, self.size, self.member = (
+            np.asarray(shard, np.int32),
+            np.asarray(offset, np.int64),
+            np.asarray(size, np.int64),
+            member,
+        )
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.offset)
 
-    def take(self, idx: np.ndarray) -> "TarStore":
+    def take(self, idx: np.ndarray) -> TarStore:
         idx = np.asarray(idx, dtype=np.int64)
         return TarStore(self.shards, self.shard[idx], self.offset[idx], self.size[idx], self.member[idx])
 
@@ -173,8 +184,9 @@ class TarStore(ImageStore):
             raise OSError(f"shard is truncated: read {len(data)} of {int(self.size[i])} bytes")
         return data
 
-    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None) -> np.ndarray:
+    def read(
+        self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+    ) -> np.ndarray:
         return decode(self.raw(i), size_hw, channels, box)
 
     def describe(self) -> str:
@@ -186,10 +198,8 @@ class TarStore(ImageStore):
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             for fd in getattr(self, "_fds", {}).values():
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
 
 
 class ZipStore(ImageStore):
@@ -204,7 +214,7 @@ class ZipStore(ImageStore):
     def __len__(self) -> int:
         return len(self.member)
 
-    def take(self, idx: np.ndarray) -> "ZipStore":
+    def take(self, idx: np.ndarray) -> ZipStore:
         idx = np.asarray(idx, dtype=np.int64)
         return ZipStore(self.zips, self.zip_index[idx], self.member[idx])
 
@@ -221,8 +231,9 @@ class ZipStore(ImageStore):
             zf = local.files[z] = zipfile.ZipFile(self.zips[z])
         return zf.read(os.fsdecode(self.member[i]))
 
-    def read(self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None,
-             box: BoxFn | None = None) -> np.ndarray:
+    def read(
+        self, i: int, size_hw: tuple[int, int] | None = None, channels: int | None = None, box: BoxFn | None = None
+    ) -> np.ndarray:
         return decode(self.raw(i), size_hw, channels, box)
 
     def describe(self) -> str:

@@ -35,7 +35,8 @@ Augmentation keys (all off by default; choose per task):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,8 +169,13 @@ class SampleTransform:
     augmentations when `train` (crop, rotation, pad-and-crop, flip); the float conversion,
     normalisation and random erasing are left to `post_transform` on the batch."""
 
-    def __init__(self, image_size: int | tuple[int, int], in_chans: int = 3, augment: dict[str, Any] | None = None,
-                 train: bool = False) -> None:
+    def __init__(
+        self,
+        image_size: int | tuple[int, int],
+        in_chans: int = 3,
+        augment: dict[str, Any] | None = None,
+        train: bool = False,
+    ) -> None:
         if in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {in_chans}")
         self.size, self.in_chans, self.train = as_hw(image_size), in_chans, train
@@ -196,9 +202,14 @@ class SampleTransform:
         return x.contiguous()
 
 
-def post_transform(image_size: int | tuple[int, int], mean: Sequence[float] = DEFAULT_MEAN,
-                   std: Sequence[float] = DEFAULT_STD, train: bool = False, augment: dict[str, Any] | None = None,
-                   in_chans: int = 3) -> BatchTransform:
+def post_transform(
+    image_size: int | tuple[int, int],
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+    train: bool = False,
+    augment: dict[str, Any] | None = None,
+    in_chans: int = 3,
+) -> BatchTransform:
     """The batch half of a streamed task's transform: uint8 batches from `SampleTransform` ->
     normalised float32, with random erasing when training (the only augmentation left to do)."""
     erasing = _parse_augment(augment)["erasing"] if train else 0.0
@@ -213,15 +224,15 @@ def rrc_box(w: int, h: int, lo: float, rng: np.random.Generator) -> Box:
     for _ in range(10):
         target = area * rng.uniform(lo, 1.0)
         ratio = math.exp(rng.uniform(*log_r))
-        cw, ch = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < cw <= w and 0 < ch <= h:
             top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             return (left, top, left + cw, top + ch)
     ratio = w / h
     if ratio < _RRC_RATIO[0]:  # too tall: full width, the tallest allowed box
-        cw, ch = w, min(h, int(round(w / _RRC_RATIO[0])))
+        cw, ch = w, min(h, round(w / _RRC_RATIO[0]))
     elif ratio > _RRC_RATIO[1]:  # too wide: full height
-        cw, ch = min(w, int(round(h * _RRC_RATIO[1]))), h
+        cw, ch = min(w, round(h * _RRC_RATIO[1])), h
     else:
         cw, ch = w, h
     left, top = (w - cw) // 2, (h - ch) // 2

@@ -32,8 +32,17 @@ from ufo.arch import ImageSize, as_hw
 from ufo.checkpoint import atomic_write_text
 from ufo.config import Config
 from ufo.data.build import build_task_data
-from ufo.deploy.package import (DeployError, TaskModel, TaskModelInfo, TimmBackbone, _calibrate, load_trained,
-                                save_task_model, slice_head, task_model_from_run)
+from ufo.deploy.package import (
+    DeployError,
+    TaskModel,
+    TaskModelInfo,
+    TimmBackbone,
+    _calibrate,
+    load_trained,
+    save_task_model,
+    slice_head,
+    task_model_from_run,
+)
 from ufo.deploy.tune import TuneLoop, TuneRecipe
 from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
@@ -84,8 +93,9 @@ class StudentModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def create_backbone(name: str, kwargs: dict[str, Any], in_chans: int, img_size: ImageSize
-                    ) -> tuple[nn.Module, TimmBackbone]:
+def create_backbone(
+    name: str, kwargs: dict[str, Any], in_chans: int, img_size: ImageSize
+) -> tuple[nn.Module, TimmBackbone]:
     """A timm feature extractor with random weights, checked to run at the task's input size
     (one side, or (height, width))."""
     import timm
@@ -98,16 +108,21 @@ def create_backbone(name: str, kwargs: dict[str, Any], in_chans: int, img_size: 
         with torch.no_grad():
             out = model.eval()(torch.zeros(2, in_chans, h, w))
     except Exception as e:
-        raise DeployError(f"student {name!r} (kwargs {kwargs}) does not run on {in_chans}x{h}x{w} (CxHxW) "
-                          f"inputs: {type(e).__name__}: {e}") from None
+        raise DeployError(
+            f"student {name!r} (kwargs {kwargs}) does not run on {in_chans}x{h}x{w} (CxHxW) "
+            f"inputs: {type(e).__name__}: {e}"
+        ) from None
     if out.ndim != 2:
-        raise DeployError(f"student {name!r} gives features of shape {tuple(out.shape)} with num_classes=0; "
-                          "expected pooled (B, features)")
+        raise DeployError(
+            f"student {name!r} gives features of shape {tuple(out.shape)} with num_classes=0; "
+            "expected pooled (B, features)"
+        )
     return model.train(), TimmBackbone(name=name, kwargs=kwargs, num_features=int(out.shape[1]))
 
 
-def distill_terms(student: StudentModel, teacher: TaskModel | None, x: torch.Tensor, y: torch.Tensor,
-                  cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def distill_terms(
+    student: StudentModel, teacher: TaskModel | None, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig
+) -> dict[str, torch.Tensor]:
     """The weighted loss terms of one batch: the task's own loss, plus the teacher's terms."""
     head = student.head
     feats = student.backbone(x)
@@ -129,14 +144,23 @@ def distill_terms(student: StudentModel, teacher: TaskModel | None, x: torch.Ten
     return out
 
 
-def package_student(student: StudentModel, spec: TimmBackbone, teacher: TaskModel, cfg: Config,
-                    data: TaskData | None) -> TaskModel:
+def package_student(
+    student: StudentModel, spec: TimmBackbone, teacher: TaskModel, cfg: Config, data: TaskData | None
+) -> TaskModel:
     """The trained student as a task model (timm backbone + plain head), thresholds/classes from `data`."""
     task = student.task
     head, info = slice_head(student.head, spec.num_features)
     tinfo = teacher.info
-    tm_info = TaskModelInfo(tasks=[task], arch=tinfo.arch, space=tinfo.space, heads={task: info},
-                            preprocessing=tinfo.preprocessing, config=tinfo.config, source=tinfo.source, backbone=spec)
+    tm_info = TaskModelInfo(
+        tasks=[task],
+        arch=tinfo.arch,
+        space=tinfo.space,
+        heads={task: info},
+        preprocessing=tinfo.preprocessing,
+        config=tinfo.config,
+        source=tinfo.source,
+        backbone=spec,
+    )
     tm = TaskModel(student.backbone, {task: head}, tm_info).eval()
     if data is not None:
         if info.output == "logits":
@@ -147,14 +171,25 @@ def package_student(student: StudentModel, spec: TimmBackbone, teacher: TaskMode
 
 
 def evaluate(model: nn.Module, head: Task, task: str, cfg: Config, data: TaskData) -> dict[str, float]:
-    return {k: float(v) for k, v in head.evaluate(make_predict(model, task, cfg, cfg.train.eval_batch_size), data,
-                                                   seed=cfg.seed).items()}
+    return {
+        k: float(v)
+        for k, v in head.evaluate(
+            make_predict(model, task, cfg, cfg.train.eval_batch_size), data, seed=cfg.seed
+        ).items()
+    }
 
 
 @locks("out")
-def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig | None = None,
-            data_root: str | None = None, resume: bool = False, show_progress: bool = True,
-            data: TaskData | None = None) -> dict[str, Any]:
+def distill(
+    run_dir: str | Path,
+    task: str,
+    out: str | Path,
+    cfg: DistillConfig | None = None,
+    data_root: str | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    data: TaskData | None = None,
+) -> dict[str, Any]:
     """Distil `task` of the trained run into `cfg.student`; writes OUT/model.safetensors (task model),
     OUT/distill.json (the report) and training logs. Returns the report."""
     cfg = cfg or DistillConfig()
@@ -171,8 +206,9 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     for p in teacher.parameters():
         p.requires_grad_(False)
     tcfg = run_cfg.only(task)
-    tcfg = tcfg.model_copy(update={"train": cfg.train_config().model_copy(
-        update={"eval_batch_size": run_cfg.train.eval_batch_size})})
+    tcfg = tcfg.model_copy(
+        update={"train": cfg.train_config().model_copy(update={"eval_batch_size": run_cfg.train.eval_batch_size})}
+    )
     data = data if data is not None else build_task_data(task, run_cfg.tasks[task], run_cfg)
     tc = run_cfg.tasks[task]
     m = run_cfg.model
@@ -195,11 +231,25 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     # the task's loss_weight balanced its loss against the others' in the run (margin losses are ~10x
     # cross-entropy); it balances it against the distillation terms here in the same way
     terms_cfg = cfg.model_copy(update={"label_weight": cfg.label_weight * tc.loss_weight})
-    loop = TuneLoop(student, optimizer, lambda x, y: distill_terms(student, t_used, x, y, terms_cfg), task, tc, data,
-                    tcfg.train, size, m.mean, m.std, m.in_chans, out, recipe,
-                    loss_names=["label"] + ((["kl"] if t_info.output == "logits" else ["embed", "rel"])
-                                           if cfg.teacher else []),
-                    seed=cfg.seed, k=int(getattr(head.opts, "k", 4)), show_progress=show_progress)
+    loop = TuneLoop(
+        student,
+        optimizer,
+        lambda x, y: distill_terms(student, t_used, x, y, terms_cfg),
+        task,
+        tc,
+        data,
+        tcfg.train,
+        size,
+        m.mean,
+        m.std,
+        m.in_chans,
+        out,
+        recipe,
+        loss_names=["label"] + ((["kl"] if t_info.output == "logits" else ["embed", "rel"]) if cfg.teacher else []),
+        seed=cfg.seed,
+        k=int(getattr(head.opts, "k", 4)),
+        show_progress=show_progress,
+    )
     t0 = time.perf_counter()
     what = f"distill {task} -> {cfg.student}" + ("" if cfg.teacher else " (no teacher)")
     summary = loop.fit(resume, description=what)
@@ -212,26 +262,51 @@ def distill(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig 
     t_metrics = evaluate(teacher, head, task, tcfg, data)
     s_metrics = evaluate(tm, head, task, tcfg, data)
     report = {
-        "task": task, "kind": tc.kind, "primary": primary, "with_teacher": cfg.teacher,
-        "teacher": {"source": str(run_dir), "arch": teacher.info.arch.model_dump(), "params": teacher.num_params(),
-                    "metrics": t_metrics},
-        "student": {"name": cfg.student, "kwargs": cfg.student_kwargs, "params": tm.num_params(),
-                    "file": str(out / "model.safetensors"), "metrics": s_metrics},
+        "task": task,
+        "kind": tc.kind,
+        "primary": primary,
+        "with_teacher": cfg.teacher,
+        "teacher": {
+            "source": str(run_dir),
+            "arch": teacher.info.arch.model_dump(),
+            "params": teacher.num_params(),
+            "metrics": t_metrics,
+        },
+        "student": {
+            "name": cfg.student,
+            "kwargs": cfg.student_kwargs,
+            "params": tm.num_params(),
+            "file": str(out / "model.safetensors"),
+            "metrics": s_metrics,
+        },
         "compression": teacher.num_params() / tm.num_params(),
         "share_of_teacher": s_metrics[primary] / t_metrics[primary] if t_metrics[primary] else float("nan"),
-        "steps": summary["steps"], "train_seconds": train_s, "recipe": cfg.model_dump(mode="json"),
+        "steps": summary["steps"],
+        "train_seconds": train_s,
+        "recipe": cfg.model_dump(mode="json"),
     }
-    tm.info.backbone.distilled_from = {"source": str(run_dir), "task": task, "teacher_params": teacher.num_params(),
-                           "teacher_" + primary: t_metrics[primary], "with_teacher": cfg.teacher}
+    tm.info.backbone.distilled_from = {
+        "source": str(run_dir),
+        "task": task,
+        "teacher_params": teacher.num_params(),
+        "teacher_" + primary: t_metrics[primary],
+        "with_teacher": cfg.teacher,
+    }
     save_task_model(out / "model.safetensors", tm)
     atomic_write_text(out / "distill.json", json.dumps(report, indent=2))
     return report
 
 
 @locks("out")
-def distill_and_compare(run_dir: str | Path, task: str, out: str | Path, cfg: DistillConfig | None = None,
-                        data_root: str | None = None, resume: bool = False, show_progress: bool = True
-                        ) -> dict[str, Any]:
+def distill_and_compare(
+    run_dir: str | Path,
+    task: str,
+    out: str | Path,
+    cfg: DistillConfig | None = None,
+    data_root: str | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """`distill` with the teacher into OUT, then the same student without it into OUT/no_teacher;
     the report gains `no_teacher` (its metrics) and `gain` (primary metric, distilled - baseline)."""
     cfg = cfg or DistillConfig()
@@ -240,17 +315,37 @@ def distill_and_compare(run_dir: str | Path, task: str, out: str | Path, cfg: Di
     if data_root is not None:
         run_cfg.data_root = data_root
     data = build_task_data(task, run_cfg.tasks[task], run_cfg) if task in run_cfg.tasks else None
-    report = distill(run_dir, task, out, cfg.model_copy(update={"teacher": True}), data_root, resume, show_progress,
-                     data)
-    base = distill(run_dir, task, out / "no_teacher", cfg.model_copy(update={"teacher": False}), data_root, resume,
-                   show_progress, data)
+    report = distill(
+        run_dir, task, out, cfg.model_copy(update={"teacher": True}), data_root, resume, show_progress, data
+    )
+    base = distill(
+        run_dir,
+        task,
+        out / "no_teacher",
+        cfg.model_copy(update={"teacher": False}),
+        data_root,
+        resume,
+        show_progress,
+        data,
+    )
     p = report["primary"]
-    report["no_teacher"] = {"params": base["student"]["params"], "metrics": base["student"]["metrics"],
-                            "file": base["student"]["file"], "share_of_teacher": base["share_of_teacher"]}
+    report["no_teacher"] = {
+        "params": base["student"]["params"],
+        "metrics": base["student"]["metrics"],
+        "file": base["student"]["file"],
+        "share_of_teacher": base["share_of_teacher"],
+    }
     report["gain"] = report["student"]["metrics"][p] - base["student"]["metrics"][p]
     atomic_write_text(out / "distill.json", json.dumps(report, indent=2))
     return report
 
 
-__all__ = ["DistillConfig", "StudentModel", "create_backbone", "distill", "distill_and_compare", "distill_terms",
-           "package_student"]
+__all__ = [
+    "DistillConfig",
+    "StudentModel",
+    "create_backbone",
+    "distill",
+    "distill_and_compare",
+    "distill_terms",
+    "package_student",
+]

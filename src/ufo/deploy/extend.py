@@ -65,6 +65,7 @@ class ExtendConfig(TuneRecipe):
 
 # ----- the new task's config and data -----
 
+
 def load_task_config(source: str | Path | dict) -> tuple[str, TaskConfig]:
     """(name, TaskConfig) from a YAML file or mapping holding one task: `{NAME: {kind, data, ...}}`
     or `{tasks: {NAME: {...}}}`."""
@@ -82,9 +83,11 @@ def load_task_config(source: str | Path | dict) -> tuple[str, TaskConfig]:
     if isinstance(data, dict) and set(data) == {"tasks"}:
         data = data["tasks"]
     if not isinstance(data, dict) or len(data) != 1:
-        raise ConfigError(f"{where}: expected exactly one task, as `NAME: {{kind: ..., data: ...}}`; "
-                          f"got {list(data) if isinstance(data, dict) else type(data).__name__}")
-    (name, body), = data.items()
+        raise ConfigError(
+            f"{where}: expected exactly one task, as `NAME: {{kind: ..., data: ...}}`; "
+            f"got {list(data) if isinstance(data, dict) else type(data).__name__}"
+        )
+    ((name, body),) = data.items()
     try:
         return str(name), TaskConfig.model_validate(body)
     except ValidationError as e:
@@ -107,23 +110,29 @@ def fraction_subset(data: TaskData, fraction: float, seed: int, grouped: bool) -
     if grouped:
         ids = np.unique(labels)
         order = np.random.default_rng([seed, 1]).permutation(ids)
-        keep_ids = order[: max(2, int(round(fraction * len(ids))))]
+        keep_ids = order[: max(2, round(fraction * len(ids)))]
         idx = np.flatnonzero(np.isin(labels, keep_ids))
     else:
         parts = []
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)
             perm = np.random.default_rng([seed, int(c)]).permutation(members)
-            parts.append(perm[: max(1, int(round(fraction * len(members))))])
+            parts.append(perm[: max(1, round(fraction * len(members)))])
         idx = np.sort(np.concatenate(parts))
     train = data.train.subset(idx)
     if grouped:
         train = train.relabel()
-    return TaskData(train=train, eval=data.eval, groups=train.labels.clone() if data.groups is not None else None,
-                    extra=data.extra, notes=[*data.notes, f"{fraction:g} of the training labels: {len(train)} samples"])
+    return TaskData(
+        train=train,
+        eval=data.eval,
+        groups=train.labels.clone() if data.groups is not None else None,
+        extra=data.extra,
+        notes=[*data.notes, f"{fraction:g} of the training labels: {len(train)} samples"],
+    )
 
 
 # ----- building the extended model -----
+
 
 def with_task(cfg: Config, name: str, tc: TaskConfig) -> Config:
     """`cfg` with task `name` appended (so its own `img_size`, if set, is its input size)."""
@@ -135,8 +144,9 @@ def with_task(cfg: Config, name: str, tc: TaskConfig) -> Config:
 
 
 @torch.no_grad()
-def add_task(model: UFOModel, cfg: Config, arch: Arch, name: str, tc: TaskConfig, num_classes: int,
-             path: str, seed: int = 0) -> tuple[UFOModel, Config, Arch]:
+def add_task(
+    model: UFOModel, cfg: Config, arch: Arch, name: str, tc: TaskConfig, num_classes: int, path: str, seed: int = 0
+) -> tuple[UFOModel, Config, Arch]:
     """A copy of `model` with task `name` appended: every old tensor copied, the new expert of each
     block a copy of its shared expert, the new router row set to `path`, the new head fresh. The
     new task may have its own input size (`tc.img_size`): the position embedding is resampled per input."""
@@ -184,8 +194,7 @@ class NormedExpert(nn.Module):
 
 
 @torch.no_grad()
-def fold_affine(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor,
-                bn: nn.BatchNorm1d | None = None) -> None:
+def fold_affine(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor, bn: nn.BatchNorm1d | None = None) -> None:
     """Fold x -> gain * x + shift (on the first len(gain) inputs) into `linear`: W' = W diag(gain),
     and W shift moves into the bias, or, for a bias-free layer before BatchNorm, into its running mean."""
     e = gain.numel()
@@ -256,8 +265,11 @@ def select_trainable(step: ExtendStep, mode: str) -> list[nn.Parameter]:
         elif n in ("gain", "shift"):
             chosen = True
         elif mode == "all":
-            chosen = not (n.startswith("model.heads.") or n.endswith(("router_logits", "mix_logits"))
-                          or any(f".mlp.experts.{t}." in n for t in old_tasks))
+            chosen = not (
+                n.startswith("model.heads.")
+                or n.endswith(("router_logits", "mix_logits"))
+                or any(f".mlp.experts.{t}." in n for t in old_tasks)
+            )
         else:
             chosen = False
         was = step.design_flags.setdefault(n, p.requires_grad)
@@ -268,6 +280,7 @@ def select_trainable(step: ExtendStep, mode: str) -> list[nn.Parameter]:
 
 
 # ----- the run -----
+
 
 def probe_outputs(model: UFOModel, tasks: list[str], seed: int = 1234, n: int = 8) -> dict[str, torch.Tensor]:
     """Each task's eval outputs on a fixed random batch at its input size (for the bitwise-unchanged check)."""
@@ -285,9 +298,16 @@ def probe_outputs(model: UFOModel, tasks: list[str], seed: int = 1234, n: int = 
 
 
 @locks("out")
-def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path, cfg: ExtendConfig | None = None,
-           data_root: str | None = None, resume: bool = False, show_progress: bool = True,
-           data: TaskData | None = None) -> dict[str, Any]:
+def extend(
+    run_dir: str | Path,
+    task_config: str | Path | dict,
+    out: str | Path,
+    cfg: ExtendConfig | None = None,
+    data_root: str | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    data: TaskData | None = None,
+) -> dict[str, Any]:
     """Add the task of `task_config` to the run `run_dir` and train it as `cfg` says; writes the
     extended run to `out` (model.safetensors, config.yaml, extend.json, logs). Returns the report."""
     cfg = cfg or ExtendConfig()
@@ -312,12 +332,32 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     params = select_trainable(step, cfg.train)
     tcfg = new_cfg.model_copy(update={"train": cfg.train_config(run_cfg.train.eval_batch_size)})
     optimizer = build_optimizer(_GroupView(step), tcfg)
-    recipe = {"run": str(Path(run_dir).resolve()), "task": name, "task_config": tc.model_dump(mode="json"),
-              **cfg.model_dump(mode="json")}
+    recipe = {
+        "run": str(Path(run_dir).resolve()),
+        "task": name,
+        "task_config": tc.model_dump(mode="json"),
+        **cfg.model_dump(mode="json"),
+    }
     m = new_cfg.model
-    loop = TuneLoop(step, optimizer, step, name, tc, sub, tcfg.train, new_cfg.input_size(name), m.mean, m.std,
-                    m.in_chans, out, recipe, loss_names=[name], seed=cfg.seed,
-                    k=int(getattr(model.heads[name].opts, "k", 4)), show_progress=show_progress)
+    loop = TuneLoop(
+        step,
+        optimizer,
+        step,
+        name,
+        tc,
+        sub,
+        tcfg.train,
+        new_cfg.input_size(name),
+        m.mean,
+        m.std,
+        m.in_chans,
+        out,
+        recipe,
+        loss_names=[name],
+        seed=cfg.seed,
+        k=int(getattr(model.heads[name].opts, "k", 4)),
+        show_progress=show_progress,
+    )
     t0 = time.perf_counter()
     summary = loop.fit(resume, description=f"extend +{name} ({cfg.train}, {cfg.fraction:g})")
     seconds = time.perf_counter() - t0
@@ -328,18 +368,40 @@ def extend(run_dir: str | Path, task_config: str | Path | dict, out: str | Path,
     after = probe_outputs(model, list(before))
     unchanged = {t: bool(torch.equal(before[t], after[t])) for t in before}
     if cfg.train in EXACT_MODES and not all(unchanged.values()):
-        raise TuneError(f"extension changed the outputs of tasks {[t for t, u in unchanged.items() if not u]}; "
-                        f"this is a bug (mode {cfg.train!r} trains only the new task's own parameters)")
-    extra = {"extended": {"from": str(run_dir), "task": name, "train": cfg.train, "fraction": cfg.fraction,
-                          "train_samples": len(sub.train), "steps": summary["steps"]}}
+        raise TuneError(
+            f"extension changed the outputs of tasks {[t for t, u in unchanged.items() if not u]}; "
+            f"this is a bug (mode {cfg.train!r} trains only the new task's own parameters)"
+        )
+    extra = {
+        "extended": {
+            "from": str(run_dir),
+            "task": name,
+            "train": cfg.train,
+            "fraction": cfg.fraction,
+            "train_samples": len(sub.train),
+            "steps": summary["steps"],
+        }
+    }
     save_model(out / "model.safetensors", model, new_cfg, new_arch, extra)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
     metrics = evaluate_tasks(model, {name: full}, new_cfg, [name])[name]
-    report = {"task": name, "kind": tc.kind, "primary": task_class(tc.kind).primary, "train": cfg.train,
-              "fraction": cfg.fraction, "train_samples": len(sub.train), "full_train_samples": len(full.train),
-              "trainable_params": sum(p.numel() for p in params), "metrics": {k: float(v) for k, v in metrics.items()},
-              "others_unchanged": unchanged, "steps": summary["steps"], "train_seconds": seconds,
-              "run": str(out), "source": str(run_dir), "recipe": cfg.model_dump(mode="json")}
+    report = {
+        "task": name,
+        "kind": tc.kind,
+        "primary": task_class(tc.kind).primary,
+        "train": cfg.train,
+        "fraction": cfg.fraction,
+        "train_samples": len(sub.train),
+        "full_train_samples": len(full.train),
+        "trainable_params": sum(p.numel() for p in params),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "others_unchanged": unchanged,
+        "steps": summary["steps"],
+        "train_seconds": seconds,
+        "run": str(out),
+        "source": str(run_dir),
+        "recipe": cfg.model_dump(mode="json"),
+    }
     atomic_write_text(out / "extend.json", json.dumps(report, indent=2))
     return report
 
@@ -362,5 +424,16 @@ class _GroupView(nn.Module):
                 yield (n.removeprefix("model."), p)
 
 
-__all__ = ["EXACT_MODES", "MODES", "ExtendConfig", "add_task", "extend", "fold_affine", "fraction_subset",
-           "load_task_config", "probe_outputs", "select_trainable", "with_task"]
+__all__ = [
+    "EXACT_MODES",
+    "MODES",
+    "ExtendConfig",
+    "add_task",
+    "extend",
+    "fold_affine",
+    "fraction_subset",
+    "load_task_config",
+    "probe_outputs",
+    "select_trainable",
+    "with_task",
+]

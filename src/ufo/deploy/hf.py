@@ -19,8 +19,9 @@ between the two is caught on load, never read as a model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ufo
 from ufo.checkpoint import atomic_write_text, check_not_run_folder, read_manifest
@@ -41,13 +42,20 @@ def folder_config(tm: TaskModel, weights_sha256: str) -> dict[str, Any]:
     if tm.single and info.backbone is None:
         cfg.update(architecture=NAME, model_args=vit_kwargs(info.space, info.arch, task), global_pool="token")
     head = info.heads[task] if tm.single else None
-    cfg.update(num_classes=tm.pretrained_cfg["num_classes"], num_features=info.feature_dim,
-               pretrained_cfg=tm.timm_cfg())
+    cfg.update(
+        num_classes=tm.pretrained_cfg["num_classes"], num_features=info.feature_dim, pretrained_cfg=tm.timm_cfg()
+    )
     if head is not None and head.class_names:
         cfg["label_names"] = head.class_names
-    cfg["ufo"] = {"format": FORMAT, "format_version": 1, "ufo_version": ufo.__version__,
-                  **info.model_dump(mode="json", exclude={"config"}), "num_params": tm.num_params(),
-                  "weights": WEIGHTS, "weights_sha256": weights_sha256}
+    cfg["ufo"] = {
+        "format": FORMAT,
+        "format_version": 1,
+        "ufo_version": ufo.__version__,
+        **info.model_dump(mode="json", exclude={"config"}),
+        "num_params": tm.num_params(),
+        "weights": WEIGHTS,
+        "weights_sha256": weights_sha256,
+    }
     return cfg
 
 
@@ -73,23 +81,28 @@ def check_folder(path: Path) -> None:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
     section = cfg.get("ufo") if isinstance(cfg, dict) else None
     if not isinstance(section, dict) or section.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file} has no `ufo` section of format {FORMAT!r}: not written by "
-                              "ufo's save_pretrained")
+        raise CheckpointError(
+            f"{cfg_file} has no `ufo` section of format {FORMAT!r}: not written by ufo's save_pretrained"
+        )
     want = read_manifest(path / WEIGHTS).get("weights_sha256")
     if section.get("weights_sha256") != want:
-        raise CheckpointError(f"{cfg_file}: ufo.weights_sha256 does not match {path / WEIGHTS} (the files come "
-                              "from different saves, or a save was cut off); save the folder again")
+        raise CheckpointError(
+            f"{cfg_file}: ufo.weights_sha256 does not match {path / WEIGHTS} (the files come "
+            "from different saves, or a save was cut off); save the folder again"
+        )
 
 
-def load(path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
-         data_root: str | None = None) -> TaskModel:
+def load(
+    path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None, data_root: str | None = None
+) -> TaskModel:
     """A TaskModel in eval mode from a save_pretrained folder, a task-model .safetensors file, or a
     `ufo train` run folder / model file (extracted for `tasks`, default all, at `arch`, default
     the run's; `data_root` finds the data that names classes and calibrates thresholds)."""
     path = Path(path)
     check_not_run_folder(path)  # a `ufo run` folder: say where its models are
     if path.is_dir() and not (path / WEIGHTS).is_file() and not (path / CONFIG).is_file():
-        raise CheckpointError(f"{path} has no {CONFIG} and no {WEIGHTS}: not a saved task-model folder "
-                              "(save_pretrained) nor a `ufo train` run folder")
+        raise CheckpointError(
+            f"{path} has no {CONFIG} and no {WEIGHTS}: not a saved task-model folder "
+            "(save_pretrained) nor a `ufo train` run folder"
+        )
     return open_task_model(path, tasks, arch, data_root).eval()
-

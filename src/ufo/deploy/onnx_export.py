@@ -14,8 +14,9 @@ import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -41,17 +42,22 @@ Int8Mode = Literal["dynamic", "static"]
 
 # ----- export -----
 
+
 def onnx_metadata(tm: TaskModel, task: str) -> dict[str, str]:
     """The `metadata_props` of task `task`'s ONNX model (all values are strings; JSON where structured)."""
     import ufo
 
     h, p = tm.info.heads[task], tm.info.preprocessing.for_task(task)
     return {
-        "ufo.format": "ufo-onnx-task", "ufo.version": ufo.__version__,
-        "task": task, "task_kind": h.kind, "output_kind": h.output,
+        "ufo.format": "ufo-onnx-task",
+        "ufo.version": ufo.__version__,
+        "task": task,
+        "task_kind": h.kind,
+        "output_kind": h.output,
         "arch": tm.info.arch.model_dump_json(),
         "input_size": json.dumps([p.in_chans, *p.input_size()]),
-        "mean": json.dumps(p.mean), "std": json.dumps(p.std),
+        "mean": json.dumps(p.mean),
+        "std": json.dumps(p.std),
         "preprocessing": p.model_dump_json(),
         "head": h.model_dump_json(),
         "config": json.dumps(tm.info.config) if tm.info.config is not None else "null",
@@ -69,8 +75,16 @@ def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -
     x = torch.zeros(2, p.in_chans, *p.input_size(task))  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        prog = torch.onnx.export(path, (x,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                                 output_names=[OUTPUT], dynamic_shapes={"x": {0: batch}}, verbose=False)
+        prog = torch.onnx.export(
+            path,
+            (x,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
+        )
     except Exception as e:  # the exporter's own errors are long; keep the cause
         raise DeployError(f"ONNX export of task {task!r} failed: {type(e).__name__}: {e}") from e
     model = prog.model_proto
@@ -88,15 +102,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError for truncated or foreign bytes
-        raise DeployError(f"{path} is not a readable ONNX file (truncated or corrupt?): "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise DeployError(
+            f"{path} is not a readable ONNX file (truncated or corrupt?): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return {p.key: p.value for p in m.metadata_props}
 
 
 # ----- running -----
 
-def make_session(path: str | Path, threads: int | None = None, spinning: bool = True,
-                 level: ort.GraphOptimizationLevel | None = None) -> ort.InferenceSession:
+
+def make_session(
+    path: str | Path, threads: int | None = None, spinning: bool = True, level: ort.GraphOptimizationLevel | None = None
+) -> ort.InferenceSession:
     """A CPU ONNX Runtime session (`threads`: intra-op threads, None for ORT's default; `level`:
     graph optimisation, default all). Without `spinning`, idle pool threads sleep instead of
     spinning: needed when ORT shares the cores with torch or other processes, whose threads the
@@ -145,8 +163,9 @@ class OnnxTaskModel:
         return predict_fn(self, self.preprocessing, batch_size, on_error)
 
 
-def model_inputs(ds: ImageSet, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"
-                 ) -> Iterator[torch.Tensor]:
+def model_inputs(
+    ds: ImageSet, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"
+) -> Iterator[torch.Tensor]:
     """`ds`'s images in order as normalised model input at `pre`'s size, in batches (in-memory or
     streamed sets alike; `on_error` as the task's `data.on_error` for unreadable streamed files)."""
     tf = pre.transform()
@@ -170,8 +189,10 @@ def predict_fn(run, pre: Preprocessing, batch_size: int = 256, on_error: str = "
 
 # ----- checks -----
 
-def sample_inputs(pre: Preprocessing, data: TaskData | None, n: int = 64, seed: int = 0,
-                  on_error: str = "raise") -> torch.Tensor:
+
+def sample_inputs(
+    pre: Preprocessing, data: TaskData | None, n: int = 64, seed: int = 0, on_error: str = "raise"
+) -> torch.Tensor:
     """Normalised model input at `pre`'s size (the task's own preprocessing): the first `n`
     evaluation images of `data`, else seeded random images."""
     if data is None:
@@ -195,22 +216,29 @@ def max_abs_diff(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.T
         ref, got = tm(x[i : i + batch], task).numpy(), onnx_model(x[i : i + batch])
         for who, out in (("torch", ref), ("ONNX Runtime", got)):
             if not np.isfinite(out).all():  # NaN - NaN is NaN, and max() would skip it: refuse outright
-                raise DeployError(f"{onnx_model.path}: {who} gives non-finite outputs (NaN or inf) for task {task!r}; "
-                                  "the model's weights or inputs are broken")
+                raise DeployError(
+                    f"{onnx_model.path}: {who} gives non-finite outputs (NaN or inf) for task {task!r}; "
+                    "the model's weights or inputs are broken"
+                )
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
 
-def check_parity(tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.Tensor, tol: float = PARITY_TOL) -> float:
+def check_parity(
+    tm: TaskModel, task: str, onnx_model: OnnxTaskModel, x: torch.Tensor, tol: float = PARITY_TOL
+) -> float:
     """Max |ORT - torch| over `x`; raises DeployError when it exceeds `tol`."""
     diff = max_abs_diff(tm, task, onnx_model, x)
     if not diff <= tol:
-        raise DeployError(f"{onnx_model.path}: ONNX Runtime differs from torch by {diff:.3g} (max abs) on "
-                          f"{len(x)} inputs of task {task!r}; the tolerance is {tol:g}")
+        raise DeployError(
+            f"{onnx_model.path}: ONNX Runtime differs from torch by {diff:.3g} (max abs) on "
+            f"{len(x)} inputs of task {task!r}; the tolerance is {tol:g}"
+        )
     return diff
 
 
 # ----- INT8 -----
+
 
 class ImageCalibrationReader:
     """Feeds normalised training images to static quantization's calibration, a batch at a time
@@ -231,8 +259,9 @@ class ImageCalibrationReader:
         self.pos = 0
 
 
-def calibration_inputs(pre: Preprocessing, data: TaskData, n: int = 256, seed: int = 0,
-                       on_error: str = "raise") -> torch.Tensor:
+def calibration_inputs(
+    pre: Preprocessing, data: TaskData, n: int = 256, seed: int = 0, on_error: str = "raise"
+) -> torch.Tensor:
     """A seeded sample of `n` training images, preprocessed for the model (`pre`: the task's own)."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=g)[:n]
@@ -248,8 +277,14 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def quantize(fp32: str | Path, out: str | Path, mode: Int8Mode, calib: torch.Tensor | None = None,
-             per_channel: bool = True, reduce_range: bool | None = None) -> Path:
+def quantize(
+    fp32: str | Path,
+    out: str | Path,
+    mode: Int8Mode,
+    calib: torch.Tensor | None = None,
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+) -> Path:
     """INT8 model of an fp32 export. `dynamic`: int8 weights, activations quantized on the fly.
     `static`: QDQ with activation ranges calibrated on `calib` (normalised images), every op type
     ORT can quantize (not only MatMul: the float Add/Mul/Softmax between them is where a ViT's
@@ -271,9 +306,16 @@ def quantize(fp32: str | Path, out: str | Path, mode: Int8Mode, calib: torch.Ten
         elif mode == "static":
             if calib is None or len(calib) == 0:
                 raise DeployError("static INT8 needs calibration images: the task's training data was not found")
-            q8.quantize_static(pre, q, ImageCalibrationReader(calib), quant_format=q8.QuantFormat.QDQ,
-                               per_channel=per_channel, reduce_range=rr, activation_type=q8.QuantType.QUInt8,
-                               weight_type=q8.QuantType.QInt8)
+            q8.quantize_static(
+                pre,
+                q,
+                ImageCalibrationReader(calib),
+                quant_format=q8.QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=rr,
+                activation_type=q8.QuantType.QUInt8,
+                weight_type=q8.QuantType.QInt8,
+            )
         else:
             raise DeployError(f"--int8 {mode!r}: expected dynamic or static")
         model = onnx.load(str(q))
@@ -310,6 +352,7 @@ def _preprocess(src: Path, dst: Path) -> None:
 
 # ----- evaluation and the whole export -----
 
+
 def evaluate_predict(predict, task: str, head: HeadInfo, cfg: Config, data: TaskData) -> dict[str, float]:
     """The task's own evaluation protocol on `predict`'s outputs."""
     proto = task_class(head.kind)(task, head.options, head.num_classes, 8)
@@ -323,7 +366,7 @@ def int8_latency(fp32: str | Path, int8: str | Path, x: torch.Tensor, repeats: i
 
     models = {"fp32": OnnxTaskModel(fp32, threads=1), "int8": OnnxTaskModel(int8, threads=1)}
     times: dict[str, list[float]] = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         for _ in range(3):
             m(x)
     for _ in range(repeats):
@@ -334,9 +377,18 @@ def int8_latency(fp32: str | Path, int8: str | Path, x: torch.Tensor, repeats: i
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None = None, cfg: Config | None = None,
-                data: TaskData | None = None, opset: int = OPSET, tol: float = PARITY_TOL,
-                calib_size: int = 256, threads: int | None = None) -> dict[str, Any]:
+def export_task(
+    tm: TaskModel,
+    task: str,
+    out: str | Path,
+    int8: Int8Mode | None = None,
+    cfg: Config | None = None,
+    data: TaskData | None = None,
+    opset: int = OPSET,
+    tol: float = PARITY_TOL,
+    calib_size: int = 256,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Export, check parity, optionally quantize, and evaluate. Returns a report dict.
 
     Without `--int8`, `out` is the fp32 model. With it, `out` is the INT8 model and the fp32 one is
@@ -349,21 +401,33 @@ def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None
     on_error = cfg.tasks[task].data.on_error if cfg is not None and task in cfg.tasks else "raise"
     m32 = OnnxTaskModel(fp32, threads)
     x = sample_inputs(pre, data, on_error=on_error)
-    report: dict[str, Any] = {"task": task, "fp32": str(fp32), "opset": opset, "output_kind": head.output,
-                              "parity_inputs": "test images" if data is not None else "seeded random images",
-                              "parity_n": len(x), "parity_tol": tol}
+    report: dict[str, Any] = {
+        "task": task,
+        "fp32": str(fp32),
+        "opset": opset,
+        "output_kind": head.output,
+        "parity_inputs": "test images" if data is not None else "seeded random images",
+        "parity_n": len(x),
+        "parity_tol": tol,
+    }
     report["parity_max_abs_diff"] = check_parity(tm, task, m32, x, tol)
     can_eval = cfg is not None and data is not None
     if can_eval:
         report["metrics_fp32"] = evaluate_predict(m32.predict_fn(on_error=on_error), task, head, cfg, data)
     if int8 is not None:
-        calib = (calibration_inputs(pre, data, calib_size, cfg.seed if cfg else 0, on_error)
-                 if data is not None else None)
+        calib = (
+            calibration_inputs(pre, data, calib_size, cfg.seed if cfg else 0, on_error) if data is not None else None
+        )
         quantize(fp32, out, int8, calib)
         m8 = OnnxTaskModel(out, threads)
-        report["int8"] = {"mode": int8, "path": str(out), "max_abs_diff_vs_torch": max_abs_diff(tm, task, m8, x),
-                          "size_bytes": out.stat().st_size, "fp32_size_bytes": fp32.stat().st_size,
-                          "latency_ms": int8_latency(fp32, out, x[:1])}
+        report["int8"] = {
+            "mode": int8,
+            "path": str(out),
+            "max_abs_diff_vs_torch": max_abs_diff(tm, task, m8, x),
+            "size_bytes": out.stat().st_size,
+            "fp32_size_bytes": fp32.stat().st_size,
+            "latency_ms": int8_latency(fp32, out, x[:1]),
+        }
         flag = int8_flag(task, report["int8"]["latency_ms"]["fp32"], report["int8"]["latency_ms"]["int8"])
         report["warnings"] = [flag] if flag else []
         if can_eval:
@@ -373,9 +437,18 @@ def export_task(tm: TaskModel, task: str, out: str | Path, int8: Int8Mode | None
     return report
 
 
-def export_from(source: str | Path, out: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
-                int8: Int8Mode | None = None, opset: int = OPSET, tol: float = PARITY_TOL, calib_size: int = 256,
-                data_root: str | None = None, threads: int | None = None) -> dict[str, Any]:
+def export_from(
+    source: str | Path,
+    out: str | Path,
+    tasks: Sequence[str] | None = None,
+    arch: str | None = None,
+    int8: Int8Mode | None = None,
+    opset: int = OPSET,
+    tol: float = PARITY_TOL,
+    calib_size: int = 256,
+    data_root: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """`ufo export`: a task_model file, or a run folder cut at `arch`, to ONNX (and INT8) for one task,
     with the task's data (when found) for the parity inputs, calibration and metrics."""
     from ufo.deploy.package import load_task_data, open_task_model, task_config

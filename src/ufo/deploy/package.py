@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from torch import nn
 
 from ufo.arch import Arch, ImageSize, SearchSpace, as_hw, check_task_name
@@ -78,7 +78,7 @@ class Preprocessing(BaseModel):
         return compact_size(v)
 
     @model_validator(mode="after")
-    def _valid(self) -> "Preprocessing":
+    def _valid(self) -> Preprocessing:
         if self.in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
         for what, vals in (("mean", self.mean), ("std", self.std)):
@@ -86,8 +86,10 @@ class Preprocessing(BaseModel):
                 raise ValueError(f"{what} {vals}: expected 1 or {self.in_chans} finite values")
         if min(self.std) <= 0:
             raise ValueError(f"std {self.std} must be positive (it divides the pixels)")
-        for where, size in (("img_size", self.img_size), *((f"task_img_size[{t!r}]", v)
-                                                          for t, v in self.task_img_size.items())):
+        for where, size in (
+            ("img_size", self.img_size),
+            *((f"task_img_size[{t!r}]", v) for t, v in self.task_img_size.items()),
+        ):
             h, w = as_hw(size)
             if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
                 raise ValueError(f"{where} {h}x{w} (HxW) is outside 1..{MAX_SIDE} pixels a side")
@@ -102,21 +104,26 @@ class Preprocessing(BaseModel):
         return out
 
     @classmethod
-    def from_config(cls, cfg: Config, tasks: Sequence[str] = ()) -> "Preprocessing":
+    def from_config(cls, cfg: Config, tasks: Sequence[str] = ()) -> Preprocessing:
         """The preprocessing of a model of `tasks`: one task's own size, or the base size plus the
         sizes of the tasks that differ from it."""
         m = cfg.model
         tf = build_transform(m.img_size, m.mean, m.std, train=False, in_chans=m.in_chans)
         base: ImageSize = cfg.input_size(tasks[0]) if len(tasks) == 1 else m.img_size
         sizes = {} if len(tasks) == 1 else {t: cfg.input_size(t) for t in tasks if cfg.input_size(t) != as_hw(base)}
-        return cls(img_size=base, in_chans=m.in_chans, mean=list(tf.normalize.mean), std=list(tf.normalize.std),
-                   task_img_size=sizes)
+        return cls(
+            img_size=base,
+            in_chans=m.in_chans,
+            mean=list(tf.normalize.mean),
+            std=list(tf.normalize.std),
+            task_img_size=sizes,
+        )
 
     def input_size(self, task: str | None = None) -> tuple[int, int]:
         """(height, width) of `task`'s input (None: `img_size`)."""
         return as_hw(self.task_img_size.get(task, self.img_size) if task is not None else self.img_size)
 
-    def for_task(self, task: str) -> "Preprocessing":
+    def for_task(self, task: str) -> Preprocessing:
         """`task`'s preprocessing alone (its input size as `img_size`)."""
         return Preprocessing(img_size=self.input_size(task), in_chans=self.in_chans, mean=self.mean, std=self.std)
 
@@ -141,7 +148,7 @@ class HeadInfo(BaseModel):
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")
-    def _consistent(self) -> "HeadInfo":
+    def _consistent(self) -> HeadInfo:
         if self.num_classes < (1 if self.output == "logits" else 0):
             raise ValueError(f"num_classes of a logits head must be at least 1, got {self.num_classes}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -172,11 +179,13 @@ def build_timm_backbone(spec: TimmBackbone, in_chans: int) -> nn.Module:
     try:
         model = timm.create_model(spec.name, pretrained=False, num_classes=0, in_chans=in_chans, **spec.kwargs)
     except Exception as e:  # unknown name, bad kwargs: timm's own messages vary
-        raise DeployError(f"timm model {spec.name!r} with kwargs {spec.kwargs} cannot be built: "
-                          f"{type(e).__name__}: {e}") from None
+        raise DeployError(
+            f"timm model {spec.name!r} with kwargs {spec.kwargs} cannot be built: {type(e).__name__}: {e}"
+        ) from None
     if model.num_features != spec.num_features:
-        raise DeployError(f"timm model {spec.name!r} has {model.num_features} features, the file says "
-                          f"{spec.num_features}")
+        raise DeployError(
+            f"timm model {spec.name!r} has {model.num_features} features, the file says {spec.num_features}"
+        )
     return model
 
 
@@ -193,7 +202,7 @@ class TaskModelInfo(BaseModel):
     backbone: TimmBackbone | None = None  # None: the extracted ViT of `arch`; else a timm model (a student)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TaskModelInfo":
+    def _consistent(self) -> TaskModelInfo:
         for t in self.tasks:
             check_task_name(t)
         if not self.tasks or set(self.heads) != set(self.tasks):
@@ -205,8 +214,10 @@ class TaskModelInfo(BaseModel):
             for t in self.tasks:
                 want, got = self.space.input_size(t), self.preprocessing.input_size(t if len(self.tasks) > 1 else None)
                 if want != got:
-                    raise ValueError(f"preprocessing input size of task {t!r} is {got[0]}x{got[1]} but the model "
-                                     f"was built for {want[0]}x{want[1]} (HxW)")
+                    raise ValueError(
+                        f"preprocessing input size of task {t!r} is {got[0]}x{got[1]} but the model "
+                        f"was built for {want[0]}x{want[1]} (HxW)"
+                    )
         return self
 
     @property
@@ -247,8 +258,13 @@ def build_head(info: HeadInfo, dim: int) -> nn.Module:
 @torch.no_grad()
 def slice_head(head: Task, dim: int) -> tuple[nn.Module, HeadInfo]:
     """A plain copy of `head`'s eval path for backbone features of width `dim`."""
-    info = HeadInfo(kind=head.kind, output=head.output, num_classes=head.num_classes, primary=head.primary,
-                    options=head.opts.model_dump(mode="json"))
+    info = HeadInfo(
+        kind=head.kind,
+        output=head.output,
+        num_classes=head.num_classes,
+        primary=head.primary,
+        options=head.opts.model_dump(mode="json"),
+    )
     if isinstance(head, EmbeddingTask):
         info.embedding_dim = head.neck.out_features
         out = EmbeddingHead(dim, info.embedding_dim)
@@ -259,8 +275,10 @@ def slice_head(head: Task, dim: int) -> tuple[nn.Module, HeadInfo]:
         out.fc.weight.copy_(head.head.weight[:, :dim])
         out.fc.bias.copy_(head.head.bias)
     else:
-        raise DeployError(f"task {head.name!r} of kind {head.kind!r} has no deployable head: packaging knows "
-                          "linear classification heads and BN-neck embedding heads")
+        raise DeployError(
+            f"task {head.name!r} of kind {head.kind!r} has no deployable head: packaging knows "
+            "linear classification heads and BN-neck embedding heads"
+        )
     return out.eval(), info
 
 
@@ -276,8 +294,11 @@ class TaskModel(nn.Module):
         # what timm.data.resolve_model_data_config reads: this model's real preprocessing, not 224 px ImageNet
         cfg = self.timm_cfg()
         self.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("first_conv", "classifier")}
-        backbone.pretrained_cfg = backbone.default_cfg = {**getattr(backbone, "pretrained_cfg", {}), **cfg,
-                                                          "num_classes": 0}
+        backbone.pretrained_cfg = backbone.default_cfg = {
+            **getattr(backbone, "pretrained_cfg", {}),
+            **cfg,
+            "num_classes": 0,
+        }
 
     @property
     def tasks(self) -> list[str]:
@@ -292,8 +313,15 @@ class TaskModel(nn.Module):
         pre = info.preprocessing
         head = info.heads.get(task) if task is not None else None
         num_classes = head.num_classes if head is not None and head.output == "logits" else 0
-        cfg = make_pretrained_cfg(pre.input_size(None if self.single else task), pre.in_chans, pre.mean, pre.std,
-                             num_classes, fixed_input_size=self.single, stem=info.space.stem)
+        cfg = make_pretrained_cfg(
+            pre.input_size(None if self.single else task),
+            pre.in_chans,
+            pre.mean,
+            pre.std,
+            num_classes,
+            fixed_input_size=self.single,
+            stem=info.space.stem,
+        )
         if info.backbone is not None:  # a timm student keeps timm's names for its own modules
             cfg.update(architecture=info.backbone.name)
             del cfg["first_conv"], cfg["classifier"]
@@ -313,7 +341,7 @@ class TaskModel(nn.Module):
         self.check_task(task)
         return self.heads[task](self.features(x, task))
 
-    def for_task(self, task: str) -> "TaskPath":
+    def for_task(self, task: str) -> TaskPath:
         """A one-input module for `task` (what ONNX export traces)."""
         self.check_task(task)
         return TaskPath(self, task)
@@ -348,6 +376,7 @@ class TaskPath(nn.Module):
 
 # ----- building from a trained run -----
 
+
 def model_file(path: str | Path) -> Path:
     """A run folder's `model.safetensors`, or the file itself; for a `ufo run` folder, an error
     that says where its models are."""
@@ -380,8 +409,14 @@ def _calibrate(tm: TaskModel, task: str, head: Task, cfg: Config, data: TaskData
 
 
 @torch.no_grad()
-def extract_task_model(model: UFOModel, arch: Arch | None, tasks: str | Sequence[str], cfg: Config,
-                       data: dict[str, TaskData] | None = None, source: str | None = None) -> TaskModel:
+def extract_task_model(
+    model: UFOModel,
+    arch: Arch | None,
+    tasks: str | Sequence[str],
+    cfg: Config,
+    data: dict[str, TaskData] | None = None,
+    source: str | None = None,
+) -> TaskModel:
     """Cut `tasks` at `arch` (default: the model's active arch) out of a trained UFOModel.
 
     With `data` (from `load_task_data`), classification heads get their class names and
@@ -398,9 +433,15 @@ def extract_task_model(model: UFOModel, arch: Arch | None, tasks: str | Sequence
     heads, infos = {}, {}
     for t in tasks:
         heads[t], infos[t] = slice_head(model.heads[t], arch.embed_dim)
-    info = TaskModelInfo(tasks=tasks, arch=arch, space=model.space, heads=infos,
-                         preprocessing=Preprocessing.from_config(cfg, tasks), config=cfg.model_dump(mode="json"),
-                         source=source)
+    info = TaskModelInfo(
+        tasks=tasks,
+        arch=arch,
+        space=model.space,
+        heads=infos,
+        preprocessing=Preprocessing.from_config(cfg, tasks),
+        config=cfg.model_dump(mode="json"),
+        source=source,
+    )
     tm = TaskModel(backbone, heads, info).eval()
     for t, d in (data or {}).items():
         if t not in infos:
@@ -419,8 +460,14 @@ def load_trained(path: str | Path) -> tuple[UFOModel, Config, dict[str, Any]]:
     return load_model(model_file(path))
 
 
-def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, arch: str | Arch | None = None,
-                        with_data: bool = True, data_root: str | None = None, recalibrate_bn: bool = True) -> TaskModel:
+def task_model_from_run(
+    path: str | Path,
+    tasks: Sequence[str] | None = None,
+    arch: str | Arch | None = None,
+    with_data: bool = True,
+    data_root: str | None = None,
+    recalibrate_bn: bool = True,
+) -> TaskModel:
     """A TaskModel for `tasks` (default: all) of a trained run at `arch` (default: the run's arch;
     or largest | smallest | random:SEED | ARCH.json). With `with_data`, the tasks' data (under
     `data_root`, default the config's) gives class names and verification thresholds, and, for a
@@ -446,13 +493,21 @@ def task_model_from_run(path: str | Path, tasks: Sequence[str] | None = None, ar
 
 # ----- the file -----
 
+
 def save_task_model(path: str | Path, tm: TaskModel) -> None:
     """Write a TaskModel to one safetensors file (`kind: task_model`), atomically."""
     info = tm.info
-    backbone_params = (info.space.num_params(info.arch, info.tasks) if info.backbone is None
-                       else sum(p.numel() for p in tm.backbone.parameters()))
-    manifest = {"kind": KIND, **info.model_dump(mode="json"), "num_params": tm.num_params(),
-                "backbone_params": backbone_params}
+    backbone_params = (
+        info.space.num_params(info.arch, info.tasks)
+        if info.backbone is None
+        else sum(p.numel() for p in tm.backbone.parameters())
+    )
+    manifest = {
+        "kind": KIND,
+        **info.model_dump(mode="json"),
+        "num_params": tm.num_params(),
+        "backbone_params": backbone_params,
+    }
     save_checkpoint(path, tm.state_dict(), manifest)
 
 
@@ -460,8 +515,10 @@ def load_task_model(path: str | Path) -> TaskModel:
     """Rebuild a TaskModel (plain timm/torch layers) from its file and load its weights."""
     manifest = read_manifest(path)
     if manifest.get("kind") != KIND:
-        raise CheckpointError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a task model "
-                              f"(make one with `ufo extract RUN_DIR --task ... --out FILE`)")
+        raise CheckpointError(
+            f"{path} holds a {manifest.get('kind')!r} checkpoint, not a task model "
+            f"(make one with `ufo extract RUN_DIR --task ... --out FILE`)"
+        )
     tensors, _ = load_checkpoint(path)
     try:
         info = TaskModelInfo.model_validate({k: manifest.get(k) for k in TaskModelInfo.model_fields if k in manifest})
@@ -486,8 +543,9 @@ def load_task_model(path: str | Path) -> TaskModel:
     return tm.eval()
 
 
-def open_task_model(path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None,
-                    data_root: str | None = None) -> TaskModel:
+def open_task_model(
+    path: str | Path, tasks: Sequence[str] | None = None, arch: str | None = None, data_root: str | None = None
+) -> TaskModel:
     """A task_model file or save_pretrained folder as it is, or a run folder / trained model file
     extracted at `arch`."""
     f = model_file(path)

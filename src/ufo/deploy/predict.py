@@ -9,9 +9,10 @@ the model's own eval transform (channels, mean, std) and the model, in batches, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,8 +47,12 @@ def read_output(task: str, out: np.ndarray, head: HeadInfo, k: int = 5) -> Predi
     p = torch.softmax(torch.as_tensor(out).double(), -1)
     vals, idx = p.topk(min(k, p.numel()))
     names = head.class_names
-    return Prediction(task, "logits", top_k=[(names[int(i)] if names else None, float(v)) for v, i in zip(vals, idx)],
-                      indices=[int(i) for i in idx])
+    return Prediction(
+        task,
+        "logits",
+        top_k=[(names[int(i)] if names else None, float(v)) for v, i in zip(vals, idx)],
+        indices=[int(i) for i in idx],
+    )
 
 
 def to_uint8(image: Any, size_hw: tuple[int, int], where: str) -> torch.Tensor:
@@ -63,15 +68,19 @@ def to_uint8(image: Any, size_hw: tuple[int, int], where: str) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
         if image.dtype != np.uint8 or not shape_ok or min(image.shape[:2]) < 1:
-            raise DeployError(f"{where}: expected a uint8 array of shape (H, W), (H, W, 1) or (H, W, 3), "
-                              f"got {image.dtype} {image.shape}")
-        return torch.from_numpy(np.array(adapt(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image,
-                                               size_hw, None)))
+            raise DeployError(
+                f"{where}: expected a uint8 array of shape (H, W), (H, W, 1) or (H, W, 3), "
+                f"got {image.dtype} {image.shape}"
+            )
+        return torch.from_numpy(
+            np.array(adapt(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image, size_hw, None))
+        )
     raise DeployError(f"{where}: expected a PIL image, a file path or a uint8 numpy array, got {type(image).__name__}")
 
 
-def predict(tm: TaskModel, images: Any, task: str | None = None, k: int = 5,
-            batch_size: int = 32) -> Prediction | list[Prediction]:
+def predict(
+    tm: TaskModel, images: Any, task: str | None = None, k: int = 5, batch_size: int = 32
+) -> Prediction | list[Prediction]:
     """`task`'s Prediction for each image (a list for a list, one for one image). `task` may be left
     out when the model serves one task."""
     if task is None:
@@ -91,9 +100,10 @@ def predict(tm: TaskModel, images: Any, task: str | None = None, k: int = 5,
     tm.eval()
     try:
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            x = torch.stack([transform(to_uint8(im, pre.input_size(), f"image {start + i}"))
-                             for i, im in enumerate(chunk)])
+            chunk = items[start : start + batch_size]
+            x = torch.stack(
+                [transform(to_uint8(im, pre.input_size(), f"image {start + i}")) for i, im in enumerate(chunk)]
+            )
             with torch.inference_mode():
                 y = tm(x.to(param.device, param.dtype), task).float().cpu().numpy()
             bad = [start + i for i in range(len(chunk)) if not np.isfinite(y[i]).all()]

@@ -17,8 +17,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ufo.deploy.package import DeployError
 
@@ -39,8 +39,13 @@ class ServeProcess:
         exe = Path(sys.executable).parent / "ufo"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         out = subprocess.PIPE if capture_output else subprocess.DEVNULL
-        self.proc = subprocess.Popen([str(exe), "serve", *args, "--port", str(self.port), "--threads", str(threads)],
-                                     stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", *args, "--port", str(self.port), "--threads", str(threads)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until GET /healthz answers 200; stop the child and raise if it exits or times out."""
@@ -72,7 +77,7 @@ class ServeProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,11 +27,12 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from ufo.optional import require_extra
 
 require_extra("serve")  # the packages below are the `serve` extra: one line naming it when one is missing
 
-from fastapi import FastAPI, File, Path as PathParam, Query, Request, UploadFile  # noqa: E402
+from fastapi import FastAPI, File, Query, Request, UploadFile  # noqa: E402
+from fastapi import Path as PathParam  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response  # noqa: E402
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
@@ -69,6 +71,7 @@ class Settings(BaseModel):
 
 
 # ----- what is served -----
+
 
 @dataclass
 class ServedTask:
@@ -96,8 +99,12 @@ def _torch_runner(tm: TaskModel, task: str) -> Callable[[torch.Tensor], np.ndarr
     return run
 
 
-def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads: int | None = None,
-                workdir: str | Path | None = None) -> dict[str, ServedTask]:
+def load_served(
+    paths: Sequence[str | Path],
+    backend: Backend = "torch",
+    threads: int | None = None,
+    workdir: str | Path | None = None,
+) -> dict[str, ServedTask]:
     """Open every model once. A run folder (or trained model / task_model file) gives all its tasks;
     an .onnx file gives its one task. With backend onnx, torch models are exported to `workdir`
     (default: a temporary folder kept for the process) and run on ONNX Runtime."""
@@ -134,6 +141,7 @@ def load_served(paths: Sequence[str | Path], backend: Backend = "torch", threads
 
 # ----- errors -----
 
+
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(detail)
@@ -168,8 +176,11 @@ class PixelBudget:
     @contextmanager
     def hold(self, pixels: int):
         if pixels > self.limit:
-            raise ApiError(413, "image_too_large", f"image of {pixels:,} pixels exceeds the server's decode budget "
-                                                   f"of {self.limit:,} pixels")
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"image of {pixels:,} pixels exceeds the server's decode budget of {self.limit:,} pixels",
+            )
         with self.cond:
             if not self.cond.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_s):
                 raise ApiError(503, "busy", f"the server is decoding {self.used:,} pixels; retry later")
@@ -192,8 +203,7 @@ def _malloc_trim():
         return None
 
 
-def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, budget: PixelBudget | None = None
-                 ) -> torch.Tensor:
+def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, budget: PixelBudget | None = None) -> torch.Tensor:
     """Upload bytes -> uint8 (C, H, W) at `pre`'s input size, as the library's readers decode files;
     ApiError on bad input. With `budget`, the decode waits for room in it."""
     if not data:
@@ -208,8 +218,12 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, budget: Pixel
     except Exception as e:
         raise ApiError(422, "corrupt_image", f"the image header cannot be read: {e}") from None
     if w * h > max_pixels:
-        raise ApiError(413, "image_too_large", f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of "
-                                               f"{max_pixels:,} pixels (decompression-bomb guard)")
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"image of {w}x{h} = {w * h:,} pixels exceeds the limit of "
+            f"{max_pixels:,} pixels (decompression-bomb guard)",
+        )
     try:
         with budget.hold(w * h) if budget is not None else nullcontext():
             arr = decode(data, pre.input_size(), None)
@@ -224,6 +238,7 @@ def decode_image(data: bytes, pre: Preprocessing, max_pixels: int, budget: Pixel
 
 # ----- micro-batching -----
 
+
 @dataclass
 class _Item:
     x: torch.Tensor
@@ -234,9 +249,21 @@ class Batcher:
     """Collects one task's requests into batches: after the first arrives, wait up to `max_wait`
     seconds (or until `max_batch`), run them as one batch on `executor`, answer each future."""
 
-    def __init__(self, task: ServedTask, executor: ThreadPoolExecutor, max_batch: int, max_wait: float,
-                 observe: Callable[[int], None]) -> None:
-        self.task, self.executor, self.max_batch, self.max_wait, self.observe = task, executor, max_batch, max_wait, observe
+    def __init__(
+        self,
+        task: ServedTask,
+        executor: ThreadPoolExecutor,
+        max_batch: int,
+        max_wait: float,
+        observe: Callable[[int], None],
+    ) -> None:
+        self.task, self.executor, self.max_batch, self.max_wait, self.observe = (
+            task,
+            executor,
+            max_batch,
+            max_wait,
+            observe,
+        )
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
 
@@ -261,7 +288,7 @@ class Batcher:
                 break
             try:
                 items.append(await asyncio.wait_for(self.queue.get(), left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return items
 
@@ -287,6 +314,7 @@ class Batcher:
 
 # ----- raw bodies -----
 
+
 class _RawImageBody:
     """ASGI middleware: a `:predict` body sent as `application/x-www-form-urlencoded` (curl's default
     for `--data-binary @img.png` and `-d`) is the image's raw bytes, not a form. FastAPI would parse
@@ -308,6 +336,7 @@ class _RawImageBody:
 
 
 # ----- upload limit -----
+
 
 class _BodyLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` with a JSON 413.
@@ -359,6 +388,7 @@ class _BodyLimit:
 
 # ----- slow clients -----
 
+
 class _BodyTimedOut(Exception):
     """Raised into the app when a body read outlasts the body timeout."""
 
@@ -384,7 +414,7 @@ class _BodyTimeout:
                 return await receive()
             try:
                 msg = await asyncio.wait_for(receive(), self.timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 timed_out = True
                 raise _BodyTimedOut(f"no request body bytes for {self.timeout_s:g} s") from None
             if msg["type"] != "http.request" or not msg.get("more_body", False):
@@ -404,13 +434,17 @@ class _BodyTimeout:
             if not timed_out:
                 raise
         if timed_out and not started:
-            r = _error(408, "request_timeout", f"the request body did not arrive: no bytes for {self.timeout_s:g} s "
-                                               "(body timeout)")
+            r = _error(
+                408,
+                "request_timeout",
+                f"the request body did not arrive: no bytes for {self.timeout_s:g} s (body timeout)",
+            )
             r.headers["connection"] = "close"
             await r(scope, receive, send)
 
 
 # ----- metrics -----
+
 
 class _Metrics:
     """ASGI middleware: count and time every task request by its final status (413s raised while
@@ -460,6 +494,7 @@ class _Metrics:
 
 # ----- API models -----
 
+
 class ClassScore(BaseModel):
     index: int
     label: str | None = Field(None, description="class name, when the model file knows it")
@@ -504,36 +539,59 @@ class Health(BaseModel):
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    what = {400: "bad request (empty or malformed upload)", 404: "unknown task", 413: "upload or image too large",
-            408: "the request body stalled for body_timeout_s (request_timeout; the connection is closed)",
-            415: "not an image", 422: "corrupt or truncated image, or invalid parameters",
-            409: "the task cannot do this (no threshold, not an embedding task)",
-            500: "the model gave non-finite outputs (non_finite_output)",
-            503: "busy: no room to decode the image within decode_wait_s"}
+    what = {
+        400: "bad request (empty or malformed upload)",
+        404: "unknown task",
+        413: "upload or image too large",
+        408: "the request body stalled for body_timeout_s (request_timeout; the connection is closed)",
+        415: "not an image",
+        422: "corrupt or truncated image, or invalid parameters",
+        409: "the task cannot do this (no threshold, not an embedding task)",
+        500: "the model gave non-finite outputs (non_finite_output)",
+        503: "busy: no room to decode the image within decode_wait_s",
+    }
     return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
 
 
-_RAW_IMAGE_BODY = {"requestBody": {"content": {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-}}}
+_RAW_IMAGE_BODY = {
+    "requestBody": {
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        }
+    }
+}
 
 
 # ----- the app -----
 
+
 def create_app(served: dict[str, ServedTask], settings: Settings | None = None) -> FastAPI:
     s = settings or Settings()
     registry = CollectorRegistry()
-    requests = Counter("ufo_requests", "Requests per task, endpoint and status code", ["task", "endpoint", "status"],
-                       registry=registry)
-    latency = Histogram("ufo_request_latency_seconds", "Request latency per task and endpoint", ["task", "endpoint"],
-                        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-    batch_sizes = Histogram("ufo_batch_size", "Images per model call (micro-batching)", ["task"], registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    requests = Counter(
+        "ufo_requests", "Requests per task, endpoint and status code", ["task", "endpoint", "status"], registry=registry
+    )
+    latency = Histogram(
+        "ufo_request_latency_seconds",
+        "Request latency per task and endpoint",
+        ["task", "endpoint"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    batch_sizes = Histogram(
+        "ufo_batch_size",
+        "Images per model call (micro-batching)",
+        ["task"],
+        registry=registry,
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufo-infer")  # one model call at a time
     budget = PixelBudget(s.max_pixels_in_flight, s.decode_wait_s)
-    batchers = {t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3,
-                           lambda n, t=t: batch_sizes.labels(t).observe(n)) for t, st in served.items()}
+    batchers = {
+        t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3, lambda n, t=t: batch_sizes.labels(t).observe(n))
+        for t, st in served.items()
+    }
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -545,8 +603,12 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
                 b.worker.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="UFO task models", version="1", lifespan=lifespan,
-                  description="Predictions of UFO task models; each request runs only its task's path.")
+    app = FastAPI(
+        title="UFO task models",
+        version="1",
+        lifespan=lifespan,
+        description="Predictions of UFO task models; each request runs only its task's path.",
+    )
 
     app.add_middleware(_RawImageBody)
     app.add_middleware(_BodyLimit, max_bytes=int(s.max_upload_mb * 1024 * 1024))
@@ -595,36 +657,55 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
             raise ApiError(400, "missing_file", "multipart upload without a `file` field")
         return await request.body()
 
-    @app.post("/v1/tasks/{task}:predict", response_model=PredictResponse,
-              responses=_responses(400, 404, 408, 413, 415, 422, 500, 503),
-              openapi_extra=_RAW_IMAGE_BODY, summary="Predict one image")
-    async def predict(request: Request, task: str = PathParam(description="task name"),
-                      k: int = Query(5, ge=1, le=1000, description="classification: how many classes to return"),
-                      file: UploadFile | None = File(None, description="the image (or send raw image bytes)")
-                      ) -> PredictResponse:
+    @app.post(
+        "/v1/tasks/{task}:predict",
+        response_model=PredictResponse,
+        responses=_responses(400, 404, 408, 413, 415, 422, 500, 503),
+        openapi_extra=_RAW_IMAGE_BODY,
+        summary="Predict one image",
+    )
+    async def predict(
+        request: Request,
+        task: str = PathParam(description="task name"),
+        k: int = Query(5, ge=1, le=1000, description="classification: how many classes to return"),
+        file: UploadFile | None = File(None, description="the image (or send raw image bytes)"),
+    ) -> PredictResponse:
         """Top-k classes (classification) or the L2-normalised embedding (identity tasks) of one image,
         sent as multipart field `file` or as the raw request body."""
         st = task_of(task)
         pred = read_output(task, await infer(st, await body_image(request, file)), st.head, k)
         if pred.output == "embedding":
             return PredictResponse(task=task, output="embedding", embedding=pred.embedding.tolist())
-        return PredictResponse(task=task, output="logits", top_k=[
-            ClassScore(index=i, label=label, probability=p) for i, (label, p) in zip(pred.indices, pred.top_k)])
+        return PredictResponse(
+            task=task,
+            output="logits",
+            top_k=[ClassScore(index=i, label=label, probability=p) for i, (label, p) in zip(pred.indices, pred.top_k)],
+        )
 
-    @app.post("/v1/tasks/{task}:compare", response_model=CompareResponse,
-              responses=_responses(400, 404, 408, 409, 413, 415, 422, 500, 503),
-              summary="Same or different?")
-    async def compare(task: str = PathParam(description="task name"),
-                      image_a: UploadFile = File(description="first image"),
-                      image_b: UploadFile = File(description="second image")) -> CompareResponse:
+    @app.post(
+        "/v1/tasks/{task}:compare",
+        response_model=CompareResponse,
+        responses=_responses(400, 404, 408, 409, 413, 415, 422, 500, 503),
+        summary="Same or different?",
+    )
+    async def compare(
+        task: str = PathParam(description="task name"),
+        image_a: UploadFile = File(description="first image"),
+        image_b: UploadFile = File(description="second image"),
+    ) -> CompareResponse:
         """Cosine similarity of two images' embeddings, and whether it passes the task's calibrated threshold."""
         st = task_of(task)
         if st.head.output != "embedding":
-            raise ApiError(409, "not_an_embedding_task", f"task {task!r} outputs logits; compare needs an "
-                                                         "embedding task")
+            raise ApiError(
+                409, "not_an_embedding_task", f"task {task!r} outputs logits; compare needs an embedding task"
+            )
         if st.head.threshold is None:
-            raise ApiError(409, "no_threshold", f"task {task!r} has no calibrated threshold (thresholds are fitted "
-                                                "for verification tasks when their data is available)")
+            raise ApiError(
+                409,
+                "no_threshold",
+                f"task {task!r} has no calibrated threshold (thresholds are fitted "
+                "for verification tasks when their data is available)",
+            )
         a, b = await asyncio.gather(infer(st, await image_a.read()), infer(st, await image_b.read()))
         sim = float(np.dot(a.astype(np.float64), b.astype(np.float64)))
         return CompareResponse(task=task, similarity=sim, threshold=st.head.threshold, same=sim > st.head.threshold)
@@ -632,27 +713,51 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
     @app.get("/v1/tasks", response_model=TasksResponse, summary="Served tasks")
     async def tasks() -> TasksResponse:
         """Every served task with its kind, output, classes, threshold, arch and preprocessing."""
-        return TasksResponse(tasks=[TaskInfo(
-            name=t, kind=st.head.kind, output=st.head.output, num_classes=st.head.num_classes,
-            class_names=st.head.class_names, embedding_dim=st.head.embedding_dim, threshold=st.head.threshold,
-            backend=st.backend, source=st.source, arch=st.arch.model_dump(), preprocessing=st.preprocessing)
-            for t, st in served.items()])
+        return TasksResponse(
+            tasks=[
+                TaskInfo(
+                    name=t,
+                    kind=st.head.kind,
+                    output=st.head.output,
+                    num_classes=st.head.num_classes,
+                    class_names=st.head.class_names,
+                    embedding_dim=st.head.embedding_dim,
+                    threshold=st.head.threshold,
+                    backend=st.backend,
+                    source=st.source,
+                    arch=st.arch.model_dump(),
+                    preprocessing=st.preprocessing,
+                )
+                for t, st in served.items()
+            ]
+        )
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> Health:
         return Health(status="ok", tasks=list(served))
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    )
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
-def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000, backend: Backend = "torch",
-          settings: Settings | None = None, threads: int | None = None, log_level: str = "warning",
-          announce: Callable[[str], Any] = print) -> None:
+def serve(
+    paths: Sequence[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: Backend = "torch",
+    settings: Settings | None = None,
+    threads: int | None = None,
+    log_level: str = "warning",
+    announce: Callable[[str], Any] = print,
+) -> None:
     """Load the models once and run the API on uvicorn until interrupted."""
     import uvicorn
 
@@ -666,5 +771,6 @@ def serve(paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000
         announce(f"task {t}: {st.head.kind} -> {st.head.output} ({st.backend}, {st.source})")
     announce(f"serving {len(served)} task(s) on http://{host}:{port} (docs at /docs)")
     # uvicorn has no timeout for a request's headers: behind the open internet, put a proxy in front
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_keep_alive=settings.keep_alive_s)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=settings.keep_alive_s
+    )

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,10 +62,20 @@ class TuneRecipe(BaseModel):
     def train_config(self, eval_batch_size: int | None = None) -> TrainConfig:
         """The recipe as the TrainConfig that TuneLoop and the optimiser builders read."""
         extra = {} if eval_batch_size is None else {"eval_batch_size": eval_batch_size}
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, min_lr=min(self.min_lr, self.lr),
-                           weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-                           log_every=self.log_every, ckpt_every=self.ckpt_every, device=self.device, amp=self.amp,
-                           **extra)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            min_lr=min(self.min_lr, self.lr),
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+            log_every=self.log_every,
+            ckpt_every=self.ckpt_every,
+            device=self.device,
+            amp=self.amp,
+            **extra,
+        )
 
 
 class TuneError(UFOError):
@@ -107,16 +118,35 @@ class TuneLoop:
         if groups is not None:  # P x K: at most (identities with 2+ images) x K per batch
             cap = pk_capacity(groups, self.k)
             if self.batch_size > cap:
-                warnings.warn(f"task {self.task!r}: batch_size {self.batch_size} lowered to {cap} "
-                              f"({cap // self.k} identities with 2+ images, K={self.k})", stacklevel=2)
+                warnings.warn(
+                    f"task {self.task!r}: batch_size {self.batch_size} lowered to {cap} "
+                    f"({cap // self.k} identities with 2+ images, K={self.k})",
+                    stacklevel=2,
+                )
                 self.batch_size = cap
-        self.sampler = MixedTaskSampler([TaskSource(self.task, len(ds), groups, self.k)], self.batch_size,
-                                        seed=self.seed)
-        feed = Feed(self.task, 0, ds, as_hw(self.img_size), self.in_chans, self.mean, self.std,
-                    self.task_cfg.augment.model_dump(), self.task_cfg.data.on_error)
+        self.sampler = MixedTaskSampler(
+            [TaskSource(self.task, len(ds), groups, self.k)], self.batch_size, seed=self.seed
+        )
+        feed = Feed(
+            self.task,
+            0,
+            ds,
+            as_hw(self.img_size),
+            self.in_chans,
+            self.mean,
+            self.std,
+            self.task_cfg.augment.model_dump(),
+            self.task_cfg.data.on_error,
+        )
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
-        self.loader = MixedLoader([feed], self.sampler, seed=self.seed, device=device, workers=self.train.workers,
-                                  prefetch=self.train.prefetch)
+        self.loader = MixedLoader(
+            [feed],
+            self.sampler,
+            seed=self.seed,
+            device=device,
+            workers=self.train.workers,
+            prefetch=self.train.prefetch,
+        )
 
     @property
     def ckpt_path(self) -> Path:
@@ -134,20 +164,32 @@ class TuneLoop:
             losses = self.loss_fn(x, y)
         total = sum(losses.values())
         if not torch.isfinite(total):
-            raise TuneError(f"step {self.step}: non-finite loss ({ {k: float(v) for k, v in losses.items()} }); "
-                            f"the last checkpoint {self.ckpt_path} is kept")
+            raise TuneError(
+                f"step {self.step}: non-finite loss ({ {k: float(v) for k, v in losses.items()} }); "
+                f"the last checkpoint {self.ckpt_path} is kept"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.train.grad_clip:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
         self.optimizer.step()
-        return {"loss": float(total.detach()), **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
-                "lr": self.base_lrs[0] * f, "images": float(len(x))}
+        return {
+            "loss": float(total.detach()),
+            **{f"loss/{k}": float(v.detach()) for k, v in losses.items()},
+            "lr": self.base_lrs[0] * f,
+            "images": float(len(x)),
+        }
 
     def save(self) -> None:
-        save_train_state(self.ckpt_path, self.module, self.optimizer, self.step, {"recipe": self.recipe},
-                         sampler_state=self.loader.state_dict())
+        save_train_state(
+            self.ckpt_path,
+            self.module,
+            self.optimizer,
+            self.step,
+            {"recipe": self.recipe},
+            sampler_state=self.loader.state_dict(),
+        )
 
     def resume(self) -> bool:
         """Continue from `checkpoints/latest.safetensors`; False when there is none."""
@@ -157,8 +199,10 @@ class TuneLoop:
         mine = json.loads(json.dumps(self.recipe))
         if saved != mine:
             diff = sorted(k for k in set(mine) | set(saved or {}) if (saved or {}).get(k) != mine.get(k))
-            raise CheckpointError(f"{self.ckpt_path} was written by another recipe (differs in {diff}); "
-                                  "use a new --out folder, or the same settings to resume")
+            raise CheckpointError(
+                f"{self.ckpt_path} was written by another recipe (differs in {diff}); "
+                "use a new --out folder, or the same settings to resume"
+            )
         m = load_train_state(self.ckpt_path, self.module, self.optimizer)
         self.loader.load_state_dict(m["sampler"])
         self.step = int(m["step"])
@@ -172,10 +216,15 @@ class TuneLoop:
         self.module.train()
         log = MetricLog(self.out, self.loss_names, self.step)
         t0, images = time.perf_counter(), 0.0
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-                            disable=not self.show_progress)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            disable=not self.show_progress,
+        )
         with progress:
             bar = progress.add_task(description, total=self.train.steps, completed=self.step, losses="")
             while self.step < self.train.steps:
@@ -185,8 +234,9 @@ class TuneLoop:
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     row["images_per_s"] = images / (time.perf_counter() - t0)
                     log.write(self.step, row)
-                    progress.update(bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items()
-                                                         if k.startswith("loss/")))
+                    progress.update(
+                        bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("loss/"))
+                    )
                 if self.step % self.train.ckpt_every == 0 or self.step == self.train.steps:
                     self.save()
                 progress.update(bar, completed=self.step)

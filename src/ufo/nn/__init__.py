@@ -3,4 +3,4 @@
 from ufo.nn.extract import MultiTaskViT, build_extracted, extract
 from ufo.nn.vit import Layout, SuperViT
 
-__all__ = ["SuperViT", "Layout", "MultiTaskViT", "extract", "build_extracted"]
+__all__ = ["Layout", "MultiTaskViT", "SuperViT", "build_extracted", "extract"]

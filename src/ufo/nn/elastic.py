@@ -24,8 +24,10 @@ class ElasticLinear(nn.Linear):
         self.active_in = self.in_features if in_features is None else in_features
         self.active_out = self.out_features if out_features is None else out_features
         if not (0 < self.active_in <= self.in_features and 0 < self.active_out <= self.out_features):
-            raise ValueError(f"active size ({self.active_in}, {self.active_out}) exceeds the layer "
-                             f"({self.in_features}, {self.out_features})")
+            raise ValueError(
+                f"active size ({self.active_in}, {self.active_out}) exceeds the layer "
+                f"({self.in_features}, {self.out_features})"
+            )
 
     def active_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.weight[: self.active_out, : self.active_in]

@@ -12,7 +12,7 @@ A MultiTaskViT keeps the base-grid embedding and resamples it to each input, as 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.layers import Attention, Mlp, resample_abs_pos_embed
@@ -91,8 +91,14 @@ class MultiTaskViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.pos_embed = nn.Parameter(torch.zeros(1, space.num_patches + 1, e))
         self.blocks = nn.ModuleList(
-            MultiTaskBlock(e, arch.num_heads[i], space.head_dim, hidden_dim(e, arch.mlp_ratio[i]), space.qkv_bias,
-                           {t: arch.paths[t][i] for t in self.tasks})
+            MultiTaskBlock(
+                e,
+                arch.num_heads[i],
+                space.head_dim,
+                hidden_dim(e, arch.mlp_ratio[i]),
+                space.qkv_bias,
+                {t: arch.paths[t][i] for t in self.tasks},
+            )
             for i in range(arch.depth)
         )
         self.norm = nn.LayerNorm(e, eps=1e-6)
@@ -101,8 +107,13 @@ class MultiTaskViT(nn.Module):
         if task not in self.tasks:
             raise ArchError(f"unknown task {task!r}; this model serves {self.tasks}")
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        pos = self.pos_embed if grid == self.grid else resample_abs_pos_embed(
-            self.pos_embed, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=1)
+        pos = (
+            self.pos_embed
+            if grid == self.grid
+            else resample_abs_pos_embed(
+                self.pos_embed, new_size=list(grid), old_size=list(self.grid), num_prefix_tokens=1
+            )
+        )
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + pos
         for blk in self.blocks:
@@ -139,7 +150,7 @@ def extract(model: SuperViT, arch: Arch | None = None, tasks: str | Sequence[str
         grid = model.space.grid(tasks[0]) if len(tasks) == 1 else model.space.grid()
         out.pos_embed.copy_(model.pos_embed_at(grid, e))
         out.norm.load_state_dict(model.norm.extract().state_dict())
-        for i, (src, dst) in enumerate(zip(model.blocks, out.blocks)):
+        for _i, (src, dst) in enumerate(zip(model.blocks, out.blocks)):
             dst.norm1.load_state_dict(src.norm1.extract().state_dict())
             dst.norm2.load_state_dict(src.norm2.extract().state_dict())
             dst.attn.load_state_dict(src.attn.extract().state_dict())

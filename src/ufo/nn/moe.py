@@ -16,7 +16,7 @@ are not plain `ElasticMlp`s (a wrapped one, say) fall back to the per-task loop.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def _is_one(c: Coef) -> bool:
 
 def _gather(x: torch.Tensor, segments: Sequence[Segment], which: list[int]) -> torch.Tensor:
     """The rows of segments `which`, concatenated in order."""
-    return torch.cat([x[segments[i][1]:segments[i][2]] for i in which])
+    return torch.cat([x[segments[i][1] : segments[i][2]] for i in which])
 
 
 def _scatter(y: torch.Tensor, segments: Sequence[Segment], which: list[int], sizes: list[int]) -> torch.Tensor:
@@ -94,8 +94,11 @@ class TaskFFN(nn.Module):
         on_shared = [i for i, (c, _) in enumerate(coef) if c is not None]
         on_expert = [i for i, (_, c) in enumerate(coef) if c is not None]
         if on_shared:
-            s_out = self.shared(x) if len(on_shared) == len(segments) else _scatter(
-                self.shared(_gather(x, segments, on_shared)), segments, on_shared, sizes)
+            s_out = (
+                self.shared(x)
+                if len(on_shared) == len(segments)
+                else _scatter(self.shared(_gather(x, segments, on_shared)), segments, on_shared, sizes)
+            )
         if on_expert:
             e_out = self._experts(x, segments, on_expert)
             if len(on_expert) < len(segments):
@@ -138,8 +141,11 @@ class TaskFFN(nn.Module):
         if all(n == L for n in sizes):
             xb = rows.reshape(len(which), L * N, C)
         else:  # pad every segment to L rows by gathering from the rows plus one zero row
-            idx = [r for i, n in enumerate(sizes) for r in
-                   [sum(sizes[:i]) + j for j in range(n)] + [rows.shape[0]] * (L - n)]
+            idx = [
+                r
+                for i, n in enumerate(sizes)
+                for r in [sum(sizes[:i]) + j for j in range(n)] + [rows.shape[0]] * (L - n)
+            ]
             padded = torch.cat([rows, rows.new_zeros(1, N, C)])
             xb = padded[torch.tensor(idx, device=x.device)].reshape(len(which), L * N, C)
         fc1 = [self.experts[self.tasks[t]].fc1.active_weight() for t in tasks]

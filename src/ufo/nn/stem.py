@@ -13,7 +13,7 @@ the batch (mixed-task batches, one task per rank or per step, `ufo extend` train
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,11 @@ def conv_stem_layers(in_chans: int, channels: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     c_in = in_chans
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.GroupNorm(stem_groups(c), c),
-                   nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(stem_groups(c), c),
+            nn.ReLU(inplace=True),
+        ]
         c_in = c
     return nn.Sequential(*layers)
 
@@ -44,12 +47,15 @@ class ConvStemEmbed(nn.Module):
     """The stem of an extracted model: stock torch layers, timm's PatchEmbed interface
     (`num_patches`, `grid_size`, `proj`; (B, C, H, W) -> (B, N, embed_dim))."""
 
-    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
-                 channels: Sequence[int]) -> None:
+    def __init__(
+        self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int, channels: Sequence[int]
+    ) -> None:
         super().__init__()
         if 2 ** len(channels) != patch_size:
-            raise ValueError(f"a conv stem of {len(channels)} stride-2 layers has stride {2 ** len(channels)}, "
-                             f"not the patch size {patch_size}")
+            raise ValueError(
+                f"a conv stem of {len(channels)} stride-2 layers has stride {2 ** len(channels)}, "
+                f"not the patch size {patch_size}"
+            )
         self.img_size, self.patch_size = as_hw(img_size), (patch_size, patch_size)
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -63,8 +69,9 @@ class ConvStemEmbed(nn.Module):
 class ElasticConvStem(ConvStemEmbed):
     """ConvStemEmbed whose 1x1 projection emits the first `active_dim` channels."""
 
-    def __init__(self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int,
-                 channels: Sequence[int]) -> None:
+    def __init__(
+        self, img_size: int | tuple[int, int], patch_size: int, in_chans: int, embed_dim: int, channels: Sequence[int]
+    ) -> None:
         super().__init__(img_size, patch_size, in_chans, embed_dim, channels)
         for m in self.stem:
             if isinstance(m, nn.Conv2d):
@@ -96,8 +103,9 @@ def elastic_embed(space: SearchSpace) -> ElasticPatchEmbed | ElasticConvStem:
     return ElasticPatchEmbed(space.img_size, space.patch_size, space.in_chans, E)
 
 
-def static_embed(space: SearchSpace, embed_dim: int, img_size: tuple[int, int] | None = None,
-                 dynamic: bool = False) -> PatchEmbed | ConvStemEmbed:
+def static_embed(
+    space: SearchSpace, embed_dim: int, img_size: tuple[int, int] | None = None, dynamic: bool = False
+) -> PatchEmbed | ConvStemEmbed:
     """An extracted model's token embedding for `space.stem` at `embed_dim` (uninitialised), for
     `img_size` (default: the space's base size); `dynamic` lets a patch stem take any size."""
     size = as_hw(space.img_size if img_size is None else img_size)

@@ -14,8 +14,8 @@ blocks on its own and the class tokens are concatenated in list order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
@@ -130,8 +130,9 @@ class SuperViT(nn.Module):
 
     def routes(self) -> Routes:
         """Each task's path per block of the largest depth, as the routers choose them in eval."""
-        return {t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.blocks]
-                for i, t in enumerate(self.tasks)}
+        return {
+            t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.blocks] for i, t in enumerate(self.tasks)
+        }
 
     def router_state(self) -> dict[str, list[list[float]]]:
         """Router logits per task and block, for the checkpoint manifest."""
@@ -182,8 +183,9 @@ class SuperViT(nn.Module):
             return pos
         return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(base), num_prefix_tokens=1)
 
-    def forward_features(self, x: torch.Tensor, task: TaskArg, mask: torch.Tensor | None = None,
-                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, task: TaskArg, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """All tokens after the final norm: (B, 1 + num_patches, embed_dim), for one input size.
 
         With `mask` ((B, num_patches) bool, True = hidden), the embeddings of masked patches are

@@ -3,4 +3,4 @@
 from ufo.run.pipeline import STAGE_NAMES, STAGES, run_pipeline
 from ufo.run.state import PipelineError
 
-__all__ = ["PipelineError", "STAGES", "STAGE_NAMES", "run_pipeline"]
+__all__ = ["STAGES", "STAGE_NAMES", "PipelineError", "run_pipeline"]

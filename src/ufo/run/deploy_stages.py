@@ -41,13 +41,22 @@ def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     for t in ctx.tasks:
         b = p.search.budget(t)
         latency = b.max_latency_ms is not None or b.max_latency_fraction is not None
-        results[t] = api.fit_predictors(ctx.dir("chip_supernet"), t, backend=b.backend,
-                                        metric_samples=p.predictors.metric_samples,
-                                        latency_samples=p.predictors.latency_samples, seed=ctx.cfg.seed,
-                                        out_dir=out, console=ctx.console, latency=latency,
-                                        data_root=ctx.cfg.data_root)
+        results[t] = api.fit_predictors(
+            ctx.dir("chip_supernet"),
+            t,
+            backend=b.backend,
+            metric_samples=p.predictors.metric_samples,
+            latency_samples=p.predictors.latency_samples,
+            seed=ctx.cfg.seed,
+            out_dir=out,
+            console=ctx.console,
+            latency=latency,
+            data_root=ctx.cfg.data_root,
+        )
     files = [ctx.write_json(out / "predictors.json", results)]
-    return files, {t: {k: (r.get(k) or {}).get("cv_kendall_tau") for k in ("metric", "latency")} for t, r in results.items()}
+    return files, {
+        t: {k: (r.get(k) or {}).get("cv_kendall_tau") for k in ("metric", "latency")} for t, r in results.items()
+    }
 
 
 def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
@@ -65,21 +74,39 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
 
             model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
             limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
-        ctx.console.print(f"[bold]search[/]: {t} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items())
-                          + f" ({b.backend})")
-        res = api.search_task(ctx.dir("chip_supernet"), t, **limits, backend=b.backend, out_dir=out / t,
-                              trials=p.search.trials, top_k=p.search.top_k, seed=ctx.cfg.seed, console=ctx.console,
-                              metric_samples=p.predictors.metric_samples,
-                              latency_samples=p.predictors.latency_samples, predictor_dir=ctx.dir("predictors"),
-                              data_root=ctx.cfg.data_root)
+        ctx.console.print(
+            f"[bold]search[/]: {t} under " + ", ".join(f"{k} {v:g}" for k, v in limits.items()) + f" ({b.backend})"
+        )
+        res = api.search_task(
+            ctx.dir("chip_supernet"),
+            t,
+            **limits,
+            backend=b.backend,
+            out_dir=out / t,
+            trials=p.search.trials,
+            top_k=p.search.top_k,
+            seed=ctx.cfg.seed,
+            console=ctx.console,
+            metric_samples=p.predictors.metric_samples,
+            latency_samples=p.predictors.latency_samples,
+            predictor_dir=ctx.dir("predictors"),
+            data_root=ctx.cfg.data_root,
+        )
         for w in res.warnings:
             ctx.console.print(f"  [yellow]warning[/]: {w}")
-        results[t] = {**api.result_summary(res), "arch": res.arch.model_dump(), "objective": res.objective,
-                      "png_path": res.png_path, "json_path": res.json_path, "front_size": len(res.front),
-                      "candidates": len(res.candidates)}
+        results[t] = {
+            **api.result_summary(res),
+            "arch": res.arch.model_dump(),
+            "objective": res.objective,
+            "png_path": res.png_path,
+            "json_path": res.json_path,
+            "front_size": len(res.front),
+            "candidates": len(res.candidates),
+        }
     files = [ctx.write_json(out / "search.json", results)]
-    return files, {t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")}
-                   for t, r in results.items()}
+    return files, {
+        t: {k: r.get(k) for k in ("measured_metric", "measured_latency_ms", "params")} for t, r in results.items()
+    }
 
 
 def chosen_arch(ctx: RunContext, task: str) -> Arch:
@@ -95,8 +122,8 @@ def chosen_arch(ctx: RunContext, task: str) -> Arch:
 
 def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
-    from ufo.deploy.package import extract_task_model, save_task_model
     from ufo.deploy.onnx_export import evaluate_predict
+    from ufo.deploy.package import extract_task_model, save_task_model
     from ufo.train.evaluate import make_predict, recalibrate_bn
     from ufo.train.store import load_model
 
@@ -114,17 +141,27 @@ def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         with torch.no_grad():
             diff = float((tm(x, t) - model(x, t)).abs().max())
         if diff > PARITY_TOL:
-            raise UFOError(f"task {t!r}: the extracted task model differs from the supernet by {diff:.2e} (> {PARITY_TOL})")
+            raise UFOError(
+                f"task {t!r}: the extracted task model differs from the supernet by {diff:.2e} (> {PARITY_TOL})"
+            )
         path, arch_file = out / f"{t}.safetensors", out / f"{t}.arch.json"
         save_task_model(path, tm)
         arch.save(arch_file)  # for `ufo extract RUN/chip_supernet --task T --arch FILE`
-        metrics = evaluate_predict(make_predict(tm, t, cfg, cfg.train.eval_batch_size), t, tm.info.heads[t], cfg,
-                                   ctx.data[t])
-        rows[t] = {"file": str(path.relative_to(ctx.run_dir)), "arch_file": str(arch_file.relative_to(ctx.run_dir)),
-                   "kind": cfg.tasks[t].kind, "arch": arch.model_dump(),
-                   "params": tm.num_params(), "backbone_params": model.space.num_params(arch, t),
-                   "mflops": model.space.flops(arch, t) / 1e6, "parity": diff, "metrics": metrics,
-                   "primary": metrics[ctx.primary(t)]}
+        metrics = evaluate_predict(
+            make_predict(tm, t, cfg, cfg.train.eval_batch_size), t, tm.info.heads[t], cfg, ctx.data[t]
+        )
+        rows[t] = {
+            "file": str(path.relative_to(ctx.run_dir)),
+            "arch_file": str(arch_file.relative_to(ctx.run_dir)),
+            "kind": cfg.tasks[t].kind,
+            "arch": arch.model_dump(),
+            "params": tm.num_params(),
+            "backbone_params": model.space.num_params(arch, t),
+            "mflops": model.space.flops(arch, t) / 1e6,
+            "parity": diff,
+            "metrics": metrics,
+            "primary": metrics[ctx.primary(t)],
+        }
         files += [path, arch_file]
     files.append(ctx.write_json(out / "extract.json", rows))
     return files, {t: r["primary"] for t, r in rows.items()}
@@ -162,19 +199,31 @@ def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
                 path_module(x)
 
         m32 = OnnxTaskModel(fp32, threads=1)
-        lat = {"torch": _latency_ms(eager, e.latency_repeats),
-               "onnx_fp32": _latency_ms(lambda: m32(x), e.latency_repeats)}
-        row: dict[str, Any] = {"task": t, "source": str(src.relative_to(ctx.run_dir)),
-                               "fp32": str(fp32.relative_to(ctx.run_dir)), "fp32_bytes": fp32.stat().st_size,
-                               "parity_max_abs_diff": r["parity_max_abs_diff"], "parity_tol": r["parity_tol"],
-                               "metrics_fp32": r.get("metrics_fp32"), "primary": r.get("primary")}
+        lat = {
+            "torch": _latency_ms(eager, e.latency_repeats),
+            "onnx_fp32": _latency_ms(lambda: m32(x), e.latency_repeats),
+        }
+        row: dict[str, Any] = {
+            "task": t,
+            "source": str(src.relative_to(ctx.run_dir)),
+            "fp32": str(fp32.relative_to(ctx.run_dir)),
+            "fp32_bytes": fp32.stat().st_size,
+            "parity_max_abs_diff": r["parity_max_abs_diff"],
+            "parity_tol": r["parity_tol"],
+            "metrics_fp32": r.get("metrics_fp32"),
+            "primary": r.get("primary"),
+        }
         files.append(fp32)
         if "int8" in r:
             q = r["int8"]
             m8 = OnnxTaskModel(q["path"], threads=1)
             lat["onnx_int8"] = _latency_ms(lambda: m8(x), e.latency_repeats)
-            row.update(int8=str(Path(q["path"]).relative_to(ctx.run_dir)), int8_bytes=q["size_bytes"],
-                       int8_max_abs_diff=q["max_abs_diff_vs_torch"], metrics_int8=r.get("metrics_int8"))
+            row.update(
+                int8=str(Path(q["path"]).relative_to(ctx.run_dir)),
+                int8_bytes=q["size_bytes"],
+                int8_max_abs_diff=q["max_abs_diff_vs_torch"],
+                metrics_int8=r.get("metrics_int8"),
+            )
             files.append(Path(q["path"]))
         row["latency_ms"] = lat
         flag = int8_flag(t, lat["onnx_fp32"], lat.get("onnx_int8"))
@@ -184,4 +233,3 @@ def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         rows[t] = row
     files.append(ctx.write_json(out / "export.json", rows))
     return files, {}
-

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -24,8 +25,8 @@ from ufo.config import Config, PipelineConfig
 from ufo.optional import require_extra
 from ufo.run import deploy_stages, train_stages
 from ufo.run.context import RunContext, stage_section
-from ufo.runlock import locks
 from ufo.run.state import PipelineError, digest, inputs_of, is_valid, read_record, write_record
+from ufo.runlock import locks
 
 StageFn = Callable[[RunContext], tuple[list[Path], dict[str, Any]]]
 
@@ -44,8 +45,12 @@ def _pipe(cfg: Config) -> PipelineConfig:
 
 
 def _data_of(cfg: Config) -> dict[str, Any]:
-    return {"data_root": cfg.data_root, "tasks": {n: t.model_dump(mode="json") for n, t in cfg.tasks.items()},
-            "model": cfg.model.model_dump(mode="json"), "seed": cfg.seed}
+    return {
+        "data_root": cfg.data_root,
+        "tasks": {n: t.model_dump(mode="json") for n, t in cfg.tasks.items()},
+        "model": cfg.model.model_dump(mode="json"),
+        "seed": cfg.seed,
+    }
 
 
 def _report(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
@@ -56,28 +61,66 @@ def _report(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("all_in_one", train_stages.all_in_one, (),
-          lambda c: {"train": stage_section(c, "all_in_one"), "baselines": _pipe(c).baselines.model_dump()},
-          "All in One: every task in every batch"),
-    Stage("task_supernet", train_stages.task_supernet, ("all_in_one",),
-          lambda c: stage_section(c, "task_supernet"), "task supernet: learn each task's FFN paths"),
-    Stage("chip_supernet", train_stages.chip_supernet, ("task_supernet",),
-          lambda c: {"train": stage_section(c, "chip_supernet"), "eval_subnets": _pipe(c).chip_supernet.eval_subnets},
-          "chip supernet: every subnet at once (sandwich rule)"),
-    Stage("predictors", deploy_stages.predictors, ("chip_supernet",),
-          lambda c: {"predictors": _pipe(c).predictors.model_dump(), "tasks": _pipe(c).tasks,
-                     "backends": {t: _pipe(c).search.budget(t).backend for t in (_pipe(c).tasks or c.task_names)}},
-          "GP-NAS predictors: accuracy and latency"),
-    Stage("search", deploy_stages.search, ("chip_supernet", "predictors"),
-          lambda c: {"search": _pipe(c).search.model_dump(), "tasks": _pipe(c).tasks},
-          "search: the best subnet per task under its budget"),
-    Stage("extract", deploy_stages.extract, ("chip_supernet", "search"),
-          lambda c: {"tasks": _pipe(c).tasks, "data": _data_of(c)}, "extract: standalone task models"),
-    Stage("export", deploy_stages.export, ("extract",),
-          lambda c: {"export": _pipe(c).export.model_dump(), "tasks": _pipe(c).tasks, "data": _data_of(c)},
-          "export: ONNX, parity, latency"),
-    Stage("report", _report, ("all_in_one", "task_supernet", "chip_supernet", "search", "extract", "export"),
-          lambda c: {"name": c.name}, "report: HTML and Markdown"),
+    Stage(
+        "all_in_one",
+        train_stages.all_in_one,
+        (),
+        lambda c: {"train": stage_section(c, "all_in_one"), "baselines": _pipe(c).baselines.model_dump()},
+        "All in One: every task in every batch",
+    ),
+    Stage(
+        "task_supernet",
+        train_stages.task_supernet,
+        ("all_in_one",),
+        lambda c: stage_section(c, "task_supernet"),
+        "task supernet: learn each task's FFN paths",
+    ),
+    Stage(
+        "chip_supernet",
+        train_stages.chip_supernet,
+        ("task_supernet",),
+        lambda c: {"train": stage_section(c, "chip_supernet"), "eval_subnets": _pipe(c).chip_supernet.eval_subnets},
+        "chip supernet: every subnet at once (sandwich rule)",
+    ),
+    Stage(
+        "predictors",
+        deploy_stages.predictors,
+        ("chip_supernet",),
+        lambda c: {
+            "predictors": _pipe(c).predictors.model_dump(),
+            "tasks": _pipe(c).tasks,
+            "backends": {t: _pipe(c).search.budget(t).backend for t in (_pipe(c).tasks or c.task_names)},
+        },
+        "GP-NAS predictors: accuracy and latency",
+    ),
+    Stage(
+        "search",
+        deploy_stages.search,
+        ("chip_supernet", "predictors"),
+        lambda c: {"search": _pipe(c).search.model_dump(), "tasks": _pipe(c).tasks},
+        "search: the best subnet per task under its budget",
+    ),
+    Stage(
+        "extract",
+        deploy_stages.extract,
+        ("chip_supernet", "search"),
+        lambda c: {"tasks": _pipe(c).tasks, "data": _data_of(c)},
+        "extract: standalone task models",
+    ),
+    Stage(
+        "export",
+        deploy_stages.export,
+        ("extract",),
+        lambda c: {"export": _pipe(c).export.model_dump(), "tasks": _pipe(c).tasks, "data": _data_of(c)},
+        "export: ONNX, parity, latency",
+    ),
+    Stage(
+        "report",
+        _report,
+        ("all_in_one", "task_supernet", "chip_supernet", "search", "extract", "export"),
+        lambda c: {"name": c.name},
+        "report: HTML and Markdown",
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 STAGE_EXTRAS = {"predictors": "search", "search": "search", "export": "export"}  # the optional packages they need
@@ -93,9 +136,11 @@ def run_folder_hint(path: str | Path) -> str | None:
         return None
     tasks = sorted(f.name.removesuffix(".safetensors") for f in (run / "extract").glob("*.safetensors"))
     trained = [s for s in training if (run / s / "model.safetensors").is_file()]
-    return (f"{run} is a `ufo run` folder, not a model: its task models are {run / 'extract'}/<task>.safetensors"
-            f" ({', '.join(tasks) if tasks else 'none extracted yet'}); "
-            + (f"its trained supernet is {run / trained[0]}" if trained else "no stage has trained a model yet"))
+    return (
+        f"{run} is a `ufo run` folder, not a model: its task models are {run / 'extract'}/<task>.safetensors"
+        f" ({', '.join(tasks) if tasks else 'none extracted yet'}); "
+        + (f"its trained supernet is {run / trained[0]}" if trained else "no stage has trained a model yet")
+    )
 
 
 def check_stage(name: str | None) -> None:
@@ -104,8 +149,13 @@ def check_stage(name: str | None) -> None:
 
 
 @locks("out")
-def run_pipeline(cfg: Config, out: str | Path, from_stage: str | None = None, console: Console | None = None,
-                 until: str | None = None) -> dict[str, Any]:
+def run_pipeline(
+    cfg: Config,
+    out: str | Path,
+    from_stage: str | None = None,
+    console: Console | None = None,
+    until: str | None = None,
+) -> dict[str, Any]:
     """Run every stage of `cfg` into `out` (skipping valid finished ones); returns each stage's record.
 
     `from_stage` clears that stage and every later one and runs them again; `until` stops after
@@ -117,7 +167,7 @@ def run_pipeline(cfg: Config, out: str | Path, from_stage: str | None = None, co
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if from_stage is not None:
-        for s in STAGES[STAGE_NAMES.index(from_stage):]:
+        for s in STAGES[STAGE_NAMES.index(from_stage) :]:
             if (run_dir / s.name).exists():
                 shutil.rmtree(run_dir / s.name)
     stages = STAGES[: STAGE_NAMES.index(until) + 1] if until else STAGES
@@ -127,15 +177,23 @@ def run_pipeline(cfg: Config, out: str | Path, from_stage: str | None = None, co
     ctx = RunContext(cfg, run_dir, console)
     records: dict[str, Any] = {}
     t_start = time.perf_counter()
-    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                        TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
     with progress:
         bar = progress.add_task(f"ufo run {cfg.name}", total=len(stages), stage="")
         for i, s in enumerate(stages):
             progress.update(bar, stage=f"stage {s.name}")
             inputs = inputs_of(run_dir, s.section(cfg), list(s.upstream))
             if is_valid(run_dir, s.name, digest(inputs)):
-                console.print(f"[dim]{i + 1}/{len(stages)} {s.name}: done, skipped ({run_dir / s.name / 'done.json'})[/]")
+                console.print(
+                    f"[dim]{i + 1}/{len(stages)} {s.name}: done, skipped ({run_dir / s.name / 'done.json'})[/]"
+                )
                 records[s.name] = read_record(run_dir / s.name).model_dump()
                 progress.advance(bar)
                 continue

@@ -56,7 +56,9 @@ def inputs_of(run_dir: Path, section: Any, upstream: list[str]) -> dict[str, str
     for up in upstream:
         done = run_dir / up / DONE
         if not done.is_file():
-            raise PipelineError(f"stage {up!r} has not finished in {run_dir} (no {done}); run the stages before it first")
+            raise PipelineError(
+                f"stage {up!r} has not finished in {run_dir} (no {done}); run the stages before it first"
+            )
         parts[up] = file_digest(done)
     return parts
 
@@ -75,19 +77,30 @@ def read_record(stage_dir: Path) -> StageRecord | None:
 def is_valid(run_dir: Path, stage: str, fingerprint: str) -> bool:
     """True when `stage` finished with this fingerprint and every output it listed is still there."""
     rec = read_record(run_dir / stage)
-    return (rec is not None and rec.fingerprint == fingerprint
-            and all((run_dir / o).exists() for o in rec.outputs))
+    return rec is not None and rec.fingerprint == fingerprint and all((run_dir / o).exists() for o in rec.outputs)
 
 
-def write_record(run_dir: Path, stage: str, inputs: dict[str, str], outputs: list[Path], seconds: float,
-                 summary: dict[str, Any] | None = None) -> StageRecord:
+def write_record(
+    run_dir: Path,
+    stage: str,
+    inputs: dict[str, str],
+    outputs: list[Path],
+    seconds: float,
+    summary: dict[str, Any] | None = None,
+) -> StageRecord:
     """Write `RUN_DIR/<stage>/done.json` atomically (last, after every output)."""
     missing = [str(o) for o in outputs if not o.exists()]
     if missing:
         raise PipelineError(f"stage {stage!r} finished without writing {missing}")
     rel = [str(Path(o).resolve().relative_to(run_dir.resolve())) for o in outputs]
-    rec = StageRecord(stage=stage, fingerprint=digest(inputs), inputs=inputs, outputs=sorted(rel),
-                      seconds=round(seconds, 1), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      summary=summary or {})
+    rec = StageRecord(
+        stage=stage,
+        fingerprint=digest(inputs),
+        inputs=inputs,
+        outputs=sorted(rel),
+        seconds=round(seconds, 1),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        summary=summary or {},
+    )
     atomic_write_text(run_dir / stage / DONE, rec.model_dump_json(indent=2))
     return rec

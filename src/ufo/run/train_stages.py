@@ -77,8 +77,12 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     cfg = stage_config(ctx.cfg, "all_in_one", ctx.run_dir)
     tr = fit(ctx, Trainer, cfg, out, ctx.data)
     metrics = final_metrics(tr)
-    result: dict[str, Any] = {"steps": cfg.train.steps, "metrics": metrics, "primary": primary_metrics(ctx, metrics),
-                              "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names}}
+    result: dict[str, Any] = {
+        "steps": cfg.train.steps,
+        "metrics": metrics,
+        "primary": primary_metrics(ctx, metrics),
+        "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names},
+    }
     b = ctx.pipe.baselines
     if b.enabled and len(cfg.tasks) > 1:
         base: dict[str, Any] = {}
@@ -86,15 +90,21 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             one = cfg.only(t)
             # 1/T of the All-in-One compute: the task's share of each batch, for as many steps
             batch = cfg.tasks[t].batch or max(1, cfg.train.batch_size // len(cfg.tasks))
-            one = one.model_copy(update={"train": one.train.model_copy(
-                update={"steps": b.steps or cfg.train.steps, "batch_size": batch})})
+            one = one.model_copy(
+                update={
+                    "train": one.train.model_copy(update={"steps": b.steps or cfg.train.steps, "batch_size": batch})
+                }
+            )
             ctx.console.print(f"[bold]baseline[/]: {t} alone, {one.train.steps} steps of batch {batch}")
             btr = fit(ctx, Trainer, one, out / "baselines" / t, {t: ctx.data[t]})
             m = final_metrics(btr)
             base[t] = {"steps": one.train.steps, "batch_size": batch, "metrics": m[t], "primary": m[t][ctx.primary(t)]}
         result["baselines"] = base
-    files = [out / "model.safetensors", _write_config(ctx, cfg, out),
-             ctx.write_json(out / "metrics.json", with_history(out, result))]
+    files = [
+        out / "model.safetensors",
+        _write_config(ctx, cfg, out),
+        ctx.write_json(out / "metrics.json", with_history(out, result)),
+    ]
     return files, {"primary": result["primary"]}
 
 
@@ -106,10 +116,20 @@ def task_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     cfg = stage_config(ctx.cfg, "task_supernet", ctx.run_dir)
     tr = fit(ctx, RoutingTrainer, cfg, out, ctx.data)
     metrics = final_metrics(tr)
-    result = {"steps": cfg.train.steps, "metrics": metrics, "primary": primary_metrics(ctx, metrics),
-              "routes": tr.arch.paths, "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names}}
-    files = [out / "model.safetensors", out / "routes.json", out / "routing_map.png", _write_config(ctx, cfg, out),
-             ctx.write_json(out / "metrics.json", with_history(out, result))]
+    result = {
+        "steps": cfg.train.steps,
+        "metrics": metrics,
+        "primary": primary_metrics(ctx, metrics),
+        "routes": tr.arch.paths,
+        "params": {t: tr.model.space.num_params(tr.arch, t) for t in cfg.task_names},
+    }
+    files = [
+        out / "model.safetensors",
+        out / "routes.json",
+        out / "routing_map.png",
+        _write_config(ctx, cfg, out),
+        ctx.write_json(out / "metrics.json", with_history(out, result)),
+    ]
     return files, {"primary": result["primary"]}
 
 
@@ -137,16 +157,29 @@ def chip_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         model.set_arch(arch)
         recalibrate_bn(model, ctx.data, cfg)  # the heads' BN statistics are a blend over subnets
         m = evaluate_tasks(model, ctx.data, cfg)
-        subnets[spec] = {"arch": arch.model_dump(), "metrics": m, "primary": primary_metrics(ctx, m),
-                         "params": {t: space.num_params(arch, t) for t in cfg.task_names},
-                         "mflops": {t: space.flops(arch, t) / 1e6 for t in cfg.task_names}}
+        subnets[spec] = {
+            "arch": arch.model_dump(),
+            "metrics": m,
+            "primary": primary_metrics(ctx, m),
+            "params": {t: space.num_params(arch, t) for t in cfg.task_names},
+            "mflops": {t: space.flops(arch, t) / 1e6 for t in cfg.task_names},
+        }
     model.set_arch(tr.arch)  # model.safetensors is already written; these statistics are not saved
-    result = {"steps": cfg.train.steps, "routes": routes, "subnets": subnets,
-              "metrics": subnets["largest"]["metrics"], "primary": subnets["largest"]["primary"]}
+    result = {
+        "steps": cfg.train.steps,
+        "routes": routes,
+        "subnets": subnets,
+        "metrics": subnets["largest"]["metrics"],
+        "primary": subnets["largest"]["primary"],
+    }
     png = out / "metric_vs_params.png"
     plot_metric_vs_params(ctx, subnets, png)
-    files = [out / "model.safetensors", _write_config(ctx, cfg, out),
-             ctx.write_json(out / "metrics.json", with_history(out, result)), png]
+    files = [
+        out / "model.safetensors",
+        _write_config(ctx, cfg, out),
+        ctx.write_json(out / "metrics.json", with_history(out, result)),
+        png,
+    ]
     return files, {"primary": result["primary"]}
 
 

@@ -9,7 +9,7 @@ one function, and `FEATURES` names the layout in every predictor file's manifest
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

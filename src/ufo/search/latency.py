@@ -16,9 +16,10 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class Latency(BaseModel):
     n: int
 
     @classmethod
-    def of(cls, times_ms: list[float]) -> "Latency":
+    def of(cls, times_ms: list[float]) -> Latency:
         q1, med, q3 = np.percentile(np.asarray(times_ms, dtype=np.float64), [25, 50, 75])
         return cls(median_ms=float(med), q1_ms=float(q1), q3_ms=float(q3), n=len(times_ms))
 
@@ -55,8 +56,10 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise SearchError(f"unknown latency backend {backend!r}; available backends: {', '.join(BACKENDS)}")
     if backend == "cuda" and not torch.cuda.is_available():
-        raise SearchError("latency backend 'cuda' needs a CUDA GPU, and torch sees none on this machine "
-                          f"(torch {torch.__version__}); use torch-cpu or ort-cpu")
+        raise SearchError(
+            "latency backend 'cuda' needs a CUDA GPU, and torch sees none on this machine "
+            f"(torch {torch.__version__}); use torch-cpu or ort-cpu"
+        )
 
 
 def task_arch(space: SearchSpace, arch: Arch, task: str) -> Arch:
@@ -64,8 +67,10 @@ def task_arch(space: SearchSpace, arch: Arch, task: str) -> Arch:
     space.check(arch)
     space.check_task(task)
     if task not in arch.paths:
-        raise ArchError(f"arch has no paths for task {task!r}; latency needs the task's path through every block "
-                        f"(the arch has paths for {sorted(arch.paths)})")
+        raise ArchError(
+            f"arch has no paths for task {task!r}; latency needs the task's path through every block "
+            f"(the arch has paths for {sorted(arch.paths)})"
+        )
     return arch.model_copy(update={"paths": {task: list(arch.paths[task])}})
 
 
@@ -99,8 +104,9 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[
 Runner = tuple[Callable[[], Any], Callable[[], None] | None]  # (one forward pass, wait for the device)
 
 
-def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: str, x: torch.Tensor,
-                threads: int, out: Path) -> Callable[[], Any]:
+def _ort_runner(
+    model: torch.nn.Module, space: SearchSpace, arch: Arch, task: str, x: torch.Tensor, threads: int, out: Path
+) -> Callable[[], Any]:
     """Export `model` with the deployment exporter (wrapped as a TaskModel without a head) to `out`
     and return a call of an ONNX Runtime session with `threads` intra-op threads on `x`."""
     from ufo.deploy.onnx_export import INPUT, export_onnx, make_session
@@ -108,7 +114,9 @@ def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: st
 
     c = space.in_chans
     info = TaskModelInfo(
-        tasks=[task], arch=arch, space=space,
+        tasks=[task],
+        arch=arch,
+        space=space,
         heads={task: HeadInfo(kind="backbone", output="embedding", num_classes=0, embedding_dim=arch.embed_dim)},
         preprocessing=Preprocessing(img_size=space.input_size(task), in_chans=c, mean=[0.0] * c, std=[1.0] * c),
     )
@@ -118,8 +126,9 @@ def _ort_runner(model: torch.nn.Module, space: SearchSpace, arch: Arch, task: st
     return lambda: sess.run(None, feed)
 
 
-def make_runner(space: SearchSpace, arch: Arch, task: str, backend: str, batch: int, threads: int,
-                workdir: Path, seed: int = 0) -> Runner:
+def make_runner(
+    space: SearchSpace, arch: Arch, task: str, backend: str, batch: int, threads: int, workdir: Path, seed: int = 0
+) -> Runner:
     """A no-argument forward pass of `task`'s path through `arch` on `backend` (ONNX files go to `workdir`).
 
     The model is `build_vit(space, arch, task)`, the exact layer shapes `extract` produces, with
@@ -147,12 +156,23 @@ def make_runner(space: SearchSpace, arch: Arch, task: str, backend: str, batch: 
 
 def _check_settings(batch: int, threads: int, repeats: int, warmup: int) -> None:
     if batch < 1 or threads < 1 or repeats < 1 or warmup < 0:
-        raise SearchError(f"batch={batch}, threads={threads}, repeats={repeats}, warmup={warmup}: batch, threads and "
-                          "repeats must be at least 1 and warmup at least 0")
+        raise SearchError(
+            f"batch={batch}, threads={threads}, repeats={repeats}, warmup={warmup}: batch, threads and "
+            "repeats must be at least 1 and warmup at least 0"
+        )
 
 
-def measure(space: SearchSpace, arch: Arch, task: str, backend: str = "torch-cpu", batch: int = 1,
-            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5, seed: int = 0) -> Latency:
+def measure(
+    space: SearchSpace,
+    arch: Arch,
+    task: str,
+    backend: str = "torch-cpu",
+    batch: int = 1,
+    threads: int = DEFAULT_THREADS,
+    repeats: int = 30,
+    warmup: int = 5,
+    seed: int = 0,
+) -> Latency:
     """Latency of one forward pass of `task`'s path through `arch` (backbone only, no task head).
 
     The subnet is built with default-initialised weights (see `make_runner`): latency does not
@@ -167,6 +187,7 @@ def measure(space: SearchSpace, arch: Arch, task: str, backend: str = "torch-cpu
 
 
 # ----- datasets of measured archs -----
+
 
 class LatencyRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -228,8 +249,12 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -239,8 +264,15 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0, routes: dict[str, list[str]] | None = None,
-                 exclude: list[Arch] | None = None, extremes: bool = True) -> list[Arch]:
+def sample_archs(
+    space: SearchSpace,
+    task: str,
+    n: int,
+    seed: int = 0,
+    routes: dict[str, list[str]] | None = None,
+    exclude: list[Arch] | None = None,
+    extremes: bool = True,
+) -> list[Arch]:
     """The largest and smallest arch (with `extremes`) plus distinct seeded samples, `n` in all,
     each with `task`'s paths only: `routes` (a trained run's frozen routes) when given, else
     sampled. Archs in `exclude` are not drawn (held-out sets disjoint from training sets)."""
@@ -262,21 +294,38 @@ def sample_archs(space: SearchSpace, task: str, n: int, seed: int = 0, routes: d
             seen.add(a.model_dump_json())
             out.append(a)
     if len(out) < n:
-        raise SearchError(f"n={n}: the search space has only {len(out)} distinct archs for task {task!r} "
-                          f"that sampling found; ask for fewer")
+        raise SearchError(
+            f"n={n}: the search space has only {len(out)} distinct archs for task {task!r} "
+            f"that sampling found; ask for fewer"
+        )
     return out
 
 
-def measure_many(space: SearchSpace, archs: list[Arch], task: str, backend: str = "torch-cpu", seed: int = 0,
-                 batch: int = 1, threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
-                 progress: bool = True) -> list[Latency]:
+def measure_many(
+    space: SearchSpace,
+    archs: list[Arch],
+    task: str,
+    backend: str = "torch-cpu",
+    seed: int = 0,
+    batch: int = 1,
+    threads: int = DEFAULT_THREADS,
+    repeats: int = 30,
+    warmup: int = 5,
+    progress: bool = True,
+) -> list[Latency]:
     """Latency of each of `archs`, timed in interleaved rounds (see `collect`), with a progress bar."""
     check_backend(backend)
     _check_settings(batch, threads, repeats, warmup)
     rng = np.random.default_rng(seed)
     n = len(archs)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), disable=not progress)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+    )
     times: list[list[float]] = [[] for _ in archs]
     with bar, torch_threads(threads), tempfile.TemporaryDirectory(prefix="ufo-latency-") as tmp:
         build = bar.add_task(f"build {n} subnets ({backend})", total=n)
@@ -301,10 +350,20 @@ def measure_many(space: SearchSpace, archs: list[Arch], task: str, backend: str 
     return [Latency.of(t) for t in times]
 
 
-def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", seed: int = 0, batch: int = 1,
-            threads: int = DEFAULT_THREADS, repeats: int = 30, warmup: int = 5,
-            progress: bool = True, routes: dict[str, list[str]] | None = None,
-            archs: list[Arch] | None = None) -> LatencyDataset:
+def collect(
+    space: SearchSpace,
+    task: str,
+    n: int,
+    backend: str = "torch-cpu",
+    seed: int = 0,
+    batch: int = 1,
+    threads: int = DEFAULT_THREADS,
+    repeats: int = 30,
+    warmup: int = 5,
+    progress: bool = True,
+    routes: dict[str, list[str]] | None = None,
+    archs: list[Arch] | None = None,
+) -> LatencyDataset:
     """Measure `n` archs of `space` for `task` (see `sample_archs`; `archs` to give them) on
     `backend`, with a progress bar.
 
@@ -315,18 +374,37 @@ def collect(space: SearchSpace, task: str, n: int, backend: str = "torch-cpu", s
     """
     check_backend(backend)
     _check_settings(batch, threads, repeats, warmup)
-    archs = [task_arch(space, a, task) for a in archs] if archs is not None else sample_archs(space, task, n, seed,
-                                                                                                routes)
-    ds = LatencyDataset(space=space, task=task, backend=backend, batch=batch, threads=threads, repeats=repeats,
-                        warmup=warmup, seed=seed, machine={**machine_info(), "threads": threads})
+    archs = (
+        [task_arch(space, a, task) for a in archs] if archs is not None else sample_archs(space, task, n, seed, routes)
+    )
+    ds = LatencyDataset(
+        space=space,
+        task=task,
+        backend=backend,
+        batch=batch,
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+        machine={**machine_info(), "threads": threads},
+    )
     lats = measure_many(space, archs, task, backend, seed, batch, threads, repeats, warmup, progress)
     ds.records = [LatencyRecord(arch=a, latency=lat) for a, lat in zip(archs, lats)]
     return ds
 
 
-def latency_at_fraction(space: SearchSpace, small: Arch, large: Arch, task: str, fraction: float,
-                        backend: str = "torch-cpu", seed: int = 0, batch: int = 1, threads: int = DEFAULT_THREADS,
-                        repeats: int = 30) -> tuple[float, Latency, Latency]:
+def latency_at_fraction(
+    space: SearchSpace,
+    small: Arch,
+    large: Arch,
+    task: str,
+    fraction: float,
+    backend: str = "torch-cpu",
+    seed: int = 0,
+    batch: int = 1,
+    threads: int = DEFAULT_THREADS,
+    repeats: int = 30,
+) -> tuple[float, Latency, Latency]:
     """A latency budget `fraction` of the way from the smallest subnet `small` to the largest
     `large`, both timed now, together (interleaved rounds, as a search measures its candidates).
 

@@ -26,7 +26,6 @@ from ufo.data.dataset import ImageSet
 from ufo.errors import SearchError
 from ufo.model import UFOModel
 from ufo.search.dataset import ArchDataset
-from ufo.search.features import arch_features
 from ufo.search.latency import sample_archs, task_arch
 from ufo.tasks import TaskData, task_class
 
@@ -108,11 +107,18 @@ class TrainedRun:
         head = self.model.heads[self.task]
         return {k: float(v) for k, v in head.evaluate(self._predict, self.data, seed=self.cfg.seed).items()}
 
-    def evaluate_many(self, archs: list[Arch], progress: bool = True,
-                      description: str | None = None) -> list[dict[str, float]]:
+    def evaluate_many(
+        self, archs: list[Arch], progress: bool = True, description: str | None = None
+    ) -> list[dict[str, float]]:
         """`evaluate` of each arch, with a progress bar."""
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), disable=not progress)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+        )
         out = []
         with bar:
             job = bar.add_task(description or f"evaluate {self.task} ({self.metric})", total=len(archs))
@@ -150,17 +156,26 @@ class MetricDataset(ArchDataset):
         return np.array([r.value for r in self.records], dtype=np.float64)
 
 
-def collect_metrics(run: TrainedRun, n: int, seed: int = 0, progress: bool = True,
-                    archs: list[Arch] | None = None) -> MetricDataset:
+def collect_metrics(
+    run: TrainedRun, n: int, seed: int = 0, progress: bool = True, archs: list[Arch] | None = None
+) -> MetricDataset:
     """Evaluate `n` subnets of `run` (the largest, the smallest and seeded samples on the run's
     routes; or `archs`) on its task with inherited weights, into a `MetricDataset`."""
     archs = [run.arch(a) for a in archs] if archs is not None else run.sample(n, seed)
     t0 = time.perf_counter()
     ms = run.evaluate_many(archs, progress)
     splits = "+".join(run.data.eval)
-    return MetricDataset(space=run.space, task=run.task, metric=run.metric, run=str(run.run_dir),
-                         model_digest=run.digest, split=splits, seed=seed, eval_s=round(time.perf_counter() - t0, 2),
-                         records=[MetricRecord(arch=a, value=m[run.metric], metrics=m) for a, m in zip(archs, ms)])
+    return MetricDataset(
+        space=run.space,
+        task=run.task,
+        metric=run.metric,
+        run=str(run.run_dir),
+        model_digest=run.digest,
+        split=splits,
+        seed=seed,
+        eval_s=round(time.perf_counter() - t0, 2),
+        records=[MetricRecord(arch=a, value=m[run.metric], metrics=m) for a, m in zip(archs, ms)],
+    )
 
 
 def metric_estimator(y: np.ndarray, seed: int = 0) -> Any:
@@ -192,7 +207,15 @@ def fit_metric_predictor(ds: MetricDataset, folds: int = 5, seed: int = 0) -> tu
     est = metric_estimator(y, seed)
     cv = cross_validate(est, X, y, folds, seed) if len(ds) >= 2 * folds else None
     gp = est.fit(X, y)
-    meta = {"target": ds.metric, "task": ds.task, "run": ds.run, "model_digest": ds.model_digest, "n": len(ds),
-            "features": FEATURES, "target_transform": "logit" if gp.logit_target else "identity", "nu": gp.nu_,
-            "cv": None if cv is None else {k: v for k, v in cv.items() if k != "predictions"}}
+    meta = {
+        "target": ds.metric,
+        "task": ds.task,
+        "run": ds.run,
+        "model_digest": ds.model_digest,
+        "n": len(ds),
+        "features": FEATURES,
+        "target_transform": "logit" if gp.logit_target else "identity",
+        "nu": gp.nu_,
+        "cv": None if cv is None else {k: v for k, v in cv.items() if k != "predictions"},
+    }
     return gp, meta

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -41,14 +42,19 @@ class Point(BaseModel):
     trial: int
 
 
-def propose(trial: "optuna.trial.Trial", space: SearchSpace, paths: Sequence[str], task: str) -> Arch:
+def propose(trial: optuna.trial.Trial, space: SearchSpace, paths: Sequence[str], task: str) -> Arch:
     """The arch an optuna trial proposes; `paths` is the task's route over the largest depth."""
     d = trial.suggest_categorical("depth", space.depth)
     e = trial.suggest_categorical("embed_dim", space.embed_dim)
     heads = [trial.suggest_categorical(f"heads_{i}", space.num_heads) for i in range(space.max_depth)]
     ratios = [trial.suggest_categorical(f"mlp_ratio_{i}", space.mlp_ratio) for i in range(space.max_depth)]
-    return Arch(depth=d, embed_dim=e, num_heads=heads[:d], mlp_ratio=[float(r) for r in ratios[:d]],
-                paths={task: list(paths[:d])})
+    return Arch(
+        depth=d,
+        embed_dim=e,
+        num_heads=heads[:d],
+        mlp_ratio=[float(r) for r in ratios[:d]],
+        paths={task: list(paths[:d])},
+    )
 
 
 def pareto_front(points: Sequence[Point]) -> list[Point]:
@@ -61,8 +67,9 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
     return best
 
 
-def nsga2_search(space: SearchSpace, task: str, paths: Sequence[str], score: Scorer, trials: int,
-                 population: int = 50, seed: int = 0) -> tuple[list[Point], float]:
+def nsga2_search(
+    space: SearchSpace, task: str, paths: Sequence[str], score: Scorer, trials: int, population: int = 50, seed: int = 0
+) -> tuple[list[Point], float]:
     """Run `trials` NSGA-II trials; returns every distinct arch scored (first trial that proposed
     it) and the wall time in seconds."""
     optuna = require("optuna")  # the [search] extra
@@ -83,7 +90,13 @@ def nsga2_search(space: SearchSpace, task: str, paths: Sequence[str], score: Sco
             study.tell(t, [float(m), float(c)])
             key = a.model_dump_json()
             if key not in seen:
-                seen[key] = Point(arch=a, metric=float(m), metric_std=float(s), cost=float(c),
-                                  feasible=bool(np.all(np.atleast_1d(k) <= 0)), trial=t.number)
+                seen[key] = Point(
+                    arch=a,
+                    metric=float(m),
+                    metric_std=float(s),
+                    cost=float(c),
+                    feasible=bool(np.all(np.atleast_1d(k) <= 0)),
+                    trial=t.number,
+                )
         done += len(batch)
     return list(seen.values()), time.perf_counter() - t0

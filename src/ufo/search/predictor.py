@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.optimize
@@ -77,9 +78,18 @@ class GPPredictor(RegressorMixin, BaseEstimator):
       return the sigmoid, the std again by the delta method.
     """
 
-    def __init__(self, log_target: bool = False, nu: float | str = 2.5, n_restarts: int = 0, random_state: int = 0,
-                 logit_target: bool = False, mean_cols: Sequence[int] | None = None, ard: bool | str = "auto",
-                 ard_subsample: int = 250, max_iter: int = 30) -> None:
+    def __init__(
+        self,
+        log_target: bool = False,
+        nu: float | str = 2.5,
+        n_restarts: int = 0,
+        random_state: int = 0,
+        logit_target: bool = False,
+        mean_cols: Sequence[int] | None = None,
+        ard: bool | str = "auto",
+        ard_subsample: int = 250,
+        max_iter: int = 30,
+    ) -> None:
         self.log_target = log_target
         self.logit_target = logit_target
         self.nu = nu
@@ -92,22 +102,28 @@ class GPPredictor(RegressorMixin, BaseEstimator):
 
     @staticmethod
     def _kernel(length_scale: float | np.ndarray, nu: float, constant: float = 1.0, noise: float = 1e-2) -> Kernel:
-        return (ConstantKernel(constant, (1e-3, 1e3)) * Matern(length_scale, (1e-2, 1e3), nu=nu)
-                + WhiteKernel(noise, (1e-8, 1e1)))
+        return ConstantKernel(constant, (1e-3, 1e3)) * Matern(length_scale, (1e-2, 1e3), nu=nu) + WhiteKernel(
+            noise, (1e-8, 1e1)
+        )
 
     def _scale(self, X: np.ndarray) -> np.ndarray:
         return (X - self.x_mean_) / self.x_scale_
 
     def _cols(self) -> np.ndarray:
-        return np.arange(self.n_features_in_) if self.mean_cols is None else \
-            np.arange(self.n_features_in_)[list(self.mean_cols)]
+        return (
+            np.arange(self.n_features_in_)
+            if self.mean_cols is None
+            else np.arange(self.n_features_in_)[list(self.mean_cols)]
+        )
 
     def _gp(self, kernel: Kernel, optimizer: Any, restarts: int = 0) -> GaussianProcessRegressor:
-        return GaussianProcessRegressor(kernel, normalize_y=True, optimizer=optimizer, n_restarts_optimizer=restarts,
-                                        random_state=self.random_state)
+        return GaussianProcessRegressor(
+            kernel, normalize_y=True, optimizer=optimizer, n_restarts_optimizer=restarts, random_state=self.random_state
+        )
 
-    def _fit_gp(self, Z: np.ndarray, resid: np.ndarray, kernel: Kernel, optimizer: Any = None,
-                restarts: int = 0) -> GaussianProcessRegressor:
+    def _fit_gp(
+        self, Z: np.ndarray, resid: np.ndarray, kernel: Kernel, optimizer: Any = None, restarts: int = 0
+    ) -> GaussianProcessRegressor:
         gp = self._gp(kernel, optimizer, restarts)
         with warnings.catch_warnings():
             # Length scales of irrelevant features run to their upper bound, and the noise of
@@ -118,11 +134,12 @@ class GPPredictor(RegressorMixin, BaseEstimator):
 
     def _short_lbfgs(self, obj_func: Any, theta0: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
         """sklearn's optimizer hook: L-BFGS-B on the negative log marginal likelihood, `max_iter` steps."""
-        r = scipy.optimize.minimize(obj_func, theta0, method="L-BFGS-B", jac=True, bounds=bounds,
-                                    options={"maxiter": self.max_iter})
+        r = scipy.optimize.minimize(
+            obj_func, theta0, method="L-BFGS-B", jac=True, bounds=bounds, options={"maxiter": self.max_iter}
+        )
         return r.x, float(r.fun)
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "GPPredictor":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> GPPredictor:
         X, y = check_X_y(X, y, y_numeric=True, dtype=np.float64)
         self.n_features_in_ = X.shape[1]
         if len(y) < 3:
@@ -135,8 +152,9 @@ class GPPredictor(RegressorMixin, BaseEstimator):
             y = np.log(y)
         if self.logit_target:
             if np.any((y <= 0) | (y >= 1)):
-                raise SearchError(f"logit_target=True needs targets strictly between 0 and 1; they span "
-                                  f"[{y.min():g}, {y.max():g}]")
+                raise SearchError(
+                    f"logit_target=True needs targets strictly between 0 and 1; they span [{y.min():g}, {y.max():g}]"
+                )
             y = np.log(y / (1 - y))
         if self.ard not in (True, False, "auto"):
             raise SearchError(f"ard={self.ard!r}: expected True, False or 'auto'")
@@ -163,12 +181,14 @@ class GPPredictor(RegressorMixin, BaseEstimator):
         use_ard = self.ard is True or (self.ard == "auto" and len(y) >= ARD_MIN_SAMPLES)
         if use_ard and Zk.shape[1] > 1:
             k = iso.kernel_
-            start = self._kernel(np.full(Zk.shape[1], k.k1.k2.length_scale), self.nu_, k.k1.k1.constant_value,
-                                 k.k2.noise_level)
+            start = self._kernel(
+                np.full(Zk.shape[1], k.k1.k2.length_scale), self.nu_, k.k1.k1.constant_value, k.k2.noise_level
+            )
             rows = np.arange(len(y))
             if len(y) > self.ard_subsample:
-                rows = np.sort(np.random.default_rng(self.random_state).choice(len(y), self.ard_subsample,
-                                                                               replace=False))
+                rows = np.sort(
+                    np.random.default_rng(self.random_state).choice(len(y), self.ard_subsample, replace=False)
+                )
             tuned = self._fit_gp(Zk[rows], resid[rows], start, self._short_lbfgs).kernel_
             self.gp_ = self._fit_gp(Zk, resid, tuned)
         else:
@@ -185,8 +205,10 @@ class GPPredictor(RegressorMixin, BaseEstimator):
         check_is_fitted(self, "gp_")
         X = check_array(X, dtype=np.float64)
         if X.shape[1] != self.n_features_in_:
-            raise SearchError(f"X has {X.shape[1]} features but the predictor was fitted on {self.n_features_in_}; "
-                              "encode archs of the same search space and task")
+            raise SearchError(
+                f"X has {X.shape[1]} features but the predictor was fitted on {self.n_features_in_}; "
+                "encode archs of the same search space and task"
+            )
         Z = self._scale(X)
         r, s = self.gp_.predict(Z[:, self.keep_], return_std=True)
         mu = self._linear(Z) + r
@@ -205,33 +227,52 @@ class GPPredictor(RegressorMixin, BaseEstimator):
         `meta` (JSON-able: the target, task, backend, CV scores) is stored in the manifest.
         """
         check_is_fitted(self, "gp_")
-        arrays = {"x_mean": self.x_mean_, "x_scale": self.x_scale_, "coef": self.coef_, "X_train": self.X_train_,
-                  "residuals": self.residuals_, "kernel_theta": self.gp_.kernel_.theta, "keep": self.keep_}
+        arrays = {
+            "x_mean": self.x_mean_,
+            "x_scale": self.x_scale_,
+            "coef": self.coef_,
+            "X_train": self.X_train_,
+            "residuals": self.residuals_,
+            "kernel_theta": self.gp_.kernel_.theta,
+            "keep": self.keep_,
+        }
         params = self.get_params()
         params["mean_cols"] = None if self.mean_cols is None else [int(c) for c in self.mean_cols]
-        manifest = {"kind": KIND, "predictor_format": FORMAT, "params": params, "nu": self.nu_,
-                    "intercept": self.intercept_,
-                    "n_features": int(self.n_features_in_), "n_train": len(self.residuals_),
-                    "kernel": repr(self.gp_.kernel_), "space_fingerprint": space_fingerprint(space),
-                    "space": space.model_dump(mode="json"), "meta": meta or {}}
+        manifest = {
+            "kind": KIND,
+            "predictor_format": FORMAT,
+            "params": params,
+            "nu": self.nu_,
+            "intercept": self.intercept_,
+            "n_features": int(self.n_features_in_),
+            "n_train": len(self.residuals_),
+            "kernel": repr(self.gp_.kernel_),
+            "space_fingerprint": space_fingerprint(space),
+            "space": space.model_dump(mode="json"),
+            "meta": meta or {},
+        }
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
         save_checkpoint(path, tensors, manifest)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, space: SearchSpace) -> "GPPredictor":
+    def load(cls, path: str | Path, space: SearchSpace) -> GPPredictor:
         """Read a predictor written by `save`; refuses one fitted for a different search space."""
         tensors, manifest = load_checkpoint(path)
         if manifest.get("kind") != KIND:
             raise SearchError(f"{path} holds a {manifest.get('kind')!r} checkpoint, not a GP predictor")
         if manifest.get("space_fingerprint") != space_fingerprint(space):
-            raise SearchError(f"{path} was fitted for another search space (fingerprint "
-                              f"{manifest.get('space_fingerprint')} vs {space_fingerprint(space)} for this one); "
-                              "its features would not mean the same thing: fit a predictor for this space")
+            raise SearchError(
+                f"{path} was fitted for another search space (fingerprint "
+                f"{manifest.get('space_fingerprint')} vs {space_fingerprint(space)} for this one); "
+                "its features would not mean the same thing: fit a predictor for this space"
+            )
         if manifest.get("predictor_format") != FORMAT:
             old = manifest.get("predictor_format", 1)
-            raise SearchError(f"{path} is a GP predictor of an older format ({old}; this UFO reads {FORMAT}): "
-                              "fit it again (`ufo predictor fit ... --refit`)")
+            raise SearchError(
+                f"{path} is a GP predictor of an older format ({old}; this UFO reads {FORMAT}): "
+                "fit it again (`ufo predictor fit ... --refit`)"
+            )
         a = {k: v.numpy().astype(np.float64) for k, v in tensors.items()}
         try:
             self = cls(**manifest["params"])
@@ -251,6 +292,7 @@ class GPPredictor(RegressorMixin, BaseEstimator):
 
 # ----- scores -----
 
+
 def kendall_tau(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Kendall's rank correlation (tau-b): how well the predictor orders archs."""
     return float(kendalltau(np.asarray(y_true), np.asarray(y_pred)).statistic)
@@ -264,8 +306,9 @@ def mape(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.abs(y_pred - y_true) / np.abs(y_true)))
 
 
-def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: int = 5,
-                   seed: int = 0) -> dict[str, Any]:
+def cross_validate(
+    predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0
+) -> dict[str, Any]:
     """K-fold (shuffled with `seed`) scores of a fresh clone of `predictor` per fold.
 
     `kendall_tau` and `mape` are over all out-of-fold predictions pooled; `*_folds` per fold.
@@ -282,12 +325,20 @@ def cross_validate(predictor: BaseEstimator, X: np.ndarray, y: np.ndarray, folds
         taus.append(kendall_tau(y[te], p))
         mapes.append(mape(y[te], p) if np.all(y[te] != 0) else None)
     pooled = mape(y, pred) if np.all(y != 0) else None  # undefined where a target is 0 (an accuracy of 0)
-    return {"kendall_tau": kendall_tau(y, pred), "mape": pooled, "kendall_tau_folds": taus,
-            "mape_folds": mapes, "folds": folds, "n": len(y), "predictions": pred.tolist()}
+    return {
+        "kendall_tau": kendall_tau(y, pred),
+        "mape": pooled,
+        "kendall_tau_folds": taus,
+        "mape_folds": mapes,
+        "folds": folds,
+        "n": len(y),
+        "predictions": pred.tolist(),
+    }
 
 
-def fit_latency_predictor(ds: "LatencyDataset", folds: int = 5, seed: int = 0,
-                          log_target: bool = True) -> tuple[GPPredictor, dict[str, Any]]:
+def fit_latency_predictor(
+    ds: LatencyDataset, folds: int = 5, seed: int = 0, log_target: bool = True
+) -> tuple[GPPredictor, dict[str, Any]]:
     """Cross-validate, then fit on all of `ds`, a GP predictor of median latency from the arch
     encoding. Returns the predictor and the manifest `meta` to save it with (CV scores included)."""
     X, y = ds.features(), ds.targets()
@@ -296,7 +347,16 @@ def fit_latency_predictor(ds: "LatencyDataset", folds: int = 5, seed: int = 0,
     gp.fit(X, y)
     from ufo.search.features import FEATURES
 
-    meta = {"target": "latency_ms", "task": ds.task, "backend": ds.backend, "batch": ds.batch, "threads": ds.threads,
-            "n": len(ds), "features": FEATURES, "machine": ds.machine, "nu": gp.nu_,
-            "cv": {k: v for k, v in cv.items() if k != "predictions"}}
+    meta = {
+        "target": "latency_ms",
+        "task": ds.task,
+        "backend": ds.backend,
+        "batch": ds.batch,
+        "threads": ds.threads,
+        "n": len(ds),
+        "features": FEATURES,
+        "machine": ds.machine,
+        "nu": gp.nu_,
+        "cv": {k: v for k, v in cv.items() if k != "predictions"},
+    }
     return gp, meta

@@ -10,4 +10,4 @@ for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base", "metrics"):
         importlib.import_module(f"{__name__}.{_m.name}")
 
-__all__ = ["TASK_KINDS", "Task", "EmbeddingTask", "TaskData", "register", "task_class"]
+__all__ = ["TASK_KINDS", "EmbeddingTask", "Task", "TaskData", "register", "task_class"]

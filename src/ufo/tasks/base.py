@@ -9,8 +9,9 @@ feature width follows the active arch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,11 @@ from ufo.data.dataset import ImageSet
 from ufo.errors import ConfigError, TaskError
 from ufo.nn.elastic import ElasticLinear
 
-TASK_KINDS: dict[str, type["Task"]] = {}
+TASK_KINDS: dict[str, type[Task]] = {}
 Predict = Callable[[ImageSet], torch.Tensor]  # images -> this task's outputs (logits or embeddings)
 
 
-def register(kind: str) -> Callable[[type["Task"]], type["Task"]]:
+def register(kind: str) -> Callable[[type[Task]], type[Task]]:
     def deco(cls: type[Task]) -> type[Task]:
         cls.kind = kind
         TASK_KINDS[kind] = cls
@@ -34,7 +35,7 @@ def register(kind: str) -> Callable[[type["Task"]], type["Task"]]:
     return deco
 
 
-def task_class(kind: str) -> type["Task"]:
+def task_class(kind: str) -> type[Task]:
     try:
         return TASK_KINDS[kind]
     except KeyError:

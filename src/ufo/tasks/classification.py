@@ -52,5 +52,8 @@ class Classification(Task):
         """The confusion matrix on the test split (rows: true class), with the metrics."""
         test = data.eval["test"]
         logits = predict(test)
-        return {"figure": "confusion_matrix", **confusion(logits, test.labels, test.class_names),
-                "metrics": classification_metrics(logits, test.labels)}
+        return {
+            "figure": "confusion_matrix",
+            **confusion(logits, test.labels, test.class_names),
+            "metrics": classification_metrics(logits, test.labels),
+        }

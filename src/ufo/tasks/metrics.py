@@ -10,7 +10,8 @@ written here and says so.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +89,9 @@ def classification_metrics(logits: ArrayLike, labels: ArrayLike) -> dict[str, fl
     return out
 
 
-def confusion(logits: ArrayLike, labels: ArrayLike, class_names: Sequence[str] | None = None,
-              max_classes: int = 30) -> dict[str, Any]:
+def confusion(
+    logits: ArrayLike, labels: ArrayLike, class_names: Sequence[str] | None = None, max_classes: int = 30
+) -> dict[str, Any]:
     """Confusion matrix of argmax predictions (scikit-learn's `confusion_matrix`, rows = true
     class). With more than `max_classes` classes only the ones with the most errors (as true or
     predicted class) are kept, in class order. Keys: classes (names), matrix (counts), kept, total."""
@@ -102,8 +104,12 @@ def confusion(logits: ArrayLike, labels: ArrayLike, class_names: Sequence[str] |
         errors = m.sum(0) + m.sum(1) - 2 * np.diag(m)
         keep = np.sort(np.argsort(-errors, kind="stable")[:max_classes])
     names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
-    return {"classes": [names[i] for i in keep], "matrix": m[np.ix_(keep, keep)].tolist(), "kept": len(keep),
-            "total": c}
+    return {
+        "classes": [names[i] for i in keep],
+        "matrix": m[np.ix_(keep, keep)].tolist(),
+        "kept": len(keep),
+        "total": c,
+    }
 
 
 # ---------------------------------------------------------------------------- verification
@@ -218,8 +224,13 @@ def roc_points(scores: ArrayLike, is_same: ArrayLike, threshold: float) -> dict[
     threshold (predict same when score > threshold): keys fpr, tpr, auc, threshold, at_threshold."""
     s, same = np.asarray(scores, dtype=np.float64), _vector(is_same, "is_same").astype(bool)
     fpr, tpr, _ = roc_curve(same, s)
-    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(same, s)), "threshold": threshold,
-            "at_threshold": {"fpr": float(np.mean(s[~same] > threshold)), "tpr": float(np.mean(s[same] > threshold))}}
+    return {
+        "fpr": fpr.tolist(),
+        "tpr": tpr.tolist(),
+        "auc": float(roc_auc_score(same, s)),
+        "threshold": threshold,
+        "at_threshold": {"fpr": float(np.mean(s[~same] > threshold)), "tpr": float(np.mean(s[same] > threshold))},
+    }
 
 
 def _best_threshold(scores: np.ndarray, same: np.ndarray) -> float:

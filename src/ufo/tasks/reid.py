@@ -9,7 +9,8 @@ as given when `use_official_split` is on. Reports mAP and CMC rank-1/5.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -61,16 +62,27 @@ class Reid(EmbeddingTask):
             train, query = parts["train"].relabel(), parts["query"]
             ids = query.identities
             if ids is not None and bool((ids < 0).any()):  # a query of unknown identity has no true match
-                warnings.warn(f"{ds.name}: left {int((ids < 0).sum())} queries with unknown (negative) identity out "
-                              "of the official query split", stacklevel=3)
+                warnings.warn(
+                    f"{ds.name}: left {int((ids < 0).sum())} queries with unknown (negative) identity out "
+                    "of the official query split",
+                    stacklevel=3,
+                )
                 query = query.subset(ids >= 0)
-            return TaskData(train=train, eval={"query": query, "gallery": parts["gallery"]},
-                            groups=train.labels, notes=["official train / query / gallery split"])
+            return TaskData(
+                train=train,
+                eval={"query": query, "gallery": parts["gallery"]},
+                groups=train.labels,
+                notes=["official train / query / gallery split"],
+            )
         train, test = split_by_identity(ds, test_fraction, seed)
         query, gallery = split_query_gallery(test, seed)
         train = train.relabel()
-        return TaskData(train=train, eval={"query": query, "gallery": gallery}, groups=train.labels,
-                        notes=[f"identities disjoint, {test_fraction:.0%} held out as query/gallery"])
+        return TaskData(
+            train=train,
+            eval={"query": query, "gallery": gallery},
+            groups=train.labels,
+            notes=[f"identities disjoint, {test_fraction:.0%} held out as query/gallery"],
+        )
 
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
         return self._metrics(predict, data)
@@ -80,11 +92,15 @@ class Reid(EmbeddingTask):
         most the gallery's size), with the metrics at the protocol's ranks."""
         ranks = list(range(1, min(CMC_RANKS, len(data.eval["gallery"])) + 1))
         m = self._metrics(predict, data, ranks)
-        return {"figure": "cmc", "ranks": ranks, "cmc": [m[f"cmc@{k}"] for k in ranks],
-                "metrics": {k: v for k, v in m.items() if not k.startswith("cmc@") or int(k[4:]) in (1, 5)}}
+        return {
+            "figure": "cmc",
+            "ranks": ranks,
+            "cmc": [m[f"cmc@{k}"] for k in ranks],
+            "metrics": {k: v for k, v in m.items() if not k.startswith("cmc@") or int(k[4:]) in (1, 5)},
+        }
 
     @staticmethod
     def _metrics(predict: Predict, data: TaskData, ranks: Sequence[int] = (1, 5)) -> dict[str, float]:
         q, g = data.eval["query"], data.eval["gallery"]
-        ids = lambda s: s.identities if s.identities is not None else s.labels  # noqa: E731
+        ids = lambda s: s.identities if s.identities is not None else s.labels
         return reid_metrics(predict(q), ids(q), predict(g), ids(g), q.cameras, g.cameras, ranks=ranks)

@@ -60,19 +60,29 @@ class Retrieval(EmbeddingTask):
             parts = split_official(ds, ["train"], rest="test")
             check_disjoint(parts["train"], parts["test"], "classes")
             train, test = parts["train"].relabel(), parts["test"].relabel()
-            return TaskData(train=train, eval={"test": test}, groups=train.labels,
-                            notes=["official train/test split (classes disjoint)"])
+            return TaskData(
+                train=train,
+                eval={"test": test},
+                groups=train.labels,
+                notes=["official train/test split (classes disjoint)"],
+            )
         train, test = split_by_class(ds, test_fraction=test_fraction, seed=seed)
         train = train.relabel()
-        return TaskData(train=train, eval={"test": test}, groups=train.labels,
-                        notes=[f"classes disjoint, {test_fraction:.0%} of classes held out"])
+        return TaskData(
+            train=train,
+            eval={"test": test},
+            groups=train.labels,
+            notes=[f"classes disjoint, {test_fraction:.0%} of classes held out"],
+        )
 
     def evaluate(self, predict: Predict, data: TaskData, seed: int = 0) -> dict[str, float]:
         out = retrieval_metrics(predict(data.eval["test"]), data.eval["test"].labels, ks=self.opts.ks)
         runs = data.extra.get("oneshot_runs")
         if runs:  # Omniglot's 20-way one-shot runs, as an extra metric
-            accs = [one_shot_accuracy(predict(r["support"]), r["support"].labels, predict(r["query"]), r["query"].labels)
-                    for r in runs]
+            accs = [
+                one_shot_accuracy(predict(r["support"]), r["support"].labels, predict(r["query"]), r["query"].labels)
+                for r in runs
+            ]
             out["oneshot20"] = float(sum(accs) / len(accs))
         return out
 
@@ -81,5 +91,9 @@ class Retrieval(EmbeddingTask):
         test = data.eval["test"]
         ks = list(range(1, min(RECALL_KS, len(test) - 1) + 1))
         m = retrieval_metrics(predict(test), test.labels, ks=ks)
-        return {"figure": "recall_at_k", "ks": ks, "recall": [m[f"recall@{k}"] for k in ks],
-                "metrics": {k: v for k, v in m.items() if not k.startswith("recall@") or int(k[7:]) in self.opts.ks}}
+        return {
+            "figure": "recall_at_k",
+            "ks": ks,
+            "recall": [m[f"recall@{k}"] for k in ks],
+            "metrics": {k: v for k, v in m.items() if not k.startswith("recall@") or int(k[7:]) in self.opts.ks},
+        }

@@ -59,14 +59,20 @@ class Verification(EmbeddingTask):
         train is an error rather than ignored: the data says how to split, and cannot be followed."""
         if use_official and ds.split is not None:
             if "train" not in set(ds.split):
-                raise DataError(f"{ds.name}: its split marks no sample train (its values are {sorted(set(ds.split))}); "
-                                "verification trains on the samples marked train and tests on the others: mark "
-                                "the training samples train, or set use_official_split: false to draw a split")
+                raise DataError(
+                    f"{ds.name}: its split marks no sample train (its values are {sorted(set(ds.split))}); "
+                    "verification trains on the samples marked train and tests on the others: mark "
+                    "the training samples train, or set use_official_split: false to draw a split"
+                )
             return cls._official_split(ds)
         train, test = split_by_identity(ds.replace(pairs=None), test_fraction, seed)
         train = train.relabel()
-        return TaskData(train=train, eval={"test": test}, groups=train.labels,
-                        notes=[f"identities disjoint, {test_fraction:.0%} held out"])
+        return TaskData(
+            train=train,
+            eval={"test": test},
+            groups=train.labels,
+            notes=[f"identities disjoint, {test_fraction:.0%} held out"],
+        )
 
     @staticmethod
     def _official_split(ds: ImageSet) -> TaskData:
@@ -75,20 +81,30 @@ class Verification(EmbeddingTask):
         check_disjoint(train, test, "identities")
         if ds.pairs is not None:
             if test.pairs is None or len(test.pairs) == 0:
-                raise DataError(f"{ds.name}: none of its {len(ds.pairs)} official pairs has both images in the "
-                                "test split; use use_official_split: false to draw pairs")
+                raise DataError(
+                    f"{ds.name}: none of its {len(ds.pairs)} official pairs has both images in the "
+                    "test split; use use_official_split: false to draw pairs"
+                )
             lost = len(ds.pairs) - len(test.pairs)
             folds = len(np.unique(test.pairs[:, 3]))
-            note = (f"official train/test split, {len(test.pairs)} official pairs in {folds} fold(s)"
-                    + (f" ({lost} naming a training image left out)" if lost else ""))
+            note = f"official train/test split, {len(test.pairs)} official pairs in {folds} fold(s)" + (
+                f" ({lost} naming a training image left out)" if lost else ""
+            )
             return TaskData(train=train, eval={"test": test}, groups=train.labels, notes=[note])
         ids = test.identities
         if ids is not None and bool((ids < 0).any()):
-            warnings.warn(f"{ds.name}: left {int((ids < 0).sum())} test samples with unknown (negative) identity "
-                          "out of the official test split", stacklevel=3)
+            warnings.warn(
+                f"{ds.name}: left {int((ids < 0).sum())} test samples with unknown (negative) identity "
+                "out of the official test split",
+                stacklevel=3,
+            )
             test = test.subset(ids >= 0)
-        return TaskData(train=train, eval={"test": test}, groups=train.labels,
-                        notes=["official train/test split, pairs drawn from the test identities"])
+        return TaskData(
+            train=train,
+            eval={"test": test},
+            groups=train.labels,
+            notes=["official train/test split, pairs drawn from the test identities"],
+        )
 
     def pairs(self, test: ImageSet, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pairs the protocol scores, (a, b, same): the set's official pairs, else
@@ -136,6 +152,11 @@ def official_pair_metrics(emb: torch.Tensor, pairs: np.ndarray, seed: int = 0) -
         t = _best_threshold(scores[~held], is_same[~held])
         accs.append(float(np.mean((scores[held] > t) == is_same[held])))
         thresholds.append(t)
-    out.update({f"acc_{FOLDS}fold": float(np.mean(accs)), f"acc_{FOLDS}fold_std": float(np.std(accs)),
-                "threshold": float(np.mean(thresholds))})
+    out.update(
+        {
+            f"acc_{FOLDS}fold": float(np.mean(accs)),
+            f"acc_{FOLDS}fold_std": float(np.std(accs)),
+            "threshold": float(np.mean(thresholds)),
+        }
+    )
     return out

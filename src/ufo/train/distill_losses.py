@@ -43,8 +43,9 @@ def relational(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(similarity_matrix(student), similarity_matrix(teacher.detach()))
 
 
-def distill_terms(output: str, student: torch.Tensor, teacher: torch.Tensor,
-                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+def distill_terms(
+    output: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+) -> dict[str, torch.Tensor]:
     """The distillation terms of one task by its head's output kind ("logits" or "embedding")."""
     if output == "logits":
         return {"kl": kl_logits(student, teacher, temperature)}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,8 +26,14 @@ def eval_transform(cfg: Config, task: str) -> BatchTransform:
 def eval_batches(ds: ImageSet, cfg: Config, task: str, batch_size: int = 256) -> Iterator[torch.Tensor]:
     """`ds`'s images in order as `task`'s model input (on the CPU), in batches."""
     tf = eval_transform(cfg, task)
-    for x in iter_batches(ds, cfg.input_size(task), cfg.model.in_chans, batch_size, cfg.train.workers,
-                          cfg.tasks[task].data.on_error if task in cfg.tasks else "raise"):
+    for x in iter_batches(
+        ds,
+        cfg.input_size(task),
+        cfg.model.in_chans,
+        batch_size,
+        cfg.train.workers,
+        cfg.tasks[task].data.on_error if task in cfg.tasks else "raise",
+    ):
         yield tf(x)
 
 
@@ -45,15 +51,18 @@ def make_predict(model: nn.Module, task: str, cfg: Config, batch_size: int = 256
         was_training = model.training
         model.eval()
         dev = model_device(model)
-        outs = [model(x.to(dev, non_blocking=True), task).float().cpu() for x in eval_batches(ds, cfg, task, batch_size)]
+        outs = [
+            model(x.to(dev, non_blocking=True), task).float().cpu() for x in eval_batches(ds, cfg, task, batch_size)
+        ]
         model.train(was_training)
         return torch.cat(outs)
 
     return predict
 
 
-def evaluate_tasks(model: nn.Module, data: dict[str, TaskData], cfg: Config, tasks: list[str] | None = None
-                   ) -> dict[str, dict[str, float]]:
+def evaluate_tasks(
+    model: nn.Module, data: dict[str, TaskData], cfg: Config, tasks: list[str] | None = None
+) -> dict[str, dict[str, float]]:
     """Metrics of each task (default: every task in `data`)."""
     out = {}
     for name in tasks or list(data):
@@ -82,8 +91,14 @@ def rng_preserved() -> Iterator[None]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: dict[str, TaskData], cfg: Config, tasks: list[str] | None = None,
-                   max_images: int = 1024, batch_size: int = 256) -> int:
+def recalibrate_bn(
+    model: nn.Module,
+    data: dict[str, TaskData],
+    cfg: Config,
+    tasks: list[str] | None = None,
+    max_images: int = 1024,
+    batch_size: int = 256,
+) -> int:
     """Re-estimate the BatchNorm statistics of each task's head for the model's active subnet.
 
     The chip-supernet stage runs several subnets per step in training mode, so the running

@@ -18,7 +18,8 @@ run saved under FSDP resumes under DDP or on one process, and the other way roun
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,12 +30,14 @@ OPTIONS_FULL = dict(full_state_dict=True, cpu_offload=True)
 def _touch_hook(skip: frozenset[str] = frozenset()):
     """A forward hook adding `0 * w[0]` for each weight of the module (names in `skip` excepted).
     The weights are looked up when it runs: fully_shard swaps the module's parameters."""
+
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
         zero = sum(p.reshape(-1)[0] for n, p in module.named_parameters() if n not in skip) * 0.0
         if isinstance(out, dict):  # the train step returns {task: loss}
             first = next(iter(out))
             return {**out, first: out[first] + zero}
         return out + zero
+
     return hook
 
 
@@ -75,12 +78,12 @@ def optimizer_by_index(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return {"state": {index[n]: s for n, s in sd["state"].items()}, "param_groups": groups}
 
 
-def full_state(root: nn.Module, optimizer: torch.optim.Optimizer | None = None, names: list[str] | None = None
-               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def full_state(
+    root: nn.Module, optimizer: torch.optim.Optimizer | None = None, names: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(model state, index-keyed optimiser state or None), gathered to CPU on rank 0 (the other
     ranks get empty dicts), with the root's own prefix (`model.`) removed. Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(**OPTIONS_FULL)
     model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(root, options=opts).items()}
@@ -94,5 +97,6 @@ def load_optimizer(root: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[s
     """Load an index-keyed full optimiser state into the optimiser of a sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(root, optimizer, optimizer_by_name(sd, names),
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        root, optimizer, optimizer_by_name(sd, names), options=StateDictOptions(full_state_dict=True)
+    )

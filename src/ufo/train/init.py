@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,9 +65,13 @@ class InitReport:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
             return ", ".join(items[:limit]) + more
 
-        lines = [f"init from {self.kind} {self.source}: {len(self.mapped)} tensors mapped, {len(self.resized)} resized, "
-                 f"{len(self.unused_source)} source tensors unused, {len(self.uninitialised)} of ours left at init"]
-        lines += [f"  resized {r.name}: {tuple(r.from_shape)} -> {tuple(r.to_shape)} ({r.how})" for r in self.resized[:limit]]
+        lines = [
+            f"init from {self.kind} {self.source}: {len(self.mapped)} tensors mapped, {len(self.resized)} resized, "
+            f"{len(self.unused_source)} source tensors unused, {len(self.uninitialised)} of ours left at init"
+        ]
+        lines += [
+            f"  resized {r.name}: {tuple(r.from_shape)} -> {tuple(r.to_shape)} ({r.how})" for r in self.resized[:limit]
+        ]
         if len(self.resized) > limit:
             lines.append(f"  ... {len(self.resized) - limit} more resized (see init_report.json)")
         if self.unused_source:
@@ -82,6 +87,7 @@ class InitReport:
 
 # ----- loading state dicts -----
 
+
 def load_state_dict_file(path: str | Path) -> StateDict:
     """A state dict from a local `.safetensors` or `.pth/.pt/.bin` file (loaded with
     weights_only=True: no code runs), unwrapped from a 'state_dict' / 'model' entry if needed."""
@@ -96,8 +102,10 @@ def load_state_dict_file(path: str | Path) -> StateDict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files raise many types (pickle, zip, safetensors, OSError)
-        raise CheckpointError(f"{path}: cannot read a state dict from this file ({type(e).__name__}: {e}); "
-                              "expected a .safetensors file or a torch.save'd state dict (.pth/.pt)") from None
+        raise CheckpointError(
+            f"{path}: cannot read a state dict from this file ({type(e).__name__}: {e}); "
+            "expected a .safetensors file or a torch.save'd state dict (.pth/.pt)"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
             sd = sd[key]
@@ -106,7 +114,7 @@ def load_state_dict_file(path: str | Path) -> StateDict:
         raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict (a mapping of tensors)")
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP-wrapped model
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -125,7 +133,8 @@ def timm_pretrained_state_dict(name: str) -> tuple[StateDict, int | None]:
             "This downloads them from the Hugging Face Hub and needs internet access. Offline, save the "
             "state dict on a machine that has access (safetensors.torch.save_file(timm.create_model("
             f"'{name}', pretrained=True).state_dict(), 'vit.safetensors')) and set init.path to that file "
-            "instead of init.timm_model.") from None
+            "instead of init.timm_model."
+        ) from None
     blocks = getattr(m, "blocks", None)
     heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None and len(blocks) else None
     return m.state_dict(), heads
@@ -142,6 +151,7 @@ def _backbone(model: nn.Module) -> tuple[SuperViT, str]:
 
 
 # ----- fitting one tensor into another's shape -----
+
 
 def fit_overlap(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """A copy of `dst` holding `src` over their first-k overlap in every dimension."""
@@ -162,8 +172,9 @@ class _Writer:
         self.written: set[str] = set()  # our tensors
         self.used: set[str] = set()  # source tensors
 
-    def put(self, ours: str, theirs: str, value: torch.Tensor, how: str | None = None,
-            from_shape: torch.Size | None = None) -> None:
+    def put(
+        self, ours: str, theirs: str, value: torch.Tensor, how: str | None = None, from_shape: torch.Size | None = None
+    ) -> None:
         dst = self.state[ours]
         from_shape = value.shape if from_shape is None else from_shape
         if how is None and value.shape != dst.shape:
@@ -181,8 +192,10 @@ class _Writer:
 
 # ----- timm -----
 
-def _timm_heads(sd: StateDict, space_heads: int, head_dim: int, num_heads: int | None,
-                report: InitReport) -> tuple[int, int]:
+
+def _timm_heads(
+    sd: StateDict, space_heads: int, head_dim: int, num_heads: int | None, report: InitReport
+) -> tuple[int, int]:
     """timm's (heads, head_dim): given, else the same layout as ours, else 64-wide heads."""
     inner = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
     if num_heads is not None:
@@ -193,11 +206,12 @@ def _timm_heads(sd: StateDict, space_heads: int, head_dim: int, num_heads: int |
         return space_heads, head_dim
     for hd in (TIMM_HEAD_DIM, head_dim):
         if inner % hd == 0:
-            report.notes.append(f"timm's head count was inferred as {inner // hd} heads of {hd} "
-                                f"(width {inner}); set init.timm_num_heads if that is wrong")
+            report.notes.append(
+                f"timm's head count was inferred as {inner // hd} heads of {hd} "
+                f"(width {inner}); set init.timm_num_heads if that is wrong"
+            )
             return inner // hd, hd
-    raise ConfigError(f"cannot infer the number of heads of a timm attention of width {inner}; "
-                      "set init.timm_num_heads")
+    raise ConfigError(f"cannot infer the number of heads of a timm attention of width {inner}; set init.timm_num_heads")
 
 
 def _source_grid(sd: StateDict, source: str, ours: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -212,8 +226,10 @@ def _source_grid(sd: StateDict, source: str, ours: tuple[int, int]) -> tuple[int
             return p, (g, g)
         if n - p == ours[0] * ours[1]:
             return p, ours
-    raise CheckpointError(f"{source}: pos_embed of {n} tokens is neither a square patch grid nor our "
-                          f"{ours[0]}x{ours[1]} grid, plus {npt} prefix tokens")
+    raise CheckpointError(
+        f"{source}: pos_embed of {n} tokens is neither a square patch grid nor our "
+        f"{ours[0]}x{ours[1]} grid, plus {npt} prefix tokens"
+    )
 
 
 def _map_patch_conv(w: _Writer, sd: StateDict, s: SearchSpace) -> None:
@@ -228,13 +244,19 @@ def _map_patch_conv(w: _Writer, sd: StateDict, s: SearchSpace) -> None:
     if tuple(kernel.shape[-2:]) != (s.patch_size, s.patch_size):
         from timm.layers import resample_patch_embed
 
-        how.append(f"patch {kernel.shape[-2]}x{kernel.shape[-1]} -> {s.patch_size}x{s.patch_size} "
-                   "(timm resample_patch_embed)")
+        how.append(
+            f"patch {kernel.shape[-2]}x{kernel.shape[-1]} -> {s.patch_size}x{s.patch_size} (timm resample_patch_embed)"
+        )
         kernel = resample_patch_embed(kernel, [s.patch_size, s.patch_size])
     if kernel.shape[0] != s.max_embed_dim:
         how.append("first-k embed dim")
-    w.put("patch_embed.proj.weight", "patch_embed.proj.weight", kernel, "; ".join(how) or None,
-          sd["patch_embed.proj.weight"].shape)
+    w.put(
+        "patch_embed.proj.weight",
+        "patch_embed.proj.weight",
+        kernel,
+        "; ".join(how) or None,
+        sd["patch_embed.proj.weight"].shape,
+    )
     if "patch_embed.proj.bias" in sd:
         w.put("patch_embed.proj.bias", "patch_embed.proj.bias", sd["patch_embed.proj.bias"])
 
@@ -244,7 +266,9 @@ def _map_embeddings(w: _Writer, sd: StateDict, vit: SuperViT) -> None:
     if "cls_token" in sd:
         w.put("cls_token", "cls_token", sd["cls_token"])
     if s.stem == "conv":
-        w.report.notes.append("model.stem is 'conv': timm's patch_embed conv has no counterpart; the stem keeps its fresh init")
+        w.report.notes.append(
+            "model.stem is 'conv': timm's patch_embed conv has no counterpart; the stem keeps its fresh init"
+        )
     else:
         _map_patch_conv(w, sd, s)
     if "pos_embed" in sd:
@@ -275,21 +299,36 @@ def _map_attention(w: _Writer, sd: StateDict, i: int, vit: SuperViT, heads: tupl
     Ht, hdt = heads
     layout = None if (Ht, hdt) == (H, hd) else f"heads {Ht}x{hdt} -> {H}x{hd} via the (3, H, head_dim, C) view"
     qkv = sd[t + "qkv.weight"]
-    w.put(t + "qkv.weight", t + "qkv.weight",
-          fit_overlap(w.state[t + "qkv.weight"].view(3, H, hd, E), qkv.view(3, Ht, hdt, -1)).reshape(3 * H * hd, E),
-          layout or (None if qkv.shape[1] == E else "first-k embed dim"), qkv.shape)
+    w.put(
+        t + "qkv.weight",
+        t + "qkv.weight",
+        fit_overlap(w.state[t + "qkv.weight"].view(3, H, hd, E), qkv.view(3, Ht, hdt, -1)).reshape(3 * H * hd, E),
+        layout or (None if qkv.shape[1] == E else "first-k embed dim"),
+        qkv.shape,
+    )
     if t + "qkv.bias" in sd and t + "qkv.bias" in w.state:
         b = sd[t + "qkv.bias"]
-        w.put(t + "qkv.bias", t + "qkv.bias",
-              fit_overlap(w.state[t + "qkv.bias"].view(3, H, hd), b.view(3, Ht, hdt)).reshape(-1), layout, b.shape)
+        w.put(
+            t + "qkv.bias",
+            t + "qkv.bias",
+            fit_overlap(w.state[t + "qkv.bias"].view(3, H, hd), b.view(3, Ht, hdt)).reshape(-1),
+            layout,
+            b.shape,
+        )
     gamma = sd.get(f"blocks.{i}.ls1.gamma")
     proj_w, proj_b = sd[t + "proj.weight"], sd[t + "proj.bias"]
     if gamma is not None:  # x + gamma * proj(a) == x + proj'(a) with proj' rows scaled by gamma
         proj_w, proj_b = proj_w * gamma[:, None], proj_b * gamma
         w.used.add(f"blocks.{i}.ls1.gamma")
-    w.put(t + "proj.weight", t + "proj.weight",
-          fit_overlap(w.state[t + "proj.weight"].view(E, H, hd), proj_w.view(proj_w.shape[0], Ht, hdt)).reshape(E, H * hd),
-          layout or (None if proj_w.shape[0] == E else "first-k embed dim"), proj_w.shape)
+    w.put(
+        t + "proj.weight",
+        t + "proj.weight",
+        fit_overlap(w.state[t + "proj.weight"].view(E, H, hd), proj_w.view(proj_w.shape[0], Ht, hdt)).reshape(
+            E, H * hd
+        ),
+        layout or (None if proj_w.shape[0] == E else "first-k embed dim"),
+        proj_w.shape,
+    )
     w.put(t + "proj.bias", t + "proj.bias", proj_b)
 
 
@@ -300,8 +339,12 @@ def _map_block(w: _Writer, sd: StateDict, i: int, vit: SuperViT, heads: tuple[in
             if b + f"{norm}.{p}" in sd:
                 w.put(b + f"{norm}.{p}", b + f"{norm}.{p}", sd[b + f"{norm}.{p}"])
     _map_attention(w, sd, i, vit, heads)
-    mlp = {f"{fc}.{p}": sd[b + f"mlp.{fc}.{p}"] for fc in ("fc1", "fc2") for p in ("weight", "bias")
-           if b + f"mlp.{fc}.{p}" in sd}
+    mlp = {
+        f"{fc}.{p}": sd[b + f"mlp.{fc}.{p}"]
+        for fc in ("fc1", "fc2")
+        for p in ("weight", "bias")
+        if b + f"mlp.{fc}.{p}" in sd
+    }
     gamma = sd.get(b + "ls2.gamma")
     if gamma is not None and "fc2.weight" in mlp:
         mlp["fc2.weight"], mlp["fc2.bias"] = mlp["fc2.weight"] * gamma[:, None], mlp["fc2.bias"] * gamma
@@ -312,8 +355,12 @@ def _map_block(w: _Writer, sd: StateDict, i: int, vit: SuperViT, heads: tuple[in
             w.put(b + f"mlp.{e}.{key}", b + f"mlp.{key}", value)
 
 
-def init_from_timm(model: nn.Module, source: Mapping[str, torch.Tensor] | str | Path | None = None,
-                   timm_model: str | None = None, num_heads: int | None = None) -> InitReport:
+def init_from_timm(
+    model: nn.Module,
+    source: Mapping[str, torch.Tensor] | str | Path | None = None,
+    timm_model: str | None = None,
+    num_heads: int | None = None,
+) -> InitReport:
     """Load a timm VisionTransformer's weights into the largest arch of `model`'s SuperViT.
 
     `source` is a state dict or a local file (.safetensors, .pth, .pt); `timm_model` a timm model
@@ -330,10 +377,14 @@ def init_from_timm(model: nn.Module, source: Mapping[str, torch.Tensor] | str | 
     else:
         sd, name = load_state_dict_file(source), str(source)
     sd = {k: v.detach().float() if v.is_floating_point() else v for k, v in sd.items()}
-    missing = [k for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight") if k not in sd]
+    missing = [
+        k for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight") if k not in sd
+    ]
     if missing:
-        raise CheckpointError(f"{name} does not look like a timm VisionTransformer state dict: no {missing[0]} "
-                              f"(its first keys: {list(sd)[:6]})")
+        raise CheckpointError(
+            f"{name} does not look like a timm VisionTransformer state dict: no {missing[0]} "
+            f"(its first keys: {list(sd)[:6]})"
+        )
 
     report = InitReport("timm", name)
     heads = _timm_heads(sd, vit.space.max_heads, vit.space.head_dim, num_heads, report)
@@ -346,8 +397,10 @@ def init_from_timm(model: nn.Module, source: Mapping[str, torch.Tensor] | str | 
         if f"norm.{p}" in sd:
             w.put(f"norm.{p}", f"norm.{p}", sd[f"norm.{p}"])
     if depth != vit.space.max_depth:
-        report.notes.append(f"timm has {depth} blocks, the supernet {vit.space.max_depth}: "
-                            f"the first {min(depth, vit.space.max_depth)} are mapped")
+        report.notes.append(
+            f"timm has {depth} blocks, the supernet {vit.space.max_depth}: "
+            f"the first {min(depth, vit.space.max_depth)} are mapped"
+        )
     for key, what in NOT_REPRESENTED.items():
         if any(key in k for k in sd):
             report.notes.append(f"the timm model has {what} ({key}*), which the SuperViT lacks: outputs will differ")
@@ -355,10 +408,11 @@ def init_from_timm(model: nn.Module, source: Mapping[str, torch.Tensor] | str | 
     return report
 
 
-def _finish(report: InitReport, source: Mapping[str, torch.Tensor], w: _Writer, model: nn.Module,
-            prefix: str) -> None:
+def _finish(report: InitReport, source: Mapping[str, torch.Tensor], w: _Writer, model: nn.Module, prefix: str) -> None:
     report.unused_source = [k for k in source if k not in w.used]
-    report.uninitialised = [k for k in model.state_dict() if not (k.startswith(prefix) and k[len(prefix):] in w.written)]
+    report.uninitialised = [
+        k for k in model.state_dict() if not (k.startswith(prefix) and k[len(prefix) :] in w.written)
+    ]
     report.mapped = [(s, prefix + o) for s, o in report.mapped]
     for r in report.resized:
         r.name = prefix + r.name
@@ -384,24 +438,33 @@ def init_from_mim(model: nn.Module, path: str | Path) -> InitReport:
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         hint = " (an unfinished run keeps its weights in checkpoints/latest.safetensors)" if path.is_dir() else ""
-        raise CheckpointError(f"init.path: {file} not found; expected a pretrain_mim run folder or its checkpoint{hint}")
+        raise CheckpointError(
+            f"init.path: {file} not found; expected a pretrain_mim run folder or its checkpoint{hint}"
+        )
     tensors, manifest = load_checkpoint(file)
     kind, stage = manifest.get("kind"), (manifest.get("config") or {}).get("train", {}).get("stage")
     if kind not in MIM_PREFIXES or stage != "pretrain_mim":
-        raise CheckpointError(f"{file} holds a {kind!r} checkpoint of a {stage!r} run, not the model or training "
-                              "checkpoint of a MIM pre-training run (train.stage: pretrain_mim)")
+        raise CheckpointError(
+            f"{file} holds a {kind!r} checkpoint of a {stage!r} run, not the model or training "
+            "checkpoint of a MIM pre-training run (train.stage: pretrain_mim)"
+        )
     src = MIM_PREFIXES[kind]
     if kind == "train_state" and any(k.startswith("ema.ufo.backbone.") for k in tensors):
         src = "ema.ufo.backbone."  # the weights the run would have shipped
     report = InitReport("mim", str(file))
     w = _Writer(vit, report)
     mine = [k for k in w.state if not _task_specific(k)]
-    bad = [f"{k}: checkpoint {tuple(tensors[src + k].shape)} vs model {tuple(w.state[k].shape)}"
-           for k in mine if src + k in tensors and tensors[src + k].shape != w.state[k].shape]
+    bad = [
+        f"{k}: checkpoint {tuple(tensors[src + k].shape)} vs model {tuple(w.state[k].shape)}"
+        for k in mine
+        if src + k in tensors and tensors[src + k].shape != w.state[k].shape
+    ]
     if bad:
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise CheckpointError(f"{file} was pre-trained with other model dimensions; use the MIM run's `model:` "
-                              f"section. Mismatches: {', '.join(bad[:5])}{more}")
+        raise CheckpointError(
+            f"{file} was pre-trained with other model dimensions; use the MIM run's `model:` "
+            f"section. Mismatches: {', '.join(bad[:5])}{more}"
+        )
     for k in mine:
         if src + k in tensors:
             w.put(k, src + k, tensors[src + k])
@@ -438,23 +501,37 @@ def init_from_run(model: nn.Module, path: str | Path) -> InitReport:
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         hint = " (an unfinished run has only checkpoints/; finish it with --resume)" if path.is_dir() else ""
-        raise CheckpointError(f"init.path: {file} not found; expected a trained run folder or its model.safetensors{hint}")
+        raise CheckpointError(
+            f"init.path: {file} not found; expected a trained run folder or its model.safetensors{hint}"
+        )
     tensors, manifest = load_checkpoint(file)
     if manifest.get("kind") != "ufo_model":
-        raise CheckpointError(f"init.path: {file} holds a {manifest.get('kind')!r} checkpoint, not a trained model "
-                              "(ufo_model); give the run folder or its model.safetensors")
+        raise CheckpointError(
+            f"init.path: {file} holds a {manifest.get('kind')!r} checkpoint, not a trained model "
+            "(ufo_model); give the run folder or its model.safetensors"
+        )
     if list(manifest.get("tasks") or []) != vit.tasks:
-        raise CheckpointError(f"init.path: {file} was trained on tasks {manifest.get('tasks')}, this config has "
-                              f"{vit.tasks}; init kind 'run' needs the same tasks in the same order")
+        raise CheckpointError(
+            f"init.path: {file} was trained on tasks {manifest.get('tasks')}, this config has "
+            f"{vit.tasks}; init kind 'run' needs the same tasks in the same order"
+        )
     saved = SearchSpace.model_validate(manifest["space"])
     if saved != vit.space:
-        diff = [f"{k} (run {getattr(saved, k)} vs config {getattr(vit.space, k)})"
-                for k in SearchSpace.model_fields if getattr(saved, k) != getattr(vit.space, k)]
-        raise CheckpointError(f"init.path: {file} has another search space; use that run's `model:` section. "
-                              f"Differing fields: {', '.join(diff)}")
+        diff = [
+            f"{k} (run {getattr(saved, k)} vs config {getattr(vit.space, k)})"
+            for k in SearchSpace.model_fields
+            if getattr(saved, k) != getattr(vit.space, k)
+        ]
+        raise CheckpointError(
+            f"init.path: {file} has another search space; use that run's `model:` section. "
+            f"Differing fields: {', '.join(diff)}"
+        )
     theirs = manifest.get("heads") or {}
-    bad = [f"{t} (run {theirs.get(t)} vs config {{'kind': {h.kind!r}, 'num_classes': {h.num_classes}}})"
-           for t, h in heads.items() if theirs.get(t) != {"kind": h.kind, "num_classes": h.num_classes}]
+    bad = [
+        f"{t} (run {theirs.get(t)} vs config {{'kind': {h.kind!r}, 'num_classes': {h.num_classes}}})"
+        for t, h in heads.items()
+        if theirs.get(t) != {"kind": h.kind, "num_classes": h.num_classes}
+    ]
     if bad:
         raise CheckpointError(f"init.path: {file} has other task heads: {', '.join(bad)}")
     load_state_checked(model, tensors, file)
@@ -478,13 +555,16 @@ def init_from_run(model: nn.Module, path: str | Path) -> InitReport:
         report.mapped = [(s, o) for s, o in report.mapped if not (s == o and o in replaced)]
         report.unused_source = sorted(replaced)
         if copied:
-            report.notes.append(f"the {stage} run never trained {len(copied)} of {len(vit.tasks) * len(vit.blocks)} "
-                                f"task experts (task@block: {', '.join(copied[:8])}{' ...' if len(copied) > 8 else ''}): "
-                                "they start as copies of the shared expert")
+            report.notes.append(
+                f"the {stage} run never trained {len(copied)} of {len(vit.tasks) * len(vit.blocks)} "
+                f"task experts (task@block: {', '.join(copied[:8])}{' ...' if len(copied) > 8 else ''}): "
+                "they start as copies of the shared expert"
+            )
     return report
 
 
 # ----- dispatch -----
+
 
 def apply_init(model: nn.Module, cfg: Config, out: str | Path | None = None) -> InitReport | None:
     """Initialise `model` as `cfg.init` says (None for scratch). With `out`, the summary is printed

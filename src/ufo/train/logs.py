@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ufo.checkpoint import atomic_write_text
 
@@ -65,7 +66,7 @@ class _Csv:
         if path.exists() and start_step > 0:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        self.file = open(path, "w", newline="")
+        self.file = open(path, "w", newline="")  # noqa: SIM115  (closed by close())
         self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.writer.writeheader()
         self.writer.writerows(rows)
@@ -84,16 +85,32 @@ class MetricLog:
     TensorBoard scalars and, with `validation`, val_metrics.csv (one row per step, task and
     metric) and TensorBoard's `val/TASK/METRIC`."""
 
-    def __init__(self, out: Path, tasks: list[str], start_step: int, enabled: bool = True,
-                 extra_fields: list[str] | None = None, validation: bool = False) -> None:
+    def __init__(
+        self,
+        out: Path,
+        tasks: list[str],
+        start_step: int,
+        enabled: bool = True,
+        extra_fields: list[str] | None = None,
+        validation: bool = False,
+    ) -> None:
         self.enabled = enabled
         if not enabled:
             return
         self.path = out / "metrics.csv"
-        self.fields = ["step", "loss", *(f"loss/{t}" for t in tasks), "lr", "images_per_s", "skipped",
-                       *(extra_fields or [])]
+        self.fields = [
+            "step",
+            "loss",
+            *(f"loss/{t}" for t in tasks),
+            "lr",
+            "images_per_s",
+            "skipped",
+            *(extra_fields or []),
+        ]
         self.csv = _Csv(self.path, self.fields, start_step)
-        self.val = _Csv(out / "val_metrics.csv", ["step", "task", "metric", "value"], start_step) if validation else None
+        self.val = (
+            _Csv(out / "val_metrics.csv", ["step", "task", "metric", "value"], start_step) if validation else None
+        )
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
@@ -108,8 +125,9 @@ class MetricLog:
     def write_val(self, step: int, metrics: Metrics) -> None:
         if not self.enabled or self.val is None:
             return
-        self.val.write([{"step": step, "task": t, "metric": k, "value": v} for t, m in metrics.items()
-                        for k, v in m.items()])
+        self.val.write(
+            [{"step": step, "task": t, "metric": k, "value": v} for t, m in metrics.items() for k, v in m.items()]
+        )
         for t, m in metrics.items():
             for k, v in m.items():
                 self.tb.add_scalar(f"val/{t}/{k}", v, step)
@@ -122,7 +140,7 @@ class MetricLog:
                 self.val.close()
             self.tb.close()
 
-    def __enter__(self) -> "MetricLog":
+    def __enter__(self) -> MetricLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -158,8 +176,11 @@ class EvalHistory:
 
     def final(self, step: int, metrics: Metrics, primary: dict[str, str]) -> None:
         self.data["history"][str(step)] = metrics
-        self.data |= {"final_step": step, "metrics": metrics,
-                      "primary": {t: m[primary[t]] for t, m in metrics.items() if primary[t] in m}}
+        self.data |= {
+            "final_step": step,
+            "metrics": metrics,
+            "primary": {t: m[primary[t]] for t, m in metrics.items() if primary[t] in m},
+        }
         self.save()
 
     def save(self) -> None:

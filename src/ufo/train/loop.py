@@ -36,7 +36,7 @@ from ufo.train import distributed as dist
 from ufo.train import fsdp
 from ufo.train.evaluate import evaluate_tasks, rng_preserved
 from ufo.train.init import apply_init
-from ufo.train.logs import LOGGER, EvalHistory, Metrics, MetricLog, format_metrics, run_log
+from ufo.train.logs import LOGGER, EvalHistory, MetricLog, Metrics, format_metrics, run_log
 from ufo.train.optim import build_optimizer, set_lr
 from ufo.train.state import load_train_state, save_train_state
 from ufo.train.store import build_model, resolve_train_arch, save_model
@@ -60,8 +60,9 @@ class TrainStep(nn.Module):
 class Trainer:
     evaluates = True  # validation applies: the task heads are trained (not so in MIM pre-training)
 
-    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
+    ) -> None:
         self.cfg, self.out, self.t = cfg, Path(out), cfg.train
         self.show_progress = show_progress
         self.rank, self.world = dist.setup()
@@ -78,8 +79,10 @@ class Trainer:
         self.model.to(self.device)
         self.fsdp = self.t.parallel == "fsdp" and self.world > 1
         if self.fsdp and self.t.ema_decay > 0:
-            raise ConfigError("train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
-                              "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp")
+            raise ConfigError(
+                "train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
+                "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp"
+            )
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ema = None
@@ -88,11 +91,20 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
         self.sampler = self._sampler()
-        self.loader = MixedLoader(self.feeds(), self.sampler, seed=cfg.seed, rank=self.rank, world=self.world,
-                                  device=self.device, workers=self.t.workers, prefetch=self.t.prefetch)
+        self.loader = MixedLoader(
+            self.feeds(),
+            self.sampler,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            device=self.device,
+            workers=self.t.workers,
+            prefetch=self.t.prefetch,
+        )
         # FSDP shards in fit(), after the initial weights and any resumed state are in place
-        self.step_module = self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world,
-                                                                         static=self.steps_alike())
+        self.step_module = (
+            self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world, static=self.steps_alike())
+        )
         self.step = 0
         self.bad_steps = 0
         self.final_metrics: Metrics | None = None  # the last evaluation (rank 0), once fit() has run
@@ -100,18 +112,30 @@ class Trainer:
     # ----- set-up -----
     def _sampler(self) -> MixedTaskSampler:
         sources = []
-        for name, tc in self.cfg.tasks.items():
+        for name, _tc in self.cfg.tasks.items():
             d = self.data[name]
             groups = d.groups.numpy() if d.groups is not None else None
             k = getattr(self.model.heads[name].opts, "k", 4)
             sources.append(TaskSource(name, len(d.train), groups, k))
         # per-task shares apply to heterogeneous batches of several tasks; a single task (`--only`)
         # or one task per step (round_robin) fills the whole batch
-        quotas = {n: tc.batch for n, tc in self.cfg.tasks.items()} if (
-            self.t.sampler == "hetero" and len(self.cfg.tasks) > 1 and all(tc.batch for tc in self.cfg.tasks.values())
-        ) else None
-        return MixedTaskSampler(sources, self.t.batch_size, mode=self.t.sampler, quotas=quotas,
-                                temperature=self.t.temperature, seed=self.cfg.seed)
+        quotas = (
+            {n: tc.batch for n, tc in self.cfg.tasks.items()}
+            if (
+                self.t.sampler == "hetero"
+                and len(self.cfg.tasks) > 1
+                and all(tc.batch for tc in self.cfg.tasks.values())
+            )
+            else None
+        )
+        return MixedTaskSampler(
+            sources,
+            self.t.batch_size,
+            mode=self.t.sampler,
+            quotas=quotas,
+            temperature=self.t.temperature,
+            seed=self.cfg.seed,
+        )
 
     def steps_alike(self) -> bool:
         """Whether every step uses the same parameters on every rank (DDP then skips its search for
@@ -130,8 +154,20 @@ class Trainer:
     def feeds(self) -> list[Feed]:
         """Each task's training split and input pipeline, for the loader."""
         m = self.cfg.model
-        return [Feed(n, self.model.tasks.index(n), self.data[n].train, self.cfg.input_size(n), m.in_chans, m.mean,
-                     m.std, tc.augment.model_dump(), tc.data.on_error) for n, tc in self.cfg.tasks.items()]
+        return [
+            Feed(
+                n,
+                self.model.tasks.index(n),
+                self.data[n].train,
+                self.cfg.input_size(n),
+                m.in_chans,
+                m.mean,
+                m.std,
+                tc.augment.model_dump(),
+                tc.data.on_error,
+            )
+            for n, tc in self.cfg.tasks.items()
+        ]
 
     @property
     def ckpt_path(self) -> Path:
@@ -172,8 +208,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
         x, ids, y = self.batch()
-        with torch.autocast("cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
-                            enabled=self.t.amp == "bf16"):
+        with torch.autocast(
+            "cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16, enabled=self.t.amp == "bf16"
+        ):
             losses = self.step_module(x, ids, y)
         bad = [n for n, v in losses.items() if not torch.isfinite(v)]
         if bad:
@@ -207,9 +244,17 @@ class Trainer:
         if self.fsdp:  # gathered from every rank; rank 0 writes the same format as DDP
             model_state, optim_state = fsdp.full_state(self.step_module, self.optimizer, self._names)
         if self.rank == 0:
-            save_train_state(self.ckpt_path, self.model, self.optimizer, self.step, self._manifest(),
-                             ema=self.ema, sampler_state=self.loader.state_dict(),
-                             model_state=model_state, optimizer_state=optim_state)
+            save_train_state(
+                self.ckpt_path,
+                self.model,
+                self.optimizer,
+                self.step,
+                self._manifest(),
+                ema=self.ema,
+                sampler_state=self.loader.state_dict(),
+                model_state=model_state,
+                optimizer_state=optim_state,
+            )
         dist.barrier()
 
     def _shard(self) -> None:
@@ -233,8 +278,10 @@ class Trainer:
             theirs = saved.get("config", {})
         diff = [k for k in mine if mine[k] != theirs.get(k)]
         if diff:
-            raise CheckpointError(f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
-                                  "Use a new --out folder, or the same config to resume.")
+            raise CheckpointError(
+                f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
+                "Use a new --out folder, or the same config to resume."
+            )
         m = load_train_state(self.ckpt_path, self.model, self.optimizer, self.ema)
         self.loader.load_state_dict(m["sampler"])
         self.step = int(m["step"])
@@ -261,10 +308,17 @@ class Trainer:
         if self.fsdp:
             self._shard()
         every = self.eval_every
-        history = EvalHistory(self.out / "metrics.json", self.step, self._history_header(),
-                              enabled=self.rank == 0 and every > 0)
-        with MetricLog(self.out, self.cfg.task_names, self.step, enabled=self.rank == 0,
-                       extra_fields=self.log_fields(), validation=every > 0) as log:
+        history = EvalHistory(
+            self.out / "metrics.json", self.step, self._history_header(), enabled=self.rank == 0 and every > 0
+        )
+        with MetricLog(
+            self.out,
+            self.cfg.task_names,
+            self.step,
+            enabled=self.rank == 0,
+            extra_fields=self.log_fields(),
+            validation=every > 0,
+        ) as log:
             summary = self._steps(log, history)
             self.finish()
             final = self._gathered() if self.fsdp else self.eval_model()
@@ -273,8 +327,10 @@ class Trainer:
         if self.rank == 0:
             save_model(self.out / "model.safetensors", final, self.cfg, self.arch)
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
-            LOGGER.info(f"finished {self.step} steps at {summary['images_per_s']:.1f} images/s; "
-                        f"model: {self.out / 'model.safetensors'}")
+            LOGGER.info(
+                f"finished {self.step} steps at {summary['images_per_s']:.1f} images/s; "
+                f"model: {self.out / 'model.safetensors'}"
+            )
         dist.barrier()
         return summary
 
@@ -283,9 +339,15 @@ class Trainer:
         returns the run's summary (throughput, time to the first step, skipped images)."""
         every = self.eval_every
         t0, images, startup = time.perf_counter(), 0.0, None
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-                            disable=not (self.show_progress and self.rank == 0))
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            disable=not (self.show_progress and self.rank == 0),
+        )
         with progress:
             bar = progress.add_task(self.t.stage, total=self.t.steps, completed=self.step, losses="")
             while self.step < self.t.steps:
@@ -299,16 +361,20 @@ class Trainer:
                     log.write(self.step, row)
                     if self.rank == 0:
                         LOGGER.info(step_line(self.step, self.t.steps, row))
-                    progress.update(bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items()
-                                                         if k.startswith("loss/")))
+                    progress.update(
+                        bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("loss/"))
+                    )
                 if every and self.step % every == 0 and self.step < self.t.steps:  # the last step: in _fit
                     self._record(self.step, self.validate(), log, history)
                 if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
                     self.save()  # after the validation, so a checkpoint's history is complete
                 progress.update(bar, completed=self.step)
         self.loader.close()
-        summary = {"steps": self.step, "images_per_s": images / max(1e-9, time.perf_counter() - t0),
-                   "first_step_s": startup}
+        summary = {
+            "steps": self.step,
+            "images_per_s": images / max(1e-9, time.perf_counter() - t0),
+            "first_step_s": startup,
+        }
         if self.loader.skipped:
             summary["skipped_images"] = dict(self.loader.skipped)
             dist.warn(f"unreadable training images replaced (on_error: skip): {dict(self.loader.skipped)}")
@@ -338,8 +404,9 @@ class Trainer:
         dist.barrier()
         return metrics
 
-    def _record(self, step: int, metrics: Metrics | None, log: MetricLog, history: EvalHistory,
-                final: bool = False) -> None:
+    def _record(
+        self, step: int, metrics: Metrics | None, log: MetricLog, history: EvalHistory, final: bool = False
+    ) -> None:
         """A validation's results into val_metrics.csv, TensorBoard, metrics.json and the log."""
         if metrics is None:  # ranks other than 0
             return
@@ -352,8 +419,12 @@ class Trainer:
         dist.info(f"step {step} {'final evaluation' if final else 'validation'}: {format_metrics(metrics)}")
 
     def _history_header(self) -> dict[str, Any]:
-        return {"stage": self.t.stage, "steps": self.t.steps, "eval_every": self.eval_every,
-                "primary_metric": {t: task_class(tc.kind).primary for t, tc in self.cfg.tasks.items()}}
+        return {
+            "stage": self.t.stage,
+            "steps": self.t.steps,
+            "eval_every": self.eval_every,
+            "primary_metric": {t: task_class(tc.kind).primary for t, tc in self.cfg.tasks.items()},
+        }
 
     def _log_start(self) -> None:
         """The run log's first lines: what runs where, and the versions (also RUN/provenance.json)."""
@@ -364,9 +435,11 @@ class Trainer:
         prov = provenance(self.cfg.seed)
         atomic_write_text(self.out / "provenance.json", json.dumps(prov, indent=2))
         every = self.eval_every
-        LOGGER.info(f"start {self.cfg.name}: stage {self.t.stage}, {self.t.steps} steps of {self.t.batch_size} "
-                    f"images, tasks {', '.join(self.cfg.task_names)}; world size {self.world}, device {self.device}; "
-                    f"seed {self.cfg.seed}; validation " + (f"every {every} steps" if every else "off"))
+        LOGGER.info(
+            f"start {self.cfg.name}: stage {self.t.stage}, {self.t.steps} steps of {self.t.batch_size} "
+            f"images, tasks {', '.join(self.cfg.task_names)}; world size {self.world}, device {self.device}; "
+            f"seed {self.cfg.seed}; validation " + (f"every {every} steps" if every else "off")
+        )
         LOGGER.info(summary_line(prov))
 
     def eval_model(self) -> UFOModel:

@@ -38,8 +38,14 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def random_mask(batch: int, img_size: ImageSize, patch_size: int, mask_patch_size: int, ratio: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def random_mask(
+    batch: int,
+    img_size: ImageSize,
+    patch_size: int,
+    mask_patch_size: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B, num_patches) bool, True = hidden, for images of `img_size` (one side, or (height, width)):
     ceil(ratio * n) of the n = rows x cols mask patches per image, each covering
     (mask_patch_size / patch_size)^2 model patches. Draws from torch's RNG, so a resumed run draws
@@ -82,18 +88,23 @@ class SimMIM(nn.Module):
         super().__init__()
         s = ufo.space
         if mask_patch_size % s.patch_size:
-            raise ConfigError(f"mim.mask_patch_size: {mask_patch_size} must be a multiple of the patch size "
-                              f"{s.patch_size}")
-        for where, (h, w) in [("model.img_size", s.input_size()), *((f"tasks.{t}.img_size", s.input_size(t))
-                                                                   for t in s.tasks)]:
+            raise ConfigError(
+                f"mim.mask_patch_size: {mask_patch_size} must be a multiple of the patch size {s.patch_size}"
+            )
+        for where, (h, w) in [
+            ("model.img_size", s.input_size()),
+            *((f"tasks.{t}.img_size", s.input_size(t)) for t in s.tasks),
+        ]:
             if h % mask_patch_size or w % mask_patch_size:
-                raise ConfigError(f"mim.mask_patch_size: {mask_patch_size} does not divide {where} {h}x{w} (HxW); "
-                                  "choose a mask patch that divides every task's input size")
+                raise ConfigError(
+                    f"mim.mask_patch_size: {mask_patch_size} does not divide {where} {h}x{w} (HxW); "
+                    "choose a mask patch that divides every task's input size"
+                )
         self.ufo = ufo
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
         self.mask_token = nn.Parameter(torch.zeros(s.max_embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.pixel_head = nn.Linear(s.max_embed_dim, s.patch_size ** 2 * s.in_chans)
+        self.pixel_head = nn.Linear(s.max_embed_dim, s.patch_size**2 * s.in_chans)
 
     @property
     def backbone(self) -> SuperViT:
@@ -113,8 +124,9 @@ class SimMIM(nn.Module):
         if isinstance(batch, (list, tuple)):
             return [self.random_mask(c) for c in batch]
         s = self.ufo.space
-        n, size = (batch.shape[0], tuple(batch.shape[-2:])) if isinstance(batch, torch.Tensor) else (
-            batch, s.input_size())
+        n, size = (
+            (batch.shape[0], tuple(batch.shape[-2:])) if isinstance(batch, torch.Tensor) else (batch, s.input_size())
+        )
         return random_mask(n, size, s.patch_size, self.mask_patch_size, self.mask_ratio)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,8 +141,10 @@ class SimMIM(nn.Module):
         if isinstance(x, torch.Tensor):
             mask = mask.to(x.device)
             return masked_l1(self.predict(x, mask), patchify(x, p), mask)
-        sums = [masked_l1_sums(self.predict(c, m.to(c.device)), patchify(c, p), m.to(c.device))
-                for c, m in zip(x, mask, strict=True)]
+        sums = [
+            masked_l1_sums(self.predict(c, m.to(c.device)), patchify(c, p), m.to(c.device))
+            for c, m in zip(x, mask, strict=True)
+        ]
         return sum(e for e, _ in sums) / sum(n for _, n in sums).clamp_min(1)
 
 
@@ -140,8 +154,9 @@ class MimTrainer(Trainer):
 
     evaluates = False  # the task heads are never trained, so their metrics would say nothing
 
-    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
+    ) -> None:
         super().__init__(cfg, out, data, show_progress)  # data, sampler, transforms, device: all the Trainer's
         if getattr(self, "fsdp", False):
             raise ConfigError("train.parallel: fsdp is not supported by train.stage pretrain_mim; use ddp")
@@ -165,8 +180,9 @@ class MimTrainer(Trainer):
         lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
         x, ids, _ = self.batch()  # labels are never used; x is a list of chunks when input sizes differ
         mask = self.model.random_mask(x)
-        with torch.autocast("cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
-                            enabled=self.t.amp == "bf16"):
+        with torch.autocast(
+            "cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16, enabled=self.t.amp == "bf16"
+        ):
             loss = self.step_module(x, mask)
         if not torch.isfinite(loss):
             return self.skip_step("the masked-pixel (MIM) objective")

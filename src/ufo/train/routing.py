@@ -13,8 +13,9 @@ arch, so `model.safetensors`, `ufo eval` and `ufo extract` use them; `routes.jso
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ COLOURS = {"shared": "#4c72b0", "task": "#dd8452", "mix": "#55a868"}
 
 
 # ----- the schedule and the cost -----
+
 
 def temperature(step: int, steps: int, cfg: TaskSupernetConfig) -> float:
     """Gumbel-Softmax temperature of `step` (0-based) in a run of `steps`: tau_start at step 0,
@@ -91,29 +93,36 @@ class RoutingStep(TrainStep):
 
 # ----- the trainer -----
 
+
 class RoutingTrainer(Trainer):
     """Trainer with every path left to the router, an annealed Gumbel temperature, a router
     parameter group, the optional expert cost, and routes frozen into the model file at the end."""
 
-    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
+    ) -> None:
         self.rcfg = cfg.task_supernet
         super().__init__(cfg, out, data, show_progress)
         if self.fsdp:
-            raise ConfigError("train.parallel: fsdp is not supported by train.stage task_supernet "
-                              "(the expert cost reads every router outside its block); use ddp")
+            raise ConfigError(
+                "train.parallel: fsdp is not supported by train.stage task_supernet "
+                "(the expert cost reads every router outside its block); use ddp"
+            )
         missing = [p for p in PATHS if p not in self.model.space.paths]
         if missing:
-            raise ConfigError(f"model.paths: {self.model.space.paths} leaves out {missing}; train.stage "
-                              "task_supernet routes over all of shared, task and mix")
+            raise ConfigError(
+                f"model.paths: {self.model.space.paths} leaves out {missing}; train.stage "
+                "task_supernet routes over all of shared, task and mix"
+            )
         # routers learn faster and without decay: moved out of their groups before any state exists
         router = [p for n, p in self.model.named_parameters() if n.endswith(ROUTER_SUFFIXES)]
         ids = {id(p) for p in router}
         for g in self.optimizer.param_groups:
             g["params"] = [p for p in g["params"] if id(p) not in ids]
         self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g["params"]]
-        self.optimizer.add_param_group({"params": router, "lr": self.t.lr * self.rcfg.router_lr_scale,
-                                        "weight_decay": 0.0, "name": "router"})
+        self.optimizer.add_param_group(
+            {"params": router, "lr": self.t.lr * self.rcfg.router_lr_scale, "weight_decay": 0.0, "name": "router"}
+        )
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # `train.paths` does not apply: this stage leaves every task's path to the router
         self.arch = self.arch.model_copy(update={"paths": {}})
@@ -166,6 +175,7 @@ class RoutingTrainer(Trainer):
 
 # ----- reporting -----
 
+
 def routing_report(model: UFOModel, arch: Arch, steps: int, tau: float) -> dict[str, Any]:
     """Frozen routes, per-task path counts, router probabilities, mix weights and the parameter
     counts they lead to (one task alone, and all tasks together)."""
@@ -181,8 +191,11 @@ def routing_report(model: UFOModel, arch: Arch, steps: int, tau: float) -> dict[
         "counts": route_counts({t: list(arch.paths[t]) for t in vit.tasks}),
         "probs": probs,
         "mix_weights": mix,
-        "params": {"all_tasks": space.num_params(arch), "all_tasks_all_shared": space.num_params(shared),
-                   **{t: space.num_params(arch, t) for t in vit.tasks}},
+        "params": {
+            "all_tasks": space.num_params(arch),
+            "all_tasks_all_shared": space.num_params(shared),
+            **{t: space.num_params(arch, t) for t in vit.tasks},
+        },
         "expected_extra_params": extra,
         "steps": steps,
         "tau_end": tau,
@@ -195,8 +208,9 @@ def format_routes(report: dict[str, Any]) -> str:
     lines = ["routes (frozen into model.safetensors; S = shared, T = task, M = mix):"]
     for t, r in report["routes"].items():
         c = report["counts"][t]
-        lines.append(f"  {t:<{width}}  {' '.join(p[0].upper() for p in r)}   "
-                     + ", ".join(f"{p} {c[p]}" for p in PATHS))
+        lines.append(
+            f"  {t:<{width}}  {' '.join(p[0].upper() for p in r)}   " + ", ".join(f"{p} {c[p]}" for p in PATHS)
+        )
     p = report["params"]
     lines.append(f"  parameters of the all-task model: {p['all_tasks']:,} (all shared: {p['all_tasks_all_shared']:,})")
     return "\n".join(lines)
@@ -214,8 +228,7 @@ def plot_routing_map(routes: Routes, path: str | Path, probs: dict[str, list[lis
     grid = [[PATHS.index(p) for p in routes[t]] for t in tasks]
     fig = Figure(figsize=(2.4 + 0.55 * depth, 1.2 + 0.45 * len(tasks)), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(grid, cmap=ListedColormap([COLOURS[p] for p in PATHS]), vmin=-0.5, vmax=len(PATHS) - 0.5,
-              aspect="auto")
+    ax.imshow(grid, cmap=ListedColormap([COLOURS[p] for p in PATHS]), vmin=-0.5, vmax=len(PATHS) - 0.5, aspect="auto")
     if probs is not None:
         for r, t in enumerate(tasks):
             for c, k in enumerate(grid[r]):
@@ -224,6 +237,12 @@ def plot_routing_map(routes: Routes, path: str | Path, probs: dict[str, list[lis
     ax.set_yticks(range(len(tasks)), tasks)
     ax.set_xlabel("block")
     ax.set_title("FFN path per task and block", fontsize=10)
-    ax.legend(handles=[Patch(color=COLOURS[p], label=p) for p in PATHS], loc="upper left", bbox_to_anchor=(1.02, 1),
-              borderaxespad=0, fontsize=8, frameon=False)
+    ax.legend(
+        handles=[Patch(color=COLOURS[p], label=p) for p in PATHS],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1),
+        borderaxespad=0,
+        fontsize=8,
+        frameon=False,
+    )
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

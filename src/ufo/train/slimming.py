@@ -46,6 +46,7 @@ Tensors = dict[str, torch.Tensor]
 
 # ----- importance re-ordering -----
 
+
 @torch.no_grad()
 def reorder_mlp(mlp: ElasticMlp) -> torch.Tensor:
     """Sort the hidden units by the L1 norm of their fc2 input column, most important first.
@@ -94,6 +95,7 @@ def reorder_by_importance(vit: SuperViT) -> dict[str, list[int]]:
 
 # ----- routes -----
 
+
 def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
     """The FFN path of every task and block that every subnet of the chip supernet takes.
 
@@ -103,20 +105,25 @@ def chip_routes(cfg: Config, space: SearchSpace) -> Routes:
         path = Path(cfg.init.path)
         file = path / "model.safetensors" if path.is_dir() else path
         if not file.is_file():
-            raise CheckpointError(f"init.path: {file} not found; expected a trained run folder "
-                                  "or its model.safetensors")
+            raise CheckpointError(
+                f"init.path: {file} not found; expected a trained run folder or its model.safetensors"
+            )
         manifest = load_checkpoint(file)[1]
         stage = ((manifest.get("config") or {}).get("train") or {}).get("stage")
         if stage == "task_supernet":
             routes = manifest.get("routes") or {}
             if sorted(routes) != sorted(space.tasks) or any(len(r) != space.max_depth for r in routes.values()):
-                raise CheckpointError(f"init.path: {file} has routes for {sorted(routes)} that do not fit this "
-                                      f"model's tasks {space.tasks} and depth {space.max_depth}")
+                raise CheckpointError(
+                    f"init.path: {file} has routes for {sorted(routes)} that do not fit this "
+                    f"model's tasks {space.tasks} and depth {space.max_depth}"
+                )
             return {t: list(routes[t]) for t in space.tasks}
     if cfg.train.paths is None:
-        raise ConfigError("train.paths: null leaves the paths to the router, but train.stage chip_supernet needs "
-                          "fixed routes; set train.paths (e.g. shared) or init from a task_supernet run "
-                          "(init.kind: run)")
+        raise ConfigError(
+            "train.paths: null leaves the paths to the router, but train.stage chip_supernet needs "
+            "fixed routes; set train.paths (e.g. shared) or init from a task_supernet run "
+            "(init.kind: run)"
+        )
     return {t: [cfg.train.paths] * space.max_depth for t in space.tasks}
 
 
@@ -134,20 +141,25 @@ def freeze_routes(vit: SuperViT, routes: Routes) -> None:
 
 # ----- the trainer -----
 
+
 class ChipTrainer(Trainer):
     """Trainer whose step is the sandwich rule with in-place distillation; the loop, checkpoints
     (exact resume), schedule, logging and the final model file are inherited."""
 
-    def __init__(self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
+    ) -> None:
         self.chip = cfg.chip_supernet
         if cfg.train.arch not in (None, "largest"):
-            raise ConfigError(f"train.arch: {cfg.train.arch!r} fixes one subnet, but train.stage chip_supernet trains "
-                              "all of them (the largest, the smallest and random ones); remove train.arch")
+            raise ConfigError(
+                f"train.arch: {cfg.train.arch!r} fixes one subnet, but train.stage chip_supernet trains "
+                "all of them (the largest, the smallest and random ones); remove train.arch"
+            )
         unknown = [t for t in self.chip.tasks or [] if t not in cfg.tasks]
         if unknown:
-            raise ConfigError(f"chip_supernet.tasks: unknown task(s) {unknown}; "
-                              f"this config's tasks are {cfg.task_names}")
+            raise ConfigError(
+                f"chip_supernet.tasks: unknown task(s) {unknown}; this config's tasks are {cfg.task_names}"
+            )
         super().__init__(cfg, out, data, show_progress)  # the sampler below sees self.chip
         if self.fsdp:
             raise ConfigError("train.parallel: fsdp is not supported by train.stage chip_supernet; use ddp")
@@ -161,8 +173,10 @@ class ChipTrainer(Trainer):
         if self.ckpt_path.exists():
             saved = read_manifest(self.ckpt_path).get("arch")
             if saved is not None and Arch.model_validate(saved) != self.arch:
-                raise CheckpointError(f"{self.ckpt_path} was trained at {saved}, but this run's largest subnet and "
-                                      f"routes are {self.arch.model_dump()}; use a new --out folder")
+                raise CheckpointError(
+                    f"{self.ckpt_path} was trained at {saved}, but this run's largest subnet and "
+                    f"routes are {self.arch.model_dump()}; use a new --out folder"
+                )
         return super().resume()
 
     def _sampler(self) -> MixedTaskSampler:
@@ -184,11 +198,14 @@ class ChipTrainer(Trainer):
         """The subnets of a step: largest, smallest, then `num_random` drawn from (seed, step, k)."""
         s, r = self.model.space, self.routes
         archs = [("largest", s.largest(r)), ("smallest", s.smallest(r))]
-        return archs + [("random", s.sample(np.random.default_rng([self.cfg.seed, step, k]), r))
-                        for k in range(self.chip.num_random)]
+        return archs + [
+            ("random", s.sample(np.random.default_rng([self.cfg.seed, step, k]), r))
+            for k in range(self.chip.num_random)
+        ]
 
-    def _pass(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, arch: Arch,
-              teacher: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, Tensors, Tensors]:
+    def _pass(
+        self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, arch: Arch, teacher: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, Tensors, Tensors]:
         """One subnet on the batch: (its loss, logged terms, its detached outputs per task).
 
         Without a teacher the loss is the weighted label loss; with one, the distillation terms
@@ -218,16 +235,20 @@ class ChipTrainer(Trainer):
                     total = total + c.distill_weight * v
         return total, terms, outs
 
-    def accumulate(self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor,
-                   archs: list[tuple[str, Arch]]) -> dict[str, torch.Tensor] | None:
+    def accumulate(
+        self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, archs: list[tuple[str, Arch]]
+    ) -> dict[str, torch.Tensor] | None:
         """Forward and backward every subnet in turn (gradients add up); the first one is the
         teacher of the rest. Returns the logged terms, or None after a non-finite loss."""
         logged: dict[str, torch.Tensor] = {}
         teacher = None
         n_random = sum(kind == "random" for kind, _ in archs)
         n_students = len(archs) - 1
-        amp = dict(device_type="cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16,
-                   enabled=self.t.amp == "bf16")
+        amp = dict(
+            device_type="cpu" if ids.device.type == "cpu" else "cuda",
+            dtype=torch.bfloat16,
+            enabled=self.t.amp == "bf16",
+        )
         for j, (kind, arch) in enumerate(archs):
             with torch.autocast(**amp):
                 loss, terms, outs = self._pass(x, ids, y, arch, teacher if j else None)

@@ -51,11 +51,18 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"refusing to save a checkpoint: tensor {k} holds NaN or inf")
 
 
-def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     manifest: dict[str, Any], ema: nn.Module | None = None,
-                     sampler_state: dict | None = None, scheduler_state: dict | None = None,
-                     model_state: dict[str, torch.Tensor] | None = None,
-                     optimizer_state: dict[str, Any] | None = None) -> None:
+def save_train_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    manifest: dict[str, Any],
+    ema: nn.Module | None = None,
+    sampler_state: dict | None = None,
+    scheduler_state: dict | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> None:
     """`model_state`/`optimizer_state` replace the modules' own state dicts when given (FSDP
     gathers them from every rank first)."""
     state = model.state_dict() if model_state is None else model_state
@@ -68,13 +75,24 @@ def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {**manifest, "kind": "train_state", "step": step, "optimizer": opt_meta, "sampler": sampler_state,
-            "scheduler": scheduler_state}
+    meta = {
+        **manifest,
+        "kind": "train_state",
+        "step": step,
+        "optimizer": opt_meta,
+        "sampler": sampler_state,
+        "scheduler": scheduler_state,
+    }
     save_checkpoint(path, tensors, meta)
 
 
-def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                     ema: nn.Module | None = None, restore_rng: bool = True) -> dict[str, Any]:
+def load_train_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: nn.Module | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
     """Load everything saved by `save_train_state`; returns the manifest (step, sampler, ...)."""
     tensors, manifest = load_checkpoint(path)
     if manifest.get("kind") != "train_state":

@@ -51,9 +51,17 @@ def resolve_train_arch(cfg: Config, space: SearchSpace) -> Arch:
 
 def save_model(path: str | Path, model: UFOModel, cfg: Config, arch: Arch, extra: dict[str, Any] | None = None) -> None:
     heads = {n: {"kind": h.kind, "num_classes": h.num_classes} for n, h in model.heads.items()}
-    manifest = {"kind": "ufo_model", "config": cfg.model_dump(mode="json"), "space": model.space.model_dump(),
-                "tasks": model.tasks, "heads": heads, "arch": arch.model_dump(), "routes": model.backbone.routes(),
-                "router": model.backbone.router_state(), **(extra or {})}
+    manifest = {
+        "kind": "ufo_model",
+        "config": cfg.model_dump(mode="json"),
+        "space": model.space.model_dump(),
+        "tasks": model.tasks,
+        "heads": heads,
+        "arch": arch.model_dump(),
+        "routes": model.backbone.routes(),
+        "router": model.backbone.router_state(),
+        **(extra or {}),
+    }
     save_checkpoint(path, model.state_dict(), manifest)
 
 

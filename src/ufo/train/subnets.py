@@ -22,8 +22,9 @@ from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
 from ufo.train.store import arch_from_spec
 
 
-def subnet_specs(space: SearchSpace, routes: dict[str, list[str]] | None, specs: list[str], random: int = 0,
-                 seed: int = 0) -> dict[str, Arch]:
+def subnet_specs(
+    space: SearchSpace, routes: dict[str, list[str]] | None, specs: list[str], random: int = 0, seed: int = 0
+) -> dict[str, Arch]:
     """Named subnets: each of `specs` (largest, smallest, random:SEED, ARCH.json), then `random`
     more distinct random ones drawn from seeds seed, seed+1, ... (duplicates skipped)."""
     out = {s: arch_from_spec(s, space, routes) for s in specs}
@@ -42,9 +43,15 @@ def subnet_specs(space: SearchSpace, routes: dict[str, list[str]] | None, specs:
     return out
 
 
-def evaluate_subnets(model: UFOModel, cfg: Config, data: dict[str, TaskData], archs: dict[str, Arch],
-                     tasks: list[str] | None = None, recalibrate: bool = True, show_progress: bool = True
-                     ) -> list[dict[str, Any]]:
+def evaluate_subnets(
+    model: UFOModel,
+    cfg: Config,
+    data: dict[str, TaskData],
+    archs: dict[str, Arch],
+    tasks: list[str] | None = None,
+    recalibrate: bool = True,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
     """One row per subnet: name, arch, per-task params/FLOPs/metrics. Restores the model's arch."""
     tasks = tasks or list(data)
     space, before = model.space, model.arch
@@ -56,9 +63,15 @@ def evaluate_subnets(model: UFOModel, cfg: Config, data: dict[str, TaskData], ar
             if recalibrate:
                 recalibrate_bn(model, data, cfg, tasks)
             metrics = evaluate_tasks(model, data, cfg, tasks)
-            rows.append({"name": name, "arch": arch.model_dump(), "metrics": metrics,
-                         "params": {t: space.num_params(arch, t) for t in tasks},
-                         "flops": {t: space.flops(arch, t) for t in tasks}})
+            rows.append(
+                {
+                    "name": name,
+                    "arch": arch.model_dump(),
+                    "metrics": metrics,
+                    "params": {t: space.num_params(arch, t) for t in tasks},
+                    "flops": {t: space.flops(arch, t) for t in tasks},
+                }
+            )
             bar.advance(job)
     model.set_arch(before)
     return rows
