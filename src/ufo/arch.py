@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ufo.errors import ArchError
 
 PathName = Literal["shared", "task", "mix"]
-PATHS: tuple[str, ...] = ("shared", "task", "mix")
+PATHS: tuple[PathName, ...] = ("shared", "task", "mix")
 Routes = dict[str, list[str]]  # task -> path per block of the largest depth
 
 
@@ -30,7 +30,7 @@ def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     """(height, width) of an image size given as one side (square) or as (height, width)."""
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         return int(size), int(size)
-    hw = tuple(size)
+    hw = () if isinstance(size, bool) else tuple(size)  # a bool is an int to isinstance, but no size
     if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in hw):
         raise ValueError(f"an image size is one int or (height, width), got {size!r}")
     return int(hw[0]), int(hw[1])

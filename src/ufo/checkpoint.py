@@ -95,7 +95,8 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         t = tensors[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        # numpy's stubs give ndarray a __buffer__ only for Python >= 3.12
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     return h.hexdigest()
 
 
@@ -248,7 +249,7 @@ def save_extracted(path: str | Path, model: nn.Module, space: SearchSpace, extra
 
 def load_extracted(path: str | Path) -> nn.Module:
     """Rebuild a standalone extracted model (plain timm/torch layers) and load its weights."""
-    from ufo.nn.extract import build_extracted
+    from ufo.nn.extract import build_extracted, mark_extracted
 
     tensors, manifest = load_checkpoint(path)
     if manifest.get("kind") not in ("vit", "multitask_vit"):
@@ -257,5 +258,5 @@ def load_extracted(path: str | Path) -> nn.Module:
     arch = Arch.model_validate(manifest["arch"])
     model = build_extracted(space, arch, manifest["tasks"])
     load_state_checked(model, tensors, path)
-    model.ufo_arch, model.ufo_tasks = arch, list(manifest["tasks"])
+    mark_extracted(model, arch, list(manifest["tasks"]))
     return model.eval()

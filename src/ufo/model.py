@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,10 +34,14 @@ class UFOModel(nn.Module):
     def arch(self) -> Arch:
         return self.backbone.arch
 
+    def head(self, task: str) -> Task:
+        """The head of `task`, with its type (an nn.ModuleDict yields plain Modules)."""
+        return cast(Task, self.heads[task])
+
     def set_arch(self, arch: Arch) -> None:
         self.backbone.set_arch(arch)
-        for head in self.heads.values():
-            head.set_input_dim(arch.embed_dim)
+        for t in self.heads:
+            self.head(t).set_input_dim(arch.embed_dim)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per backbone block (see SuperViT.set_grad_checkpointing)."""
@@ -53,7 +58,7 @@ class UFOModel(nn.Module):
         for i, name in enumerate(self.tasks):
             rows = (task_ids == i).nonzero().flatten()
             if rows.numel():
-                out[name] = self.heads[name].loss(feats[rows], labels[rows])
+                out[name] = self.head(name).loss(feats[rows], labels[rows])
         return out
 
     def no_weight_decay(self) -> set[str]:

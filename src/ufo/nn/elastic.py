@@ -6,11 +6,24 @@ torch module holding copies of the active slice, as Once-for-All's dynamic layer
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ufo.arch import as_hw
+
+if TYPE_CHECKING:
+    from timm.layers import PatchEmbed
+
+    from ufo.nn.stem import ConvStemEmbed
+
+
+def bias_of(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """The bias of a layer built with one (torch types every bias as optional)."""
+    assert layer.bias is not None, f"{type(layer).__name__} built without a bias"
+    return layer.bias
 
 
 class ElasticLinear(nn.Linear):
@@ -85,11 +98,11 @@ class ElasticPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.active_dim
-        x = F.conv2d(x, self.proj.weight[:k], self.proj.bias[:k], stride=self.patch_size)  # (B, k, gh, gw)
+        x = F.conv2d(x, self.proj.weight[:k], bias_of(self.proj)[:k], stride=self.patch_size)  # (B, k, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, N, k)
 
-    def extract_into(self, embed: nn.Module) -> None:
+    def extract_into(self, embed: PatchEmbed | ConvStemEmbed) -> None:
         """Copy the active slice into an extracted model's timm `PatchEmbed` (its `proj`)."""
         k = self.active_dim
         embed.proj.weight.data.copy_(self.proj.weight[:k])
-        embed.proj.bias.data.copy_(self.proj.bias[:k])
+        bias_of(embed.proj).data.copy_(bias_of(self.proj)[:k])

@@ -13,14 +13,16 @@ A MultiTaskViT keeps the base-grid embedding and resamples it to each input, as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from timm.layers import Attention, Mlp, resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ufo.arch import Arch, SearchSpace, hidden_dim
 from ufo.errors import ArchError
+from ufo.nn.mlp import ElasticMlp
 from ufo.nn.stem import static_embed
 from ufo.nn.timm_vit import create_vit, vit_kwargs
 from ufo.nn.vit import SuperViT
@@ -46,6 +48,8 @@ def build_vit(space: SearchSpace, arch: Arch, task: str) -> VisionTransformer:
 class StaticTaskFFN(nn.Module):
     """The FFNs one block keeps for a set of tasks, with a fixed route per task."""
 
+    mix_weights: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, hidden: int, routes: dict[str, str]) -> None:
         super().__init__()
         self.routes = dict(routes)
@@ -58,10 +62,11 @@ class StaticTaskFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         path = self.routes[task]
-        if path == "shared":
-            return self.shared(x)
         if path == "task":
             return self.experts[task](x)
+        assert self.shared is not None  # built when a route is shared or mix
+        if path == "shared":
+            return self.shared(x)
         w = self.mix_weights[self.tasks.index(task)]
         return w[0] * self.shared(x) + w[1] * self.experts[task](x)
 
@@ -124,7 +129,7 @@ class MultiTaskViT(nn.Module):
         return self.forward_features(x, task)[:, 0]
 
 
-def build_extracted(space: SearchSpace, arch: Arch, tasks: Sequence[str]) -> nn.Module:
+def build_extracted(space: SearchSpace, arch: Arch, tasks: Sequence[str]) -> VisionTransformer | MultiTaskViT:
     """The empty standalone model for `arch` (all paths fixed) and `tasks`: used by extract and load."""
     missing = [t for t in tasks if t not in arch.paths]
     if missing:
@@ -146,24 +151,33 @@ def extract(model: SuperViT, arch: Arch | None = None, tasks: str | Sequence[str
         out = build_extracted(model.space, arch, tasks)
         e = arch.embed_dim
         model.patch_embed.extract_into(out.patch_embed)
+        # ufo_vit and MultiTaskViT both have a class token and an absolute position embedding
+        assert out.cls_token is not None and out.pos_embed is not None
         out.cls_token.copy_(model.cls_token[:, :, :e])
         grid = model.space.grid(tasks[0]) if len(tasks) == 1 else model.space.grid()
         out.pos_embed.copy_(model.pos_embed_at(grid, e))
         out.norm.load_state_dict(model.norm.extract().state_dict())
-        for _i, (src, dst) in enumerate(zip(model.blocks, out.blocks)):
+        for src, dst in zip(model.super_blocks(), cast(Sequence[Block | MultiTaskBlock], out.blocks)):
             dst.norm1.load_state_dict(src.norm1.extract().state_dict())
             dst.norm2.load_state_dict(src.norm2.extract().state_dict())
             dst.attn.load_state_dict(src.attn.extract().state_dict())
             if len(tasks) == 1:
                 dst.mlp.load_state_dict(src.mlp.extract_single(model.task_index(tasks[0])).state_dict())
                 continue
+            assert isinstance(dst, MultiTaskBlock)  # several tasks build a MultiTaskViT
             if dst.mlp.shared is not None:
                 dst.mlp.shared.load_state_dict(src.mlp.shared.extract().state_dict())
             for t in dst.mlp.experts:
-                dst.mlp.experts[t].load_state_dict(src.mlp.experts[t].extract().state_dict())
+                dst.mlp.experts[t].load_state_dict(cast(ElasticMlp, src.mlp.experts[t]).extract().state_dict())
             for j, t in enumerate(tasks):
                 dst.mlp.mix_weights[j] = src.mlp.mix_weights(model.task_index(t))
     finally:
         model.set_arch(prev)
-    out.ufo_arch, out.ufo_tasks = arch, tasks
+    mark_extracted(out, arch, tasks)
     return out.eval()
+
+
+def mark_extracted(model: nn.Module, arch: Arch, tasks: list[str]) -> None:
+    """Tag a standalone model with its arch (every path fixed) and tasks: `ufo_arch`, `ufo_tasks`."""
+    # nn.Module.__setattr__ takes any value; torch types it for tensors and modules only
+    model.ufo_arch, model.ufo_tasks = arch, tasks  # type: ignore[assignment]

@@ -17,6 +17,7 @@ are not plain `ElasticMlp`s (a wrapped one, say) fall back to the per-task loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,19 @@ from timm.layers import Mlp
 from torch import nn
 
 from ufo.arch import PATHS
-from ufo.nn.mlp import ElasticMlp, fold_mix
+from ufo.nn.mlp import ElasticMlp, ffn_weight, fold_mix
 
 SHARED, TASK, MIX = 0, 1, 2
 Segment = tuple[int, int, int]  # (task index, first row, end row) of a task-sorted batch
 Coef = torch.Tensor | float | None
+
+
+class Expert(Protocol):
+    """What TaskFFN needs of an expert: an ElasticMlp, or a module wrapping one (`ufo extend`'s)."""
+
+    def set_active(self, dim: int, hidden: int) -> None: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def _is_one(c: Coef) -> bool:
@@ -69,7 +78,7 @@ class TaskFFN(nn.Module):
         """Active widths, and per task a fixed path name or None to let the router decide."""
         self.shared.set_active(dim, hidden)
         for e in self.experts.values():
-            e.set_active(dim, hidden)
+            cast(Expert, e).set_active(dim, hidden)
         self.fixed = [None if p is None else PATHS.index(p) for p in paths]
 
     def mix_weights(self, t: int) -> torch.Tensor:
@@ -104,13 +113,19 @@ class TaskFFN(nn.Module):
             if len(on_expert) < len(segments):
                 e_out = _scatter(e_out, segments, on_expert, sizes)
         if s_out is None and all(_is_one(ce) for _, ce in coef):
+            assert e_out is not None  # every coefficient is 1.0, so every segment ran its expert
             return e_out  # every task on its own expert: no per-segment combination
         parts = []
         s_parts = None if s_out is None else s_out.split(sizes)
         e_parts = None if e_out is None else e_out.split(sizes)
         for i, (cs, ce) in enumerate(coef):
-            terms = [] if cs is None else [s_parts[i] if _is_one(cs) else cs * s_parts[i]]
-            terms += [] if ce is None else [e_parts[i] if _is_one(ce) else ce * e_parts[i]]
+            terms = []
+            if cs is not None:
+                assert s_parts is not None  # cs is set, so segment i is in on_shared
+                terms.append(s_parts[i] if _is_one(cs) else cs * s_parts[i])
+            if ce is not None:
+                assert e_parts is not None  # ce is set, so segment i is in on_expert
+                terms.append(e_parts[i] if _is_one(ce) else ce * e_parts[i])
             parts.append(terms[0] if len(terms) == 1 else terms[0] + terms[1])
         return torch.cat(parts, 0)
 
@@ -148,8 +163,9 @@ class TaskFFN(nn.Module):
             ]
             padded = torch.cat([rows, rows.new_zeros(1, N, C)])
             xb = padded[torch.tensor(idx, device=x.device)].reshape(len(which), L * N, C)
-        fc1 = [self.experts[self.tasks[t]].fc1.active_weight() for t in tasks]
-        fc2 = [self.experts[self.tasks[t]].fc2.active_weight() for t in tasks]
+        experts = [cast(ElasticMlp, self.experts[self.tasks[t]]) for t in tasks]  # forward checked they are
+        fc1 = [ffn_weight(e.fc1) for e in experts]
+        fc2 = [ffn_weight(e.fc2) for e in experts]
         w1, b1 = torch.stack([w for w, _ in fc1]), torch.stack([b for _, b in fc1])  # (S, h, C), (S, h)
         w2, b2 = torch.stack([w for w, _ in fc2]), torch.stack([b for _, b in fc2])  # (S, C, h), (S, C)
         h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xb, w1.transpose(1, 2)))  # (S, L*N, h)
@@ -183,7 +199,8 @@ class TaskFFN(nn.Module):
     # ----- extraction -----
     def extract_single(self, t: int) -> Mlp:
         """Task t's chosen path as one timm `Mlp` (a mix is folded into a wider one)."""
-        path, expert = self.chosen_path(t), self.experts[self.tasks[t]]
+        # extraction reads plain experts (`ufo extend` folds its wrappers away before it saves)
+        path, expert = self.chosen_path(t), cast(ElasticMlp, self.experts[self.tasks[t]])
         if path == SHARED:
             return self.shared.extract()
         if path == TASK:

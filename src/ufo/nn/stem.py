@@ -21,7 +21,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from ufo.arch import SearchSpace, as_hw
-from ufo.nn.elastic import ElasticPatchEmbed
+from ufo.nn.elastic import ElasticPatchEmbed, bias_of
 
 
 def stem_groups(channels: int) -> int:
@@ -83,16 +83,18 @@ class ElasticConvStem(ConvStemEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.active_dim
-        x = F.conv2d(self.stem(x), self.proj.weight[:k], self.proj.bias[:k])  # (B, k, gh, gw)
+        x = F.conv2d(self.stem(x), self.proj.weight[:k], bias_of(self.proj)[:k])  # (B, k, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, N, k)
 
     @torch.no_grad()
-    def extract_into(self, embed: ConvStemEmbed) -> None:
+    def extract_into(self, embed: PatchEmbed | ConvStemEmbed) -> None:
         """Copy the stem and the active projection slice into an extracted model's ConvStemEmbed."""
+        if not isinstance(embed, ConvStemEmbed):
+            raise TypeError(f"a conv stem extracts into a ConvStemEmbed, not a {type(embed).__name__}")
         k = self.active_dim
         embed.stem.load_state_dict(self.stem.state_dict())
         embed.proj.weight.copy_(self.proj.weight[:k])
-        embed.proj.bias.copy_(self.proj.bias[:k])
+        bias_of(embed.proj).copy_(bias_of(self.proj)[:k])
 
 
 def elastic_embed(space: SearchSpace) -> ElasticPatchEmbed | ElasticConvStem:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
@@ -111,6 +112,10 @@ class SuperViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    def super_blocks(self) -> list[SuperBlock]:
+        """All blocks (the largest depth) with their type (an nn.ModuleList yields plain Modules)."""
+        return cast(list[SuperBlock], list(self.blocks))
+
     # ----- configuration -----
     def set_arch(self, arch: Arch) -> None:
         """Activate a subnet. Tasks without a fixed path in `arch` are routed by the router."""
@@ -119,24 +124,26 @@ class SuperViT(nn.Module):
         e = arch.embed_dim
         self.patch_embed.set_active(e)
         self.norm.set_active(e)
-        for i in range(arch.depth):
+        for i, blk in enumerate(self.super_blocks()[: arch.depth]):
             paths = [arch.path(t, i) for t in self.tasks]
-            self.blocks[i].set_active(e, arch.num_heads[i], arch.mlp_ratio[i], paths)
+            blk.set_active(e, arch.num_heads[i], arch.mlp_ratio[i], paths)
 
     def set_temperature(self, tau: float) -> None:
         """Gumbel-Softmax temperature of every router (the trainer anneals it)."""
-        for blk in self.blocks:
+        for blk in self.super_blocks():
             blk.mlp.tau = tau
 
     def routes(self) -> Routes:
         """Each task's path per block of the largest depth, as the routers choose them in eval."""
         return {
-            t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.blocks] for i, t in enumerate(self.tasks)
+            t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.super_blocks()]
+            for i, t in enumerate(self.tasks)
         }
 
     def router_state(self) -> dict[str, list[list[float]]]:
         """Router logits per task and block, for the checkpoint manifest."""
-        return {t: [blk.mlp.router_logits[i].tolist() for blk in self.blocks] for i, t in enumerate(self.tasks)}
+        blocks = self.super_blocks()
+        return {t: [blk.mlp.router_logits[i].tolist() for blk in blocks] for i, t in enumerate(self.tasks)}
 
     def task_index(self, task: str | int) -> int:
         if isinstance(task, int):
