@@ -52,6 +52,7 @@ def load_images(d: DataConfig, data_root: str | None, image_size: tuple[int, int
     part by part, see `place`), or the images of an array-based one decoded at the task's size."""
     if d.recipe is not None:
         return load_recipe(d.recipe, root=d.root or data_root, image_size=image_size, lazy=d.cache != "memory")
+    assert d.reader is not None and d.path is not None  # DataConfig requires both without a recipe
     path = Path(d.path)
     if not path.exists():
         raise DataError(

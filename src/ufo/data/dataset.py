@@ -122,7 +122,7 @@ class ImageSet:
     def images(self) -> torch.Tensor:
         """uint8 (N, C, H, W) of an in-memory set. A streamed set has no such tensor: read it in
         batches (`ufo.data.loader.iter_batches`) or decode it whole with `to_memory()`."""
-        if not self.in_memory:
+        if not isinstance(self.store, TensorStore):  # the one in-memory store
             raise DataError(
                 f"ImageSet {self.name!r} streams its images ({self.store.describe()}); read it with "
                 "ufo.data.loader.iter_batches, or decode it whole with .to_memory(image_size)"
@@ -282,6 +282,7 @@ class Collector:
 
     def add(self, origin: str, src: Callable[[], Any] | np.ndarray) -> None:
         """Decode `src()` (a path, bytes or file object) or adapt an (H, W[, 3]) array, as the next sample."""
+        arr: np.ndarray | Exception
         try:
             if isinstance(src, np.ndarray):
                 arr = adapt(src, self.size_hw, self.channels)
@@ -380,8 +381,8 @@ def encode_values(values: Iterable[str], keep_ints: bool = False) -> tuple[torch
     uniq = sorted(set(ints))
     if keep_ints:
         return torch.tensor(ints, dtype=torch.int64), [str(u) for u in uniq]
-    index = {u: i for i, u in enumerate(uniq)}
-    return torch.tensor([index[v] for v in ints], dtype=torch.int64), [str(u) for u in uniq]
+    number = {u: i for i, u in enumerate(uniq)}
+    return torch.tensor([number[v] for v in ints], dtype=torch.int64), [str(u) for u in uniq]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ def encode_values(values: Iterable[str], keep_ints: bool = False) -> tuple[torch
 
 _CACHE: OrderedDict[tuple, tuple[ImageSet, list[str]]] = OrderedDict()
 _CACHE_MAX = 16
-_CACHE_STATS = Counter()
+_CACHE_STATS: Counter[str] = Counter()
 
 
 def _stamp(path: Path) -> tuple:

@@ -33,6 +33,12 @@ _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _PNM_HEADER = re.compile(rb"\A(P[56])\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s+(?:#[^\n]*\n\s*)*(\d+)\s")
 
 
+def _whole_pixels(b: Box) -> tuple[int, int, int, int]:
+    """A crop box rounded to whole pixels."""
+    left, top, right, bottom = (round(v) for v in b)
+    return left, top, right, bottom
+
+
 def to_chw(arr: np.ndarray, channels: int | None) -> np.ndarray:
     """uint8 (H, W) or (H, W, 3) -> contiguous (C, H, W) with the channels forced when asked."""
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -55,9 +61,10 @@ def adapt(
     if b is not None or (size_hw is not None and (h, w) != tuple(size_hw)):
         im = Image.fromarray(arr)
         if size_hw is None:
-            im = im.crop(tuple(round(v) for v in b))
+            assert b is not None  # no resize asked: the box is why we are here
+            im = im.crop(_whole_pixels(b))
         else:
-            im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=b)
+            im = im.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR, box=b)
         arr = np.asarray(im)
     return to_chw(arr, channels)
 
@@ -126,7 +133,7 @@ def from_pil(
     im = im.convert("L" if gray else "RGB")
     full = tuple(b) == (0, 0, im.size[0], im.size[1])
     if size_hw is not None and (not full or im.size != (size_hw[1], size_hw[0])):
-        im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR, box=None if full else b)
+        im = im.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR, box=None if full else b)
     elif not full:
-        im = im.crop(tuple(round(v) for v in b))
+        im = im.crop(_whole_pixels(b))
     return to_chw(np.asarray(im), channels)

@@ -44,7 +44,8 @@ class _Problems:
     on_error="raise", else count them and warn once with the first few."""
 
     def __init__(self, where: str, on_error: str, what: str = "record") -> None:
-        self.where, self.on_error, self.what, self.items = where, on_error, what, []
+        self.where, self.on_error, self.what = where, on_error, what
+        self.items: list[str] = []
 
     def add(self, problem: str) -> None:
         if self.on_error == "raise":

@@ -108,7 +108,9 @@ class _Samples(Dataset):
                 if self.on_error[f] == "raise":
                     return f, None, label, skipped, problem, step
                 skipped.append(problem)
-                same = self.members[f].get(label)
+                members = self.members[f]
+                assert members is not None  # built for every feed that skips
+                same = members.get(label)
                 i = (
                     int(rng.choice(same))
                     if same is not None and len(same) > 1
@@ -139,7 +141,8 @@ def _collate(items: list[tuple], norm: Sequence[BatchTransform | None] = ()) -> 
             ys.append(y)
     for f, (xs, ys) in groups.items():
         x = torch.stack(xs)
-        out["tasks"][f] = (norm[f](x) if norm and norm[f] is not None else x, torch.tensor(ys, dtype=torch.int64))
+        tf = norm[f] if norm else None
+        out["tasks"][f] = (tf(x) if tf is not None else x, torch.tensor(ys, dtype=torch.int64))
     return out
 
 
@@ -236,6 +239,7 @@ class MixedLoader:
     # ----- batches -----
     def _stream(self) -> Iterator[dict[str, Any]]:
         if self._it is None:
+            assert self._samples is not None  # next() streams only when some feed is streamed
             batches = _PlanBatches(self.sampler, self.sampler.state_dict(), self.streamed, self.rank, self.world)
             w = self.workers
             self._loader = DataLoader(
@@ -297,7 +301,7 @@ class MixedLoader:
         for f in self.feeds:
             if f.name in parts:
                 x, y = parts[f.name]
-                chunks.setdefault(tuple(x.shape[-2:]), []).append((f, x, y))
+                chunks.setdefault((x.shape[-2], x.shape[-1]), []).append((f, x, y))
         if not chunks:
             raise DataError(f"step {self.sampler.step - 1}: this rank drew no samples (batch smaller than the ranks?)")
         xs, ids, ys = [], [], []

@@ -337,7 +337,7 @@ def read_npz(
                 raise DataError(f"{path}:{labels_key} has values outside 0..{len(names) - 1} ({class_names_key})")
         else:
             labels, names = encode_values([str(v) for v in lab.tolist()])
-        extra = {}
+        extra: dict[str, torch.Tensor] = {}
         for field_name, key in (("identities", identities_key), ("cameras", cameras_key)):
             if key in keys:
                 arr = data[key]
@@ -346,7 +346,7 @@ def read_npz(
                 extra[field_name] = encode_values([str(v) for v in arr[kept].tolist()], keep_ints=True)[0]
         return ImageSet(
             images=images, labels=labels, class_names=names, origin=[f"{where}[{i}]" for i in col.kept],
-            name=path.stem, **extra,
+            name=path.stem, identities=extra.get("identities"), cameras=extra.get("cameras"),
         )  # fmt: skip
 
     params = _params(image_size, channels, on_error, keys=(images_key, labels_key, identities_key, cameras_key))

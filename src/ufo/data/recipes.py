@@ -53,8 +53,9 @@ RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, folder: str | None = None, marker: str | None = None):
-    """Decorator adding a loader `fn(path, image_size, lazy) -> ImageSet` to RECIPES. A recipe over
-    image files returns a streamed set when `lazy` (see `ufo.data.readers`); the others ignore it."""
+    """Decorator adding a loader `fn(path, image_size, lazy) -> ImageSet` to RECIPES (`path` is the
+    dataset's folder, None for a recipe without one). A recipe over image files returns a streamed
+    set when `lazy` (see `ufo.data.readers`); the others ignore it."""
 
     def deco(fn: Callable[..., ImageSet]) -> Callable:
         RECIPES[name] = Recipe(name, fn, folder, marker)
@@ -163,7 +164,7 @@ def _mnist5k(path: Path | None, image_size: ImageSize, lazy: bool = False) -> Im
 
 
 @register_recipe("orl-faces", folder="orl-faces", marker="s1")
-def _orl(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _orl(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """ORL / AT&T Database of Faces (Olivetti Research Laboratory): 40 subjects (folders
     s1..s40) x 10 PGM images, 92x112 (WxH) grayscale = 400 images. labels = identities =
     subject (class names "s1".."s40"). No official split: use `split_by_identity` for
@@ -180,7 +181,7 @@ def _drawer(origin: str) -> int:
 
 
 @register_recipe("omniglot-small", folder="omniglot-small", marker="images_background_small1.zip")
-def _omniglot_small(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _omniglot_small(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Omniglot (Lake et al. 2015), the two small background sets images_background_small1.zip
     (5 alphabets, 136 characters) and images_background_small2.zip (5 alphabets, 156 characters),
     read without extracting. Greek and Latin (50 characters, 1,000 images) are in both with
@@ -266,14 +267,15 @@ def _cached_runs(path: Path, image_size: ImageSize, load: Callable[[], list[dict
 
 
 @register_recipe("omniglot-oneshot", folder="omniglot-small", marker="all_runs.zip")
-def _omniglot_oneshot(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _omniglot_oneshot(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Omniglot's 20 official 20-way one-shot runs (all_runs.zip; evaluation alphabets) as one
     set: 20 runs x (20 support + 20 query) = 800 images of 105x105, 1 channel. Each support image
     is its own class "runNN/classKK" (400 classes); a query has the class of its support image
     (class_labels.txt). split = "support"/"query"; identities = run index (0..19), since
     classification is only within a run. `load_oneshot_runs` gives the per-run tensors."""
     runs = load_oneshot_runs(path, image_size)  # always in memory (800 images)
-    images, labels, split, ident, origin, names = [], [], [], [], [], []
+    images, labels, split, ident, origin = [], [], [], [], []
+    names: list[str] = []
     for r_i, r in enumerate(runs):
         base = len(names)
         names += [f"{r['run']}/{Path(f).stem}" for f in r["support_files"]]
@@ -290,7 +292,7 @@ def _omniglot_oneshot(path: Path | None, image_size: ImageSize, lazy: bool = Fal
 
 
 @register_recipe("gtsrb", folder="gtsrb-subset", marker="GTSRB")
-def _gtsrb(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _gtsrb(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """GTSRB traffic signs (Stallkamp et al. 2012), the project's subset of the 32x32 copy:
     43 classes x the first 7 tracks of each = 9,030 training images (split "train") and the first
     4,300 official test images (split "test"), 13,330 in all, 3x32x32. labels = ClassId
@@ -301,13 +303,14 @@ def _gtsrb(path: Path | None, image_size: ImageSize, lazy: bool = False) -> Imag
 
 
 @register_recipe("gtsrb-tracks", folder="gtsrb-subset", marker="GTSRB")
-def _gtsrb_tracks(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _gtsrb_tracks(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """GTSRB training images only (9,030, 3x32x32) with each physical sign (track) as the class,
     for instance re-identification: 301 tracks of ~30 frames, labels = identities = track,
     class names like "class03/track00012". Use `split_by_identity` (disjoint tracks) and
     `split_query_gallery`."""
     ds = read_gtsrb(path, image_size=image_size, include_test=False, lazy=lazy)
     tracks = ds.identities
+    assert tracks is not None  # read_gtsrb gives every training image its track
     names: list[str] = [""] * (int(tracks.max()) + 1)
     for t, c, o in zip(tracks.tolist(), ds.labels.tolist(), ds.origin):
         names[t] = f"class{c:02d}/track{Path(o).name.split('_')[0]}"
@@ -315,7 +318,7 @@ def _gtsrb_tracks(path: Path | None, image_size: ImageSize, lazy: bool = False) 
 
 
 @register_recipe("alphadigits", folder="binary-alphadigits", marker="binaryalphadigs.mat")
-def _alphadigits(path: Path | None, image_size: ImageSize, lazy: bool = False) -> ImageSet:
+def _alphadigits(path: Path, image_size: ImageSize, lazy: bool = False) -> ImageSet:
     """Binary Alphadigits (S. Roweis): binaryalphadigs.mat, 36 classes ('0'..'9', 'A'..'Z') x 39 =
     1,404 binary images of 20x16 (HxW), uint8 0/255, 1 channel. No official split: use
     `split_by_sample`."""

@@ -247,13 +247,15 @@ def allocate_quotas(
         )
 
     def room(t: int) -> int:
-        return (batch_size if hi[t] is None else hi[t] - q[t]) // unit[t]
+        h = hi[t]
+        return (batch_size if h is None else h - q[t]) // unit[t]
 
-    if all(h is not None for h in hi) and sum(hi) < batch_size:
+    caps = [h for h in hi if h is not None]
+    if len(caps) == len(hi) and sum(caps) < batch_size:
         cap = ", ".join(f"{n}={h}" for n, h in zip(names, hi))
         raise DataError(
             f"batch_size={batch_size} is more than the grouped tasks can fill with distinct groups "
-            f"(eligible groups * k: {cap}, {sum(hi)} in all); lower batch_size or add a plain task"
+            f"(eligible groups * k: {cap}, {sum(caps)} in all); lower batch_size or add a plain task"
         )
     if not _fits(rest, [(unit[t], room(t)) for t in range(len(q))]):
         raise DataError(
@@ -391,7 +393,8 @@ class MixedTaskSampler:
 
     def _counts(self) -> list[int]:
         if self.mode == "hetero":
-            return [self._quotas[n] for n in self.names]
+            quotas = self.quotas()
+            return [quotas[n] for n in self.names]
         if self.mode == "round_robin":
             c = [0] * len(self.tasks)
             c[self._step % len(self.tasks)] = self.batch_size
@@ -418,7 +421,7 @@ class MixedTaskSampler:
         """What a saved state must agree on: anything that changes the sequence."""
         sig: dict[str, Any] = {"mode": self.mode, "seed": self.seed, "batch_size": self.batch_size}
         if self.mode == "hetero":
-            sig["quotas"] = dict(self._quotas)
+            sig["quotas"] = self.quotas()
         if self.mode == "proportional":
             sig["temperature"] = self.temperature
         sig["tasks"] = [

@@ -116,6 +116,7 @@ def write_shards(
     for f in old:
         f.unlink()
     shards: list[dict[str, Any]] = []
+    writer: wds.ShardWriter  # `post` reads its count
     writer = wds.ShardWriter(
         str(out / SHARD_PATTERN),
         maxcount=maxcount,
@@ -221,7 +222,9 @@ def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]], byte
                 members, js = samples.setdefault(key, ({}, [None]))
                 members[ext.lower()] = (m.offset_data, m.size)
                 if ext.lower() == "json":
-                    js[0] = tf.extractfile(m).read()
+                    data = tf.extractfile(m)
+                    assert data is not None  # a regular file (checked above) always extracts
+                    js[0] = data.read()
                 last = m.name
             end = tf.offset  # where the reader stopped: a valid archive has its zero end block here
         with open(path, "rb") as f:

@@ -72,7 +72,7 @@ def _parse_augment(augment: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(aug) - set(AUGMENT_KEYS))
     if unknown:
         raise ConfigError(f"unknown augment key(s) {unknown}; known keys: {', '.join(AUGMENT_KEYS)}")
-    out = dict(hflip=bool(aug.get("hflip", False)), crop_padding=int(aug.get("crop_padding", 0) or 0))
+    out: dict[str, Any] = dict(hflip=bool(aug.get("hflip", False)), crop_padding=int(aug.get("crop_padding", 0) or 0))
     rrc = aug.get("random_resized_crop", False)
     if isinstance(rrc, bool) or rrc is None:
         out["rrc_min"] = _RRC_MIN_SCALE if rrc else None
