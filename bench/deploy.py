@@ -50,7 +50,6 @@ from ufo.demo import demo_config_path
 from ufo.deploy.onnx_export import (
     OnnxTaskModel,
     calibration_inputs,
-    evaluate_predict,
     export_onnx,
     make_session,
     max_abs_diff,
@@ -59,6 +58,7 @@ from ufo.deploy.onnx_export import (
 )
 from ufo.deploy.package import extract_task_model, load_task_data, load_trained, save_task_model
 from ufo.deploy.process import ServeProcess
+from ufo.evaluation.protocol import evaluate_predict
 from ufo.train.store import arch_from_spec
 
 THREADS = 2
@@ -230,13 +230,13 @@ def _torch_fn(tm, x: torch.Tensor) -> Callable[[], None]:
 
 
 def _torch_predict(tm, pre, task: str):
-    from ufo.deploy.onnx_export import predict_fn
+    from ufo.evaluation.predict import make_array_predict
 
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
             return tm(x, task).numpy()
 
-    return predict_fn(run, pre)
+    return make_array_predict(run, pre)
 
 
 # ----- 3: serving -----

@@ -41,8 +41,8 @@ from ufo.data.build import build_task_data
 from ufo.data.sampler import pk_capacity
 from ufo.deploy.distill import DistillConfig, distill_and_compare
 from ufo.deploy.extend import ExtendConfig, extend, fraction_subset
+from ufo.evaluation.protocol import evaluate_tasks
 from ufo.tasks import task_class
-from ufo.train.evaluate import evaluate_tasks
 from ufo.train.loop import Trainer
 from ufo.train.store import load_model
 

@@ -62,8 +62,8 @@ from _common import RESULTS_DIR, compare, load_average, target, time_interleaved
 from ufo.arch import Arch, SearchSpace
 from ufo.config import Config, InitConfig, load_config, parse_config
 from ufo.data.build import build_all
+from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
 from ufo.tasks import TaskData, task_class
-from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
 from ufo.train.loop import Trainer
 from ufo.train.routing import RoutingTrainer
 from ufo.train.slimming import ChipTrainer

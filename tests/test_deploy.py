@@ -23,12 +23,12 @@ from ufo.deploy.onnx_export import (
     OnnxTaskModel,
     calibration_inputs,
     check_parity,
-    evaluate_predict,
     export_task,
     quantize,
     sample_inputs,
 )
 from ufo.deploy.package import load_task_data, load_trained
+from ufo.evaluation.protocol import evaluate_predict
 from ufo.train.store import arch_from_spec
 
 # A tiny run with one task of each output kind, plus a verification task for thresholds. The space
@@ -133,7 +133,7 @@ def test_task_model_equals_trained_model_at_its_arch(trained, data, spec):
 
 def test_task_model_from_run_at_a_subnet_has_that_subnets_bn_statistics(run, data):
     from ufo.deploy.package import task_model_from_run
-    from ufo.train.evaluate import recalibrate_bn
+    from ufo.evaluation.protocol import recalibrate_bn
 
     model, cfg, _ = load_trained(run)  # a fresh copy: recalibration changes the heads' buffers
     arch = arch_from_spec("smallest", model.space, model.backbone.routes())

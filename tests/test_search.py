@@ -17,12 +17,12 @@ from ufo.arch import Arch
 from ufo.config import parse_config
 from ufo.deploy.package import load_task_model
 from ufo.errors import SearchError
+from ufo.evaluation.protocol import evaluate_tasks
 from ufo.search.features import arch_features
 from ufo.search.metric import TrainedRun
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.pipeline import fit_predictors, search_task
 from ufo.search.predictor import GPPredictor
-from ufo.train.evaluate import evaluate_tasks
 from ufo.train.slimming import ChipTrainer
 
 TASK = "digits"

@@ -20,7 +20,7 @@ from PIL import Image
 from test_deploy import make_run
 from ufo.deploy.package import load_task_data, load_trained
 from ufo.deploy.process import ServeProcess
-from ufo.train.evaluate import make_predict
+from ufo.evaluation.predict import make_predict
 
 
 def _png(img: torch.Tensor) -> bytes:

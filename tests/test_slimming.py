@@ -191,7 +191,7 @@ def test_reorder_keeps_the_largest_function_and_sorts_importance(trainer):
 
 def test_recalibrate_bn_gives_the_subnets_own_statistics(trainer):
     from ufo.data.transforms import build_transform
-    from ufo.train.evaluate import recalibrate_bn
+    from ufo.evaluation.protocol import recalibrate_bn
 
     m, cfg = trainer.model, trainer.cfg
     small = m.space.smallest(trainer.routes)

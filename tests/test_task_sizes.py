@@ -25,15 +25,16 @@ from ufo.checkpoint import read_manifest
 from ufo.config import parse_config
 from ufo.data.decode import decode
 from ufo.deploy import extract_task_model, load_task_model, save_task_model
-from ufo.deploy.onnx_export import OnnxTaskModel, evaluate_predict, export_task, read_metadata
+from ufo.deploy.onnx_export import OnnxTaskModel, export_task, read_metadata
 from ufo.deploy.package import load_task_data, load_trained
 from ufo.deploy.server import create_app, load_served
 from ufo.errors import ConfigError
+from ufo.evaluation.predict import make_predict
+from ufo.evaluation.protocol import evaluate_predict
 from ufo.model import UFOModel
 from ufo.nn import SuperViT, extract
 from ufo.nn.extract import MultiTaskViT
 from ufo.tasks import task_class
-from ufo.train.evaluate import make_predict
 
 TALL, SQ = (24, 16), (16, 16)
 SPACE = SearchSpace(

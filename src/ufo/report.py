@@ -217,7 +217,7 @@ def commands(run_dir: Path, run: dict[str, Any]) -> list[str]:
         f"# export a task model again (here {t}) with static INT8 calibrated on its training images",
         f"ufo export {r(v['file'])} --format onnx --int8 static --out {t}.onnx",
         "# cut the same subnet out of the chip supernet yourself (the heads' BatchNorm statistics as trained;",
-        "# the pipeline re-estimates them for the subnet first, ufo.train.evaluate.recalibrate_bn)",
+        "# the pipeline re-estimates them for the subnet first, ufo.evaluation.protocol.recalibrate_bn)",
         f"ufo extract {r('chip_supernet')} --task {t} --arch {r(v['arch_file'])} --out {t}.safetensors"
         if "arch_file" in v
         else f"ufo extract {r('chip_supernet')} --task {t} --arch smallest --out {t}.safetensors",

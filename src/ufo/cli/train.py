@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -70,59 +69,18 @@ def eval_(
     """Run every task's protocol; writes RUN_DIR/eval.json and eval.md. With --arch / --random,
     evaluates subnets with inherited weights (eval-NAME.* for one, eval-subnets.* and a plot of
     metric against parameters for several)."""
+    from ufo.evaluation.run import evaluate_run
     from ufo.runlock import run_lock
 
     with run_lock(run_dir, create=False):
-        _eval(run_dir, arch, random, task, data_dir, recalibrate_bn)
-
-
-def _eval(
-    run_dir: Path,
-    arch: list[str] | None,
-    random: int,
-    task: list[str] | None,
-    data_dir: Path | None,
-    recalibrate_bn: bool,
-) -> None:
-    from ufo.checkpoint import atomic_write_text
-    from ufo.data.build import build_task_data
-    from ufo.train.evaluate import evaluate_tasks
-    from ufo.train.store import load_model
-    from ufo.train.subnets import evaluate_subnets, plot_subnets, subnet_specs, subnets_markdown
-
-    model, cfg, _manifest = load_model(run_dir / "model.safetensors")
-    if data_dir is not None:
-        cfg.data_root = str(data_dir)
-    tasks = task or cfg.task_names
-    specs = subnet_specs(model.space, model.backbone.routes(), list(arch or []), random, seed=cfg.seed)
-    data = {n: build_task_data(n, cfg.tasks[n], cfg) for n in tasks}
-    if len(specs) > 1:
-        rows = evaluate_subnets(model, cfg, data, specs, tasks, recalibrate_bn)
-        payload = {"run": str(run_dir), "recalibrate_bn": recalibrate_bn, "subnets": rows}
-        atomic_write_text(run_dir / "eval-subnets.json", json.dumps(payload, indent=2))
-        md = subnets_markdown(rows, cfg, tasks)
-        atomic_write_text(run_dir / "eval-subnets.md", md)
-        plot_subnets(rows, cfg, tasks, run_dir / "eval-subnets.png", f"{run_dir.name}: subnets, inherited weights")
-        console.print(md)
-        console.print(f"wrote {run_dir / 'eval-subnets.json'}, .md and .png ({len(rows)} subnets)")
+        r = evaluate_run(run_dir, arch, random, task, None if data_dir is None else str(data_dir), recalibrate_bn)
+    if r.subnets > 1:
+        console.print(r.markdown)
+        console.print(f"wrote {r.json_path}, .md and .png ({r.subnets} subnets)")
         return
-    if specs:
-        ((name, a),) = specs.items()
-        results = evaluate_subnets(model, cfg, data, specs, tasks, recalibrate_bn, show_progress=False)[0]["metrics"]
-        name = f"eval-{Path(name).stem.replace(':', '-')}"
-    else:
-        a, name = model.arch, "eval"
-        results = evaluate_tasks(model, data, cfg, tasks)
-    payload = {"run": str(run_dir), "arch": a.model_dump(), "metrics": results}
-    atomic_write_text(run_dir / f"{name}.json", json.dumps(payload, indent=2))
-    table = Table(title=f"{run_dir}: {name}")
-    table.add_column("task")
-    table.add_column("kind")
-    table.add_column("metrics")
-    lines = ["| task | kind | metrics |", "|---|---|---|"]
-    for n, m in results.items():
-        txt = ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-        table.add_row(n, cfg.tasks[n].kind, txt)
-        lines.append(f"| {n} | {cfg.tasks[n].kind} | {txt} |")
-    atomic_write_text(run_dir / f"{name}.md", "\n".join(lines) + "\n")
+    table = Table(title=f"{run_dir}: {r.json_path.stem}")
+    for col in ("task", "kind", "metrics"):
+        table.add_column(col)
+    for row in r.rows:
+        table.add_row(*row)
     console.print(table)

@@ -44,12 +44,12 @@ from ufo.deploy.package import (
     task_model_from_run,
 )
 from ufo.deploy.tune import TuneLoop, TuneRecipe
+from ufo.evaluation.protocol import evaluate_model
 from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask, Task
 from ufo.train import distributed as dist
 from ufo.train.distill_losses import cosine_embedding, kl_logits, relational
-from ufo.train.evaluate import make_predict
 from ufo.train.optim import build_optimizer
 
 
@@ -170,15 +170,6 @@ def package_student(
     return tm
 
 
-def evaluate(model: nn.Module, head: Task, task: str, cfg: Config, data: TaskData) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in head.evaluate(
-            make_predict(model, task, cfg, cfg.train.eval_batch_size), data, seed=cfg.seed
-        ).items()
-    }
-
-
 @locks("out")
 def distill(
     run_dir: str | Path,
@@ -259,8 +250,8 @@ def distill(
 
     tm = package_student(student, spec, teacher, tcfg, data)
     primary = task_class(tc.kind).primary
-    t_metrics = evaluate(teacher, head, task, tcfg, data)
-    s_metrics = evaluate(tm, head, task, tcfg, data)
+    t_metrics = evaluate_model(teacher, task, tcfg, data, protocol=head)
+    s_metrics = evaluate_model(tm, task, tcfg, data, protocol=head)
     report = {
         "task": task,
         "kind": tc.kind,

@@ -41,13 +41,13 @@ from ufo.data.build import build_task_data
 from ufo.deploy.package import load_trained
 from ufo.deploy.tune import TuneError, TuneLoop, TuneRecipe
 from ufo.errors import ConfigError
+from ufo.evaluation.protocol import evaluate_tasks
 from ufo.model import UFOModel
 from ufo.nn.mlp import ElasticMlp
 from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask
 from ufo.train import distributed as dist
-from ufo.train.evaluate import evaluate_tasks
 from ufo.train.optim import build_optimizer
 from ufo.train.store import build_model, save_model
 

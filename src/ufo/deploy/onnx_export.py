@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,12 +24,13 @@ import torch
 from ufo.arch import Arch
 from ufo.checkpoint import atomic_write
 from ufo.config import Config
-from ufo.data.dataset import ImageSet
-from ufo.data.loader import iter_batches
 from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
+from ufo.evaluation.predict import make_array_predict, model_inputs
+from ufo.evaluation.protocol import evaluate_predict
 from ufo.flags import int8_flag
 from ufo.optional import require, require_extra
-from ufo.tasks import TaskData, task_class
+from ufo.tasks import TaskData
+from ufo.tasks.base import Predict
 
 if TYPE_CHECKING:  # onnx and onnxruntime are the `export` extra: imported where used
     import onnxruntime as ort
@@ -87,6 +88,8 @@ def export_onnx(tm: TaskModel, task: str, out: str | Path, opset: int = OPSET) -
         )
     except Exception as e:  # the exporter's own errors are long; keep the cause
         raise DeployError(f"ONNX export of task {task!r} failed: {type(e).__name__}: {e}") from e
+    if prog is None:  # only the legacy (dynamo=False) exporter returns None
+        raise DeployError(f"ONNX export of task {task!r} returned no program")
     model = prog.model_proto
     onnx.helper.set_model_props(model, onnx_metadata(tm, task))
     onnx.checker.check_model(model)
@@ -159,32 +162,13 @@ class OnnxTaskModel:
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {INPUT: np.ascontiguousarray(arr, dtype=np.float32)})[0]
 
-    def predict_fn(self, batch_size: int = 256, on_error: str = "raise"):
-        return predict_fn(self, self.preprocessing, batch_size, on_error)
-
-
-def model_inputs(
-    ds: ImageSet, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"
-) -> Iterator[torch.Tensor]:
-    """`ds`'s images in order as normalised model input at `pre`'s size, in batches (in-memory or
-    streamed sets alike; `on_error` as the task's `data.on_error` for unreadable streamed files)."""
-    tf = pre.transform()
-    for x in iter_batches(ds, pre.input_size(), pre.in_chans, batch_size, on_error=on_error):
-        yield tf(x)
+    def predict_fn(self, batch_size: int = 256, on_error: str = "raise") -> Predict:
+        """images -> this model's outputs, batched through its own preprocessing (`ufo.evaluation`)."""
+        return make_array_predict(self, self.preprocessing, batch_size, on_error)
 
 
 def _cat(batches: list[torch.Tensor], pre: Preprocessing) -> torch.Tensor:
     return torch.cat(batches) if batches else torch.empty(0, pre.in_chans, *pre.input_size())
-
-
-def predict_fn(run, pre: Preprocessing, batch_size: int = 256, on_error: str = "raise"):
-    """ImageSet -> outputs of `run` (normalised batch -> array), batched like the library's predict.
-    `pre` is the task's own preprocessing (`Preprocessing.for_task`)."""
-
-    def predict(ds: ImageSet) -> torch.Tensor:
-        return torch.cat([torch.as_tensor(run(x)) for x in model_inputs(ds, pre, batch_size, on_error)]).float()
-
-    return predict
 
 
 # ----- checks -----
@@ -350,13 +334,7 @@ def _preprocess(src: Path, dst: Path) -> None:
     onnx.save(onnx.load(str(src)), str(dst))
 
 
-# ----- evaluation and the whole export -----
-
-
-def evaluate_predict(predict, task: str, head: HeadInfo, cfg: Config, data: TaskData) -> dict[str, float]:
-    """The task's own evaluation protocol on `predict`'s outputs."""
-    proto = task_class(head.kind)(task, head.options, head.num_classes, 8)
-    return proto.evaluate(predict, data, seed=cfg.seed)
+# ----- INT8 latency and the whole export -----
 
 
 def int8_latency(fp32: str | Path, int8: str | Path, x: torch.Tensor, repeats: int = 30) -> dict[str, float]:
@@ -411,8 +389,7 @@ def export_task(
         "parity_tol": tol,
     }
     report["parity_max_abs_diff"] = check_parity(tm, task, m32, x, tol)
-    can_eval = cfg is not None and data is not None
-    if can_eval:
+    if cfg is not None and data is not None:
         report["metrics_fp32"] = evaluate_predict(m32.predict_fn(on_error=on_error), task, head, cfg, data)
     if int8 is not None:
         calib = (
@@ -430,9 +407,9 @@ def export_task(
         }
         flag = int8_flag(task, report["int8"]["latency_ms"]["fp32"], report["int8"]["latency_ms"]["int8"])
         report["warnings"] = [flag] if flag else []
-        if can_eval:
+        if cfg is not None and data is not None:
             report["metrics_int8"] = evaluate_predict(m8.predict_fn(on_error=on_error), task, head, cfg, data)
-    if can_eval:
+    if cfg is not None and data is not None:
         report["primary"] = head.primary
     return report
 

@@ -400,7 +400,7 @@ def load_task_data(cfg: Config, tasks: Sequence[str]) -> dict[str, TaskData]:
 
 def _calibrate(tm: TaskModel, task: str, head: Task, cfg: Config, data: TaskData) -> None:
     """Fit a verification task's same/different threshold on its held-out pairs (10-fold protocol)."""
-    from ufo.train.evaluate import make_predict
+    from ufo.evaluation.predict import make_predict
 
     m = head.evaluate(make_predict(tm, task, cfg, cfg.train.eval_batch_size), data, seed=cfg.seed)
     info = tm.info.heads[task]
@@ -473,7 +473,7 @@ def task_model_from_run(
     `data_root`, default the config's) gives class names and verification thresholds, and, for a
     subnet other than the run's own arch, the heads' BatchNorm statistics re-estimated for that
     subnet (`recalibrate_bn`, as `ufo eval --arch` and `ufo run` do)."""
-    from ufo.train.evaluate import recalibrate_bn as recalibrate
+    from ufo.evaluation.protocol import recalibrate_bn as recalibrate
     from ufo.train.store import arch_from_spec
 
     model, cfg, _ = load_trained(path)

@@ -122,9 +122,9 @@ def chosen_arch(ctx: RunContext, task: str) -> Arch:
 
 def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
-    from ufo.deploy.onnx_export import evaluate_predict
     from ufo.deploy.package import extract_task_model, save_task_model
-    from ufo.train.evaluate import make_predict, recalibrate_bn
+    from ufo.evaluation.predict import make_predict
+    from ufo.evaluation.protocol import evaluate_predict, recalibrate_bn
     from ufo.train.store import load_model
 
     out = ctx.dir("extract")

@@ -21,8 +21,8 @@ from typing import Any
 from ufo.checkpoint import atomic_write
 from ufo.config import Config
 from ufo.errors import CheckpointError
+from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
 from ufo.run.context import RunContext, stage_config
-from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
 from ufo.train.loop import Trainer
 
 

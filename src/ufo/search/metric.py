@@ -4,7 +4,7 @@ A trained run (a chip supernet, or any run) is loaded once; every subnet is acti
 `set_arch` on the run's frozen routes and evaluated by its task's own protocol on the task's
 eval split, with the weights it inherits from the supernet and nothing re-trained. The ViT has
 LayerNorm only; the identity heads' BN-neck statistics are re-estimated for each subnet before
-it is scored (`ufo.train.evaluate.recalibrate_bn`). `MetricDataset` saves (arch, metric)
+it is scored (`ufo.evaluation.protocol.recalibrate_bn`). `MetricDataset` saves (arch, metric)
 pairs to JSON with the space, task and run they came from.
 """
 
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ufo.arch import Arch, SearchSpace
 from ufo.config import Config
-from ufo.data.dataset import ImageSet
 from ufo.errors import SearchError
+from ufo.evaluation.predict import make_predict
+from ufo.evaluation.protocol import evaluate_task, recalibrate_bn
 from ufo.model import UFOModel
 from ufo.search.dataset import ArchDataset
 from ufo.search.latency import sample_archs, task_arch
@@ -65,7 +65,8 @@ class TrainedRun:
         self.metric: str = task_class(cfg.tasks[task].kind).primary
         self.data: TaskData | None = build_task_data(task, cfg.tasks[task], cfg) if with_data else None
         self.digest = file_digest(self.model_path)
-        self._inputs: dict[int, tuple[ImageSet, torch.Tensor]] = {}
+        # the eval transform of each image set is computed once: every subnet sees the same inputs
+        self.predict = make_predict(model, task, cfg, cfg.train.eval_batch_size, cache={})
 
     def arch(self, arch: Arch) -> Arch:
         """`arch` on the run's frozen route for this task (its own paths for the task if it has them)."""
@@ -77,19 +78,11 @@ class TrainedRun:
         """`n` distinct subnets on the run's routes (largest and smallest first with `extremes`)."""
         return sample_archs(self.space, self.task, n, seed, self.routes, exclude, extremes)
 
-    @torch.inference_mode()
-    def _predict(self, ds: ImageSet) -> torch.Tensor:
-        """The task head's outputs on `ds` at the active arch. The eval transform of each image set
-        is computed once and kept: every subnet sees the same inputs, so only the model runs again."""
-        from ufo.train.evaluate import eval_batches
-
-        key = id(ds)
-        if key not in self._inputs:
-            x = torch.cat(list(eval_batches(ds, self.cfg, self.task, self.cfg.train.eval_batch_size)))
-            self._inputs[key] = (ds, x)  # ds kept alive so that its id stays unique
-        x = self._inputs[key][1]
-        bs = self.cfg.train.eval_batch_size
-        return torch.cat([self.model(x[i : i + bs], self.task).float() for i in range(0, len(x), bs)])
+    def task_data(self) -> TaskData:
+        """The task's data (SearchError when the run was loaded without it)."""
+        if self.data is None:
+            raise SearchError(f"run {self.run_dir} was loaded without its data; load it with with_data=True")
+        return self.data
 
     def evaluate(self, arch: Arch) -> dict[str, float]:
         """The task's metrics with `arch` active and the inherited weights (the model is left at `arch`).
@@ -97,15 +90,11 @@ class TrainedRun:
         The head's BatchNorm statistics (identity tasks' BN-neck) are re-estimated for `arch` first,
         as `ufo eval --arch` and the extracted task model do, so the predictor learns the metric
         that the extracted subnet will have."""
-        from ufo.train.evaluate import recalibrate_bn
-
-        if self.data is None:
-            raise SearchError(f"run {self.run_dir} was loaded without its data; load it with with_data=True")
+        data = self.task_data()
         self.model.set_arch(self.arch(arch))
-        recalibrate_bn(self.model, {self.task: self.data}, self.cfg, [self.task])
+        recalibrate_bn(self.model, {self.task: data}, self.cfg, [self.task])
         self.model.eval()
-        head = self.model.heads[self.task]
-        return {k: float(v) for k, v in head.evaluate(self._predict, self.data, seed=self.cfg.seed).items()}
+        return evaluate_task(self.predict, self.model.head(self.task), data, self.cfg.seed)
 
     def evaluate_many(
         self, archs: list[Arch], progress: bool = True, description: str | None = None
@@ -164,7 +153,7 @@ def collect_metrics(
     archs = [run.arch(a) for a in archs] if archs is not None else run.sample(n, seed)
     t0 = time.perf_counter()
     ms = run.evaluate_many(archs, progress)
-    splits = "+".join(run.data.eval)
+    splits = "+".join(run.task_data().eval)
     return MetricDataset(
         space=run.space,
         task=run.task,

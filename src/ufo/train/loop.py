@@ -7,7 +7,7 @@ optimiser, EMA, torch RNG, sampler position); the LR schedule is a pure function
 Under torchrun every rank takes its slice of every task's share of the global batch.
 
 Every `train.eval_every` steps (default: at each checkpoint) and at the end, the eval model is
-scored on every task's eval split (`ufo.train.evaluate`) with the random states restored after,
+scored on every task's eval split (`ufo.evaluation`) with the random states restored after,
 so validation never changes the run; the results go to RUN/metrics.json, val_metrics.csv,
 TensorBoard and RUN/train.log (`ufo.train.logs`).
 """
@@ -29,12 +29,12 @@ from ufo.data.build import build_all
 from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource
 from ufo.errors import CheckpointError, ConfigError, UFOError
+from ufo.evaluation.protocol import evaluate_tasks, rng_preserved
 from ufo.model import UFOModel
 from ufo.runlock import run_lock
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
 from ufo.train import fsdp
-from ufo.train.evaluate import evaluate_tasks, rng_preserved
 from ufo.train.init import apply_init
 from ufo.train.logs import LOGGER, EvalHistory, MetricLog, Metrics, format_metrics, run_log
 from ufo.train.optim import build_optimizer, set_lr

@@ -1,74 +1,58 @@
-"""Evaluation of every task's protocol on a model (supernet at its active arch, or a subnet)."""
+"""Every task's own protocol on a model's outputs: one task, every task of a UFOModel, a task model
+or ONNX session described by its HeadInfo; the heads' BatchNorm statistics re-estimated for a
+subnet first; the random states kept across an evaluation in the middle of training."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ufo.config import Config
-from ufo.data.dataset import ImageSet
-from ufo.data.loader import iter_batches
-from ufo.data.transforms import BatchTransform, build_transform
-from ufo.tasks import TaskData
+from ufo.evaluation.predict import eval_batches, make_predict, model_device
+from ufo.tasks import TaskData, task_class
+from ufo.tasks.base import Predict, Task
+
+if TYPE_CHECKING:
+    from ufo.deploy.package import HeadInfo
 
 
-def eval_transform(cfg: Config, task: str) -> BatchTransform:
-    """uint8 batches of `task` -> its normalised model input at its input size."""
-    m = cfg.model
-    return build_transform(cfg.input_size(task), m.mean, m.std, train=False, in_chans=m.in_chans)
+def evaluate_task(predict: Predict, protocol: Task, data: TaskData, seed: int = 0) -> dict[str, float]:
+    """`protocol`'s metrics (a task kind's `evaluate`) of `predict`'s outputs on `data`'s eval split."""
+    return {k: float(v) for k, v in protocol.evaluate(predict, data, seed=seed).items()}
 
 
-def eval_batches(ds: ImageSet, cfg: Config, task: str, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """`ds`'s images in order as `task`'s model input (on the CPU), in batches."""
-    tf = eval_transform(cfg, task)
-    for x in iter_batches(
-        ds,
-        cfg.input_size(task),
-        cfg.model.in_chans,
-        batch_size,
-        cfg.train.workers,
-        cfg.tasks[task].data.on_error if task in cfg.tasks else "raise",
-    ):
-        yield tf(x)
+def head_protocol(task: str, head: HeadInfo) -> Task:
+    """The evaluation protocol of a deployed head (a task model's, an ONNX file's): a head of its kind
+    built only for `evaluate` and `curves`, so its layers (and their width) do not matter."""
+    return task_class(head.kind)(task, head.options, head.num_classes, 8)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def make_predict(model: nn.Module, task: str, cfg: Config, batch_size: int = 256) -> Callable[[ImageSet], torch.Tensor]:
-    """images -> the task head's outputs (on the CPU), in eval mode, batched, without gradients; the
-    batches go to the model's device."""
-
-    @torch.inference_mode()
-    def predict(ds: ImageSet) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        dev = model_device(model)
-        outs = [
-            model(x.to(dev, non_blocking=True), task).float().cpu() for x in eval_batches(ds, cfg, task, batch_size)
-        ]
-        model.train(was_training)
-        return torch.cat(outs)
-
-    return predict
+def evaluate_model(
+    model: nn.Module, task: str, cfg: Config, data: TaskData, protocol: Task | None = None
+) -> dict[str, float]:
+    """`task`'s metrics of a torch model called as `model(x, task)` (a UFOModel at its active arch, a
+    task model, a distilled student) by `protocol` (default: the model's own head `model.heads[task]`)."""
+    proto = protocol if protocol is not None else cast(Task, cast(nn.ModuleDict, model.heads)[task])
+    return evaluate_task(make_predict(model, task, cfg, cfg.train.eval_batch_size), proto, data, cfg.seed)
 
 
 def evaluate_tasks(
     model: nn.Module, data: dict[str, TaskData], cfg: Config, tasks: list[str] | None = None
 ) -> dict[str, dict[str, float]]:
     """Metrics of each task (default: every task in `data`)."""
-    out = {}
-    for name in tasks or list(data):
-        head = model.heads[name]
-        out[name] = head.evaluate(make_predict(model, name, cfg, cfg.train.eval_batch_size), data[name], seed=cfg.seed)
-    return out
+    return {name: evaluate_model(model, name, cfg, data[name]) for name in tasks or list(data)}
+
+
+def evaluate_predict(predict: Predict, task: str, head: HeadInfo, cfg: Config, data: TaskData) -> dict[str, float]:
+    """The task's own protocol, rebuilt from a deployed head's HeadInfo, on `predict`'s outputs (an
+    ONNX session's, a task model's)."""
+    return evaluate_task(predict, head_protocol(task, head), data, cfg.seed)
 
 
 @contextmanager
@@ -108,10 +92,11 @@ def recalibrate_bn(
     cumulative average. The backbone has no BatchNorm. Returns the number of BN layers reset."""
     was_training = model.training
     dev = model_device(model)
+    heads = cast(nn.ModuleDict, model.heads)
     model.eval()
     n_bn = 0
     for name in tasks or list(data):
-        bns = [m for m in model.heads[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bns = [m for m in heads[name].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not bns:
             continue
         saved = [(m.momentum, m.training) for m in bns]

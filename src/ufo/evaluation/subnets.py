@@ -16,10 +16,9 @@ from rich.progress import Progress
 from ufo.arch import Arch, SearchSpace
 from ufo.config import Config
 from ufo.errors import ArchError
+from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
 from ufo.model import UFOModel
 from ufo.tasks import TaskData, task_class
-from ufo.train.evaluate import evaluate_tasks, recalibrate_bn
-from ufo.train.store import arch_from_spec
 
 
 def subnet_specs(
@@ -27,6 +26,8 @@ def subnet_specs(
 ) -> dict[str, Arch]:
     """Named subnets: each of `specs` (largest, smallest, random:SEED, ARCH.json), then `random`
     more distinct random ones drawn from seeds seed, seed+1, ... (duplicates skipped)."""
+    from ufo.train.store import arch_from_spec  # lazy: train/ imports evaluation/ (validation)
+
     out = {s: arch_from_spec(s, space, routes) for s in specs}
     if random < 0:
         raise ArchError(f"--random must be >= 0, got {random}")
