@@ -33,8 +33,10 @@ from ufo.config import Config, load_config
 from ufo.data.build import build_all
 from ufo.nn.extract import build_vit
 from ufo.tasks import TaskData, task_class
-from ufo.train.loop import Trainer, TrainStep
+from ufo.train.engine import Engine
+from ufo.train.loop import Trainer
 from ufo.train.optim import build_optimizer
+from ufo.train.stage import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "configs" / "suite.yaml"
@@ -90,8 +92,7 @@ def throughput(cfg: Config, data: dict[str, TaskData], out: Path, rounds: int) -
     vit.init_weights()
     ref.model.backbone = TimmBackbone(vit, list(space.tasks))
     ref.step_module = TrainStep(ref.model)
-    ref.optimizer = build_optimizer(ref.model, cfg)
-    ref.base_lrs = [g["lr"] for g in ref.optimizer.param_groups]
+    ref.engine = Engine(ref.model, build_optimizer(ref.model, cfg), ref.device)
     times = time_interleaved({"ufo": ufo.train_step, "timm": ref.train_step}, repeats=rounds, warmup=3)
     c = compare(times, "timm", "ufo")  # ratio = timm step time / UFO step time
     batch = cfg.train.batch_size
@@ -220,12 +221,10 @@ def main() -> None:
 
 def mim_pretrain(cfg: Config, data: dict[str, TaskData], out: Path, steps: int) -> float:
     """SimMIM pre-training on every task's training images (labels unused); returns seconds."""
-    from ufo.train.mim import MimTrainer
-
     mim_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stage": "pretrain_mim", "steps": steps})})
     print(f"\n== mim pre-training: {steps} steps on {sum(len(d.train) for d in data.values())} images")
     t0 = time.perf_counter()
-    MimTrainer(mim_cfg, out / "mim", data=data).fit()
+    Trainer(mim_cfg, out / "mim", data=data).fit()
     return round(time.perf_counter() - t0, 1)
 
 

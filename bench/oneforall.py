@@ -7,11 +7,11 @@ tasks' `batch:` shares. Every stage is the library's (`ufo.train`), chained with
 `init: {kind: run}` as UFO does (routing and slimming start from a trained All-in-One model):
 
 0. All in One (`train.stage: all_in_one`, every path shared, `--aio-steps` steps);
-1. task supernet (`train.stage: task_supernet`, RoutingTrainer, `--steps` steps) from (0):
+1. task supernet (`train.stage: task_supernet`, RoutingStage, `--steps` steps) from (0):
    Gumbel routing of each (task, block)'s FFN path from a low temperature (`--tau-start` 1.0 ->
    `--tau-end` 0.1) with an expert cost (`--expert-cost` 0.05) so that `mix` is not free; routes
    frozen at the end;
-2. chip supernet (`train.stage: chip_supernet`, ChipTrainer, `--chip-steps` steps) from (1): the
+2. chip supernet (`train.stage: chip_supernet`, ChipStage, `--chip-steps` steps) from (1): the
    sandwich rule with N=2 random subnets (4 forward/backward passes a step) and in-place
    distillation from the largest subnet, on (1)'s routes;
 3. inherited vs standalone: for the smallest, a middle (middle depth and width, `random:SEED`)
@@ -65,8 +65,6 @@ from ufo.data.build import build_all
 from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
 from ufo.tasks import TaskData, task_class
 from ufo.train.loop import Trainer
-from ufo.train.routing import RoutingTrainer
-from ufo.train.slimming import ChipTrainer
 from ufo.train.store import arch_from_spec, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +202,7 @@ def throughput(
     chip_cfg: Config, plain_cfg: Config, data: dict[str, TaskData], out: Path, arch: Arch, rounds: int
 ) -> dict[str, Any]:
     """ms per chip-supernet step (sandwich) vs a plain All-in-One step of the largest arch."""
-    chip = ChipTrainer(chip_cfg, out / "tp-chip", data=data, show_progress=False)
+    chip = Trainer(chip_cfg, out / "tp-chip", data=data, show_progress=False)
     plain = fixed_arch_trainer(plain_cfg, arch, out / "tp-plain", data, out / "tp-arch.json", show_progress=False)
     assert chip.arch == arch, (chip.arch, arch)
 
@@ -323,9 +321,7 @@ def run_seed(
     # 1. task supernet (learned routes) from (0)
     ts_cfg = with_init_run(with_train(cfg, stage="task_supernet", paths=None, warmup_steps=0), out / "aio")
     ts_cfg = ts_cfg.model_copy(update={"task_supernet": ts_cfg.task_supernet.model_copy(update=ts_settings)})
-    ts = fit_and_eval(
-        f"seed {seed}: task supernet (learned routes), from (0)", RoutingTrainer(ts_cfg, out / "ts", data=data)
-    )
+    ts = fit_and_eval(f"seed {seed}: task supernet (learned routes), from (0)", Trainer(ts_cfg, out / "ts", data=data))
     train_s["task_supernet"] = ts["train_s"]
     routes = ts["arch"]["paths"]
     res["routes"] = routes
@@ -356,7 +352,7 @@ def run_seed(
         "in-place distillation"
     )
     t0 = time.perf_counter()
-    chip_summary = ChipTrainer(chip_cfg, out / "chip", data=data).fit()
+    chip_summary = Trainer(chip_cfg, out / "chip", data=data).fit()
     train_s["chip_supernet"] = round(time.perf_counter() - t0, 1)
     res["chip_images_per_s"] = chip_summary["images_per_s"]
 

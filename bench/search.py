@@ -81,7 +81,7 @@ from ufo.search.latency import LatencyDataset, LatencyRecord, fraction_budget, m
 from ufo.search.metric import MetricDataset, MetricRecord, TrainedRun, fit_metric_predictor
 from ufo.search.pipeline import LATENCY_REPEATS, SearchResult, predictor_paths, search_task
 from ufo.search.predictor import fit_latency_predictor, kendall_tau, mape
-from ufo.train.slimming import ChipTrainer
+from ufo.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_CONFIG = ROOT / "configs" / "search.yaml"
@@ -111,7 +111,7 @@ def chip_config(config: Path, task: str, steps: int, batch: int, extra: list[str
 
 def train(cfg: Config, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    summary = ChipTrainer(cfg, out).fit()
+    summary = Trainer(cfg, out).fit()
     return {
         "steps": cfg.train.steps,
         "batch_size": cfg.train.batch_size,

@@ -22,7 +22,8 @@ from ufo.model import UFOModel
 from ufo.nn.vit import SuperViT
 from ufo.tasks import task_class
 from ufo.train.init import apply_init, init_from_mim, init_from_timm
-from ufo.train.mim import MimTrainer, SimMIM, masked_l1, patchify, random_mask
+from ufo.train.loop import Trainer
+from ufo.train.mim import SimMIM, masked_l1, patchify, random_mask
 
 BIN = Path(sys.executable).parent
 SPACE = tiny_space(depth=[2], embed_dim=[24], num_heads=[3], mlp_ratio=[2.0])  # img 16, patch 4, head_dim 8
@@ -130,8 +131,6 @@ def test_narrower_timm_model_fills_the_leading_slice():
 
 
 def test_timm_init_from_files_through_the_trainer(tmp_path):
-    from ufo.train.loop import Trainer
-
     ref = _timm()
     sd = ref.state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "vit.safetensors"))
@@ -245,8 +244,6 @@ def test_forward_features_mask_keeps_behaviour_and_state():
 
 
 def test_mim_run_initialises_an_all_in_one_trainer(tmp_path):
-    from ufo.train.loop import Trainer
-
     cfg = tmp_path / "mim.yaml"
     cfg.write_text(yaml.safe_dump(_cfg("pretrain_mim", mim={"mask_ratio": 0.5})))
     res = subprocess.run(
@@ -284,9 +281,9 @@ def test_mim_run_initialises_an_all_in_one_trainer(tmp_path):
 
 def test_mim_resume_is_exact(tmp_path):
     cfg = parse_config(_cfg("pretrain_mim", train={**TRAIN, "stage": "pretrain_mim", "steps": 6, "ckpt_every": 3}))
-    MimTrainer(cfg, tmp_path / "full", show_progress=False).fit()
+    Trainer(cfg, tmp_path / "full", show_progress=False).fit()
 
-    cut = MimTrainer(cfg, tmp_path / "cut", show_progress=False)
+    cut = Trainer(cfg, tmp_path / "cut", show_progress=False)
     step = cut.train_step
 
     def dies_after_the_checkpoint():
@@ -298,7 +295,7 @@ def test_mim_resume_is_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cut.fit()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    MimTrainer(cfg, tmp_path / "cut", show_progress=False).fit(resume=True)
+    Trainer(cfg, tmp_path / "cut", show_progress=False).fit(resume=True)
     for f in ("model.safetensors", "checkpoints/latest.safetensors"):
         a, b = load_checkpoint(tmp_path / "full" / f)[0], load_checkpoint(tmp_path / "cut" / f)[0]
         assert a.keys() == b.keys()

@@ -27,7 +27,7 @@ from ufo.nn.moe import MIX, SHARED, TASK
 from ufo.nn.vit import SuperViT
 from ufo.train.init import apply_init, init_from_run
 from ufo.train.loop import Trainer
-from ufo.train.routing import RoutingTrainer, expected_extra, expert_weights, temperature
+from ufo.train.routing import expected_extra, expert_weights, temperature
 from ufo.train.store import load_model
 
 BIN = Path(sys.executable).parent
@@ -176,14 +176,12 @@ def test_task_supernet_config_errors_name_the_field(data):
     with pytest.raises(ConfigError, match="init: kind 'run' needs `path`"):
         parse_config(_cfg(init={"kind": "run"}))
     with pytest.raises(ConfigError, match="model.paths.*leaves out.*mix"):
-        RoutingTrainer(
-            parse_config(_cfg(model={**MODEL, "paths": ["shared", "task"]})), "unused", data, show_progress=False
-        )
+        Trainer(parse_config(_cfg(model={**MODEL, "paths": ["shared", "task"]})), "unused", data, show_progress=False)
 
 
 def test_scheduled_temperature_and_exact_resume(tmp_path, data):
     cfg = parse_config(_cfg(task_supernet={"tau_start": 4.0, "tau_end": 0.5}))
-    full = RoutingTrainer(cfg, tmp_path / "full", data, show_progress=False)
+    full = Trainer(cfg, tmp_path / "full", data, show_progress=False)
     taus = []
     step = full.train_step
 
@@ -204,7 +202,7 @@ def test_scheduled_temperature_and_exact_resume(tmp_path, data):
             assert sum(float(r[f"routes/{t}/{p}"]) for p in PATHS) == 2
         assert float(r["loss/cost"]) > 0
 
-    cut = RoutingTrainer(cfg, tmp_path / "cut", data, show_progress=False)
+    cut = Trainer(cfg, tmp_path / "cut", data, show_progress=False)
     step2 = cut.train_step
 
     def dies_after_the_checkpoint():
@@ -216,7 +214,7 @@ def test_scheduled_temperature_and_exact_resume(tmp_path, data):
     with pytest.raises(KeyboardInterrupt):
         cut.fit()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    RoutingTrainer(cfg, tmp_path / "cut", data, show_progress=False).fit(resume=True)
+    Trainer(cfg, tmp_path / "cut", data, show_progress=False).fit(resume=True)
     for f in ("model.safetensors", "checkpoints/latest.safetensors"):
         a, b = load_checkpoint(tmp_path / "full" / f)[0], load_checkpoint(tmp_path / "cut" / f)[0]
         assert a.keys() == b.keys()
@@ -232,7 +230,7 @@ def test_scheduled_temperature_and_exact_resume(tmp_path, data):
 
 def test_frozen_routes_reach_the_manifest_eval_and_extraction(tmp_path, data):
     cfg = parse_config(_cfg({"steps": 2, "ckpt_every": 2}, task_supernet={"router_lr_scale": 1.0}))
-    tr = RoutingTrainer(cfg, tmp_path / "run", data, show_progress=False)
+    tr = Trainer(cfg, tmp_path / "run", data, show_progress=False)
     d, m = tr.model.tasks.index("digits"), tr.model.tasks.index("mnist")
     with torch.no_grad():  # routes two steps cannot undo: digits takes its expert, then a mix
         b0, b1 = (blk.mlp for blk in tr.model.backbone.blocks)
@@ -305,7 +303,7 @@ def test_expert_cost_pushes_routes_to_shared(tmp_path, data):
                 task_supernet={"expert_cost": cost, "router_lr_scale": 100.0},
             )
         )
-        RoutingTrainer(cfg, tmp_path / f"c{cost}", data, show_progress=False).fit()
+        Trainer(cfg, tmp_path / f"c{cost}", data, show_progress=False).fit()
         r = json.loads((tmp_path / f"c{cost}" / "routes.json").read_text())
         probs = [p[SHARED] for t in r["probs"].values() for p in t]
         return sum(probs) / len(probs), sum(c["shared"] for c in r["counts"].values())
@@ -328,7 +326,7 @@ def test_init_from_an_all_in_one_run(tmp_path, data):
     src = _aio(tmp_path, data)
     weights, _ = load_checkpoint(src / "model.safetensors")
     cfg = parse_config(_cfg({"steps": 2}, init={"kind": "run", "path": str(src)}))
-    tr = RoutingTrainer(cfg, tmp_path / "ts", data, show_progress=False)
+    tr = Trainer(cfg, tmp_path / "ts", data, show_progress=False)
     report = apply_init(tr.model, cfg, tr.out)
     st = tr.model.state_dict()
     for k, v in weights.items():
@@ -357,7 +355,7 @@ def test_init_from_run_refuses_another_model(tmp_path, data):
     tr = Trainer(parse_config(_cfg({"stage": "all_in_one"}, tasks=other_tasks)), tmp_path / "x", show_progress=False)
     with pytest.raises(CheckpointError, match=r"tasks \['digits', 'mnist'\].*\['digits', 'more'\]"):
         init_from_run(tr.model, src)
-    wide = RoutingTrainer(
+    wide = Trainer(
         parse_config(_cfg(model={**MODEL, "embed_dim": [16, 24]})), tmp_path / "y", data, show_progress=False
     )
     with pytest.raises(CheckpointError, match="search space.*embed_dim"):

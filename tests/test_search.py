@@ -23,7 +23,7 @@ from ufo.search.metric import TrainedRun
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.pipeline import fit_predictors, search_task
 from ufo.search.predictor import GPPredictor
-from ufo.train.slimming import ChipTrainer
+from ufo.train.loop import Trainer
 
 TASK = "digits"
 TINY = {
@@ -58,7 +58,7 @@ FAST = {"trials": 150, "top_k": 3, "metric_samples": 12, "latency_samples": 10, 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("search-run")
-    ChipTrainer(parse_config(TINY), out, show_progress=False).fit()
+    Trainer(parse_config(TINY), out, show_progress=False).fit()
     return out
 
 

@@ -17,7 +17,8 @@ from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
 from ufo.errors import CheckpointError, ConfigError
 from ufo.train.distill_losses import cosine_embedding, distill_terms, kl_logits, relational
-from ufo.train.slimming import ChipTrainer, chip_routes, freeze_routes, reorder_by_importance
+from ufo.train.loop import Trainer
+from ufo.train.slimming import chip_routes, freeze_routes, reorder_by_importance
 from ufo.train.store import build_model, save_model
 
 BIN = Path(sys.executable).parent
@@ -62,8 +63,8 @@ def _cfg(**chip):
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory) -> ChipTrainer:
-    return ChipTrainer(_cfg(), tmp_path_factory.mktemp("chip"), show_progress=False)
+def trainer(tmp_path_factory) -> Trainer:
+    return Trainer(_cfg(), tmp_path_factory.mktemp("chip"), show_progress=False)
 
 
 def _grads(model) -> dict[str, torch.Tensor | None]:
@@ -78,13 +79,13 @@ def _nz(g: torch.Tensor | None) -> bool:
 
 
 def test_sandwich_archs_are_deterministic_and_routed(trainer):
-    a, b = trainer.sandwich(7), trainer.sandwich(7)
+    a, b = trainer.stage.sandwich(7), trainer.stage.sandwich(7)
     assert [k for k, _ in a] == ["largest", "smallest", "random"]
     assert [x.model_dump() for _, x in a] == [x.model_dump() for _, x in b]
     s = trainer.model.space
     assert a[0][1].depth == s.max_depth and a[1][1].depth == s.depth[0]
     assert all(set(p) == {"shared"} for _, x in a for p in x.paths.values())  # train.paths: shared
-    draws = {trainer.sandwich(k)[2][1].model_dump_json() for k in range(20)}
+    draws = {trainer.stage.sandwich(k)[2][1].model_dump_json() for k in range(20)}
     assert len(draws) > 1, "random subnets should differ between steps"
 
 
@@ -93,7 +94,7 @@ def test_smallest_alone_leaves_the_larger_slices_without_gradient(trainer):
     x, ids, y = trainer.batch()
     m.zero_grad(set_to_none=True)
     s = m.space
-    assert trainer.accumulate(x, ids, y, [("smallest", s.smallest(trainer.routes))]) is not None
+    assert trainer.stage.accumulate(x, ids, y, [("smallest", s.smallest(trainer.stage.routes))]) is not None
     g = _grads(m)
     # depth 1: block 1 unused; 1 head of 2, 16 of 24 channels, 16 of 48 hidden units in block 0
     assert not any(_nz(v) for n, v in g.items() if n.startswith("backbone.blocks.1."))
@@ -109,7 +110,7 @@ def test_sandwich_gradients_cover_every_sampled_subnet(trainer):
     m = trainer.model
     x, ids, y = trainer.batch()
     m.zero_grad(set_to_none=True)
-    logged = trainer.accumulate(x, ids, y, trainer.sandwich(0))
+    logged = trainer.stage.accumulate(x, ids, y, trainer.stage.sandwich(0))
     assert logged is not None
     for k in (
         "loss/largest",
@@ -143,7 +144,7 @@ def test_sandwich_gradients_cover_every_sampled_subnet(trainer):
 
 
 def test_train_step_updates_the_regions_each_subnet_uses(tmp_path):
-    tr = ChipTrainer(_cfg(num_random=0, reorder=False), tmp_path, show_progress=False)
+    tr = Trainer(_cfg(num_random=0, reorder=False), tmp_path, show_progress=False)
     tr.t = tr.t.model_copy(update={"weight_decay": 0.0})
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     row = tr.train_step()
@@ -194,7 +195,7 @@ def test_recalibrate_bn_gives_the_subnets_own_statistics(trainer):
     from ufo.evaluation.protocol import recalibrate_bn
 
     m, cfg = trainer.model, trainer.cfg
-    small = m.space.smallest(trainer.routes)
+    small = m.space.smallest(trainer.stage.routes)
     m.set_arch(small)
     bn = m.heads["mnist"].bn
     with torch.no_grad():
@@ -250,7 +251,7 @@ def test_distill_gradients():
 
 def test_bad_chip_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="chip_supernet.tasks"):
-        ChipTrainer(_cfg(tasks=["faces"]), tmp_path, show_progress=False)
+        Trainer(_cfg(tasks=["faces"]), tmp_path, show_progress=False)
     d = json.loads(json.dumps(TINY))
     d["chip_supernet"]["temperatur"] = 2.0
     with pytest.raises(ConfigError, match="temperatur"):
@@ -261,21 +262,20 @@ def test_train_arch_is_refused_and_resume_checks_the_routes(tmp_path):
     d = json.loads(json.dumps(TINY))
     d["train"]["arch"] = "smallest"
     with pytest.raises(ConfigError, match="train.arch"):
-        ChipTrainer(_cfg_from(d), tmp_path, show_progress=False)
-    tr = ChipTrainer(_cfg(), tmp_path, show_progress=False)
+        Trainer(_cfg_from(d), tmp_path, show_progress=False)
+    tr = Trainer(_cfg(), tmp_path, show_progress=False)
     tr.train_step()
     tr.step = 1
     tr.save()
-    other = ChipTrainer(_cfg(), tmp_path, show_progress=False)
-    other.routes = {t: ["task", "task"] for t in other.model.tasks}
-    other.arch = other.model.space.largest(other.routes)
+    other = Trainer(_cfg(), tmp_path, show_progress=False)
+    other.stage.arch = other.model.space.largest({t: ["task", "task"] for t in other.model.tasks})
     with pytest.raises(CheckpointError, match="routes"):
         other.resume()
-    assert ChipTrainer(_cfg(), tmp_path, show_progress=False).resume()
+    assert Trainer(_cfg(), tmp_path, show_progress=False).resume()
 
 
 def test_one_task_restricts_the_batches(tmp_path):
-    tr = ChipTrainer(_cfg(tasks=["digits"]), tmp_path, show_progress=False)
+    tr = Trainer(_cfg(tasks=["digits"]), tmp_path, show_progress=False)
     _, ids, _ = tr.batch()
     assert ids.unique().tolist() == [0] and len(ids) == 16
     row = tr.train_step()
@@ -323,7 +323,7 @@ def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     assert full.returncode == 0, full.stderr
 
     cfg = parse_config(json.loads(json.dumps(TINY)))
-    half = ChipTrainer(cfg, tmp_path / "half", show_progress=False)
+    half = Trainer(cfg, tmp_path / "half", show_progress=False)
     step = half.train_step
 
     def stop_after_3() -> dict[str, float]:
@@ -335,7 +335,7 @@ def test_cli_run_resumes_exactly_and_evaluates_the_smallest(tmp_path):
     with pytest.raises(_Stop):
         half.fit()
     assert not (tmp_path / "half" / "model.safetensors").exists()
-    ChipTrainer(cfg, tmp_path / "half", show_progress=False).fit(resume=True)
+    Trainer(cfg, tmp_path / "half", show_progress=False).fit(resume=True)
     a = load_checkpoint(tmp_path / "full" / "model.safetensors")[0]
     b = load_checkpoint(tmp_path / "half" / "model.safetensors")[0]
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)

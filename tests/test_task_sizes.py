@@ -344,7 +344,7 @@ def test_simmim_masks_each_size_on_its_own_grid():
 
 
 def test_mim_pretraining_runs_on_two_sizes(tmp_path):
-    from ufo.train.mim import MimTrainer
+    from ufo.train.loop import Trainer
 
     cfg = {
         "name": "mim-sizes",
@@ -365,8 +365,8 @@ def test_mim_pretraining_runs_on_two_sizes(tmp_path):
             "stage": "pretrain_mim",
         },
     }
-    tr = MimTrainer(parse_config(cfg), tmp_path / "mim", show_progress=False)
-    assert tr.model.mask_patch_size == 8
+    tr = Trainer(parse_config(cfg), tmp_path / "mim", show_progress=False)
+    assert tr.module.mask_patch_size == 8
     tr.fit()
     log = (tmp_path / "mim" / "metrics.csv").read_text().splitlines()
     rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]

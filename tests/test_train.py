@@ -181,7 +181,8 @@ def test_task_the_data_cannot_serve_fails_before_training(tmp_path):
 
 
 def test_nan_loss_skips_the_step_names_the_task_and_stops(tmp_path, monkeypatch):
-    from ufo.train.loop import Trainer, TrainingError
+    from ufo.train.engine import TrainingError
+    from ufo.train.loop import Trainer
 
     cfg = parse_config({**TINY, "train": {**TINY["train"], "steps": 10, "ckpt_every": 2, "max_bad_steps": 2}})
     tr = Trainer(cfg, tmp_path / "r", show_progress=False)

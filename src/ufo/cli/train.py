@@ -30,19 +30,13 @@ def train(
     from ufo.checkpoint import atomic_write_text
     from ufo.runlock import run_lock
     from ufo.train.loop import Trainer
-    from ufo.train.mim import MimTrainer
-    from ufo.train.routing import RoutingTrainer
-    from ufo.train.slimming import ChipTrainer
 
     cfg = load_config_arg(config, set_, data_dir)
     if only:
         cfg = cfg.only(only)
     with run_lock(out):  # before config.yaml: a second `ufo train` on OUT must not rewrite it
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        trainer = {"pretrain_mim": MimTrainer, "task_supernet": RoutingTrainer, "chip_supernet": ChipTrainer}.get(
-            cfg.train.stage, Trainer
-        )(cfg, out)
-        summary = trainer.fit(resume=resume)
+        summary = Trainer(cfg, out).fit(resume=resume)
     console.print(
         f"trained {summary['steps']} steps at {summary['images_per_s']:.0f} images/s; "
         f"model: {out / 'model.safetensors'}"

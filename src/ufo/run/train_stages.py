@@ -1,9 +1,10 @@
-"""The three training stages of `ufo run`, each a library Trainer chained with `init: {kind: run}`:
+"""The three training stages of `ufo run`, each a library Trainer chained with `init: {kind: run}`
+(the Trainer picks its stage from the stage config's `train.stage`):
 
-- all_in_one: the Trainer (every task in every batch, the config's train.arch and train.paths),
-  plus optional single-task baselines (`pipeline.baselines`);
-- task_supernet: the RoutingTrainer from All in One (routes learned, frozen; routing_map.png);
-- chip_supernet: the ChipTrainer from the task supernet (sandwich rule, in-place distillation),
+- all_in_one: every task in every batch, the config's train.arch and train.paths, plus optional
+  single-task baselines (`pipeline.baselines`);
+- task_supernet: from All in One, routes learned and frozen (RoutingStage; routing_map.png);
+- chip_supernet: from the task supernet, the sandwich rule with in-place distillation (ChipStage),
   then `pipeline.chip_supernet.eval_subnets` inherited subnets evaluated per task for the
   metric-vs-parameters plot (subnets.json, metric_vs_params.png).
 
@@ -26,18 +27,18 @@ from ufo.run.context import RunContext, stage_config
 from ufo.train.loop import Trainer
 
 
-def fit(ctx: RunContext, trainer_cls: type[Trainer], cfg: Config, out: Path, data: dict) -> Trainer:
+def fit(ctx: RunContext, cfg: Config, out: Path, data: dict) -> Trainer:
     """Train `cfg` into `out`, resuming an interrupted run of the same config."""
     out.mkdir(parents=True, exist_ok=True)
     try:
-        tr = trainer_cls(cfg, out, data=data)
+        tr = Trainer(cfg, out, data=data)
         tr.fit(resume=True)
     except CheckpointError as e:
         ctx.console.print(f"[yellow]{out}: {e}; starting this stage over[/]")
         for sub in ("checkpoints", "tb", "metrics.csv", "model.safetensors"):
             p = out / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        tr = trainer_cls(cfg, out, data=data)
+        tr = Trainer(cfg, out, data=data)
         tr.fit(resume=False)
     return tr
 
@@ -75,7 +76,7 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """All in One, evaluated (metrics.json), and the single-task baselines when enabled."""
     out = ctx.dir("all_in_one")
     cfg = stage_config(ctx.cfg, "all_in_one", ctx.run_dir)
-    tr = fit(ctx, Trainer, cfg, out, ctx.data)
+    tr = fit(ctx, cfg, out, ctx.data)
     metrics = final_metrics(tr)
     result: dict[str, Any] = {
         "steps": cfg.train.steps,
@@ -96,7 +97,7 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
                 }
             )
             ctx.console.print(f"[bold]baseline[/]: {t} alone, {one.train.steps} steps of batch {batch}")
-            btr = fit(ctx, Trainer, one, out / "baselines" / t, {t: ctx.data[t]})
+            btr = fit(ctx, one, out / "baselines" / t, {t: ctx.data[t]})
             m = final_metrics(btr)
             base[t] = {"steps": one.train.steps, "batch_size": batch, "metrics": m[t], "primary": m[t][ctx.primary(t)]}
         result["baselines"] = base
@@ -110,11 +111,9 @@ def all_in_one(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
 
 def task_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Routes learned on top of All in One; the routing map and the routed model's metrics."""
-    from ufo.train.routing import RoutingTrainer
-
     out = ctx.dir("task_supernet")
     cfg = stage_config(ctx.cfg, "task_supernet", ctx.run_dir)
-    tr = fit(ctx, RoutingTrainer, cfg, out, ctx.data)
+    tr = fit(ctx, cfg, out, ctx.data)
     metrics = final_metrics(tr)
     result = {
         "steps": cfg.train.steps,
@@ -140,13 +139,14 @@ def subnet_specs(n: int) -> list[str]:
 
 def chip_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """The sandwich-rule supernet on the learned routes, and its inherited subnets evaluated."""
-    from ufo.train.slimming import ChipTrainer
+    from ufo.train.slimming import ChipStage
     from ufo.train.store import arch_from_spec
 
     out = ctx.dir("chip_supernet")
     cfg = stage_config(ctx.cfg, "chip_supernet", ctx.run_dir)
-    tr = fit(ctx, ChipTrainer, cfg, out, ctx.data)
-    model, space, routes = tr.eval_model(), tr.model.space, tr.routes
+    tr = fit(ctx, cfg, out, ctx.data)
+    assert isinstance(tr.stage, ChipStage)
+    model, space, routes = tr.eval_model(), tr.model.space, tr.stage.routes
     subnets: dict[str, Any] = {}
     seen = []
     for spec in subnet_specs(ctx.pipe.chip_supernet.eval_subnets):

@@ -1,95 +1,94 @@
-"""All-in-One training: one backbone, every task in every (heterogeneous) batch.
+"""The supernet Trainer: one class for every `train.stage`, on the one step and loop of `ufo.train.engine`.
 
-A step draws each task's indices from the MixedTaskSampler, augments each task's images with its
-own transform, runs the mixed batch through the backbone once, sums the weighted task losses and
-takes one optimiser step. Checkpoints hold everything needed to resume exactly (weights,
+The Trainer builds the data, the UFOModel and the stage (`ufo.train.stage`: All in One by
+default; MIM pre-training, the task supernet and the chip supernet plug in the same way), then,
+once, the optimiser, the EMA and the DDP wrapper over the stage's module. A step draws each task's
+indices from the MixedTaskSampler, augments each task's images with its own transform and hands
+the batch to the stage's passes. Checkpoints hold everything needed to resume exactly (weights,
 optimiser, EMA, torch RNG, sampler position); the LR schedule is a pure function of the step.
 Under torchrun every rank takes its slice of every task's share of the global batch.
 
 Every `train.eval_every` steps (default: at each checkpoint) and at the end, the eval model is
 scored on every task's eval split (`ufo.evaluation`) with the random states restored after,
 so validation never changes the run; the results go to RUN/metrics.json, val_metrics.csv,
-TensorBoard and RUN/train.log (`ufo.train.logs`).
+TensorBoard and RUN/train.log (`ufo.train.logs`). Stages whose heads do not train (MIM) skip it.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
 
+from ufo.arch import Arch
 from ufo.checkpoint import atomic_write_text, read_manifest
 from ufo.config import Config, parse_config
 from ufo.data.build import build_all
 from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource
-from ufo.errors import CheckpointError, ConfigError, UFOError
+from ufo.errors import CheckpointError, ConfigError
 from ufo.evaluation.protocol import evaluate_tasks, rng_preserved
 from ufo.model import UFOModel
 from ufo.runlock import run_lock
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
 from ufo.train import fsdp
+from ufo.train.engine import Engine, checkpoint_path, run_steps
 from ufo.train.init import apply_init
 from ufo.train.logs import LOGGER, EvalHistory, MetricLog, Metrics, format_metrics, run_log
-from ufo.train.optim import build_optimizer, set_lr
-from ufo.train.state import load_train_state, save_train_state
-from ufo.train.store import build_model, resolve_train_arch, save_model
+from ufo.train.mim import MimStage
+from ufo.train.optim import make_optimizer
+from ufo.train.routing import RoutingStage
+from ufo.train.slimming import ChipStage
+from ufo.train.stage import Batch, Stage
+from ufo.train.store import build_model, save_model
 
-
-class TrainingError(UFOError):
-    """A run that cannot go on (non-finite losses, a resume that does not match)."""
-
-
-class TrainStep(nn.Module):
-    """The module DDP wraps: mixed batch in, per-task losses out."""
-
-    def __init__(self, model: UFOModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.task_losses(x, task_ids, labels)
+STAGES: dict[str, type[Stage]] = {
+    "all_in_one": Stage,
+    "pretrain_mim": MimStage,
+    "task_supernet": RoutingStage,
+    "chip_supernet": ChipStage,
+}
 
 
 class Trainer:
-    evaluates = True  # validation applies: the task heads are trained (not so in MIM pre-training)
+    """Trains `cfg` into the run folder `out` with the stage `cfg.train.stage` names."""
 
     def __init__(
         self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
     ) -> None:
         self.cfg, self.out, self.t = cfg, Path(out), cfg.train
         self.show_progress = show_progress
+        stage_cls = STAGES[self.t.stage]
+        stage_cls.check(cfg)
         self.rank, self.world = dist.setup()
-        torch.manual_seed(cfg.seed)
-        if self.t.threads:
-            torch.set_num_threads(self.t.threads)
-        self.data = build_all(cfg) if data is None else data
-        self.model = build_model(cfg, {n: len(d.train.class_names) for n, d in self.data.items()})
-        self.arch = resolve_train_arch(cfg, self.model.space)
-        self.model.set_arch(self.arch)
-        self.model.set_grad_checkpointing(self.t.grad_checkpointing)  # before any DDP/FSDP wrapper
-        self.model.train()
-        self.device = dist.device(self.t.device)
-        self.model.to(self.device)
         self.fsdp = self.t.parallel == "fsdp" and self.world > 1
+        if self.fsdp and stage_cls.no_fsdp is not None:
+            raise ConfigError(
+                f"train.parallel: fsdp is not supported by train.stage {self.t.stage}{stage_cls.no_fsdp}; use ddp"
+            )
         if self.fsdp and self.t.ema_decay > 0:
             raise ConfigError(
                 "train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
                 "(it would hold a full unsharded copy); set ema_decay: 0 or use parallel: ddp"
             )
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.ema = None
+        torch.manual_seed(cfg.seed)
+        if self.t.threads:
+            torch.set_num_threads(self.t.threads)
+        self.data = build_all(cfg) if data is None else data
+        self.model = build_model(cfg, {n: len(d.train.class_names) for n, d in self.data.items()})
+        self.model.set_grad_checkpointing(self.t.grad_checkpointing)  # before any DDP/FSDP wrapper
+        self.stage = stage_cls(cfg, self.model)
+        self.device = dist.device(self.t.device)
+        self.module = self.stage.module.to(self.device).train()
+        ema = None
         if self.t.ema_decay > 0:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
+            ema = ModelEmaV3(self.module, decay=self.t.ema_decay)
+        self.engine = Engine(self.module, self._optimizer(), self.device, ema, self.t.max_bad_steps)
         self.sampler = self._sampler()
         self.loader = MixedLoader(
             self.feeds(),
@@ -102,17 +101,26 @@ class Trainer:
             prefetch=self.t.prefetch,
         )
         # FSDP shards in fit(), after the initial weights and any resumed state are in place
-        self.step_module = (
-            self.build_step() if self.fsdp else dist.wrap(self.build_step(), self.world, static=self.steps_alike())
-        )
+        inner = self.stage.step_module()
+        wrap = self.stage.ddp and not self.fsdp
+        self.step_module = dist.wrap(inner, self.world, static=self.steps_alike()) if wrap else inner
         self.step = 0
-        self.bad_steps = 0
         self.final_metrics: Metrics | None = None  # the last evaluation (rank 0), once fit() has run
 
     # ----- set-up -----
+    @property
+    def arch(self) -> Arch:
+        """The training arch (the stage's; a task supernet's routes are frozen into it at the end)."""
+        return self.stage.arch
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.stage.param_groups(), self.t)
+
     def _sampler(self) -> MixedTaskSampler:
+        """The sampler over the stage's tasks."""
+        tasks = {n: tc for n, tc in self.cfg.tasks.items() if n in self.stage.tasks}
         sources = []
-        for name, _tc in self.cfg.tasks.items():
+        for name in tasks:
             d = self.data[name]
             groups = d.groups.numpy() if d.groups is not None else None
             k = getattr(self.model.heads[name].opts, "k", 4)
@@ -120,12 +128,8 @@ class Trainer:
         # per-task shares apply to heterogeneous batches of several tasks; a single task (`--only`)
         # or one task per step (round_robin) fills the whole batch
         quotas = (
-            {n: tc.batch for n, tc in self.cfg.tasks.items()}
-            if (
-                self.t.sampler == "hetero"
-                and len(self.cfg.tasks) > 1
-                and all(tc.batch for tc in self.cfg.tasks.values())
-            )
+            {n: tc.batch for n, tc in tasks.items()}
+            if (self.t.sampler == "hetero" and len(tasks) > 1 and all(tc.batch for tc in tasks.values()))
             else None
         )
         return MixedTaskSampler(
@@ -144,7 +148,8 @@ class Trainer:
         each task a fixed share of the global batch and rank r takes rows r, r + world, ... of it,
         so that holds when every share is at least the world size. A task's rows then use all of
         its head's parameters (a margin loss scores every class centre; PML's zero losses stay
-        attached to the embeddings). Round-robin and proportional batches leave tasks out."""
+        attached to the embeddings). Round-robin and proportional batches leave tasks out; a task
+        supernet leaves every path to the router."""
         fixed = all(t in self.arch.paths for t in self.model.tasks)
         if not fixed or self.sampler.mode != "hetero":
             return False
@@ -171,106 +176,62 @@ class Trainer:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out / "checkpoints" / "latest.safetensors"
+        return checkpoint_path(self.out)
 
     @property
     def eval_every(self) -> int:
         """Steps between validations: `train.eval_every`, by default `train.ckpt_every`; 0: none."""
-        if not self.evaluates:
+        if not self.stage.evaluates:
             return 0
         return self.t.ckpt_every if self.t.eval_every is None else self.t.eval_every
 
     def _manifest(self) -> dict[str, Any]:
         return {"config": self.cfg.model_dump(mode="json"), "arch": self.arch.model_dump(), "world_size": self.world}
 
-    # ----- what a stage may change -----
-    def build_step(self) -> nn.Module:
-        """The module that maps a batch to named losses (DDP wraps it)."""
-        return TrainStep(self.model)
-
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items())
-
-    def log_fields(self) -> list[str]:
-        """metrics.csv columns beyond the losses, lr and throughput."""
-        return []
-
-    def finish(self) -> None:
-        """Runs once after the last step, before the model file is written."""
-
-    # ----- batches -----
-    def batch(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    # ----- one step -----
+    def batch(self) -> Batch:
         """The next mixed batch of this rank: images (grouped by task; a list of one tensor per input
         size when the tasks' sizes differ), task ids, labels."""
         return self.loader.next()
 
-    # ----- one step -----
     def train_step(self) -> dict[str, float]:
-        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
-        x, ids, y = self.batch()
-        with torch.autocast(
-            "cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16, enabled=self.t.amp == "bf16"
-        ):
-            losses = self.step_module(x, ids, y)
-        bad = [n for n, v in losses.items() if not torch.isfinite(v)]
-        if bad:
-            return self.skip_step(f"task(s) {bad}")
-        self.bad_steps = 0
-        total = self.total_loss(losses)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        logged = dist.mean_across_ranks({f"loss/{n}": v.detach() for n, v in losses.items()} | {"loss": total.detach()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
-
-    def skip_step(self, where: str) -> dict[str, float]:
-        """After a non-finite loss: drop the step's gradients, warn naming `where`, and stop the run
-        after `train.max_bad_steps` in a row (the last checkpoint, written before, stays valid)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps += 1
-        msg = f"step {self.step}: non-finite loss in {where}; the step was skipped"
-        if self.bad_steps >= self.t.max_bad_steps:
-            raise TrainingError(msg + f" ({self.bad_steps} in a row: stopping; last checkpoint kept)")
-        dist.warn(msg)
-        return {"skipped": 1.0}
+        """One optimisation step on the next batch, through the stage's passes."""
+        batch = self.batch()
+        step = self.step
+        row = self.engine.step(
+            step,
+            self.t,
+            lambda amp: self.stage.backward(self.step_module, batch, step, amp),
+            float(batch[1].numel() * self.world),
+        )
+        return {**row, **self.stage.log_row(step)}
 
     # ----- checkpoints -----
     def save(self) -> None:
         model_state = optim_state = None
         if self.fsdp:  # gathered from every rank; rank 0 writes the same format as DDP
-            model_state, optim_state = fsdp.full_state(self.step_module, self.optimizer, self._names)
+            model_state, optim_state = fsdp.full_state(self.step_module, self.engine.optimizer, self._names)
         if self.rank == 0:
-            save_train_state(
-                self.ckpt_path,
-                self.model,
-                self.optimizer,
-                self.step,
-                self._manifest(),
-                ema=self.ema,
-                sampler_state=self.loader.state_dict(),
-                model_state=model_state,
-                optimizer_state=optim_state,
+            self.engine.save(
+                self.ckpt_path, self.step, self._manifest(), self.loader.state_dict(), model_state, optim_state
             )
         dist.barrier()
 
     def _shard(self) -> None:
         """FSDP: shard the blocks and the rest, then rebuild the optimiser over the shards."""
-        self._names = fsdp.param_names(self.step_module, self.optimizer)
-        state = self.optimizer.state_dict()
+        self._names = fsdp.param_names(self.step_module, self.engine.optimizer)
+        state = self.engine.optimizer.state_dict()
         fsdp.shard(self.step_module, self.model.backbone.blocks, self.device.type)
-        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.engine.optimizer = self._optimizer()
         if state["state"]:
-            fsdp.load_optimizer(self.step_module, self.optimizer, state, self._names)
+            fsdp.load_optimizer(self.step_module, self.engine.optimizer, state, self._names)
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint in the run folder; False when there is none."""
         if not self.ckpt_path.exists():
             return False
         saved = read_manifest(self.ckpt_path)
+        self.stage.check_resume(saved, self.ckpt_path)
         mine = self._manifest()["config"]
         try:  # re-read through today's Config, so sections added since (at their defaults) compare equal
             theirs = parse_config(saved.get("config", {}), str(self.ckpt_path)).model_dump(mode="json")
@@ -282,7 +243,7 @@ class Trainer:
                 f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
                 "Use a new --out folder, or the same config to resume."
             )
-        m = load_train_state(self.ckpt_path, self.model, self.optimizer, self.ema)
+        m = self.engine.restore(self.ckpt_path)
         self.loader.load_state_dict(m["sampler"])
         self.step = int(m["step"])
         return True
@@ -301,10 +262,13 @@ class Trainer:
         resumed = resume and self.resume()
         if resumed:
             dist.info(f"resumed from {self.ckpt_path} at step {self.step}")
-        elif apply_init(self.model, self.cfg, self.out) is not None and self.ema is not None:
-            self.ema.set(self.model)  # resumed runs restore their weights; fresh ones start from cfg.init
-        if not resumed and self.rank == 0:
-            LOGGER.info(f"fresh start (init: {self.cfg.init.kind})")
+        else:  # resumed runs restore their weights; fresh ones start from cfg.init, then the stage's start
+            changed = apply_init(self.module, self.cfg, self.out) is not None
+            changed = self.stage.fresh_start() or changed
+            if changed and self.engine.ema is not None:
+                self.engine.ema.set(self.module)
+            if self.rank == 0:
+                LOGGER.info(f"fresh start (init: {self.cfg.init.kind})")
         if self.fsdp:
             self._shard()
         every = self.eval_every
@@ -316,11 +280,16 @@ class Trainer:
             self.cfg.task_names,
             self.step,
             enabled=self.rank == 0,
-            extra_fields=self.log_fields(),
+            extra_fields=self.stage.log_fields(),
             validation=every > 0,
         ) as log:
-            summary = self._steps(log, history)
-            self.finish()
+
+            def validate(step: int) -> None:  # the last step's: the final evaluation below
+                if every and step % every == 0 and step < self.t.steps:
+                    self._record(step, self.validate(), log, history)
+
+            summary = run_steps(self, log, self.t.stage, self.show_progress, validate)
+            self.stage.finish(self.eval_model(), self.out)
             final = self._gathered() if self.fsdp else self.eval_model()
             if every:  # the shipped weights, scored as the history's last point
                 self._record(self.step, self.validate(final), log, history, final=True)
@@ -332,52 +301,6 @@ class Trainer:
                 f"model: {self.out / 'model.safetensors'}"
             )
         dist.barrier()
-        return summary
-
-    def _steps(self, log: MetricLog, history: EvalHistory) -> dict[str, Any]:
-        """The steps from here to `train.steps`, with their logging, validations and checkpoints;
-        returns the run's summary (throughput, time to the first step, skipped images)."""
-        every = self.eval_every
-        t0, images, startup = time.perf_counter(), 0.0, None
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
-            disable=not (self.show_progress and self.rank == 0),
-        )
-        with progress:
-            bar = progress.add_task(self.t.stage, total=self.t.steps, completed=self.step, losses="")
-            while self.step < self.t.steps:
-                row = self.train_step()
-                self.step += 1
-                images += row.get("images", 0.0)
-                if startup is None:
-                    startup = seconds_since_process_start()
-                if self.step % self.t.log_every == 0 or self.step == self.t.steps:
-                    row["images_per_s"] = images / (time.perf_counter() - t0)
-                    log.write(self.step, row)
-                    if self.rank == 0:
-                        LOGGER.info(step_line(self.step, self.t.steps, row))
-                    progress.update(
-                        bar, losses=" ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("loss/"))
-                    )
-                if every and self.step % every == 0 and self.step < self.t.steps:  # the last step: in _fit
-                    self._record(self.step, self.validate(), log, history)
-                if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
-                    self.save()  # after the validation, so a checkpoint's history is complete
-                progress.update(bar, completed=self.step)
-        self.loader.close()
-        summary = {
-            "steps": self.step,
-            "images_per_s": images / max(1e-9, time.perf_counter() - t0),
-            "first_step_s": startup,
-        }
-        if self.loader.skipped:
-            summary["skipped_images"] = dict(self.loader.skipped)
-            dist.warn(f"unreadable training images replaced (on_error: skip): {dict(self.loader.skipped)}")
         return summary
 
     # ----- validation and the run log -----
@@ -443,24 +366,9 @@ class Trainer:
         LOGGER.info(summary_line(prov))
 
     def eval_model(self) -> UFOModel:
-        """The weights to evaluate and ship: the EMA when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights to evaluate and ship: the EMA's when there is one, as the stage's UFOModel."""
+        ema = self.engine.ema
+        return self.stage.shipped(ema.module if ema is not None else self.module)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         return evaluate_tasks(self.eval_model(), self.data, self.cfg)
-
-
-def step_line(step: int, steps: int, row: dict[str, float]) -> str:
-    """`step S/N loss=... loss/TASK=... lr=... img/s=...` for the run log (the total loss first)."""
-    losses = sorted((k for k in row if k == "loss" or k.startswith("loss/")), key=lambda k: k != "loss")
-    parts = [f"step {step}/{steps}", *(f"{k}={row[k]:.4f}" for k in losses)]
-    parts += [f"lr={row['lr']:.3g}"] if "lr" in row else []
-    parts += [f"img/s={row['images_per_s']:.1f}"] if "images_per_s" in row else []
-    return " ".join(parts) + (" (step skipped: non-finite loss)" if row.get("skipped") else "")
-
-
-def seconds_since_process_start() -> float:
-    """Wall time since this process was created (imports and data set-up included)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()

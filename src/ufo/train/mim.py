@@ -4,8 +4,9 @@ Large square patches (`mim.mask_patch_size`, a multiple of the model's patch siz
 random (`mim.mask_ratio`); a learnable mask token replaces their patch embeddings; the encoder
 runs at the largest arch with every FFN on the shared path; a linear head predicts each patch's
 pixels, and the loss is the L1 error on the masked pixels only (SimMIM, Xie et al. 2022). Labels
-are never read. Everything else (sampler, transforms, optimiser groups, LR schedule, exact-resume
-checkpoints, logging, non-finite handling, the final `model.safetensors`) is the Trainer's.
+are never read. `MimStage` plugs this into the Trainer; everything else (sampler, transforms,
+optimiser groups, LR schedule, exact-resume checkpoints, logging, non-finite handling, the final
+`model.safetensors`) is the Trainer's.
 
 Tasks may differ in input size (square or not): the images of each size get masks on their own
 grid (the mask patch must divide every size), and the loss is one L1 over the masked pixels of all.
@@ -14,7 +15,7 @@ grid (the mask patch must divide every size), and the loss is one L1 over the ma
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import cast
 
 import torch
 from timm.layers import trunc_normal_
@@ -25,10 +26,8 @@ from ufo.config import Config
 from ufo.errors import ConfigError
 from ufo.model import UFOModel
 from ufo.nn.vit import Images, SuperViT
-from ufo.tasks import TaskData
-from ufo.train import distributed as dist
-from ufo.train.loop import Trainer
-from ufo.train.optim import build_optimizer, set_lr
+from ufo.train.engine import Skip, Terms, finite_backward
+from ufo.train.stage import Batch, Stage
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -148,55 +147,34 @@ class SimMIM(nn.Module):
         return sum(e for e, _ in sums) / sum(n for _, n in sums).clamp_min(1)
 
 
-class MimTrainer(Trainer):
-    """Trainer whose model is `SimMIM` and whose step is the masked-pixel loss; the loop,
-    checkpoints (exact resume), schedule, logging and the final model file are inherited."""
+class MimStage(Stage):
+    """The stage whose module is `SimMIM` around the model and whose one pass is the masked-pixel
+    loss, at the largest arch with every FFN on the shared path."""
 
     evaluates = False  # the task heads are never trained, so their metrics would say nothing
+    no_fsdp = ""
 
-    def __init__(
-        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
-    ) -> None:
-        super().__init__(cfg, out, data, show_progress)  # data, sampler, transforms, device: all the Trainer's
-        if getattr(self, "fsdp", False):
-            raise ConfigError("train.parallel: fsdp is not supported by train.stage pretrain_mim; use ddp")
-        ufo = self.model
-        largest = ufo.space.largest()
-        self.arch = largest.model_copy(update={"paths": {t: ["shared"] * largest.depth for t in ufo.tasks}})
-        ufo.set_arch(self.arch)
-        # the all-in-one step module, optimiser and EMA are replaced by SimMIM's
-        self.model = SimMIM(ufo, mask_patch_for(cfg), cfg.mim.mask_ratio)
-        self.model.to(next(ufo.parameters()).device).train()
-        # under DDP the Trainer's own wrapper is dropped unused: it never runs a forward, so its hooks stay idle
-        self.step_module = dist.wrap(self.model, self.world, static=self.steps_alike())  # every path is shared
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        if self.ema is not None:
-            from timm.utils import ModelEmaV3
+    def __init__(self, cfg: Config, model: UFOModel) -> None:
+        largest = model.space.largest()
+        super().__init__(
+            cfg, model, largest.model_copy(update={"paths": {t: ["shared"] * largest.depth for t in model.tasks}})
+        )
+        self.mim = SimMIM(model, mask_patch_for(cfg), cfg.mim.mask_ratio)
 
-            self.ema = ModelEmaV3(self.model, decay=self.t.ema_decay)
+    @property
+    def module(self) -> SimMIM:
+        return self.mim
 
-    def train_step(self) -> dict[str, float]:
-        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
-        x, ids, _ = self.batch()  # labels are never used; x is a list of chunks when input sizes differ
-        mask = self.model.random_mask(x)
-        with torch.autocast(
-            "cpu" if ids.device.type == "cpu" else "cuda", dtype=torch.bfloat16, enabled=self.t.amp == "bf16"
-        ):
-            loss = self.step_module(x, mask)
-        if not torch.isfinite(loss):
-            return self.skip_step("the masked-pixel (MIM) objective")
-        self.bad_steps = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        logged = dist.mean_across_ranks({"loss/mim": loss.detach(), "loss": loss.detach()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
+    def step_module(self) -> nn.Module:
+        return self.mim  # every path is shared
 
-    def eval_model(self) -> UFOModel:
-        """The UFOModel holding the pre-trained backbone (the EMA's when there is one)."""
-        return (self.ema.module if self.ema is not None else self.model).ufo
+    def backward(self, forward: nn.Module, batch: Batch, step: int, amp: torch.autocast) -> Terms | Skip:
+        x, _, _ = batch  # labels are never used; x is a list of chunks when input sizes differ
+        mask = self.mim.random_mask(x)
+        with amp:
+            loss = forward(x, mask)
+        return finite_backward({"mim": loss}, loss, "the masked-pixel (MIM) objective")
+
+    def shipped(self, module: nn.Module) -> UFOModel:
+        """The UFOModel holding the pre-trained backbone."""
+        return cast(SimMIM, module).ufo

@@ -8,6 +8,7 @@ head and FFN expert scaled by the task's `lr_scale`; margin-loss class centres i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ def _task_of(name: str, tasks: list[str]) -> str | None:
     return None
 
 
-def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     t = cfg.train
     margin_ids = {id(p) for head in model.heads.values() for p in head.margin_parameters()}
     groups: dict[tuple, dict] = {}
@@ -53,10 +54,15 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
+    """The optimiser over `param_groups(model, cfg)`."""
+    return make_optimizer(param_groups(model, cfg), cfg.train)
+
+
+def make_optimizer(groups: list[dict[str, Any]], t: TrainConfig) -> torch.optim.Optimizer:
+    """`t.optimizer` (AdamW, or SGD with Nesterov momentum) over parameter groups."""
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999))
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:

@@ -7,7 +7,8 @@ path, the router logits get the soft gradient. The temperature is annealed from 
 a task expert only its own task's. An optional cost (`expert_cost`) makes a task pay for its own
 expert (`expected_extra`). At the end the routes are frozen (router argmax) into the training
 arch, so `model.safetensors`, `ufo eval` and `ufo extract` use them; `routes.json` and
-`routing_map.png` report them. Loop, checkpoints, logs and non-finite handling are the Trainer's.
+`routing_map.png` report them. `RoutingStage` plugs this into the Trainer, whose step, loop,
+checkpoints, logs and non-finite handling it uses.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from ufo.errors import ConfigError
 from ufo.model import UFOModel
 from ufo.nn.moe import MIX, TASK
 from ufo.nn.vit import SuperViT
-from ufo.tasks import TaskData
 from ufo.train import distributed as dist
-from ufo.train.loop import Trainer, TrainStep
+from ufo.train.engine import Skip, Terms
+from ufo.train.stage import Batch, Stage, TrainStep
+from ufo.train.store import resolve_train_arch
 
 ROUTER_SUFFIXES = ("router_logits", "mix_logits")
 COLOURS = {"shared": "#4c72b0", "task": "#dd8452", "mix": "#55a868"}
@@ -91,85 +93,76 @@ class RoutingStep(TrainStep):
         return {**losses, "cost": cost}
 
 
-# ----- the trainer -----
+# ----- the stage -----
 
 
-class RoutingTrainer(Trainer):
-    """Trainer with every path left to the router, an annealed Gumbel temperature, a router
-    parameter group, the optional expert cost, and routes frozen into the model file at the end."""
+class RoutingStage(Stage):
+    """Every path left to the router, an annealed Gumbel temperature, a router parameter group,
+    the optional expert cost, and the routes frozen into the shipped model at the end."""
 
-    def __init__(
-        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
-    ) -> None:
+    no_fsdp = " (the expert cost reads every router outside its block)"
+
+    def __init__(self, cfg: Config, model: UFOModel) -> None:
+        # `train.paths` does not apply: this stage leaves every task's path to the router
+        super().__init__(cfg, model, resolve_train_arch(cfg, model.space).model_copy(update={"paths": {}}))
         self.rcfg = cfg.task_supernet
-        super().__init__(cfg, out, data, show_progress)
-        if self.fsdp:
-            raise ConfigError(
-                "train.parallel: fsdp is not supported by train.stage task_supernet "
-                "(the expert cost reads every router outside its block); use ddp"
-            )
-        missing = [p for p in PATHS if p not in self.model.space.paths]
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        paths = cfg.space().paths
+        missing = [p for p in PATHS if p not in paths]
         if missing:
             raise ConfigError(
-                f"model.paths: {self.model.space.paths} leaves out {missing}; train.stage "
-                "task_supernet routes over all of shared, task and mix"
+                f"model.paths: {paths} leaves out {missing}; train.stage task_supernet routes over all of "
+                "shared, task and mix"
             )
-        # routers learn faster and without decay: moved out of their groups before any state exists
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The usual groups, but the routers in their own (faster, undecayed) group, last."""
         router = [p for n, p in self.model.named_parameters() if n.endswith(ROUTER_SUFFIXES)]
         ids = {id(p) for p in router}
-        for g in self.optimizer.param_groups:
-            g["params"] = [p for p in g["params"] if id(p) not in ids]
-        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g["params"]]
-        self.optimizer.add_param_group(
-            {"params": router, "lr": self.t.lr * self.rcfg.router_lr_scale, "weight_decay": 0.0, "name": "router"}
-        )
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        # `train.paths` does not apply: this stage leaves every task's path to the router
-        self.arch = self.arch.model_copy(update={"paths": {}})
-        for m in (self.model, self.eval_model()):
-            m.set_arch(self.arch)
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in super().param_groups()]
+        t = self.cfg.train
+        router_group = {"params": router, "lr": t.lr * self.rcfg.router_lr_scale, "weight_decay": 0.0, "name": "router"}
+        return [g for g in groups if g["params"]] + [router_group]
 
-    def build_step(self) -> nn.Module:
-        """Called by Trainer.__init__ (before DDP wraps it); the cost weights depend on the arch's
-        widths and depth only, not on its paths."""
+    def step_module(self) -> nn.Module:
+        """The cost weights depend on the arch's widths and depth only, not on its paths."""
         weights = expert_weights(self.model.space, self.arch)
-        return RoutingStep(self.model, weights, with_grad=self.cfg.task_supernet.expert_cost > 0)
-
-    def steps_alike(self) -> bool:
-        """Never: the Gumbel draws pick other experts from step to step (DDP looks for unused ones)."""
-        return False
+        return RoutingStep(self.model, weights, with_grad=self.rcfg.expert_cost > 0)
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        cost = losses["cost"]
         total = super().total_loss({n: v for n, v in losses.items() if n != "cost"})
-        return total + self.rcfg.expert_cost * cost if self.rcfg.expert_cost > 0 else total
+        return total + self.rcfg.expert_cost * losses["cost"] if self.rcfg.expert_cost > 0 else total
+
+    def backward(self, forward: nn.Module, batch: Batch, step: int, amp: torch.autocast) -> Terms | Skip:
+        self.model.backbone.set_temperature(temperature(step, self.cfg.train.steps, self.rcfg))
+        return super().backward(forward, batch, step, amp)
 
     def log_fields(self) -> list[str]:
         return ["loss/cost", "tau", *(f"routes/{t}/{p}" for t in self.model.tasks for p in PATHS)]
 
-    def train_step(self) -> dict[str, float]:
-        tau = temperature(self.step, self.t.steps, self.rcfg)
-        self.model.backbone.set_temperature(tau)
-        row = super().train_step()
+    def log_row(self, step: int) -> dict[str, float]:
         counts = route_counts(self.routes(self.model))
-        return {**row, "tau": tau, **{f"routes/{t}/{p}": float(n) for t, c in counts.items() for p, n in c.items()}}
+        tau = temperature(step, self.cfg.train.steps, self.rcfg)
+        return {"tau": tau, **{f"routes/{t}/{p}": float(n) for t, c in counts.items() for p, n in c.items()}}
 
     def routes(self, model: UFOModel) -> Routes:
         """The routers' eval choices over the blocks of the training arch."""
         return {t: r[: self.arch.depth] for t, r in model.backbone.routes().items()}
 
-    def finish(self) -> None:
+    def finish(self, final: UFOModel, out: Path) -> None:
         """Freeze the routes (router argmax of the shipped weights) into the training arch, then
         report them: routes.json, routing_map.png and a table on the console."""
-        final = self.eval_model()
         self.arch = self.arch.with_routes(self.routes(final))
         for m in (self.model, final):
             m.set_arch(self.arch)
-        if self.rank != 0:
+        if not dist.is_main():
             return
-        report = routing_report(final, self.arch, self.t.steps, temperature(self.t.steps - 1, self.t.steps, self.rcfg))
-        atomic_write_text(self.out / "routes.json", json.dumps(report, indent=2))
-        plot_routing_map(report["routes"], self.out / "routing_map.png", report["probs"])
+        steps = self.cfg.train.steps
+        report = routing_report(final, self.arch, steps, temperature(steps - 1, steps, self.rcfg))
+        atomic_write_text(out / "routes.json", json.dumps(report, indent=2))
+        plot_routing_map(report["routes"], out / "routing_map.png", report["probs"])
         dist.info(format_routes(report))
 
 

@@ -15,30 +15,34 @@ Before the first step the heads and FFN hidden units are sorted by importance (O
 `re_organize_middle_weights`), so the first-k slices of the smaller subnets keep the most
 important ones; the largest subnet's function is unchanged. Embedding channels keep their order:
 they are shared by every block, LayerNorm and head, and the patch embedding's slice is left as is.
+
+`ChipStage` plugs this into the Trainer: its passes replace the one pass of All in One; the
+step, the loop, checkpoints and logs are the Trainer's.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 from ufo.arch import PATHS, Arch, Routes, SearchSpace
-from ufo.checkpoint import load_checkpoint, read_manifest
+from ufo.checkpoint import load_checkpoint
 from ufo.config import Config
-from ufo.data.sampler import MixedTaskSampler
 from ufo.errors import CheckpointError, ConfigError
 from ufo.model import UFOModel
 from ufo.nn.attention import ElasticAttention
 from ufo.nn.mlp import ElasticMlp
-from ufo.nn.vit import SuperViT
-from ufo.tasks import TaskData
-from ufo.train import distributed as dist
+from ufo.nn.vit import Images, SuperViT
+from ufo.tasks.base import Task
 from ufo.train.distill_losses import distill_terms
-from ufo.train.loop import Trainer
-from ufo.train.optim import set_lr
+from ufo.train.engine import Skip, Terms
+from ufo.train.stage import Batch, Stage
 
 DISTILL_TERMS = ("kl", "cos", "rel")
 Tensors = dict[str, torch.Tensor]
@@ -139,60 +143,60 @@ def freeze_routes(vit: SuperViT, routes: Routes) -> None:
                 logits[k] = logits.max() + 1.0
 
 
-# ----- the trainer -----
+# ----- the stage -----
 
 
-class ChipTrainer(Trainer):
-    """Trainer whose step is the sandwich rule with in-place distillation; the loop, checkpoints
-    (exact resume), schedule, logging and the final model file are inherited."""
+class ChipStage(Stage):
+    """The sandwich rule with in-place distillation: several passes per step, whose gradients add up
+    and are averaged across ranks by the stage itself (each pass uses other parameters)."""
 
-    def __init__(
-        self, cfg: Config, out: str | Path, data: dict[str, TaskData] | None = None, show_progress: bool = True
-    ) -> None:
-        self.chip = cfg.chip_supernet
+    ddp = False
+    no_fsdp = ""
+
+    def __init__(self, cfg: Config, model: UFOModel) -> None:
+        routes = chip_routes(cfg, model.space)
+        super().__init__(cfg, model, model.space.largest(routes))
+        self.routes, self.chip = routes, cfg.chip_supernet
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
         if cfg.train.arch not in (None, "largest"):
             raise ConfigError(
                 f"train.arch: {cfg.train.arch!r} fixes one subnet, but train.stage chip_supernet trains "
                 "all of them (the largest, the smallest and random ones); remove train.arch"
             )
-        unknown = [t for t in self.chip.tasks or [] if t not in cfg.tasks]
+        unknown = [t for t in cfg.chip_supernet.tasks or [] if t not in cfg.tasks]
         if unknown:
             raise ConfigError(
                 f"chip_supernet.tasks: unknown task(s) {unknown}; this config's tasks are {cfg.task_names}"
             )
-        super().__init__(cfg, out, data, show_progress)  # the sampler below sees self.chip
-        if self.fsdp:
-            raise ConfigError("train.parallel: fsdp is not supported by train.stage chip_supernet; use ddp")
-        self.routes = chip_routes(cfg, self.model.space)
-        self.arch = self.model.space.largest(self.routes)
-        self.model.set_arch(self.arch)
 
-    def resume(self) -> bool:
-        """The Trainer's exact resume, refused when the checkpoint was trained on other routes
-        (e.g. the task supernet run named by init.path has changed since)."""
-        if self.ckpt_path.exists():
-            saved = read_manifest(self.ckpt_path).get("arch")
-            if saved is not None and Arch.model_validate(saved) != self.arch:
-                raise CheckpointError(
-                    f"{self.ckpt_path} was trained at {saved}, but this run's largest subnet and "
-                    f"routes are {self.arch.model_dump()}; use a new --out folder"
-                )
-        return super().resume()
+    @property
+    def tasks(self) -> list[str]:
+        """`chip_supernet.tasks` (all tasks by default)."""
+        return self.chip.tasks or self.cfg.task_names
 
-    def _sampler(self) -> MixedTaskSampler:
-        """The Trainer's sampler over `chip_supernet.tasks` only (all tasks by default)."""
-        keep = self.chip.tasks
-        if not keep:
-            return super()._sampler()
-        full = self.cfg
-        self.cfg = full.model_copy(update={"tasks": {n: tc for n, tc in full.tasks.items() if n in keep}})
-        try:
-            return super()._sampler()
-        finally:
-            self.cfg = full
+    def step_module(self) -> nn.Module:
+        return self.model  # never wrapped: `reduce_across_ranks` averages the gradients of all passes
 
     def log_fields(self) -> list[str]:
         return ["loss/largest", "loss/smallest", "loss/random", *(f"distill/{k}" for k in DISTILL_TERMS)]
+
+    def fresh_start(self) -> bool:
+        """Sort heads and hidden units by importance (resumed weights are sorted already)."""
+        if self.chip.reorder:
+            reorder_by_importance(self.model.backbone)
+        return self.chip.reorder
+
+    def check_resume(self, manifest: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint trained on other routes (e.g. the task supernet run named by
+        init.path has changed since)."""
+        saved = manifest.get("arch")
+        if saved is not None and Arch.model_validate(saved) != self.arch:
+            raise CheckpointError(
+                f"{path} was trained at {saved}, but this run's largest subnet and "
+                f"routes are {self.arch.model_dump()}; use a new --out folder"
+            )
 
     def sandwich(self, step: int) -> list[tuple[str, Arch]]:
         """The subnets of a step: largest, smallest, then `num_random` drawn from (seed, step, k)."""
@@ -204,7 +208,7 @@ class ChipTrainer(Trainer):
         ]
 
     def _pass(
-        self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, arch: Arch, teacher: dict[str, torch.Tensor] | None
+        self, x: Images, ids: torch.Tensor, y: torch.Tensor, arch: Arch, teacher: Tensors | None
     ) -> tuple[torch.Tensor, Tensors, Tensors]:
         """One subnet on the batch: (its loss, logged terms, its detached outputs per task).
 
@@ -214,14 +218,14 @@ class ChipTrainer(Trainer):
         m.set_arch(arch)
         feats = m.backbone(x, ids)
         total = feats.new_zeros((), dtype=torch.float32)
-        terms: dict[str, torch.Tensor] = {}
-        outs: dict[str, torch.Tensor] = {}
+        terms: Tensors = {}
+        outs: Tensors = {}
         label_w = 1.0 if teacher is None or not c.distill else c.label_weight
         for i, name in enumerate(m.tasks):
             rows = (ids == i).nonzero().flatten()
             if not rows.numel():
                 continue
-            head, f = m.heads[name], feats[rows]
+            head, f = cast(Task, m.heads[name]), feats[rows]
             if label_w > 0:
                 label = head.loss(f, y[rows])
                 terms[f"label/{name}"] = label.detach()
@@ -236,21 +240,21 @@ class ChipTrainer(Trainer):
         return total, terms, outs
 
     def accumulate(
-        self, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor, archs: list[tuple[str, Arch]]
-    ) -> dict[str, torch.Tensor] | None:
+        self,
+        x: Images,
+        ids: torch.Tensor,
+        y: torch.Tensor,
+        archs: list[tuple[str, Arch]],
+        amp: torch.autocast | None = None,
+    ) -> Tensors | None:
         """Forward and backward every subnet in turn (gradients add up); the first one is the
         teacher of the rest. Returns the logged terms, or None after a non-finite loss."""
-        logged: dict[str, torch.Tensor] = {}
+        logged: Tensors = {}
         teacher = None
         n_random = sum(kind == "random" for kind, _ in archs)
         n_students = len(archs) - 1
-        amp = dict(
-            device_type="cpu" if ids.device.type == "cpu" else "cuda",
-            dtype=torch.bfloat16,
-            enabled=self.t.amp == "bf16",
-        )
         for j, (kind, arch) in enumerate(archs):
-            with torch.autocast(**amp):
+            with amp or nullcontext():
                 loss, terms, outs = self._pass(x, ids, y, arch, teacher if j else None)
             if not torch.isfinite(loss):
                 return None
@@ -266,55 +270,42 @@ class ChipTrainer(Trainer):
             logged["loss"] = logged.get("loss", 0.0) + loss.detach()
         return logged
 
-    def train_step(self) -> dict[str, float]:
-        if self.step == 0 and self.chip.reorder:  # a fresh run: resumed weights are already re-ordered
-            reorder_by_importance(self.model.backbone)
-            if self.ema is not None:
-                self.ema.set(self.model)
-        lr_f = set_lr(self.optimizer, self.base_lrs, self.step, self.t)
-        x, ids, y = self.batch()
-        self.optimizer.zero_grad(set_to_none=True)
-        logged = self.accumulate(x, ids, y, self.sandwich(self.step))
+    def backward(self, forward: nn.Module, batch: Batch, step: int, amp: torch.autocast) -> Terms | Skip:
+        x, ids, y = batch
+        logged = self.accumulate(x, ids, y, self.sandwich(step), amp)
         self.model.set_arch(self.arch)
-        if self.world > 1:  # every rank skips the step if one saw a non-finite loss
-            bad = torch.tensor(float(logged is None), device=self.device)
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        if world > 1:  # every rank skips the step if one saw a non-finite loss
+            bad = torch.tensor(float(logged is None), device=ids.device)
             tdist.all_reduce(bad)
             logged = None if bad.item() else logged
         if logged is None:
-            return self.skip_step("a sampled subnet")
-        self.bad_steps = 0
-        if self.world > 1:
-            self._reduce_across_ranks()
-        if self.t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
-        logged = dist.mean_across_ranks({k: torch.as_tensor(v) for k, v in logged.items()})
-        return {**logged, "lr": self.base_lrs[0] * lr_f, "images": float(ids.numel() * self.world)}
+            return Skip("a sampled subnet")
+        if world > 1:
+            reduce_across_ranks(self.model, world)
+        return logged
 
-    def _reduce_across_ranks(self) -> None:
-        """Under torchrun: average the accumulated gradients over the ranks, and give every rank
-        rank 0's buffers (BatchNorm statistics), as DDP would. The passes of one step use different
-        parameters, so this is done once after all of them rather than by DDP's per-backward hooks.
-        A parameter that no rank used keeps no gradient, so the optimiser leaves it alone."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        used = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        tdist.all_reduce(used)
-        live = [p for p, u in zip(params, used.tolist()) if u > 0]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
-        flat = torch.cat([g.reshape(-1) for g in grads]) / self.world
-        tdist.all_reduce(flat)
-        for p, g in zip(live, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p).clone()
-        for b in self.model.buffers():
-            tdist.broadcast(b, 0)
-
-    def finish(self) -> None:
+    def finish(self, final: UFOModel, out: Path) -> None:
         """The shipped model sits at the largest subnet, with its routers picking the trained routes."""
-        for m in {id(self.model): self.model, id(self.eval_model()): self.eval_model()}.values():
+        for m in {id(self.model): self.model, id(final): final}.values():
             freeze_routes(m.backbone, self.routes)
             m.set_arch(self.arch)
 
-    def eval_model(self) -> UFOModel:
-        return self.ema.module if self.ema is not None else self.model
+
+def reduce_across_ranks(model: nn.Module, world: int) -> None:
+    """Under torchrun: average the accumulated gradients over the ranks, and give every rank
+    rank 0's buffers (BatchNorm statistics), as DDP would. The passes of one step use different
+    parameters, so this is done once after all of them rather than by DDP's per-backward hooks.
+    A parameter that no rank used keeps no gradient, so the optimiser leaves it alone."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    used = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    tdist.all_reduce(used)
+    live = [p for p, u in zip(params, used.tolist()) if u > 0]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
+    flat = torch.cat([g.reshape(-1) for g in grads]) / world
+    tdist.all_reduce(flat)
+    for p, g in zip(live, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+    for b in model.buffers():
+        tdist.broadcast(b, 0)

@@ -1,0 +1,109 @@
+"""What a training stage adds to the Trainer's one step and loop (`train.stage`).
+
+A stage is a strategy object that the Trainer builds from the config and its UFOModel. It names
+the training arch, the module that trains (the model, or SimMIM around it), what DDP wraps, the
+optimiser's parameter groups, the tasks it samples, its forward and backward passes for a batch,
+its log fields, and its hooks: before the first step of a fresh run, a check of a checkpoint to
+resume, and after the last step. `Stage` itself is All in One (`all_in_one`): every task in every
+batch at the config's `train.arch` and `train.paths`, one pass, the weighted sum of the task
+losses. The other stages (`ufo.train.mim`, `ufo.train.routing`, `ufo.train.slimming`) derive
+from it and change only what is theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from ufo.arch import Arch
+from ufo.config import Config
+from ufo.model import UFOModel
+from ufo.train.engine import Skip, Terms, finite_backward
+from ufo.train.optim import param_groups
+from ufo.train.store import resolve_train_arch
+
+Batch = tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]  # images, task ids, labels
+
+
+class TrainStep(nn.Module):
+    """The module DDP wraps: mixed batch in, per-task losses out."""
+
+    def __init__(self, model: UFOModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.task_losses(x, task_ids, labels)
+
+
+class Stage:
+    """All in One, and the hooks the other stages override."""
+
+    evaluates: ClassVar[bool] = True  # validation applies: the task heads are trained
+    ddp: ClassVar[bool] = True  # DDP wraps the step module (False: the stage averages its own gradients)
+    no_fsdp: ClassVar[str | None] = None  # why train.parallel: fsdp does not apply (None: it does)
+
+    def __init__(self, cfg: Config, model: UFOModel, arch: Arch | None = None) -> None:
+        self.cfg, self.model = cfg, model
+        self.arch = resolve_train_arch(cfg, model.space) if arch is None else arch
+        model.set_arch(self.arch)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse a config this stage cannot train, before any data is read."""
+
+    @property
+    def module(self) -> nn.Module:
+        """What trains: the optimiser, the EMA and the checkpoints hold its parameters."""
+        return self.model
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks the sampler draws batches from."""
+        return self.cfg.task_names
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups over `module`."""
+        return param_groups(self.module, self.cfg)
+
+    def step_module(self) -> nn.Module:
+        """The module that maps a batch to named losses (DDP wraps it, FSDP shards it)."""
+        return TrainStep(self.model)
+
+    def total_loss(self, losses: Terms) -> torch.Tensor:
+        return cast(torch.Tensor, sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items()))
+
+    def backward(self, forward: nn.Module, batch: Batch, step: int, amp: torch.autocast) -> Terms | Skip:
+        """The step's forward (through `forward`, the wrapped step module) and backward passes;
+        the terms to log, or a Skip after a non-finite loss."""
+        x, ids, y = batch
+        with amp:
+            losses = forward(x, ids, y)
+        return finite_backward(losses, self.total_loss(losses))
+
+    def log_fields(self) -> list[str]:
+        """metrics.csv columns beyond the losses, lr and throughput."""
+        return []
+
+    def log_row(self, step: int) -> dict[str, float]:
+        """This stage's values of `log_fields` after step `step` (those not among the step's terms)."""
+        return {}
+
+    def fresh_start(self) -> bool:
+        """Runs before the first step of a run that did not resume; True when it changed the weights."""
+        return False
+
+    def check_resume(self, manifest: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint (its manifest) that this stage cannot continue."""
+
+    def shipped(self, module: nn.Module) -> UFOModel:
+        """The UFOModel inside `module` (the trained module or its EMA): what is evaluated and saved."""
+        assert isinstance(module, UFOModel)
+        return module
+
+    def finish(self, final: UFOModel, out: Path) -> None:
+        """Runs once after the last step, before the model file is written; `final` is `shipped`'s
+        model of the weights to ship (the EMA's when there is one)."""
