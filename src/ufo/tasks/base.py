@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,7 @@ class Task(nn.Module, ABC):
     output: ClassVar[str] = "logits"  # "logits" or "embedding"
     primary: ClassVar[str] = ""  # headline metric key, what tables and searches rank by
     uses_groups: ClassVar[bool] = False  # P x K sampling over identities
+    opts: Options  # a kind narrows it to its OptionsModel: `opts: ClassificationOptions`
 
     def __init__(self, name: str, options: dict | Options, num_classes: int, in_dim: int) -> None:
         super().__init__()
@@ -126,6 +127,12 @@ def margin_loss(kind: str, num_classes: int, dim: int, margin: float, scale: flo
     return losses.ArcFaceLoss(num_classes, dim, margin=margin, scale=scale)
 
 
+class EmbeddingOptions(Protocol):
+    """What EmbeddingTask reads of its kind's options."""
+
+    embedding_dim: int
+
+
 class EmbeddingTask(Task):
     """Shared parts of the identity kinds: a BN-neck embedding head and metric losses."""
 
@@ -133,7 +140,7 @@ class EmbeddingTask(Task):
 
     def __init__(self, name: str, options: dict | Options, num_classes: int, in_dim: int) -> None:
         super().__init__(name, options, num_classes, in_dim)
-        d = self.opts.embedding_dim
+        d = cast(EmbeddingOptions, self.opts).embedding_dim
         self.neck = ElasticLinear(in_dim, d, bias=False)
         self.bn = nn.BatchNorm1d(d)
         self.bn.bias.requires_grad_(False)  # BNNeck: no shift, so the embedding stays centred

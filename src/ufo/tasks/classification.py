@@ -21,6 +21,7 @@ class ClassificationOptions(Options):
 @register("classification")
 class Classification(Task):
     OptionsModel = ClassificationOptions
+    opts: ClassificationOptions
     primary = "top1"
     output = "logits"
 

@@ -36,6 +36,7 @@ class ReidOptions(Options):
 @register("reid")
 class Reid(EmbeddingTask):
     OptionsModel = ReidOptions
+    opts: ReidOptions
     primary = "mAP"
     uses_groups = True
 

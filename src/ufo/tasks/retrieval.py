@@ -29,6 +29,7 @@ class RetrievalOptions(Options):
 @register("retrieval")
 class Retrieval(EmbeddingTask):
     OptionsModel = RetrievalOptions
+    opts: RetrievalOptions
     primary = "recall@1"
     uses_groups = True
 
@@ -50,6 +51,7 @@ class Retrieval(EmbeddingTask):
         emb = self.embed(features).float()
         if self.metric is None:
             return self.margin(emb, labels)
+        assert self.miner is not None  # set with every metric loss
         return self.metric(emb, labels, self.miner(emb, labels))
 
     @classmethod
