@@ -588,9 +588,12 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufo-infer")  # one model call at a time
     budget = PixelBudget(s.max_pixels_in_flight, s.decode_wait_s)
+
+    def observe_batch(task: str) -> Callable[[int], None]:
+        return lambda n: batch_sizes.labels(task).observe(n)
+
     batchers = {
-        t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3, lambda n, t=t: batch_sizes.labels(t).observe(n))
-        for t, st in served.items()
+        t: Batcher(st, executor, s.max_batch, s.max_wait_ms / 1e3, observe_batch(t)) for t, st in served.items()
     }
 
     @asynccontextmanager
@@ -674,12 +677,13 @@ def create_app(served: dict[str, ServedTask], settings: Settings | None = None) 
         sent as multipart field `file` or as the raw request body."""
         st = task_of(task)
         pred = read_output(task, await infer(st, await body_image(request, file)), st.head, k)
-        if pred.output == "embedding":
+        if pred.embedding is not None:  # read_output sets it for an embedding head, top_k and indices otherwise
             return PredictResponse(task=task, output="embedding", embedding=pred.embedding.tolist())
+        scores = zip(pred.indices or [], pred.top_k or [])
         return PredictResponse(
             task=task,
             output="logits",
-            top_k=[ClassScore(index=i, label=label, probability=p) for i, (label, p) in zip(pred.indices, pred.top_k)],
+            top_k=[ClassScore(index=i, label=label, probability=p) for i, (label, p) in scores],
         )
 
     @app.post(
@@ -772,5 +776,11 @@ def serve(
     announce(f"serving {len(served)} task(s) on http://{host}:{port} (docs at /docs)")
     # uvicorn has no timeout for a request's headers: behind the open internet, put a proxy in front
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=settings.keep_alive_s
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        # uvicorn annotates int, but hands the seconds to loop.call_later: a fraction works and is kept
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
     )

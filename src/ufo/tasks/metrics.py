@@ -172,8 +172,8 @@ def _sample_same(codes: np.ndarray, counts: np.ndarray, num: int, total: int, rn
             i, j = np.triu_indices(len(members), k=1)
             a, b = members[i], members[j]
             keys.append(np.minimum(a, b) * n + np.maximum(a, b))
-        keys = np.concatenate(keys)
-        return keys[rng.choice(len(keys), size=num, replace=False)]
+        every = np.concatenate(keys)
+        return every[rng.choice(len(every), size=num, replace=False)]
     weights = counts * (counts - 1) / 2.0
     weights /= weights.sum()
 
@@ -233,7 +233,7 @@ def roc_points(scores: ArrayLike, is_same: ArrayLike, threshold: float) -> dict[
     }
 
 
-def _best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
     """Threshold (predict same when score > t) maximising accuracy on these pairs.
 
     Candidates are the midpoints of the sorted unique scores plus one below and one above all
@@ -283,7 +283,7 @@ def verification_metrics(
     accs, thresholds = [], []
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in splitter.split(scores, same):
-        t = _best_threshold(scores[train], same[train])
+        t = best_threshold(scores[train], same[train])
         accs.append(float(np.mean((scores[test] > t) == same[test])))
         thresholds.append(t)
     out = {

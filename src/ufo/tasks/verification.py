@@ -22,7 +22,7 @@ from ufo.data.dataset import ImageSet
 from ufo.data.splits import check_disjoint, split_by_identity, split_official
 from ufo.errors import DataError
 from ufo.tasks.base import EmbeddingTask, Options, Predict, TaskData, margin_loss, register
-from ufo.tasks.metrics import _best_threshold, make_pairs, pair_scores, roc_points, verification_metrics
+from ufo.tasks.metrics import best_threshold, make_pairs, pair_scores, roc_points, verification_metrics
 
 FOLDS = 10  # the protocol's folds; official pairs keep their own when they have exactly this many
 
@@ -39,6 +39,7 @@ class VerificationOptions(Options):
 @register("verification")
 class Verification(EmbeddingTask):
     OptionsModel = VerificationOptions
+    opts: VerificationOptions
     primary = "acc_10fold"
     uses_groups = True
 
@@ -149,7 +150,7 @@ def official_pair_metrics(emb: torch.Tensor, pairs: np.ndarray, seed: int = 0) -
     accs, thresholds = [], []
     for k in folds:
         held = fold == k
-        t = _best_threshold(scores[~held], is_same[~held])
+        t = best_threshold(scores[~held], is_same[~held])
         accs.append(float(np.mean((scores[held] > t) == is_same[held])))
         thresholds.append(t)
     out.update(
