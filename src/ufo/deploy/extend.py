@@ -338,19 +338,13 @@ def extend(
         "task_config": tc.model_dump(mode="json"),
         **cfg.model_dump(mode="json"),
     }
-    m = new_cfg.model
     loop = TuneLoop(
         step,
         optimizer,
         step,
+        tcfg,
         name,
-        tc,
         sub,
-        tcfg.train,
-        new_cfg.input_size(name),
-        m.mean,
-        m.std,
-        m.in_chans,
         out,
         recipe,
         loss_names=[name],

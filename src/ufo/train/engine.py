@@ -49,12 +49,12 @@ class Skip:
 Backward = Callable[[torch.autocast], "Terms | Skip"]  # the stage's passes, given the forwards' autocast
 
 
-def finite_backward(losses: Terms, total: torch.Tensor, where: str | None = None) -> Terms | Skip:
+def finite_backward(losses: Terms, total: torch.Tensor, what: str = "task(s)") -> Terms | Skip:
     """Backward `total` when every named loss is finite; returns the logged `loss/NAME` and `loss`,
-    else a Skip naming the non-finite losses (`where` overrides the name)."""
+    else a Skip naming the non-finite losses (as `what` and their names)."""
     bad = [n for n, v in losses.items() if not torch.isfinite(v)]
     if bad:
-        return Skip(where or f"task(s) {bad}")
+        return Skip(f"{what} {bad}")
     total.backward()
     return {**{f"loss/{n}": v.detach() for n, v in losses.items()}, "loss": total.detach()}
 
