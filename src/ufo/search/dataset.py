@@ -3,8 +3,9 @@ space, saved atomically as JSON and loaded with errors that name the file and th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -12,6 +13,13 @@ from pydantic import BaseModel, ConfigDict
 from ufo.arch import Arch, SearchSpace
 from ufo.checkpoint import atomic_write_text
 from ufo.errors import ArchError, SearchError
+
+
+class ArchRecord(Protocol):
+    """What ArchDataset reads of a record."""
+
+    @property
+    def arch(self) -> Arch: ...
 
 
 class ArchDataset(BaseModel):
@@ -22,6 +30,8 @@ class ArchDataset(BaseModel):
 
     space: SearchSpace
     task: str
+    if TYPE_CHECKING:  # a field of each subclass, with its record type (a field here would be one too)
+        records: Sequence[ArchRecord]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -183,7 +183,8 @@ def _fit(
 ) -> tuple[dict[str, GPPredictor], dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = predictor_paths(out_dir, run.task, backend)
-    gps, report = {}, {"task": run.task, "metric_name": run.metric, "backend": backend}
+    gps: dict[str, GPPredictor] = {}
+    report: dict[str, Any] = {"task": run.task, "metric_name": run.metric, "backend": backend}
     gps["metric"], meta = _metric_predictor(run, paths, metric_samples, seed, console, progress, refit)
     report["metric"] = _summary(meta, paths["metric_data"], paths["metric"])
     if latency:
@@ -308,6 +309,11 @@ class Candidate(BaseModel):
     source: str = "front"  # front | smallest
     front_index: int | None = None  # position on the predicted front (sorted by cost), for source "front"
     step: str = "spread"  # why it was measured: spread | bisect | refine | fallback (ufo.search.recheck)
+
+    def measured(self) -> float:
+        """The measured metric: set for every candidate once `_measure` has run."""
+        assert self.measured_metric is not None, "the candidate has not been measured"
+        return self.measured_metric
 
 
 class SearchResult(BaseModel):
@@ -458,7 +464,7 @@ def _recheck(
         ]
         _measure(run, new, budget, **measure_kw)
         cands.update(zip(idx, new))
-        return [Measured(bool(c.meets_budget), float(c.measured_metric)) for c in new]
+        return [Measured(bool(c.meets_budget), float(c.measured())) for c in new]
 
     order = walk_front([p.cost for p in front], top_k, measure)
     out = []
@@ -616,7 +622,7 @@ def search_task(
         objective=objective,
         arch=chosen.arch,
         predicted_metric=chosen.predicted_metric,
-        measured_metric=float(chosen.measured_metric),
+        measured_metric=float(chosen.measured()),
         predicted_latency_ms=chosen.predicted_latency_ms,
         measured_latency_ms=chosen.measured_latency.median_ms if chosen.measured_latency else None,
         params=chosen.params,
@@ -667,6 +673,7 @@ def _save_model(run: TrainedRun, arch: Arch, path: Path) -> Path:
     """Extract `arch`'s path for the task as a task model (class names, calibrated threshold) and save it."""
     from ufo.deploy.package import extract_task_model, save_task_model
 
+    assert run.data is not None  # a search loads its run with the data (it evaluates the candidates)
     tm = extract_task_model(run.model, arch, [run.task], run.cfg, {run.task: run.data}, source=str(run.run_dir))
     save_task_model(path, tm)
     return path

@@ -52,7 +52,7 @@ def plot_search(result: SearchResult, points: Sequence[Point], path: str | Path)
     bad = [c for c in result.candidates if not c.meets_budget]
     ax.scatter(
         [_cost(result, c) for c in ok],
-        [c.measured_metric for c in ok],
+        [c.measured() for c in ok],
         c="tab:orange",
         s=30,
         label="measured, meets budget",
@@ -60,16 +60,14 @@ def plot_search(result: SearchResult, points: Sequence[Point], path: str | Path)
     if bad:
         ax.scatter(
             [_cost(result, c) for c in bad],
-            [c.measured_metric for c in bad],
+            [c.measured() for c in bad],
             c="tab:orange",
             marker="x",
             s=30,
             label="measured, over budget",
         )
     chosen = next(c for c in result.candidates if c.arch == result.arch)
-    ax.scatter(
-        [_cost(result, chosen)], [chosen.measured_metric], marker="*", s=250, c="tab:red", zorder=5, label="chosen"
-    )
+    ax.scatter([_cost(result, chosen)], [chosen.measured()], marker="*", s=250, c="tab:red", zorder=5, label="chosen")
     key = {"latency_ms": "max_latency_ms", "params": "max_params", "flops": "max_flops"}[result.objective]
     ax.axvline(result.budget[key], ls="--", c="k", lw=1, label="budget")
     ax.set_xlabel(LABELS[result.objective] + (f" on {result.backend}" if result.objective == "latency_ms" else ""))

@@ -19,7 +19,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import scipy.optimize
@@ -199,6 +199,15 @@ class GPPredictor(RegressorMixin, BaseEstimator):
 
     def _linear(self, Z: np.ndarray) -> np.ndarray:
         return Z[:, self._cols()] @ self.coef_ + self.intercept_
+
+    @overload
+    def predict(self, X: np.ndarray, return_std: Literal[False] = False) -> np.ndarray: ...
+
+    @overload
+    def predict(self, X: np.ndarray, return_std: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def predict(self, X: np.ndarray, return_std: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 
     def predict(self, X: np.ndarray, return_std: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predicted target (and its std: the GP's predictive std, noise included) for rows of `X`."""
