@@ -6,14 +6,14 @@
    that `tracks` re-identifies the physical signs of GTSRB's training images, so the base has seen
    the held-out task's images, though never its class labels: the extension measures how well
    new labels are learnt on top of the shared features, as the UFO report's new-task setting does.
-1. Distillation (`ufo.deploy.distill.distill_and_compare`): for each of `--distill-tasks` (default
+1. Distillation (`ufo.train.distill.distill_and_compare`): for each of `--distill-tasks` (default
    `alnum` classification and `tracks` reid, both base tasks), two timm students
    (`STUDENTS`, pretrained=False) learn from the task's subnet of (0) at the run's arch, and the same
    students train without the teacher (same recipe and steps). Reported: teacher and student
    params, compression, student metric as a share of the teacher's, gain over no teacher.
    Targets: per task, some student at >= 10x fewer parameters reaches >= 95% of the teacher's
    metric; per (task, student), distillation beats no teacher.
-2. Extension (`ufo.deploy.extend.extend`): the held-out task is added to (0) at fraction 0.1 and
+2. Extension (`ufo.train.extend.extend`): the held-out task is added to (0) at fraction 0.1 and
    1.0 (`head+expert`), and at 0.1 with the other modes (`head`, `head+expert+norms`, `all`) for
    comparison; against the same task trained alone from scratch (the All-in-One Trainer, the same
    ViT, `--only`) on the same 10% subset for as many steps. The base tasks are re-evaluated on
@@ -39,10 +39,10 @@ from _common import RESULTS_DIR, load_average, target, write_results
 from ufo.config import Config, load_config, parse_config
 from ufo.data.build import build_task_data
 from ufo.data.sampler import pk_capacity
-from ufo.deploy.distill import DistillConfig, distill_and_compare
-from ufo.deploy.extend import ExtendConfig, extend, fraction_subset
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.tasks import task_class
+from ufo.train.distill import DistillConfig, distill_and_compare
+from ufo.train.extend import ExtendConfig, extend, fraction_subset
 from ufo.train.loop import Trainer
 from ufo.train.store import load_model
 

@@ -44,11 +44,11 @@ def test_shell_completion_is_on():
 def test_choices_equal_the_library_lists():
     from ufo.data.readers import OnError
     from ufo.demo import SUITES
-    from ufo.deploy.extend import MODES
     from ufo.deploy.onnx_export import Int8Mode
     from ufo.deploy.server import Backend
     from ufo.run import STAGE_NAMES
     from ufo.search.latency import BACKENDS
+    from ufo.train.extend import MODES
 
     def values(enum) -> tuple[str, ...]:
         return tuple(m.value for m in enum)

@@ -15,9 +15,9 @@ from test_deploy import make_run
 from ufo.checkpoint import read_manifest
 from ufo.cli import app
 from ufo.deploy import load_task_model
-from ufo.deploy.distill import DistillConfig, StudentModel, create_backbone, distill, distill_terms
 from ufo.deploy.package import DeployError, TaskModel, task_model_from_run
 from ufo.tasks import task_class
+from ufo.train.distill import DistillConfig, StudentModel, create_backbone, distill, distill_terms
 from ufo.train.distill_losses import kl_logits, relational
 
 STUDENT = dict(
@@ -147,7 +147,7 @@ def test_resume_continues_exactly(run, tmp_path, monkeypatch):
     cfg = DistillConfig(steps=6, ckpt_every=3, **STUDENT)
     distill(run, "digits", tmp_path / "a", cfg, show_progress=False)
 
-    import ufo.deploy.distill as mod
+    import ufo.train.distill as mod
 
     real, calls = mod.distill_terms, {"n": 0}
 

@@ -18,7 +18,9 @@ from test_deploy import make_run
 from ufo.cli import app
 from ufo.config import TaskConfig
 from ufo.data.build import build_task_data
-from ufo.deploy.extend import (
+from ufo.deploy.package import extract_task_model, load_trained, task_model_from_run
+from ufo.errors import ConfigError
+from ufo.train.extend import (
     ExtendConfig,
     ExtendStep,
     add_task,
@@ -27,8 +29,6 @@ from ufo.deploy.extend import (
     load_task_config,
     probe_outputs,
 )
-from ufo.deploy.package import extract_task_model, load_trained, task_model_from_run
-from ufo.errors import ConfigError
 from ufo.train.store import load_model
 
 NEW_CLS = {

@@ -270,7 +270,7 @@ def test_latency_is_measured_at_the_task_size(tmp_path):
 
 def test_a_new_task_may_have_its_own_size(trained):
     from ufo.config import TaskConfig
-    from ufo.deploy.extend import add_task, probe_outputs
+    from ufo.train.extend import add_task, probe_outputs
 
     model, cfg, _ = trained
     tc = TaskConfig.model_validate({"kind": "classification", "img_size": [16, 24], "data": {"recipe": "digits"}})
@@ -283,7 +283,7 @@ def test_a_new_task_may_have_its_own_size(trained):
 
 
 def test_a_timm_cnn_student_takes_height_and_width():
-    from ufo.deploy.distill import DeployError, create_backbone
+    from ufo.train.distill import DeployError, create_backbone
 
     backbone, spec = create_backbone("test_efficientnet", {"channel_multiplier": 0.25}, 3, TALL)
     with torch.no_grad():

@@ -48,7 +48,7 @@ class Suite(str, Enum):  # ufo.demo.SUITES
     full = "full"
 
 
-class ExtendTrain(str, Enum):  # ufo.deploy.extend.MODES
+class ExtendTrain(str, Enum):  # ufo.train.extend.MODES
     head = "head"
     head_expert = "head+expert"
     head_expert_norms = "head+expert+norms"

@@ -1,4 +1,4 @@
-"""`ufo distill`: a task's subnet into a small timm model (thin layer over `ufo.deploy.distill`)."""
+"""`ufo distill`: a task's subnet into a small timm model (thin layer over `ufo.train.distill`)."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def distill(
     """Distil TASK's subnet of a trained run into a small timm model (KL + labels for
     classification; embedding + relational + metric loss for identity tasks). The result is a task
     model that `ufo export` and `ufo serve` take as it is."""
-    from ufo.deploy.distill import DistillConfig, distill_and_compare
-    from ufo.deploy.distill import distill as run
     from ufo.errors import UFOError
+    from ufo.train.distill import DistillConfig, distill_and_compare
+    from ufo.train.distill import distill as run
 
     try:
         kwargs = json.loads(student_kwargs)

@@ -1,4 +1,4 @@
-"""`ufo extend`: add a task to a trained run with few labels (thin layer over `ufo.deploy.extend`)."""
+"""`ufo extend`: add a task to a trained run with few labels (thin layer over `ufo.train.extend`)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def extend(
 ) -> None:
     """Add a new task to RUN_DIR: its own expert (from the shared one), router row and head, trained
     on FRACTION of its labels; every other task's outputs stay bitwise equal (except with --train all)."""
-    from ufo.deploy.extend import ExtendConfig
-    from ufo.deploy.extend import extend as run
+    from ufo.train.extend import ExtendConfig
+    from ufo.train.extend import extend as run
 
     cfg = ExtendConfig(
         train=train.value, fraction=fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads

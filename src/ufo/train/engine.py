@@ -119,11 +119,11 @@ class Engine:
         path: Path,
         step: int,
         manifest: dict[str, Any],
-        sampler_state: dict,
+        loader: MixedLoader,
         model_state: dict[str, torch.Tensor] | None = None,
         optimizer_state: dict[str, Any] | None = None,
     ) -> None:
-        """The exact-resume checkpoint: weights, EMA, optimiser, torch RNG, sampler position and
+        """The exact-resume checkpoint: weights, EMA, optimiser, torch RNG, the loader's position and
         `manifest` (`model_state`/`optimizer_state` replace the modules' own, as FSDP gathers them)."""
         save_train_state(
             path,
@@ -132,14 +132,16 @@ class Engine:
             step,
             manifest,
             ema=self.ema,
-            sampler_state=sampler_state,
+            sampler_state=loader.state_dict(),
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
 
-    def restore(self, path: Path) -> dict[str, Any]:
-        """Load what `save` wrote; returns the manifest (step, sampler, ...)."""
-        return load_train_state(path, self.module, self.optimizer, self.ema)
+    def restore(self, path: Path, loader: MixedLoader) -> int:
+        """Load what `save` wrote, the loader's position included; returns the step to go on from."""
+        m = load_train_state(path, self.module, self.optimizer, self.ema)
+        loader.load_state_dict(m["sampler"])
+        return int(m["step"])
 
 
 class Steps(Protocol):

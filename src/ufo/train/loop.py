@@ -212,9 +212,7 @@ class Trainer:
         if self.fsdp:  # gathered from every rank; rank 0 writes the same format as DDP
             model_state, optim_state = fsdp.full_state(self.step_module, self.engine.optimizer, self._names)
         if self.rank == 0:
-            self.engine.save(
-                self.ckpt_path, self.step, self._manifest(), self.loader.state_dict(), model_state, optim_state
-            )
+            self.engine.save(self.ckpt_path, self.step, self._manifest(), self.loader, model_state, optim_state)
         dist.barrier()
 
     def _shard(self) -> None:
@@ -243,9 +241,7 @@ class Trainer:
                 f"{self.ckpt_path} was written by another config; differing sections: {diff}. "
                 "Use a new --out folder, or the same config to resume."
             )
-        m = self.engine.restore(self.ckpt_path)
-        self.loader.load_state_dict(m["sampler"])
-        self.step = int(m["step"])
+        self.step = self.engine.restore(self.ckpt_path, self.loader)
         return True
 
     # ----- the run -----

@@ -150,7 +150,7 @@ class TuneLoop:
         return finite_backward(losses, cast(torch.Tensor, sum(losses.values())), "the loss term(s)")
 
     def save(self) -> None:
-        self.engine.save(self.ckpt_path, self.step, {"recipe": self.recipe}, self.loader.state_dict())
+        self.engine.save(self.ckpt_path, self.step, {"recipe": self.recipe}, self.loader)
 
     def resume(self) -> bool:
         """Continue from `checkpoints/latest.safetensors`; False when there is none."""
@@ -164,9 +164,7 @@ class TuneLoop:
                 f"{self.ckpt_path} was written by another recipe (differs in {diff}); "
                 "use a new --out folder, or the same settings to resume"
             )
-        m = self.engine.restore(self.ckpt_path)
-        self.loader.load_state_dict(m["sampler"])
-        self.step = int(m["step"])
+        self.step = self.engine.restore(self.ckpt_path, self.loader)
         return True
 
     def fit(self, resume: bool = False, description: str = "train") -> dict[str, Any]:

@@ -43,7 +43,6 @@ from ufo.deploy.package import (
     slice_head,
     task_model_from_run,
 )
-from ufo.deploy.tune import TuneLoop, TuneRecipe
 from ufo.evaluation.protocol import evaluate_model
 from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
@@ -51,6 +50,7 @@ from ufo.tasks.base import EmbeddingTask, Task
 from ufo.train import distributed as dist
 from ufo.train.distill_losses import cosine_embedding, kl_logits, relational
 from ufo.train.optim import build_optimizer
+from ufo.train.tune import TuneLoop, TuneRecipe
 
 
 class DistillConfig(TuneRecipe):

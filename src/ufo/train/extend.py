@@ -39,7 +39,6 @@ from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, TaskConfig, parse_config
 from ufo.data.build import build_task_data
 from ufo.deploy.package import load_trained
-from ufo.deploy.tune import TuneError, TuneLoop, TuneRecipe
 from ufo.errors import ConfigError
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.model import UFOModel
@@ -50,6 +49,7 @@ from ufo.tasks.base import EmbeddingTask
 from ufo.train import distributed as dist
 from ufo.train.optim import build_optimizer
 from ufo.train.store import build_model, save_model
+from ufo.train.tune import TuneError, TuneLoop, TuneRecipe
 
 Mode = Literal["head", "head+expert", "head+expert+norms", "all"]
 MODES: tuple[str, ...] = ("head", "head+expert", "head+expert+norms", "all")
