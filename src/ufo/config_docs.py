@@ -135,7 +135,7 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
             if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
                 continue
             m = re.search(r"#\s*(.+)$", lines[(node.end_lineno or node.lineno) - 1])
-            above = []
+            above: list[str] = []
             i = node.lineno - 2
             while i >= 0 and lines[i].strip().startswith("#"):
                 above.insert(0, lines[i].strip().lstrip("#").strip())

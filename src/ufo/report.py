@@ -181,7 +181,7 @@ def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def warnings(run: dict[str, Any]) -> list[str]:
     """The run's quality flags (`ufo.flags`): poorly ranking metric predictors from the search
     stage, INT8 models slower than FP32 from the export stage."""
-    out = []
+    out: list[str] = []
     for stage in ("search", "export"):
         for r in (run[stage] or {}).values():
             out += (r or {}).get("warnings") or []

@@ -37,7 +37,8 @@ from ufo.config import Config, parse_config
 from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, DataError, UFOError
 from ufo.model import UFOModel
-from ufo.nn.extract import build_extracted, extract, resolve_arch
+from ufo.nn.elastic import bias_of
+from ufo.nn.extract import build_extracted, extract, mark_extracted, resolve_arch
 from ufo.nn.timm_vit import make_pretrained_cfg
 from ufo.tasks import TaskData
 from ufo.tasks.base import EmbeddingTask, Task
@@ -265,15 +266,16 @@ def slice_head(head: Task, dim: int) -> tuple[nn.Module, HeadInfo]:
         primary=head.primary,
         options=head.opts.model_dump(mode="json"),
     )
+    out: EmbeddingHead | LinearHead
     if isinstance(head, EmbeddingTask):
         info.embedding_dim = head.neck.out_features
         out = EmbeddingHead(dim, info.embedding_dim)
         out.neck.weight.copy_(head.neck.weight[:, :dim])
         out.bn.load_state_dict(head.bn.state_dict())
-    elif head.output == "logits" and isinstance(getattr(head, "head", None), nn.Linear):
+    elif head.output == "logits" and isinstance(linear := getattr(head, "head", None), nn.Linear):
         out = LinearHead(dim, head.num_classes)
-        out.fc.weight.copy_(head.head.weight[:, :dim])
-        out.fc.bias.copy_(head.head.bias)
+        out.fc.weight.copy_(linear.weight[:, :dim])
+        bias_of(out.fc).copy_(bias_of(linear))
     else:
         raise DeployError(
             f"task {head.name!r} of kind {head.kind!r} has no deployable head: packaging knows "
@@ -294,7 +296,8 @@ class TaskModel(nn.Module):
         # what timm.data.resolve_model_data_config reads: this model's real preprocessing, not 224 px ImageNet
         cfg = self.timm_cfg()
         self.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("first_conv", "classifier")}
-        backbone.pretrained_cfg = backbone.default_cfg = {
+        # nn.Module.__setattr__ takes any value; torch types it for tensors and modules only
+        backbone.pretrained_cfg = backbone.default_cfg = {  # type: ignore[assignment]
             **getattr(backbone, "pretrained_cfg", {}),
             **cfg,
             "num_classes": 0,
@@ -432,7 +435,7 @@ def extract_task_model(
     backbone = extract(model.backbone, arch, tasks)
     heads, infos = {}, {}
     for t in tasks:
-        heads[t], infos[t] = slice_head(model.heads[t], arch.embed_dim)
+        heads[t], infos[t] = slice_head(model.head(t), arch.embed_dim)
     info = TaskModelInfo(
         tasks=tasks,
         arch=arch,
@@ -449,7 +452,7 @@ def extract_task_model(
         if infos[t].output == "logits":
             infos[t].class_names = list(d.train.class_names)
         if infos[t].kind == "verification":
-            _calibrate(tm, t, model.heads[t], cfg, d)
+            _calibrate(tm, t, model.head(t), cfg, d)
     return tm
 
 
@@ -529,6 +532,7 @@ def load_task_model(path: str | Path) -> TaskModel:
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {bad[:3]}{' ...' if len(bad) > 3 else ''}")
+    backbone: nn.Module
     if info.backbone is None:
         backbone = build_extracted(info.space, info.arch, info.tasks)
     elif len(info.tasks) != 1:
@@ -539,7 +543,7 @@ def load_task_model(path: str | Path) -> TaskModel:
     tm = TaskModel(backbone, heads, info)
     load_state_checked(tm, tensors, path)
     if info.backbone is None:
-        backbone.ufo_arch, backbone.ufo_tasks = info.arch, list(info.tasks)
+        mark_extracted(backbone, info.arch, list(info.tasks))
     return tm.eval()
 
 

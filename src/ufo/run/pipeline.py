@@ -194,7 +194,9 @@ def run_pipeline(
                 console.print(
                     f"[dim]{i + 1}/{len(stages)} {s.name}: done, skipped ({run_dir / s.name / 'done.json'})[/]"
                 )
-                records[s.name] = read_record(run_dir / s.name).model_dump()
+                done = read_record(run_dir / s.name)
+                assert done is not None  # is_valid has just read it
+                records[s.name] = done.model_dump()
                 progress.advance(bar)
                 continue
             stale = read_record(run_dir / s.name)
