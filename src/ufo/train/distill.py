@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ class StudentModel(nn.Module):
 
     @property
     def head(self) -> Task:
-        return self.heads[self.task]
+        return cast(Task, self.heads[self.task])
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -134,7 +134,7 @@ def distill_terms(
     if head.output == "logits":
         out["kl"] = cfg.kl_weight * kl_logits(head(feats), t, cfg.temperature)
         return out
-    emb = head.embed(feats)
+    emb = cast(EmbeddingTask, head).embed(feats)
     proj = emb if student.proj is None else student.proj(emb)
     if cfg.embed_loss == "cosine":
         out["embed"] = cfg.embed_weight * cosine_embedding(proj, t)
@@ -271,6 +271,7 @@ def distill(
         "train_seconds": train_s,
         "recipe": cfg.model_dump(mode="json"),
     }
+    assert tm.info.backbone is not None  # package_student gives the timm backbone's spec
     tm.info.backbone.distilled_from = {
         "source": str(run_dir),
         "task": task,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ def add_task(
     if path not in model.space.paths:
         raise ConfigError(f"the run's space allows paths {model.space.paths}; the new task needs {path!r}")
     torch.manual_seed(seed)
-    classes = {n: h.num_classes for n, h in model.heads.items()} | {name: num_classes}
+    classes = {n: model.head(n).num_classes for n in model.tasks} | {name: num_classes}
     new = build_model(new_cfg, classes)
     old_sd, new_sd = model.state_dict(), new.state_dict()
     T = len(model.tasks)
@@ -163,8 +163,9 @@ def add_task(
             new_sd[k][:T] = v
         else:
             new_sd[k].copy_(v)
-    for i, blk in enumerate(new.backbone.blocks):
-        blk.mlp.experts[name].load_state_dict(model.backbone.blocks[i].mlp.shared.state_dict())
+    old_blocks = model.backbone.super_blocks()
+    for i, blk in enumerate(new.backbone.super_blocks()):
+        blk.mlp.experts[name].load_state_dict(old_blocks[i].mlp.shared.state_dict())
         row = torch.zeros(len(PATHS))
         row[PATHS.index(path)] = 1.0
         new_sd[f"backbone.blocks.{i}.mlp.router_logits"][T] = row
@@ -201,9 +202,9 @@ def fold_affine(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor, bn: 
     const = linear.weight[:, :e] @ shift
     linear.weight[:, :e] *= gain
     if linear.bias is not None:
-        linear.bias += const
+        linear.bias.add_(const)
     elif bn is not None:
-        bn.running_mean -= const
+        cast(torch.Tensor, bn.running_mean).sub_(const)  # BatchNorm1d tracks running stats by default
     elif bool(const.abs().max() > 0):
         raise TuneError("cannot fold a norm shift into a bias-free layer without a BatchNorm after it")
 
@@ -219,31 +220,34 @@ class ExtendStep(nn.Module):
         self.shift = nn.Parameter(torch.zeros(e)) if norms else None
         self.design_flags: dict[str, bool] = {}  # requires_grad as built (a BN-neck bias is frozen by design)
         if norms:
-            for blk in model.backbone.blocks:
-                blk.mlp.experts[task] = NormedExpert(blk.mlp.experts[task], model.space.max_embed_dim)
+            for blk in model.backbone.super_blocks():
+                expert = cast(ElasticMlp, blk.mlp.experts[task])
+                blk.mlp.experts[task] = NormedExpert(expert, model.space.max_embed_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model.backbone(x, self.task)
         return f if self.gain is None else f * self.gain + self.shift
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.task: self.model.heads[self.task].loss(self.features(x), y)}
+        return {self.task: self.model.head(self.task).loss(self.features(x), y)}
 
     @torch.no_grad()
     def fold(self) -> UFOModel:
         """Fold the norm affines into the expert fc1s and the head; returns the plain model."""
-        if self.gain is None:
+        gain, shift = self.gain, self.shift
+        if gain is None or shift is None:
             return self.model
         e = self.model.arch.embed_dim
-        for blk in self.model.backbone.blocks:
-            w = blk.mlp.experts[self.task]
+        for blk in self.model.backbone.super_blocks():
+            w = cast(NormedExpert, blk.mlp.experts[self.task])
             fold_affine(w.expert.fc1, w.gain[:e], w.shift[:e])
             blk.mlp.experts[self.task] = w.expert
-        head = self.model.heads[self.task]
+        head = self.model.head(self.task)
+        linear = getattr(head, "head", None)
         if isinstance(head, EmbeddingTask):
-            fold_affine(head.neck, self.gain, self.shift, head.bn)
-        elif isinstance(getattr(head, "head", None), nn.Linear):
-            fold_affine(head.head, self.gain, self.shift)
+            fold_affine(head.neck, gain, shift, head.bn)
+        elif isinstance(linear, nn.Linear):
+            fold_affine(linear, gain, shift)
         else:
             raise TuneError(f"train 'head+expert+norms': cannot fold the final norm into a {head.kind!r} head")
         self.gain = self.shift = None
@@ -412,7 +416,7 @@ class _GroupView(nn.Module):
     def heads(self) -> nn.ModuleDict:
         return self.inner.model.heads
 
-    def named_parameters(self, *args, **kwargs):  # type: ignore[override]
+    def named_parameters(self, *args, **kwargs):
         for n, p in self.inner.named_parameters():
             if p.requires_grad:
                 yield (n.removeprefix("model."), p)

@@ -19,12 +19,10 @@ run saved under FSDP resumes under DDP or on one process, and the other way roun
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-
-OPTIONS_FULL = dict(full_state_dict=True, cpu_offload=True)
 
 
 def _touch_hook(skip: frozenset[str] = frozenset()):
@@ -85,12 +83,15 @@ def full_state(
     ranks get empty dicts), with the root's own prefix (`model.`) removed. Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    opts = StateDictOptions(**OPTIONS_FULL)
-    model_sd = {k.removeprefix("model."): v for k, v in get_model_state_dict(root, options=opts).items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = cast(dict[str, torch.Tensor], get_model_state_dict(root, options=opts))
+    model_sd = {k.removeprefix("model."): v for k, v in full.items()}
     if optimizer is None:
         return model_sd, None
     assert names is not None
-    return model_sd, optimizer_by_index(get_optimizer_state_dict(root, optimizer, options=opts), names)
+    return model_sd, optimizer_by_index(
+        cast(dict[str, Any], get_optimizer_state_dict(root, optimizer, options=opts)), names
+    )
 
 
 def load_optimizer(root: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], names: list[str]) -> None:

@@ -375,6 +375,7 @@ def init_from_timm(
     elif isinstance(source, Mapping):
         sd, name = dict(source), "<state dict>"
     else:
+        assert source is not None  # exactly one of source and timm_model, checked above
         sd, name = load_state_dict_file(source), str(source)
     sd = {k: v.detach().float() if v.is_floating_point() else v for k, v in sd.items()}
     missing = [
@@ -387,12 +388,12 @@ def init_from_timm(
         )
 
     report = InitReport("timm", name)
-    heads = _timm_heads(sd, vit.space.max_heads, vit.space.head_dim, num_heads, report)
+    layout = _timm_heads(sd, vit.space.max_heads, vit.space.head_dim, num_heads, report)
     w = _Writer(vit, report)
     _map_embeddings(w, sd, vit)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(min(depth, vit.space.max_depth)):
-        _map_block(w, sd, i, vit, heads)
+        _map_block(w, sd, i, vit, layout)
     for p in ("weight", "bias"):
         if f"norm.{p}" in sd:
             w.put(f"norm.{p}", f"norm.{p}", sd[f"norm.{p}"])
@@ -542,7 +543,7 @@ def init_from_run(model: nn.Module, path: str | Path) -> InitReport:
         arch = Arch.model_validate(manifest["arch"])
         copied, replaced = [], set()
         with torch.no_grad():
-            for i, blk in enumerate(vit.blocks):
+            for i, blk in enumerate(vit.super_blocks()):
                 for t in vit.tasks:
                     if i < arch.depth and arch.path(t, i) != "shared":
                         continue  # trained on its task's rows: kept
@@ -574,6 +575,8 @@ def apply_init(model: nn.Module, cfg: Config, out: str | Path | None = None) -> 
         return None
     if i.kind == "timm":
         report = init_from_timm(model, i.path, timm_model=i.timm_model, num_heads=i.timm_num_heads)
+    elif i.path is None:  # the config requires a path for kinds mim and run
+        raise ConfigError(f"init: kind {i.kind!r} needs `path`")
     elif i.kind == "mim":
         report = init_from_mim(model, i.path)
     else:

@@ -128,7 +128,7 @@ class Trainer:
         # per-task shares apply to heterogeneous batches of several tasks; a single task (`--only`)
         # or one task per step (round_robin) fills the whole batch
         quotas = (
-            {n: tc.batch for n, tc in tasks.items()}
+            {n: tc.batch for n, tc in tasks.items() if tc.batch}
             if (self.t.sampler == "hetero" and len(tasks) > 1 and all(tc.batch for tc in tasks.values()))
             else None
         )
@@ -304,7 +304,7 @@ class Trainer:
         """FSDP: a plain model holding the gathered weights on rank 0 (fresh ones elsewhere), at
         the training arch. Every rank must call it."""
         state, _ = fsdp.full_state(self.step_module)
-        model = build_model(self.cfg, {n: h.num_classes for n, h in self.model.heads.items()})
+        model = build_model(self.cfg, {n: self.model.head(n).num_classes for n in self.model.tasks})
         if self.rank == 0:
             model.load_state_dict(state)
         model.set_arch(self.arch)

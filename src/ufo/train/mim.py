@@ -120,13 +120,13 @@ class SimMIM(nn.Module):
     def random_mask(self, batch: int | Images) -> torch.Tensor | list[torch.Tensor]:
         """Masks of a batch: `batch` images at the base size, one (B, C, H, W) tensor at its own
         size, or one mask per chunk of a list of input sizes."""
-        if isinstance(batch, (list, tuple)):
-            return [self.random_mask(c) for c in batch]
         s = self.ufo.space
-        n, size = (
-            (batch.shape[0], tuple(batch.shape[-2:])) if isinstance(batch, torch.Tensor) else (batch, s.input_size())
-        )
-        return random_mask(n, size, s.patch_size, self.mask_patch_size, self.mask_ratio)
+        if isinstance(batch, int):
+            return random_mask(batch, s.input_size(), s.patch_size, self.mask_patch_size, self.mask_ratio)
+        if isinstance(batch, torch.Tensor):
+            size = (batch.shape[-2], batch.shape[-1])
+            return random_mask(batch.shape[0], size, s.patch_size, self.mask_patch_size, self.mask_ratio)
+        return [cast(torch.Tensor, self.random_mask(c)) for c in batch]
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pixels of every patch, (B, N, patch^2 * C), seeing only the unmasked patches."""
@@ -138,13 +138,14 @@ class SimMIM(nn.Module):
         sizes and one mask each (one L1 over all their masked pixels)."""
         p = self.ufo.space.patch_size
         if isinstance(x, torch.Tensor):
-            mask = mask.to(x.device)
-            return masked_l1(self.predict(x, mask), patchify(x, p), mask)
+            m = cast(torch.Tensor, mask).to(x.device)
+            return masked_l1(self.predict(x, m), patchify(x, p), m)
         sums = [
             masked_l1_sums(self.predict(c, m.to(c.device)), patchify(c, p), m.to(c.device))
-            for c, m in zip(x, mask, strict=True)
+            for c, m in zip(x, cast(list[torch.Tensor], mask), strict=True)
         ]
-        return sum(e for e, _ in sums) / sum(n for _, n in sums).clamp_min(1)
+        count = cast(torch.Tensor, sum(n for _, n in sums))
+        return cast(torch.Tensor, sum(e for e, _ in sums)) / count.clamp_min(1)
 
 
 class MimStage(Stage):

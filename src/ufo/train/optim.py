@@ -8,12 +8,13 @@ head and FFN expert scaled by the task's `lr_scale`; margin-loss class centres i
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ufo.config import Config, TrainConfig
+from ufo.tasks.base import Task
 
 NO_DECAY_SUFFIXES = ("router_logits", "mix_logits", "pos_embed", "cls_token")
 
@@ -34,8 +35,10 @@ def _task_of(name: str, tasks: list[str]) -> str | None:
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
     t = cfg.train
-    margin_ids = {id(p) for head in model.heads.values() for p in head.margin_parameters()}
+    heads = cast(nn.ModuleDict, model.heads)
+    margin_ids = {id(p) for head in heads.values() for p in cast(Task, head).margin_parameters()}
     groups: dict[tuple, dict] = {}
+    key: tuple[str, str | float | None]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -68,7 +68,7 @@ def expected_extra(vit: SuperViT, weights: Sequence[float]) -> torch.Tensor:
     The softmax is at temperature 1 (the probabilities whose argmax the routes freeze), not the
     annealed Gumbel temperature, so the cost's gradient does not grow as tau falls.
     """
-    terms = [w * blk.mlp.router_logits.softmax(-1)[:, [TASK, MIX]].sum() for w, blk in zip(weights, vit.blocks)]
+    terms = [w * blk.mlp.router_logits.softmax(-1)[:, [TASK, MIX]].sum() for w, blk in zip(weights, vit.super_blocks())]
     return torch.stack(terms).sum()
 
 
@@ -173,7 +173,7 @@ def routing_report(model: UFOModel, arch: Arch, steps: int, tau: float) -> dict[
     """Frozen routes, per-task path counts, router probabilities, mix weights and the parameter
     counts they lead to (one task alone, and all tasks together)."""
     vit, space = model.backbone, model.space
-    blocks = vit.blocks[: arch.depth]
+    blocks = vit.super_blocks()[: arch.depth]
     probs = {t: [blk.mlp.router_logits[j].softmax(-1).tolist() for blk in blocks] for j, t in enumerate(vit.tasks)}
     mix = {t: [blk.mlp.mix_weights(j).tolist() for blk in blocks] for j, t in enumerate(vit.tasks)}
     shared = arch.model_copy(update={"paths": {t: ["shared"] * arch.depth for t in vit.tasks}})

@@ -89,11 +89,11 @@ def reorder_by_importance(vit: SuperViT) -> dict[str, list[int]]:
 
     Returns the orders applied, keyed like `blocks.0.attn` or `blocks.0.mlp.experts.T`."""
     orders = {}
-    for i, blk in enumerate(vit.blocks):
+    for i, blk in enumerate(vit.super_blocks()):
         orders[f"blocks.{i}.attn"] = reorder_heads(blk.attn).tolist()
         orders[f"blocks.{i}.mlp.shared"] = reorder_mlp(blk.mlp.shared).tolist()
         for t, expert in blk.mlp.experts.items():
-            orders[f"blocks.{i}.mlp.experts.{t}"] = reorder_mlp(expert).tolist()
+            orders[f"blocks.{i}.mlp.experts.{t}"] = reorder_mlp(cast(ElasticMlp, expert)).tolist()
     return orders
 
 
@@ -136,7 +136,7 @@ def freeze_routes(vit: SuperViT, routes: Routes) -> None:
     """Make each router's argmax pick `routes` (a no-op for routes a task supernet froze), so that
     `ufo eval --arch`, extraction and search, which read the routers, take the trained paths."""
     for j, t in enumerate(vit.tasks):
-        for blk, p in zip(vit.blocks, routes[t]):
+        for blk, p in zip(vit.super_blocks(), routes[t]):
             logits = blk.mlp.router_logits[j]
             k = PATHS.index(p)
             if int(logits.argmax()) != k:

@@ -29,12 +29,11 @@ from ufo.config import Config, TrainConfig
 from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource, pk_capacity
 from ufo.errors import CheckpointError, UFOError
-from ufo.nn.vit import Images
 from ufo.tasks import TaskData
 from ufo.train.engine import Engine, Skip, Terms, checkpoint_path, finite_backward, run_steps
 from ufo.train.logs import MetricLog
 
-LossFn = Callable[[Images, torch.Tensor], dict[str, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class TuneRecipe(BaseModel):
@@ -142,9 +141,10 @@ class TuneLoop:
 
     def train_step(self) -> dict[str, float]:
         x, _, y = self.loader.next()
+        assert isinstance(x, torch.Tensor)  # one task: one input size
         return self.engine.step(self.step, self.t, lambda amp: self._backward(x, y, amp), float(len(y)))
 
-    def _backward(self, x: Images, y: torch.Tensor, amp: torch.autocast) -> Terms | Skip:
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, amp: torch.autocast) -> Terms | Skip:
         with amp:
             losses = self.loss_fn(x, y)
         return finite_backward(losses, cast(torch.Tensor, sum(losses.values())), "the loss term(s)")
