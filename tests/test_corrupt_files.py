@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from ufo.checkpoint import MANIFEST_KEY, atomic_write_text, load_checkpoint, save_checkpoint, weights_digest
 from ufo.cli import app
 from ufo.config import parse_config
-from ufo.deploy import extract_task_model, load_task_model, save_task_model
 from ufo.errors import UFOError
+from ufo.taskmodel import extract_task_model, load_task_model, save_task_model
 from ufo.train.store import build_model, load_model, resolve_train_arch, save_model
 
 BIN = Path(sys.executable).parent

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from ufo.demo import demo_config_path
-from ufo.deploy.package import load_task_model
 from ufo.run import STAGE_NAMES
+from ufo.taskmodel import load_task_model
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from ufo.checkpoint import read_manifest, save_supernet
 from ufo.cli import app
 from ufo.config import parse_config
-from ufo.deploy import DeployError, extract_task_model, load_task_model, save_task_model
 from ufo.deploy.onnx_export import (
     OnnxTaskModel,
     calibration_inputs,
@@ -27,8 +26,15 @@ from ufo.deploy.onnx_export import (
     quantize,
     sample_inputs,
 )
-from ufo.deploy.package import load_task_data, load_trained
 from ufo.evaluation.protocol import evaluate_predict
+from ufo.taskmodel import (
+    DeployError,
+    extract_task_model,
+    load_task_data,
+    load_task_model,
+    load_trained,
+    save_task_model,
+)
 from ufo.train.store import arch_from_spec
 
 # A tiny run with one task of each output kind, plus a verification task for thresholds. The space
@@ -104,7 +110,7 @@ def task_model(trained, data):
 
 
 def _images(data, task: str, n: int = 6) -> torch.Tensor:
-    from ufo.deploy.package import Preprocessing
+    from ufo.taskmodel import Preprocessing
 
     cfg = parse_config(TINY)
     return Preprocessing.from_config(cfg).transform()(data[task].eval["test"].images[:n])
@@ -132,8 +138,8 @@ def test_task_model_equals_trained_model_at_its_arch(trained, data, spec):
 
 
 def test_task_model_from_run_at_a_subnet_has_that_subnets_bn_statistics(run, data):
-    from ufo.deploy.package import task_model_from_run
     from ufo.evaluation.protocol import recalibrate_bn
+    from ufo.taskmodel import task_model_from_run
 
     model, cfg, _ = load_trained(run)  # a fresh copy: recalibration changes the heads' buffers
     arch = arch_from_spec("smallest", model.space, model.backbone.routes())

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 from test_deploy import make_run
 from ufo.checkpoint import read_manifest
 from ufo.cli import app
-from ufo.deploy import load_task_model
-from ufo.deploy.package import DeployError, TaskModel, task_model_from_run
+from ufo.taskmodel import DeployError, TaskModel, load_task_model, task_model_from_run
 from ufo.tasks import task_class
 from ufo.train.distill import DistillConfig, StudentModel, create_backbone, distill, distill_terms
 from ufo.train.distill_losses import kl_logits, relational

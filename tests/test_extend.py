@@ -18,8 +18,8 @@ from test_deploy import make_run
 from ufo.cli import app
 from ufo.config import TaskConfig
 from ufo.data.build import build_task_data
-from ufo.deploy.package import extract_task_model, load_trained, task_model_from_run
 from ufo.errors import ConfigError
+from ufo.taskmodel import extract_task_model, load_trained, task_model_from_run
 from ufo.train.extend import (
     ExtendConfig,
     ExtendStep,

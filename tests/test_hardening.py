@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 from ufo.checkpoint import MANIFEST_KEY, CheckpointError, load_checkpoint
 from ufo.config import parse_config
-from ufo.deploy import DeployError, extract_task_model, load_task_model, save_task_model
 from ufo.deploy.onnx_export import export_task
 from ufo.deploy.server import create_app, load_served
 from ufo.errors import ConfigError
+from ufo.taskmodel import DeployError, extract_task_model, load_task_model, save_task_model
 from ufo.train.store import build_model
 
 CFG = {

@@ -23,13 +23,12 @@ from ufo.arch import Arch
 from ufo.checkpoint import save_supernet
 from ufo.cli import app
 from ufo.data.decode import decode
-from ufo.deploy import DeployError, extract_task_model, save_task_model
 from ufo.deploy.hf import CONFIG, WEIGHTS, save_pretrained
-from ufo.deploy.package import load_task_data, load_trained
 from ufo.deploy.predict import read_output
 from ufo.errors import CheckpointError, UFOError
 from ufo.nn import SuperViT, extract
 from ufo.nn.timm_vit import vit_kwargs
+from ufo.taskmodel import DeployError, extract_task_model, load_task_data, load_trained, save_task_model
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def test_every_stage_writes_its_folder_and_done_json(run):
 
 
 def test_search_extract_export_meet_the_budgets(run):
-    from ufo.deploy.package import load_task_model
+    from ufo.taskmodel import load_task_model
 
     ext = json.loads((run / "extract" / "extract.json").read_text())
     assert ext["digits"]["backbone_params"] <= 12000  # pipeline.search.budgets.digits.max_params

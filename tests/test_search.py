@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from helpers import tiny_space
 from ufo.arch import Arch
 from ufo.config import parse_config
-from ufo.deploy.package import load_task_model
 from ufo.errors import SearchError
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.search.features import arch_features
@@ -23,6 +22,7 @@ from ufo.search.metric import TrainedRun
 from ufo.search.optimize import Point, nsga2_search, pareto_front
 from ufo.search.pipeline import fit_predictors, search_task
 from ufo.search.predictor import GPPredictor
+from ufo.taskmodel import load_task_model
 from ufo.train.loop import Trainer
 
 TASK = "digits"

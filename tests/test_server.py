@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from test_deploy import make_run
-from ufo.deploy.package import load_task_data, load_trained
 from ufo.deploy.process import ServeProcess
 from ufo.evaluation.predict import make_predict
+from ufo.taskmodel import load_task_data, load_trained
 
 
 def _png(img: torch.Tensor) -> bytes:
@@ -201,8 +201,8 @@ def test_openapi_lists_the_endpoints_and_errors(server):
 
 def test_onnx_and_task_model_files_served_together(run, library, tmp_path):
     """An exported .onnx file and a task_model file in one process, predictions equal the library's."""
-    from ufo.deploy import extract_task_model, save_task_model
     from ufo.deploy.onnx_export import export_onnx
+    from ufo.taskmodel import extract_task_model, save_task_model
 
     model, cfg, data = library
     export_onnx(extract_task_model(model, None, "digits", cfg), "digits", tmp_path / "digits.onnx")

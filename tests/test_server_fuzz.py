@@ -20,8 +20,8 @@ from PIL import Image
 
 from test_hardening import CFG
 from ufo.config import parse_config
-from ufo.deploy import extract_task_model, save_task_model
 from ufo.deploy.server import Settings, create_app, load_served
+from ufo.taskmodel import extract_task_model, save_task_model
 from ufo.train.store import build_model
 
 MAX_EXAMPLES = 300

@@ -24,9 +24,7 @@ from ufo.arch import SearchSpace
 from ufo.checkpoint import read_manifest
 from ufo.config import parse_config
 from ufo.data.decode import decode
-from ufo.deploy import extract_task_model, load_task_model, save_task_model
 from ufo.deploy.onnx_export import OnnxTaskModel, export_task, read_metadata
-from ufo.deploy.package import load_task_data, load_trained
 from ufo.deploy.server import create_app, load_served
 from ufo.errors import ConfigError
 from ufo.evaluation.predict import make_predict
@@ -34,6 +32,7 @@ from ufo.evaluation.protocol import evaluate_predict
 from ufo.model import UFOModel
 from ufo.nn import SuperViT, extract
 from ufo.nn.extract import MultiTaskViT
+from ufo.taskmodel import extract_task_model, load_task_data, load_task_model, load_trained, save_task_model
 from ufo.tasks import task_class
 
 TALL, SQ = (24, 16), (16, 16)
@@ -189,7 +188,7 @@ def test_single_task_file_records_its_size_and_exports_on_a_streamed_set(trained
 
 
 def test_preprocessing_reads_old_int_sizes_and_writes_height_width():
-    from ufo.deploy.package import Preprocessing
+    from ufo.taskmodel import Preprocessing
 
     stats = {"in_chans": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
     old = Preprocessing.model_validate_json(json.dumps({"img_size": 16, **stats}))  # a manifest from before

@@ -140,8 +140,8 @@ def compute_curves(
 ) -> dict[str, Any]:
     """Task -> its kind's `curves()` on the test split, from the model file given for it."""
     from ufo.config import parse_config
-    from ufo.deploy.package import load_task_data, load_task_model
     from ufo.evaluation.predict import make_predict
+    from ufo.taskmodel import load_task_data, load_task_model
     from ufo.train.store import load_model
 
     cfg = parse_config(run["cfg"], str(run_dir / "config.yaml"))

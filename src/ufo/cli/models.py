@@ -1,5 +1,5 @@
 """Commands on checkpoints and task models: `ufo inspect`, `extract`, `export` and `serve` (thin calls
-into `ufo.checkpoint`, `ufo.nn.extract`, `ufo.deploy.package`, `ufo.deploy.onnx_export` and
+into `ufo.checkpoint`, `ufo.nn.extract`, `ufo.taskmodel`, `ufo.deploy.onnx_export` and
 `ufo.deploy.server`)."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def extract(
         raise UFOError(f"--format {format!r}: expected file or hf")
     folder = format == "hf" or (format is None and (out.is_dir() or not out.suffix))
     if read_manifest(checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint).get("kind") != "supernet":
-        from ufo.deploy.package import save_task_model, task_model_from_run
+        from ufo.taskmodel import save_task_model, task_model_from_run
 
         tm = task_model_from_run(checkpoint, task, arch, data_root=None if data_dir is None else str(data_dir))
         if folder:

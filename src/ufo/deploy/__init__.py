@@ -1,26 +1,7 @@
-"""Deployment: standalone task models, ONNX / INT8 export with parity checks, and an HTTP server."""
+"""Deployment: ONNX / INT8 export with parity checks, an HTTP server, `TaskModel.predict`, and
+Hugging Face style folders. The task model file itself is `ufo.taskmodel`."""
 
 from ufo.deploy.hf import load, save_pretrained
-from ufo.deploy.package import (
-    DeployError,
-    Preprocessing,
-    TaskModel,
-    extract_task_model,
-    load_task_model,
-    open_task_model,
-    save_task_model,
-)
 from ufo.deploy.predict import Prediction
 
-__all__ = [
-    "DeployError",
-    "Prediction",
-    "Preprocessing",
-    "TaskModel",
-    "extract_task_model",
-    "load",
-    "load_task_model",
-    "open_task_model",
-    "save_pretrained",
-    "save_task_model",
-]
+__all__ = ["Prediction", "load", "save_pretrained"]

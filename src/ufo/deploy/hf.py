@@ -25,9 +25,9 @@ from typing import Any
 
 import ufo
 from ufo.checkpoint import atomic_write_text, check_not_run_folder, read_manifest
-from ufo.deploy.package import TaskModel, open_task_model, save_task_model
 from ufo.errors import CheckpointError
 from ufo.nn.timm_vit import NAME, vit_kwargs
+from ufo.taskmodel import TaskModel, open_task_model, save_task_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -24,11 +24,11 @@ import torch
 from ufo.arch import Arch
 from ufo.checkpoint import atomic_write
 from ufo.config import Config
-from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel
 from ufo.evaluation.predict import make_array_predict, model_inputs
 from ufo.evaluation.protocol import evaluate_predict
 from ufo.flags import int8_flag
 from ufo.optional import require, require_extra
+from ufo.taskmodel import DeployError, HeadInfo, Preprocessing, TaskModel
 from ufo.tasks import TaskData
 from ufo.tasks.base import Predict
 
@@ -428,7 +428,7 @@ def export_from(
 ) -> dict[str, Any]:
     """`ufo export`: a task_model file, or a run folder cut at `arch`, to ONNX (and INT8) for one task,
     with the task's data (when found) for the parity inputs, calibration and metrics."""
-    from ufo.deploy.package import load_task_data, open_task_model, task_config
+    from ufo.taskmodel import load_task_data, open_task_model, task_config
 
     tm = open_task_model(source, tasks, arch, data_root)
     task = single_task(tm, tasks)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ufo.data.decode import adapt, decode, from_pil
-from ufo.deploy.package import DeployError, HeadInfo, TaskModel
+from ufo.taskmodel import DeployError, HeadInfo, TaskModel
 
 
 @dataclass

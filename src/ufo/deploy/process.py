@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from ufo.deploy.package import DeployError
+from ufo.taskmodel import DeployError
 
 
 def free_port() -> int:

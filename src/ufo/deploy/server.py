@@ -41,9 +41,9 @@ from pydantic import BaseModel, Field
 
 from ufo.arch import Arch
 from ufo.data.decode import decode  # the library's own decoder, so served inputs equal evaluated ones
-from ufo.deploy.package import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
 from ufo.deploy.predict import read_output
 from ufo.optional import require_extra
+from ufo.taskmodel import DeployError, HeadInfo, Preprocessing, TaskModel, open_task_model
 
 require_extra("serve")  # the packages below are the `serve` extra: one line naming it when one is missing
 

@@ -20,7 +20,7 @@ from ufo.data.transforms import BatchTransform, build_transform
 from ufo.tasks.base import Predict
 
 if TYPE_CHECKING:
-    from ufo.deploy.package import Preprocessing
+    from ufo.taskmodel import Preprocessing
 
 
 def eval_transform(cfg: Config, task: str) -> BatchTransform:

@@ -19,7 +19,7 @@ from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import Predict, Task
 
 if TYPE_CHECKING:
-    from ufo.deploy.package import HeadInfo
+    from ufo.taskmodel import HeadInfo
 
 
 def evaluate_task(predict: Predict, protocol: Task, data: TaskData, seed: int = 0) -> dict[str, float]:

@@ -122,9 +122,9 @@ def chosen_arch(ctx: RunContext, task: str) -> Arch:
 
 def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
-    from ufo.deploy.package import extract_task_model, save_task_model
     from ufo.evaluation.predict import make_predict
     from ufo.evaluation.protocol import evaluate_predict, recalibrate_bn
+    from ufo.taskmodel import extract_task_model, save_task_model
     from ufo.train.store import load_model
 
     out = ctx.dir("extract")
@@ -178,7 +178,7 @@ def export(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """ONNX (and INT8) of every extracted task model: parity, metrics, size and batch-1 latency
     (1 thread) of torch eager, ONNX Runtime fp32 and INT8."""
     from ufo.deploy.onnx_export import OnnxTaskModel, export_task
-    from ufo.deploy.package import load_task_model
+    from ufo.taskmodel import load_task_model
 
     e = ctx.pipe.export
     out = ctx.dir("export")

@@ -110,7 +110,7 @@ def _ort_runner(
     """Export `model` with the deployment exporter (wrapped as a TaskModel without a head) to `out`
     and return a call of an ONNX Runtime session with `threads` intra-op threads on `x`."""
     from ufo.deploy.onnx_export import INPUT, export_onnx, make_session
-    from ufo.deploy.package import HeadInfo, Preprocessing, TaskModel, TaskModelInfo
+    from ufo.taskmodel import HeadInfo, Preprocessing, TaskModel, TaskModelInfo
 
     c = space.in_chans
     info = TaskModelInfo(

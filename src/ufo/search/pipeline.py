@@ -671,7 +671,7 @@ def _candidate(
 
 def _save_model(run: TrainedRun, arch: Arch, path: Path) -> Path:
     """Extract `arch`'s path for the task as a task model (class names, calibrated threshold) and save it."""
-    from ufo.deploy.package import extract_task_model, save_task_model
+    from ufo.taskmodel import extract_task_model, save_task_model
 
     assert run.data is not None  # a search loads its run with the data (it evaluates the candidates)
     tm = extract_task_model(run.model, arch, [run.task], run.cfg, {run.task: run.data}, source=str(run.run_dir))

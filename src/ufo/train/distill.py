@@ -32,19 +32,19 @@ from ufo.arch import ImageSize, as_hw
 from ufo.checkpoint import atomic_write_text
 from ufo.config import Config
 from ufo.data.build import build_task_data
-from ufo.deploy.package import (
+from ufo.evaluation.protocol import evaluate_model
+from ufo.runlock import locks
+from ufo.taskmodel import (
     DeployError,
     TaskModel,
     TaskModelInfo,
     TimmBackbone,
-    _calibrate,
+    calibrate_threshold,
     load_trained,
     save_task_model,
     slice_head,
     task_model_from_run,
 )
-from ufo.evaluation.protocol import evaluate_model
-from ufo.runlock import locks
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask, Task
 from ufo.train import distributed as dist
@@ -166,7 +166,7 @@ def package_student(
         if info.output == "logits":
             info.class_names = list(data.train.class_names)
         if info.kind == "verification":
-            _calibrate(tm, task, student.head, cfg, data)
+            calibrate_threshold(tm, task, student.head, cfg, data)
     return tm
 
 

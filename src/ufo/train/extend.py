@@ -38,12 +38,12 @@ from ufo.arch import PATHS, Arch
 from ufo.checkpoint import atomic_write_text
 from ufo.config import Config, TaskConfig, parse_config
 from ufo.data.build import build_task_data
-from ufo.deploy.package import load_trained
 from ufo.errors import ConfigError
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.model import UFOModel
 from ufo.nn.mlp import ElasticMlp
 from ufo.runlock import locks
+from ufo.taskmodel import load_trained
 from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask
 from ufo.train import distributed as dist

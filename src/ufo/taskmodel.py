@@ -401,7 +401,7 @@ def load_task_data(cfg: Config, tasks: Sequence[str]) -> dict[str, TaskData]:
     return out
 
 
-def _calibrate(tm: TaskModel, task: str, head: Task, cfg: Config, data: TaskData) -> None:
+def calibrate_threshold(tm: TaskModel, task: str, head: Task, cfg: Config, data: TaskData) -> None:
     """Fit a verification task's same/different threshold on its held-out pairs (10-fold protocol)."""
     from ufo.evaluation.predict import make_predict
 
@@ -452,7 +452,7 @@ def extract_task_model(
         if infos[t].output == "logits":
             infos[t].class_names = list(d.train.class_names)
         if infos[t].kind == "verification":
-            _calibrate(tm, t, model.head(t), cfg, d)
+            calibrate_threshold(tm, t, model.head(t), cfg, d)
     return tm
 
 
