@@ -157,6 +157,8 @@ def test_no_hint_for_a_train_folder_or_a_missing_one(tmp_path):
     [("optuna", "search"), ("onnx", "export"), ("fastapi", "serve"), ("onnxruntime.quantization", "export")],
 )
 def test_require_names_the_extra_of_a_missing_package(monkeypatch, module, extra):
+    for loaded in [m for m in sys.modules if m == module.split(".")[0] or m.startswith(module.split(".")[0] + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)  # a submodule imported by an earlier test would still import
     monkeypatch.setitem(sys.modules, module.split(".")[0], None)  # what an uninstalled package looks like
     with pytest.raises(MissingExtra, match=rf"pip install 'ufo-vision\[{extra}\]'"):
         require(module)

@@ -151,6 +151,8 @@ def test_save_pretrained_then_load_gives_the_same_outputs(multi, tmp_path):
     assert u["arch"] == multi.info.arch.model_dump(mode="json") and "space" in u
     loaded = ufo.load(folder)
     assert not loaded.training
+    shown = CliRunner().invoke(app, ["inspect", str(folder)], env={"COLUMNS": "300"})  # the folder, as given
+    assert shown.exit_code == 0 and "task_model" in shown.output and "mnist_ret" in shown.output
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         for t in multi.tasks:
@@ -221,6 +223,28 @@ def test_predict_on_pil_paths_and_arrays_matches_the_forward(digits, tmp_path):
     assert one.indices[0] == int(p.argmax()) and one.top_k[0][1] == pytest.approx(float(p.max()))
     gray = digits.predict(arrs[0][..., :1])  # one channel, lifted to the model's three
     assert gray.output == "logits"
+
+
+def test_predict_takes_uint8_tensors_and_rgba_as_the_arrays_they_hold(digits):
+    arrs = _images(3)
+    want = digits.predict(arrs, k=3)
+
+    def same(got, ref) -> None:  # labels equal, probabilities to float error (batch shapes differ)
+        for g, r in zip(got, ref, strict=True):
+            assert [label for label, _ in g.top_k] == [label for label, _ in r.top_k]
+            assert [p for _, p in g.top_k] == pytest.approx([p for _, p in r.top_k], abs=1e-6)
+
+    chw = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in arrs]
+    same(digits.predict(chw, k=3), want)  # a list of (C, H, W) tensors
+    batch = digits.predict(torch.stack([chw[0], chw[0]]), k=3)  # one (N, C, H, W) tensor: a prediction per image
+    assert isinstance(batch, list)
+    same(batch, [want[0], want[0]])
+    same([digits.predict(chw[0], k=3)], want[:1])  # one tensor: one prediction
+    rgba = [np.concatenate([a, np.full(a.shape[:2] + (1,), 7, np.uint8)], axis=2) for a in arrs]
+    same(digits.predict(rgba, k=3), want)  # alpha dropped
+    same(digits.predict([Image.fromarray(a, "RGBA") for a in rgba], k=3), want)
+    with pytest.raises(DeployError, match=r"image 0: expected a uint8 tensor .*normalises its inputs itself"):
+        digits.predict(chw[0].float() / 255)
 
 
 def test_predict_embeddings_and_thresholds(multi):

@@ -19,7 +19,7 @@ from typing import Any
 
 from ufo.checkpoint import atomic_write, atomic_write_text, read_manifest
 from ufo.errors import UFOError
-from ufo.tasks import TaskData, task_class
+from ufo.tasks import TaskData
 
 TRAIN_STAGES = ("all_in_one", "task_supernet", "chip_supernet")
 Figure = tuple[str, str, Path]  # (section, caption, PNG file)
@@ -141,6 +141,7 @@ def compute_curves(
     """Task -> its kind's `curves()` on the test split, from the model file given for it."""
     from ufo.config import parse_config
     from ufo.evaluation.predict import make_predict
+    from ufo.evaluation.protocol import head_protocol
     from ufo.taskmodel import load_task_data, load_task_model
     from ufo.train.store import load_model
 
@@ -153,8 +154,7 @@ def compute_curves(
         f = files[t]
         if read_manifest(f).get("kind") != "ufo_model":  # an extracted task model
             tm = load_task_model(f)
-            h = tm.info.heads[t]
-            proto = task_class(h.kind)(t, h.options, h.num_classes, 8)
+            proto = head_protocol(t, tm.info.heads[t])
             out[t] = proto.curves(make_predict(tm, t, cfg, cfg.train.eval_batch_size), data[t], seed=cfg.seed)
         else:
             model = loaded.get(f) or loaded.setdefault(f, load_model(f)[0])

@@ -353,8 +353,8 @@ class TaskModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def predict(self, images: Any, task: str | None = None, k: int = 5, batch_size: int = 32) -> Any:
-        """Predictions for PIL images, file paths or uint8 HxWxC arrays (one, or a list): see
-        `ufo.deploy.predict.predict`."""
+        """Predictions for PIL images, file paths, uint8 (H, W, C) arrays or uint8 (C, H, W) tensors
+        (one, a list, or an (N, C, H, W) tensor): see `ufo.deploy.predict.predict`."""
         from ufo.deploy.predict import predict
 
         return predict(self, images, task, k, batch_size)

@@ -28,11 +28,16 @@ def register(app: typer.Typer) -> None:
     app.command()(friendly(serve))
 
 
-def inspect(checkpoint: Path = typer.Argument(..., help="a .safetensors checkpoint written by ufo")) -> None:
+def inspect(
+    checkpoint: Path = typer.Argument(
+        ..., help="a .safetensors checkpoint written by ufo, a run folder, or a save_pretrained folder"
+    ),
+) -> None:
     """Show a checkpoint's manifest: kind, tasks, arch, routes and parameter count."""
     from ufo.checkpoint import read_manifest
+    from ufo.taskmodel import model_file
 
-    m = read_manifest(checkpoint)
+    m = read_manifest(model_file(checkpoint))
     table = Table(title=str(checkpoint), show_header=False)
     for key in ("kind", "ufo_version", "torch_version", "tasks", "num_params"):
         if key in m:

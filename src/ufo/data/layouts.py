@@ -29,11 +29,11 @@ from ufo.data.readers import (
     IMAGE_EXTENSIONS,
     ImageSize,
     OnError,
-    _need,
-    _params,
     decode_set,
+    existing,
     folder_classes,
     list_images,
+    reader_params,
 )
 from ufo.data.store import FileStore
 from ufo.errors import DataError
@@ -90,7 +90,7 @@ def read_market1501(
     gallery with identity -1: `reid_metrics` then ranks them as wrong matches, which is how the
     protocol scores them (it ignores only the junk). The count left out is a warning. A .jpg whose
     name does not follow the pattern is a DataError naming it (on_error="skip": counted warning)."""
-    root = _need(Path(root), "Market-1501 folder")
+    root = existing(Path(root), "Market-1501 folder")
     base = _find_base(root, "bounding_box_train") if root.is_dir() else None
     if base is None:
         raise DataError(
@@ -149,7 +149,7 @@ def read_market1501(
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [base / f for f, _ in _MARKET_PARTS]
-    return cached("read_market1501", stamps, _params(image_size, channels, on_error, lazy=lazy), load)
+    return cached("read_market1501", stamps, reader_params(image_size, channels, on_error, lazy=lazy), load)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +221,12 @@ def read_lfw(
     pairs name, "train" for everyone else (identities disjoint). Without one, no split and no
     pairs. A pair naming a missing image is a DataError naming the pairs file and line (with
     on_error="skip" the pair is left out, counted)."""
-    root = _need(Path(root), "LFW folder")
+    root = existing(Path(root), "LFW folder")
     if not root.is_dir():
         raise DataError(f"LFW folder {root} is not a folder; expected PERSON/PERSON_NNNN.jpg folders")
     images = next((root / d for d in _LFW_DIRS if (root / d).is_dir()), root)
     if pairs is not None:
-        pairs_file: Path | None = _need(Path(pairs), "LFW pairs file")
+        pairs_file: Path | None = existing(Path(pairs), "LFW pairs file")
     else:
         pairs_file = next((d / f for f in _LFW_PAIRS for d in (root, images) if (d / f).is_file()), None)
     exts = tuple(IMAGE_EXTENSIONS)
@@ -257,7 +257,9 @@ def read_lfw(
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [images] + ([pairs_file] if pairs_file is not None else [])
-    return cached("read_lfw", stamps, _params(image_size, channels, on_error, lazy=lazy, pairs=str(pairs_file)), load)
+    return cached(
+        "read_lfw", stamps, reader_params(image_size, channels, on_error, lazy=lazy, pairs=str(pairs_file)), load
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +284,7 @@ def read_sop(
     labels = class_id (the product; class names are the ids, in numeric order), split = "train" /
     "test" from the list file (the official split has disjoint products). A missing image is a
     DataError naming the list file and line (on_error="skip": left out, counted)."""
-    root = _need(Path(root), "Stanford Online Products folder")
+    root = existing(Path(root), "Stanford Online Products folder")
     base = _find_base(root, "Ebay_train.txt", ["Stanford_Online_Products"]) if root.is_dir() else None
     if base is None:
         raise DataError(
@@ -293,7 +295,7 @@ def read_sop(
         paths, classes, split, wheres = [], [], [], []
         missing = _Problems(f"Stanford Online Products {base}", on_error, "image")
         for fname, part in _SOP_LISTS:
-            lst = _need(base / fname, "Stanford Online Products list file")
+            lst = existing(base / fname, "Stanford Online Products list file")
             lines = lst.read_text(encoding="utf-8-sig").splitlines()
             if not lines or [h.lower() for h in lines[0].split()] != _SOP_HEADER:
                 raise DataError(
@@ -322,7 +324,7 @@ def read_sop(
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [base / f for f, _ in _SOP_LISTS]
-    return cached("read_sop", stamps, _params(image_size, channels, on_error, lazy=lazy), load)
+    return cached("read_sop", stamps, reader_params(image_size, channels, on_error, lazy=lazy), load)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ _VAL_SOLUTION = "LOC_val_solution.csv"
 
 def _val_solution(root: Path, given: str | Path | None) -> Path | None:
     if given is not None:
-        return _need(Path(given), "ImageNet validation labels")
+        return existing(Path(given), "ImageNet validation labels")
     # Kaggle's layout keeps it three levels above ILSVRC/Data/CLS-LOC/
     return next(
         (d / _VAL_SOLUTION for d in (root, *list(root.resolve().parents)[:3]) if (d / _VAL_SOLUTION).is_file()), None
@@ -397,7 +399,7 @@ def read_imagenet(
     class_names = the training wnids, sorted; split = "train" / "test" (val), or none without
     val/ (a split is then drawn). A val class that is not a training class, or a CSV line naming a
     missing image, is a DataError naming it (on_error="skip": missing images are left out, counted)."""
-    root = _need(Path(root), "ImageNet folder")
+    root = existing(Path(root), "ImageNet folder")
     train_dir, val = root / "train", root / "val"
     if not train_dir.is_dir():
         raise DataError(
@@ -441,4 +443,6 @@ def read_imagenet(
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [train_dir] + ([val] if val.is_dir() else []) + ([solution] if solution is not None else [])
-    return cached("read_imagenet", stamps, _params(image_size, channels, on_error, lazy=lazy, val=str(solution)), load)
+    return cached(
+        "read_imagenet", stamps, reader_params(image_size, channels, on_error, lazy=lazy, val=str(solution)), load
+    )

@@ -65,13 +65,15 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _need(path: Path, what: str) -> Path:
+def existing(path: Path, what: str) -> Path:
+    """`path`, or a DataError naming `what` when it does not exist."""
     if not path.exists():
         raise DataError(f"{what} {path} does not exist; check the path (relative paths start at {Path.cwd()})")
     return path
 
 
-def _params(image_size: ImageSize, channels: int | None, on_error: str, **kw: Any) -> dict:
+def reader_params(image_size: ImageSize, channels: int | None, on_error: str, **kw: Any) -> dict:
+    """A reader's options, checked, as the key of its cache entry (`cached`)."""
     check_options(channels, on_error)
     return dict(image_size=_size_hw(image_size), channels=channels, on_error=on_error, **kw)
 
@@ -126,7 +128,7 @@ def read_image_folder(
     files in natural order ("s2" before "s10"). Files with other extensions are ignored. An empty
     class folder is an error (or, with on_error="skip", dropped with a warning). With `lazy` the
     files are only listed (one `scandir` per folder, no per-file stat), not decoded."""
-    root = _need(Path(root), "image folder")
+    root = existing(Path(root), "image folder")
     exts = tuple(e.lower() for e in extensions)
 
     def load() -> ImageSet:
@@ -136,7 +138,7 @@ def read_image_folder(
         )
         return decode_set(ds, lazy, image_size, channels, on_error)
 
-    return cached("read_image_folder", [root], _params(image_size, channels, on_error, ext=exts, lazy=lazy), load)
+    return cached("read_image_folder", [root], reader_params(image_size, channels, on_error, ext=exts, lazy=lazy), load)
 
 
 def folder_classes(
@@ -191,7 +193,7 @@ def read_csv_manifest(
     lower case (Train = train), as the tasks name them. Each image's origin
     names its row ("CSV manifest m.csv: row 12 (line 13): path"); a missing file is an error naming
     the row, or with on_error="skip" a counted warning."""
-    path = _need(Path(path), "CSV manifest")
+    path = existing(Path(path), "CSV manifest")
 
     def load() -> ImageSet:
         text = path.read_text(encoding="utf-8-sig")
@@ -242,7 +244,7 @@ def read_csv_manifest(
         )  # fmt: skip
         return decode_set(ds, lazy, image_size, channels, on_error)
 
-    return cached("read_csv_manifest", [path], _params(image_size, channels, on_error, lazy=lazy), load)
+    return cached("read_csv_manifest", [path], reader_params(image_size, channels, on_error, lazy=lazy), load)
 
 
 def _codes_or_unknown(values: list[str]) -> torch.Tensor:
@@ -300,7 +302,7 @@ def read_npz(
     """Arrays in a .npz: images (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or float in [0,1] or
     [0,255]; labels integers or strings; optional identities, cameras and class_names arrays.
     Loaded with allow_pickle=False. An image with NaN/inf values counts as unreadable."""
-    path = _need(Path(path), "npz file")
+    path = existing(Path(path), "npz file")
 
     def load() -> ImageSet:
         try:
@@ -349,7 +351,7 @@ def read_npz(
             name=path.stem, identities=extra.get("identities"), cameras=extra.get("cameras"),
         )  # fmt: skip
 
-    params = _params(image_size, channels, on_error, keys=(images_key, labels_key, identities_key, cameras_key))
+    params = reader_params(image_size, channels, on_error, keys=(images_key, labels_key, identities_key, cameras_key))
     return cached("read_npz", [path], params, load)
 
 
@@ -384,7 +386,7 @@ def read_zip_images(
     once. Origins are "archive.zip:member". Listing reads only the archives' directories."""
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     for p in paths:
-        _need(p, "zip file")
+        existing(p, "zip file")
     exts = tuple(e.lower() for e in extensions)
 
     def load() -> ImageSet:
@@ -421,7 +423,7 @@ def read_zip_images(
         )
         return decode_set(ds, lazy, image_size, channels, on_error)
 
-    params = _params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts, lazy=lazy)
+    params = reader_params(image_size, channels, on_error, depth=class_depth, dedupe=dedupe, ext=exts, lazy=lazy)
     return cached("read_zip_images", paths, params, load)
 
 
@@ -462,7 +464,7 @@ def read_gtsrb(
     identities = a global track id for training images (one per (class, TTTTT) of the file name
     TTTTT_FFFFF.ppm, numbered in that order so ids are unique across classes) and -1 for test
     images, which have no track. `root` may be the folder holding GTSRB/ or GTSRB/ itself."""
-    root = _need(Path(root), "GTSRB folder")
+    root = existing(Path(root), "GTSRB folder")
     base = _gtsrb_base(root)
 
     def load() -> ImageSet:
@@ -526,7 +528,9 @@ def read_gtsrb(
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
     stamps = [base / "Final_Training" / "Images"] + ([base / "Final_Test"] if include_test else [])
-    return cached("read_gtsrb", stamps, _params(image_size, channels, on_error, test=include_test, lazy=lazy), load)
+    return cached(
+        "read_gtsrb", stamps, reader_params(image_size, channels, on_error, test=include_test, lazy=lazy), load
+    )
 
 
 def read_alphadigits_mat(
@@ -538,7 +542,7 @@ def read_alphadigits_mat(
     """Binary Alphadigits `binaryalphadigs.mat` (scipy.io.loadmat): `dat` is a 36 x 39 cell of
     20x16 binary images, `classlabels` the 36 names '0'..'9','A'..'Z'. Returns 1,404 images,
     uint8 0/255, class-major order; origins "binaryalphadigs.mat:dat[i,j]"."""
-    path = _need(Path(path), "MATLAB file")
+    path = existing(Path(path), "MATLAB file")
 
     def load() -> ImageSet:
         import scipy.io
@@ -573,4 +577,4 @@ def read_alphadigits_mat(
             origin=[origins[i] for i in col.kept], name="alphadigits",
         )  # fmt: skip
 
-    return cached("read_alphadigits_mat", [path], _params(image_size, channels, on_error), load)
+    return cached("read_alphadigits_mat", [path], reader_params(image_size, channels, on_error), load)

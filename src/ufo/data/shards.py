@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ufo.data.dataset import ImageSet, cached, encode_values, some
-from ufo.data.readers import ImageSize, OnError, _need, _params, decode_set
+from ufo.data.readers import ImageSize, OnError, decode_set, existing, reader_params
 from ufo.data.store import FileStore, ImageStore, TarStore, ZipStore
 from ufo.errors import DataError
 
@@ -253,7 +253,7 @@ def read_webdataset(
     `class_name` or a `.cls` member's text; `identity`, `camera` and `split` come from the json
     when present (a missing identity or camera is -1). A sample without an image or a label is a
     DataError naming the shard and key (on_error="skip": left out, counted); so is a corrupt shard."""
-    path = _need(Path(path), "webdataset path")
+    path = existing(Path(path), "webdataset path")
     files, index = _shard_files(path)
 
     def load() -> ImageSet:
@@ -328,4 +328,4 @@ def read_webdataset(
         )
         return decode_set(ds, lazy, image_size, channels, on_error, relabel=False)
 
-    return cached("read_webdataset", [path, *files], _params(image_size, channels, on_error, lazy=lazy), load)
+    return cached("read_webdataset", [path, *files], reader_params(image_size, channels, on_error, lazy=lazy), load)

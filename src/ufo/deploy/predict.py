@@ -1,10 +1,13 @@
 """Predictions from Python (`TaskModel.predict`), and the one reading of a task's output that the
 HTTP server shares (`read_output`), so both answer the same for the same image.
 
-Images are PIL images, file paths or uint8 arrays (H, W), (H, W, 1) or (H, W, 3). Each is decoded as
-the server decodes uploads (`ufo.data.decode`: resized to the task's input size), then goes through
-the model's own eval transform (channels, mean, std) and the model, in batches, under
-`torch.inference_mode`.
+Images are PIL images (any mode: RGBA, palette and 16-bit ones are converted as files are), file
+paths, uint8 numpy arrays (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), or uint8 torch tensors in
+torch's layout, (C, H, W) with C in 1, 3 or 4, or a batch (N, C, H, W). Alpha is dropped. Each image
+is decoded as the server decodes uploads (`ufo.data.decode`: resized to the task's input size),
+then goes through the model's own eval transform (channels, mean, std) and the model, in batches,
+under `torch.inference_mode`. Float tensors are refused: the model normalises its inputs itself,
+so it takes the pixels as they are.
 """
 
 from __future__ import annotations
@@ -65,17 +68,28 @@ def to_uint8(image: Any, size_hw: tuple[int, int], where: str) -> torch.Tensor:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         what = f"{where} ({image})" if isinstance(image, (str, Path)) else where
         raise DeployError(f"{what} cannot be read as an image: {e}") from None
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise DeployError(
+                f"{where}: expected a uint8 tensor of shape (C, H, W) with C in 1, 3 or 4 (the model "
+                f"normalises its inputs itself), got {image.dtype} {tuple(image.shape)}"
+            )
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
-        shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
+        shape_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
         if image.dtype != np.uint8 or not shape_ok or min(image.shape[:2]) < 1:
             raise DeployError(
-                f"{where}: expected a uint8 array of shape (H, W), (H, W, 1) or (H, W, 3), "
+                f"{where}: expected a uint8 array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
                 f"got {image.dtype} {image.shape}"
             )
+        if image.ndim == 3 and image.shape[2] == 4:  # RGBA: alpha dropped, as files are read
+            image = image[..., :3]
         return torch.from_numpy(
             np.array(adapt(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image, size_hw, None))
         )
-    raise DeployError(f"{where}: expected a PIL image, a file path or a uint8 numpy array, got {type(image).__name__}")
+    raise DeployError(
+        f"{where}: expected a PIL image, a file path, a uint8 numpy array or a uint8 tensor, got {type(image).__name__}"
+    )
 
 
 def predict(
@@ -90,8 +104,8 @@ def predict(
     tm.check_task(task)
     if k < 1 or batch_size < 1:
         raise DeployError(f"k ({k}) and batch_size ({batch_size}) must be at least 1")
-    single = not isinstance(images, (list, tuple))
-    items: Sequence[Any] = [images] if single else images
+    single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
+    items: Sequence[Any] = [images] if single else list(images)
     pre = tm.info.preprocessing.for_task(task)
     transform, head = pre.transform(), tm.info.heads[task]
     param = next(tm.parameters())
