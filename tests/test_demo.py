@@ -70,6 +70,10 @@ def test_demo_short_run_end_to_end(tmp_path):
     assert found["budget"]["max_latency_fraction"] == 0.5 and found["budget"]["max_latency_ms"] > 0
     chosen = next(c for c in found["candidates"] if c["arch"] == found["arch"])
     assert chosen["meets_budget"] and found["measured_latency_ms"] <= chosen["budget_ms"]
+    stage = json.loads((out / "search" / "search.json").read_text())["mnist"]  # what the report reads
+    assert stage["budget_ms"] == chosen["budget_ms"]
+    report = (out / "report" / "report.md").read_text()
+    assert f"latency_ms <= {chosen['budget_ms']:.3g} (timed beside the chosen subnet)" in report
     for name, row in ext.items():
         assert row["parity"] <= 1e-5 and 0.0 <= row["primary"] <= 1.0
         tm = load_task_model(out / row["file"])  # what `ufo export` and `ufo serve` take

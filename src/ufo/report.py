@@ -142,6 +142,21 @@ def export_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
+def _budget_terms(r: dict[str, Any]) -> list[str]:
+    """A search's budget as `name <= value` terms. A latency budget is the one the chosen subnet
+    was judged against: a relative budget (`latency_fraction`) is timed again beside every
+    measurement, so the value from when the search started may differ under a changing load."""
+    judged = r.get("budget_ms")
+    terms = []
+    for k, v in (r.get("budget") or {}).items():
+        name = k.removeprefix("max_")
+        if name == "latency_ms" and judged is not None:
+            terms.append(f"latency_ms <= {judged:.3g} (timed beside the chosen subnet)")
+        else:
+            terms.append(f"{name} <= {v:g}")
+    return terms
+
+
 def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per task: the budget, the chosen subnet (predicted vs measured), and the predictors' CV quality."""
     cols = [
@@ -160,7 +175,7 @@ def search_table(run: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for t, r in (run["search"] or {}).items():
         p = (run["predictors"] or {}).get(t) or {}
         m, lat = p.get("metric") or {}, p.get("latency") or {}
-        budget = ", ".join(f"{k.removeprefix('max_')} <= {v:g}" for k, v in (r.get("budget") or {}).items())
+        budget = ", ".join(_budget_terms(r))
         rows.append(
             [
                 t,

@@ -102,6 +102,8 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             "json_path": res.json_path,
             "front_size": len(res.front),
             "candidates": len(res.candidates),
+            # the latency budget the chosen subnet was judged against (a relative one is timed beside it)
+            "budget_ms": next((c.budget_ms for c in res.candidates if c.arch == res.arch and c.meets_budget), None),
         }
     files = [ctx.write_json(out / "search.json", results)]
     return files, {
