@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "ddp+ckpt", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "ddp+ckpt", "fsdp", "fsdp+round_robin", "fsdp+router"])
 def test_torchrun_two_processes_match_one(tmp_path, parallel):
     cfg = dict(TINY)
     cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
@@ -113,14 +114,20 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
         "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}, "batch": 16},
     }
     # ddp: the hetero shares give both ranks rows of both tasks on fixed routes, so DDP runs with
-    # a static graph (ufo.train.distributed.wrap); ddp+ckpt adds per-block activation checkpointing
+    # a static graph (ufo.train.distributed.wrap); ddp+ckpt adds per-block activation checkpointing.
+    # fsdp (fixed routes: each expert its own unit, and those of tasks a step lacks are skipped) on
+    # the shared path, where no expert is used, and with one task per step on the task path; with
+    # the router drawing the paths (+router) every weight is reduced on every step.
+    mode, _, variant = parallel.partition("+")
     cfg["train"] = {
         **TINY["train"],
         "steps": 12,
         "log_every": 1,
         "ckpt_every": 6,
-        "parallel": parallel.removesuffix("+ckpt"),
-        "grad_checkpointing": parallel.endswith("+ckpt"),
+        "parallel": mode,
+        "grad_checkpointing": variant == "ckpt",
+        **({"sampler": "round_robin", "paths": "task"} if variant == "round_robin" else {}),
+        **({"paths": None} if variant == "router" else {}),
     }
     path = _write(tmp_path, cfg)
     runs = train_one_and_two_processes(path, tmp_path)  # in one process `parallel` has no effect
@@ -138,8 +145,9 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     assert m2["step"] == 12
     model_keys = lambda s: {k for k in s if k.startswith("model.")}
     assert model_keys(s1) == model_keys(s2)
-    # FSDP gives off-path weights zero gradients (see ufo.train.fsdp), so AdamW keeps state for them
-    assert set(s1) <= set(s2) if parallel == "fsdp" else set(s1) == set(s2)
+    # with fixed routes FSDP steps the weights one process steps; with the router it gives every
+    # weight a (zero) gradient (see ufo.train.fsdp), so AdamW keeps state for more
+    assert set(s1) <= set(s2) if variant == "router" else set(s1) == set(s2)
     assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
     # validation under torchrun: rank 0 alone scores (a gathered copy under FSDP) and writes
     h1, h2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
@@ -147,6 +155,60 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     assert h2["primary"] == pytest.approx(h1["primary"], abs=0.05)
     log = (tmp_path / "two" / "train.log").read_text()
     assert "world size 2" in log and log.count("step 6 validation") == 1 and log.count("step 12/12 loss=") == 1
+
+
+def _torchrun(*args: str) -> None:
+    two = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
+    """FSDP with fixed routes, each expert its own unit: tasks drawn per row (proportional) leave
+    some out of a step (their experts are neither gathered nor reduced nor stepped: fsdp_run.py
+    checks on every rank that their shards stay bitwise, with no gradient and no AdamW step, weight
+    decay on) and some on one rank only (the other runs their experts on zero rows). The losses
+    and weights equal DDP's, and a run stopped halfway resumes exactly."""
+    cfg = dict(TINY)
+    cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
+    cfg["tasks"] = {
+        "digits": {"kind": "classification", "data": {"recipe": "digits"}},
+        "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}},
+        "few": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 60}},
+    }
+    train = {"steps": 8, "batch_size": 8, "log_every": 1, "ckpt_every": 4, "sampler": "proportional", "paths": "task"}
+    cfg["train"] = {**TINY["train"], **train}
+    script = Path(__file__).parent / "fsdp_run.py"
+    for parallel in ("ddp", "fsdp"):
+        _torchrun(
+            str(script),
+            str(_write(tmp_path, {**cfg, "train": {**cfg["train"], "parallel": parallel}}, parallel + ".yaml")),
+            str(tmp_path / parallel),
+        )
+    fsdp = str(tmp_path / "fsdp.yaml")
+    _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--stop", "4")
+    _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--resume")
+
+    seen = [json.loads((tmp_path / "fsdp" / f"tasks{r}.json").read_text()) for r in (0, 1)]
+    first = next(i for i, s in enumerate(seen[0]) if "few" in s["global"])
+    assert any("few" not in s["global"] for s in seen[0][first + 1 :])  # left out after its first step
+    assert any(set(s["local"]) != set(s["global"]) for r in seen for s in r)  # a task on one rank only
+    ddp, resumed = _losses(tmp_path / "ddp"), _losses(tmp_path / "resumed")
+    losses = _losses(tmp_path / "fsdp")
+    assert len(losses) == 8 and max(abs(a - b) for a, b in zip(losses, ddp)) <= 1e-5, (losses, ddp)
+    assert max(abs(a - b) for a, b in zip(losses, resumed)) <= 1e-6, (losses, resumed)
+    w = _weights(tmp_path / "fsdp" / "model.safetensors")
+    for other, tol in ((tmp_path / "ddp", 1e-5), (tmp_path / "resumed", 1e-6)):
+        w2 = _weights(other / "model.safetensors")
+        assert w.keys() == w2.keys() and max(float((w[k] - w2[k]).abs().max()) for k in w) <= tol, other
+    # FSDP kept optimiser state for exactly the weights DDP stepped
+    s1, s2 = (load_checkpoint(tmp_path / r / "checkpoints" / "latest.safetensors")[0] for r in ("ddp", "fsdp"))
+    assert set(s1) == set(s2)
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -176,7 +176,8 @@ class MixedLoader:
 
     `next()` returns (images, task ids, labels) for this rank: images is one float tensor when
     every task in the step has the same input size, else a list with one tensor per size (task ids
-    and labels follow the list's order)."""
+    and labels follow the list's order). `step_tasks` then names the tasks of that step's global
+    batch (every rank's slices together), which every rank knows without communication."""
 
     def __init__(
         self,
@@ -220,6 +221,7 @@ class MixedLoader:
         self._it: Iterator | None = None
         self.skipped: Counter[str] = Counter()
         self._warned = 0
+        self.step_tasks: frozenset[str] = frozenset()  # the tasks of the last step's global batch
 
     # ----- state -----
     def state_dict(self) -> dict:
@@ -268,6 +270,7 @@ class MixedLoader:
         stream = self._stream() if self.streamed else None  # started at the position before this step
         step = self.sampler.step
         plan = self.sampler.next()
+        self.step_tasks = frozenset(plan)
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, tf in self.memory.items():
             idx = plan.get(name)

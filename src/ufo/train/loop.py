@@ -104,6 +104,7 @@ class Trainer:
         inner = self.stage.step_module()
         wrap = self.stage.ddp and not self.fsdp
         self.step_module = dist.wrap(inner, self.world, static=self.steps_alike()) if wrap else inner
+        self.step_tasks: fsdp.StepTasks | None = None  # FSDP with fixed routes: set in _shard()
         self.step = 0
         self.final_metrics: Metrics | None = None  # the last evaluation (rank 0), once fit() has run
 
@@ -141,6 +142,11 @@ class Trainer:
             seed=self.cfg.seed,
         )
 
+    def routes_fixed(self) -> bool:
+        """Whether every task's FFN path is fixed in every block of the training arch (no router
+        draws), so the experts a step uses follow from its tasks."""
+        return all(t in self.arch.paths for t in self.model.tasks)
+
     def steps_alike(self) -> bool:
         """Whether every step uses the same parameters on every rank (DDP then skips its search for
         unused ones; see `dist.wrap`): every task's FFN path is fixed in every block of the arch,
@@ -150,8 +156,7 @@ class Trainer:
         its head's parameters (a margin loss scores every class centre; PML's zero losses stay
         attached to the embeddings). Round-robin and proportional batches leave tasks out; a task
         supernet leaves every path to the router."""
-        fixed = all(t in self.arch.paths for t in self.model.tasks)
-        if not fixed or self.sampler.mode != "hetero":
+        if not self.routes_fixed() or self.sampler.mode != "hetero":
             return False
         quotas = self.sampler.quotas()
         return all(quotas.get(t, 0) >= self.world for t in self.model.tasks)
@@ -197,6 +202,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimisation step on the next batch, through the stage's passes."""
         batch = self.batch()
+        if self.step_tasks is not None:  # FSDP: the experts this step's global batch uses
+            self.step_tasks.set(self.loader.step_tasks)
         step = self.step
         row = self.engine.step(
             step,
@@ -216,10 +223,16 @@ class Trainer:
         dist.barrier()
 
     def _shard(self) -> None:
-        """FSDP: shard the blocks and the rest, then rebuild the optimiser over the shards."""
+        """FSDP: shard the blocks and the rest (with fixed routes each task expert on its own, so a
+        step communicates only the experts its global batch uses), then rebuild the optimiser over
+        the shards."""
         self._names = fsdp.param_names(self.step_module, self.engine.optimizer)
         state = self.engine.optimizer.state_dict()
-        fsdp.shard(self.step_module, self.model.backbone.blocks, self.device.type)
+        blocks = self.model.backbone.super_blocks()
+        if self.routes_fixed() and not any(b.mlp.batched for b in blocks):  # batched reads the experts' weights
+            self.step_tasks = fsdp.shard_experts(self.step_module, blocks, self.model.heads, self.device.type)
+        else:
+            fsdp.shard(self.step_module, blocks, self.device.type)
         self.engine.optimizer = self._optimizer()
         if state["state"]:
             fsdp.load_optimizer(self.step_module, self.engine.optimizer, state, self._names)
