@@ -6,9 +6,8 @@ the step's global batch lacks kept its shard bitwise, got no gradient and was no
 AdamW step count unchanged, no state before its first use), and that the others were stepped; it
 writes each step's global and local tasks to OUT/tasks<rank>.json.
 
-A task with rows on one rank only leaves the other ranks without that task's loss, and
-`dist.mean_across_ranks` (the logged losses) expects the same keys on every rank, so it is
-replaced here by a mean over the ranks that have each key.
+A task with rows on one rank only leaves the other ranks without that task's loss; the logged
+losses (`dist.mean_across_ranks`) average each key over the ranks that have it.
 """
 
 from __future__ import annotations
@@ -19,21 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 import yaml
 
 from ufo.config import parse_config
-from ufo.train import distributed as dist
 from ufo.train.loop import Trainer
-
-
-def mean_of_present(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(keys, sorted(values))
-    names = sorted(set().union(*keys))
-    buf = torch.tensor([[float(values[k]), 1.0] if k in values else [0.0, 0.0] for k in names])
-    tdist.all_reduce(buf)
-    return {k: float(s / n) for k, (s, n) in zip(names, buf)}
 
 
 def check_steps(tr: Trainer) -> list[dict[str, list[str]]]:
@@ -85,8 +73,6 @@ def main() -> None:
     tr = Trainer(parse_config(yaml.safe_load(Path(args.config).read_text())), args.out, show_progress=False)
     if args.stop:  # the config (checked on resume) stays the same
         tr.t = tr.t.model_copy(update={"steps": args.stop})
-    if tr.world > 1:
-        dist.mean_across_ranks = mean_of_present  # type: ignore[assignment]
     seen = check_steps(tr) if tr.fsdp else None
     tr.fit(resume=args.resume)
     if seen is not None:

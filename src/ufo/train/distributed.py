@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import zlib
 
 import torch
 import torch.distributed as tdist
@@ -62,13 +63,31 @@ def wrap(module: nn.Module, world: int, static: bool = False) -> nn.Module:
 
 
 def mean_across_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Scalars averaged over ranks (for logging the global loss), as Python floats."""
+    """Scalars averaged over the ranks that have them (for logging the global loss), as Python floats.
+
+    Ranks may log different keys: a task with rows on some ranks only has a `loss/TASK` there. One
+    small all-reduce compares the key sets (a CRC of the sorted names, as max and -min); when they
+    agree, as in most steps, one all-reduce sums the values. Otherwise the names are gathered and
+    each key is averaged over the ranks that have it."""
     if not tdist.is_initialized():
         return {k: float(v) for k, v in values.items()}
     keys = sorted(values)
-    buf = torch.stack([values[k].float() for k in keys])
-    tdist.all_reduce(buf)
-    return {k: float(v) for k, v in zip(keys, buf / tdist.get_world_size())}
+    device = next(iter(values.values())).device if values else torch.device("cpu")
+    sig = float(zlib.crc32("\0".join(keys).encode()))
+    check = torch.tensor([sig, -sig], dtype=torch.float64, device=device)
+    tdist.all_reduce(check, op=tdist.ReduceOp.MAX)
+    if check[0] == -check[1]:  # the same keys on every rank
+        buf = torch.stack([values[k].float() for k in keys])
+        tdist.all_reduce(buf)
+        return {k: float(v) for k, v in zip(keys, buf / tdist.get_world_size(), strict=True)}
+    gathered: list[list[str] | None] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, keys)
+    names = sorted({k for ks in gathered for k in ks or []})
+    pairs = [[values[k].float(), torch.ones((), device=device)] if k in values else None for k in names]
+    zero = torch.zeros(2, device=device)
+    sums = torch.stack([torch.stack(p) if p is not None else zero for p in pairs])
+    tdist.all_reduce(sums)
+    return {k: float(s / n) for k, (s, n) in zip(names, sums, strict=True)}
 
 
 def barrier() -> None:
