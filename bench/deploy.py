@@ -58,8 +58,8 @@ from ufo.deploy.onnx_export import (
 )
 from ufo.deploy.process import ServeProcess
 from ufo.evaluation.protocol import evaluate_predict
+from ufo.model import arch_from_spec
 from ufo.taskmodel import extract_task_model, load_task_data, load_trained, save_task_model
-from ufo.train.store import arch_from_spec
 
 THREADS = 2
 TASK = "digits"

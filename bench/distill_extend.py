@@ -40,11 +40,11 @@ from ufo.config import Config, load_config, parse_config
 from ufo.data.build import build_task_data
 from ufo.data.sampler import pk_capacity
 from ufo.evaluation.protocol import evaluate_tasks
+from ufo.model import load_model
 from ufo.tasks import task_class
 from ufo.train.distill import DistillConfig, distill_and_compare
 from ufo.train.extend import ExtendConfig, extend, fraction_subset
 from ufo.train.loop import Trainer
-from ufo.train.store import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "configs" / "suite.yaml"

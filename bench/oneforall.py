@@ -63,9 +63,9 @@ from ufo.arch import Arch, SearchSpace
 from ufo.config import Config, InitConfig, load_config, parse_config
 from ufo.data.build import build_all
 from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
+from ufo.model import arch_from_spec, load_model
 from ufo.tasks import TaskData, task_class
 from ufo.train.loop import Trainer
-from ufo.train.store import arch_from_spec, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "configs" / "suite.yaml"

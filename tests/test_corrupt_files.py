@@ -26,8 +26,8 @@ from ufo.checkpoint import MANIFEST_KEY, atomic_write_text, load_checkpoint, sav
 from ufo.cli import app
 from ufo.config import parse_config
 from ufo.errors import UFOError
+from ufo.model import build_model, load_model, resolve_train_arch, save_model
 from ufo.taskmodel import extract_task_model, load_task_model, save_task_model
-from ufo.train.store import build_model, load_model, resolve_train_arch, save_model
 
 BIN = Path(sys.executable).parent
 CFG = {

@@ -27,6 +27,7 @@ from ufo.deploy.onnx_export import (
     sample_inputs,
 )
 from ufo.evaluation.protocol import evaluate_predict
+from ufo.model import arch_from_spec
 from ufo.taskmodel import (
     DeployError,
     extract_task_model,
@@ -35,7 +36,6 @@ from ufo.taskmodel import (
     load_trained,
     save_task_model,
 )
-from ufo.train.store import arch_from_spec
 
 # A tiny run with one task of each output kind, plus a verification task for thresholds. The space
 # has two choices per dimension, so "smallest" and random archs really differ from the largest.

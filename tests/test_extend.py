@@ -19,6 +19,7 @@ from ufo.cli import app
 from ufo.config import TaskConfig
 from ufo.data.build import build_task_data
 from ufo.errors import ConfigError
+from ufo.model import load_model
 from ufo.taskmodel import extract_task_model, load_trained, task_model_from_run
 from ufo.train.extend import (
     ExtendConfig,
@@ -29,7 +30,6 @@ from ufo.train.extend import (
     load_task_config,
     probe_outputs,
 )
-from ufo.train.store import load_model
 
 NEW_CLS = {
     "mnist_cls": {"kind": "classification", "data": {"recipe": "mnist5k", "test_fraction": 0.3, "max_train": 400}}

@@ -19,8 +19,8 @@ from ufo.config import parse_config
 from ufo.deploy.onnx_export import export_task
 from ufo.deploy.server import create_app, load_served
 from ufo.errors import ConfigError
+from ufo.model import build_model
 from ufo.taskmodel import DeployError, extract_task_model, load_task_model, save_task_model
-from ufo.train.store import build_model
 
 CFG = {
     "seed": 0,

@@ -22,13 +22,13 @@ from ufo.checkpoint import load_checkpoint, read_manifest
 from ufo.config import TaskSupernetConfig, parse_config
 from ufo.data.build import build_all
 from ufo.errors import CheckpointError, ConfigError
+from ufo.model import load_model
 from ufo.nn.extract import extract, resolve_arch
 from ufo.nn.moe import MIX, SHARED, TASK
 from ufo.nn.vit import SuperViT
 from ufo.train.init import apply_init, init_from_run
 from ufo.train.loop import Trainer
 from ufo.train.routing import expected_extra, expert_weights, temperature
-from ufo.train.store import load_model
 
 BIN = Path(sys.executable).parent
 MODEL = {

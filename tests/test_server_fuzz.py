@@ -21,8 +21,8 @@ from PIL import Image
 from test_hardening import CFG
 from ufo.config import parse_config
 from ufo.deploy.server import Settings, create_app, load_served
+from ufo.model import build_model
 from ufo.taskmodel import extract_task_model, save_task_model
-from ufo.train.store import build_model
 
 MAX_EXAMPLES = 300
 # digits (logits) and faces (an embedding with a threshold), so that :compare runs to the end too

@@ -16,10 +16,10 @@ from helpers import train_one_and_two_processes
 from ufo.checkpoint import load_checkpoint
 from ufo.config import parse_config
 from ufo.errors import CheckpointError, ConfigError
+from ufo.model import build_model, save_model
 from ufo.train.distill_losses import cosine_embedding, distill_terms, kl_logits, relational
 from ufo.train.loop import Trainer
 from ufo.train.slimming import chip_routes, freeze_routes, reorder_by_importance
-from ufo.train.store import build_model, save_model
 
 BIN = Path(sys.executable).parent
 TINY = {

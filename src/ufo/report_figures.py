@@ -142,8 +142,8 @@ def compute_curves(
     from ufo.config import parse_config
     from ufo.evaluation.predict import make_predict
     from ufo.evaluation.protocol import head_protocol
+    from ufo.model import load_model
     from ufo.taskmodel import load_task_data, load_task_model
-    from ufo.train.store import load_model
 
     cfg = parse_config(run["cfg"], str(run_dir / "config.yaml"))
     tasks = [t for t in files if t in cfg.tasks]

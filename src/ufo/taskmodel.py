@@ -36,7 +36,7 @@ from ufo.checkpoint import check_not_run_folder, load_checkpoint, load_state_che
 from ufo.config import Config, parse_config
 from ufo.data.transforms import BatchTransform, build_transform
 from ufo.errors import CheckpointError, DataError, UFOError
-from ufo.model import UFOModel
+from ufo.model import UFOModel, arch_from_spec, load_model
 from ufo.nn.elastic import bias_of
 from ufo.nn.extract import build_extracted, extract, mark_extracted, resolve_arch
 from ufo.nn.timm_vit import make_pretrained_cfg
@@ -458,8 +458,6 @@ def extract_task_model(
 
 def load_trained(path: str | Path) -> tuple[UFOModel, Config, dict[str, Any]]:
     """(UFOModel, config, manifest) of a run folder or its model file."""
-    from ufo.train.store import load_model
-
     return load_model(model_file(path))
 
 
@@ -477,7 +475,6 @@ def task_model_from_run(
     subnet other than the run's own arch, the heads' BatchNorm statistics re-estimated for that
     subnet (`recalibrate_bn`, as `ufo eval --arch` and `ufo run` do)."""
     from ufo.evaluation.protocol import recalibrate_bn as recalibrate
-    from ufo.train.store import arch_from_spec
 
     model, cfg, _ = load_trained(path)
     if data_root is not None:

@@ -79,8 +79,8 @@ def extract(
     plus sliced heads, preprocessing, classes, thresholds), as one file or a Hugging Face-style
     folder; from a bare supernet: the backbone only."""
     from ufo.checkpoint import load_supernet, read_manifest, save_extracted
+    from ufo.model import arch_from_spec
     from ufo.nn import extract as do_extract
-    from ufo.train.store import arch_from_spec
 
     if format not in (None, "file", "hf"):
         raise UFOError(f"--format {format!r}: expected file or hf")

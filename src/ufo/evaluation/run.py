@@ -10,6 +10,7 @@ from pathlib import Path
 from ufo.checkpoint import atomic_write_text
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.evaluation.subnets import evaluate_subnets, plot_subnets, subnet_specs, subnets_markdown
+from ufo.model import load_model
 
 
 @dataclass
@@ -37,7 +38,6 @@ def evaluate_run(
     random:SEED; `random` adds that many random subnets. With `recalibrate_bn` each subnet's head
     BatchNorm statistics are re-estimated on training images first (as Once-for-All does)."""
     from ufo.data.build import build_task_data
-    from ufo.train.store import load_model  # lazy: train/ imports evaluation/ (validation)
 
     run_dir = Path(run_dir)
     model, cfg, _manifest = load_model(run_dir / "model.safetensors")

@@ -17,7 +17,7 @@ from ufo.arch import Arch, SearchSpace
 from ufo.config import Config
 from ufo.errors import ArchError
 from ufo.evaluation.protocol import evaluate_tasks, recalibrate_bn
-from ufo.model import UFOModel
+from ufo.model import UFOModel, arch_from_spec
 from ufo.tasks import TaskData, task_class
 
 
@@ -26,8 +26,6 @@ def subnet_specs(
 ) -> dict[str, Arch]:
     """Named subnets: each of `specs` (largest, smallest, random:SEED, ARCH.json), then `random`
     more distinct random ones drawn from seeds seed, seed+1, ... (duplicates skipped)."""
-    from ufo.train.store import arch_from_spec  # lazy: train/ imports evaluation/ (validation)
-
     out = {s: arch_from_spec(s, space, routes) for s in specs}
     if random < 0:
         raise ArchError(f"--random must be >= 0, got {random}")

@@ -70,7 +70,7 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
         b = p.search.budget(t)
         limits = {k: v for k, v in b.model_dump().items() if v is not None and k != "backend"}
         if not limits:  # no limit: the largest subnet's size binds nothing, the best predicted metric wins
-            from ufo.train.store import load_model
+            from ufo.model import load_model
 
             model, _, _ = load_model(ctx.dir("chip_supernet") / "model.safetensors")
             limits = {"max_params": model.space.num_params(model.space.largest(model.backbone.routes()), t)}
@@ -126,8 +126,8 @@ def extract(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """Cut each task's chosen subnet out of the chip supernet as a task model, check it, evaluate it."""
     from ufo.evaluation.predict import make_predict
     from ufo.evaluation.protocol import evaluate_predict, recalibrate_bn
+    from ufo.model import load_model
     from ufo.taskmodel import extract_task_model, save_task_model
-    from ufo.train.store import load_model
 
     out = ctx.dir("extract")
     rows: dict[str, Any] = {}

@@ -139,8 +139,8 @@ def subnet_specs(n: int) -> list[str]:
 
 def chip_supernet(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
     """The sandwich-rule supernet on the learned routes, and its inherited subnets evaluated."""
+    from ufo.model import arch_from_spec
     from ufo.train.slimming import ChipStage
-    from ufo.train.store import arch_from_spec
 
     out = ctx.dir("chip_supernet")
     cfg = stage_config(ctx.cfg, "chip_supernet", ctx.run_dir)

@@ -45,8 +45,8 @@ class TrainedRun:
 
     def __init__(self, run_dir: str | Path, task: str, data_root: str | None = None, with_data: bool = True) -> None:
         from ufo.data.build import build_task_data
+        from ufo.model import load_model
         from ufo.taskmodel import model_file
-        from ufo.train.store import load_model
 
         self.run_dir = Path(run_dir)
         self.model_path = model_file(run_dir)

@@ -40,7 +40,7 @@ from ufo.config import Config, TaskConfig, parse_config
 from ufo.data.build import build_task_data
 from ufo.errors import ConfigError
 from ufo.evaluation.protocol import evaluate_tasks
-from ufo.model import UFOModel
+from ufo.model import UFOModel, build_model, save_model
 from ufo.nn.mlp import ElasticMlp
 from ufo.runlock import locks
 from ufo.taskmodel import load_trained
@@ -48,7 +48,6 @@ from ufo.tasks import TaskData, task_class
 from ufo.tasks.base import EmbeddingTask
 from ufo.train import distributed as dist
 from ufo.train.optim import build_optimizer
-from ufo.train.store import build_model, save_model
 from ufo.train.tune import TuneError, TuneLoop, TuneRecipe
 
 Mode = Literal["head", "head+expert", "head+expert+norms", "all"]

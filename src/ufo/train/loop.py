@@ -30,7 +30,7 @@ from ufo.data.loader import Feed, MixedLoader
 from ufo.data.sampler import MixedTaskSampler, TaskSource
 from ufo.errors import CheckpointError, ConfigError
 from ufo.evaluation.protocol import evaluate_tasks, rng_preserved
-from ufo.model import UFOModel
+from ufo.model import UFOModel, build_model, save_model
 from ufo.runlock import run_lock
 from ufo.tasks import TaskData, task_class
 from ufo.train import distributed as dist
@@ -43,7 +43,6 @@ from ufo.train.optim import make_optimizer
 from ufo.train.routing import RoutingStage
 from ufo.train.slimming import ChipStage
 from ufo.train.stage import Batch, Stage
-from ufo.train.store import build_model, save_model
 
 STAGES: dict[str, type[Stage]] = {
     "all_in_one": Stage,

@@ -25,13 +25,12 @@ from ufo.arch import PATHS, Arch, Routes, SearchSpace, hidden_dim
 from ufo.checkpoint import atomic_write, atomic_write_text
 from ufo.config import Config, TaskSupernetConfig
 from ufo.errors import ConfigError
-from ufo.model import UFOModel
+from ufo.model import UFOModel, resolve_train_arch
 from ufo.nn.moe import MIX, TASK
 from ufo.nn.vit import SuperViT
 from ufo.train import distributed as dist
 from ufo.train.engine import Skip, Terms
 from ufo.train.stage import Batch, Stage, TrainStep
-from ufo.train.store import resolve_train_arch
 
 ROUTER_SUFFIXES = ("router_logits", "mix_logits")
 COLOURS = {"shared": "#4c72b0", "task": "#dd8452", "mix": "#55a868"}

@@ -20,10 +20,9 @@ from torch import nn
 
 from ufo.arch import Arch
 from ufo.config import Config
-from ufo.model import UFOModel
+from ufo.model import UFOModel, resolve_train_arch
 from ufo.train.engine import Skip, Terms, finite_backward
 from ufo.train.optim import param_groups
-from ufo.train.store import resolve_train_arch
 
 Batch = tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]  # images, task ids, labels
 
