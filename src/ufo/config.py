@@ -16,19 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ufo.arch import ImageSize, PathName, SearchSpace, as_hw, check_task_name
 from ufo.errors import ConfigError
 
-READERS = (
-    "image_folder",
-    "imagenet",
-    "csv",
-    "market1501",
-    "lfw",
-    "sop",
-    "webdataset",
-    "npz",
-    "zip",
-    "gtsrb",
-    "alphadigits_mat",
-)
 ReaderName = Literal[
     "image_folder",
     "imagenet",
