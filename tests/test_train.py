@@ -172,14 +172,17 @@ def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
     """FSDP with fixed routes, each expert its own unit: tasks drawn per row (proportional) leave
     some out of a step (their experts are neither gathered nor reduced nor stepped: fsdp_run.py
     checks on every rank that their shards stay bitwise, with no gradient and no AdamW step, weight
-    decay on) and some on one rank only (the other runs their experts on zero rows). The losses
-    and weights equal DDP's, and a run stopped halfway resumes exactly."""
+    decay on) and some on one rank only (the other runs their experts on zero rows). "few" has its
+    own input size, so a rank without its rows runs an empty chunk of that size (without it the
+    ranks' passes through the blocks differ and FSDP hangs). The ranks' rows of a task are uneven,
+    so each rank weights its task means by its rows (Stage.share): the losses and weights equal
+    DDP's and one process's, and a run stopped halfway resumes exactly."""
     cfg = dict(TINY)
     cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
     cfg["tasks"] = {
         "digits": {"kind": "classification", "data": {"recipe": "digits"}},
         "mnist": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 800}},
-        "few": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 60}},
+        "few": {"kind": "classification", "data": {"recipe": "mnist5k", "max_train": 60}, "img_size": 12},
     }
     train = {"steps": 8, "batch_size": 8, "log_every": 1, "ckpt_every": 4, "sampler": "proportional", "paths": "task"}
     cfg["train"] = {**TINY["train"], **train}
@@ -191,6 +194,8 @@ def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
             str(tmp_path / parallel),
         )
     fsdp = str(tmp_path / "fsdp.yaml")
+    one = _ufo("train", fsdp, "--out", str(tmp_path / "one"))  # train.parallel has no effect in one process
+    assert one.returncode == 0, one.stderr[-3000:]
     _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--stop", "4")
     _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--resume")
 
@@ -198,12 +203,14 @@ def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
     first = next(i for i, s in enumerate(seen[0]) if "few" in s["global"])
     assert any("few" not in s["global"] for s in seen[0][first + 1 :])  # left out after its first step
     assert any(set(s["local"]) != set(s["global"]) for r in seen for s in r)  # a task on one rank only
-    ddp, resumed = _losses(tmp_path / "ddp"), _losses(tmp_path / "resumed")
+    assert any("few" in s["global"] and "few" not in s["local"] for r in seen for s in r)  # a size on one rank
+    ddp, resumed, single = _losses(tmp_path / "ddp"), _losses(tmp_path / "resumed"), _losses(tmp_path / "one")
     losses = _losses(tmp_path / "fsdp")
     assert len(losses) == 8 and max(abs(a - b) for a, b in zip(losses, ddp)) <= 1e-5, (losses, ddp)
+    assert max(abs(a - b) for a, b in zip(losses, single)) <= 1e-5, (losses, single)
     assert max(abs(a - b) for a, b in zip(losses, resumed)) <= 1e-6, (losses, resumed)
     w = _weights(tmp_path / "fsdp" / "model.safetensors")
-    for other, tol in ((tmp_path / "ddp", 1e-5), (tmp_path / "resumed", 1e-6)):
+    for other, tol in ((tmp_path / "ddp", 1e-5), (tmp_path / "one", 1e-5), (tmp_path / "resumed", 1e-6)):
         w2 = _weights(other / "model.safetensors")
         assert w.keys() == w2.keys() and max(float((w[k] - w2[k]).abs().max()) for k in w) <= tol, other
     # FSDP kept optimiser state for exactly the weights DDP stepped

@@ -108,6 +108,29 @@ def test_tasks_of_different_sizes_come_as_one_chunk_per_size(folder):
     assert ids.tolist() == [0] * 6 + [1] * 10 and len(y) == 16
 
 
+def test_every_size_gives_every_rank_the_global_batch_chunks_in_one_order(folder):
+    """FSDP runs one pass through the blocks per chunk, so every rank must get the same sizes in
+    the same order: with `every_size`, a size this rank has no rows of comes as an empty chunk.
+    A share of 1 row over 2 ranks leaves rank 1 without task a's (first) size."""
+    mem = read_image_folder(folder, image_size=16)
+
+    def loader(rank: int, every_size: bool) -> MixedLoader:
+        sampler = MixedTaskSampler([TaskSource("a", 40), TaskSource("b", 40)], 5, quotas={"a": 1, "b": 4}, seed=1)
+        feeds = [Feed("a", 0, mem, (16, 16)), Feed("b", 1, read_image_folder(folder, image_size=(24, 16)), (24, 16))]
+        return MixedLoader(feeds, sampler, rank=rank, world=2, workers=0, every_size=every_size)
+
+    shapes = {}
+    for rank in (0, 1):
+        ld = loader(rank, every_size=True)
+        x, ids, y = ld.next()
+        shapes[rank] = [tuple(t.shape) for t in x]
+        assert ld.step_rows == {"a": 1, "b": 4} and ld.local_rows() == {"a": 1 - rank, "b": 2}
+        assert ids.tolist() == [0] * (1 - rank) + [1] * 2 and len(y) == 3 - rank
+    assert shapes == {0: [(1, 3, 16, 16), (2, 3, 24, 16)], 1: [(0, 3, 16, 16), (2, 3, 24, 16)]}
+    x, _, _ = loader(1, every_size=False).next()  # without it, rank 1 gets its own sizes only
+    assert isinstance(x, torch.Tensor) and tuple(x.shape) == (2, 3, 24, 16)
+
+
 def test_an_unreadable_file_is_named_or_replaced_by_one_of_its_class_and_counted(folder):
     bad = folder / "c1" / "3.jpg"
     bad.write_bytes(b"this is not a JPEG")

@@ -177,7 +177,12 @@ class MixedLoader:
     `next()` returns (images, task ids, labels) for this rank: images is one float tensor when
     every task in the step has the same input size, else a list with one tensor per size (task ids
     and labels follow the list's order). `step_tasks` then names the tasks of that step's global
-    batch (every rank's slices together), which every rank knows without communication."""
+    batch (every rank's slices together) and `step_rows` their rows in it, which every rank knows
+    without communication.
+
+    With `every_size` (FSDP, where every rank must run the same passes through the blocks), the
+    chunks are those of the global batch: one per input size of its tasks, in the same order on
+    every rank, empty (0 rows) where this rank has no rows of that size."""
 
     def __init__(
         self,
@@ -189,6 +194,7 @@ class MixedLoader:
         device: torch.device | str = "cpu",
         workers: int | None = None,
         prefetch: int = 4,
+        every_size: bool = False,
     ) -> None:
         by_name = {f.name: f for f in feeds}
         missing = [n for n in sampler.names if n not in by_name]
@@ -221,7 +227,14 @@ class MixedLoader:
         self._it: Iterator | None = None
         self.skipped: Counter[str] = Counter()
         self._warned = 0
+        self.every_size = every_size
         self.step_tasks: frozenset[str] = frozenset()  # the tasks of the last step's global batch
+        self.step_rows: dict[str, int] = {}  # and their rows in it
+
+    def local_rows(self) -> dict[str, int]:
+        """This rank's rows of each task of the last step's global batch (0 for some when the
+        global rows of a task are fewer than the ranks)."""
+        return {n: len(range(self.rank, rows, self.world)) for n, rows in self.step_rows.items()}
 
     # ----- state -----
     def state_dict(self) -> dict:
@@ -271,6 +284,7 @@ class MixedLoader:
         step = self.sampler.step
         plan = self.sampler.next()
         self.step_tasks = frozenset(plan)
+        self.step_rows = {name: len(idx) for name, idx in plan.items()}
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, tf in self.memory.items():
             idx = plan.get(name)
@@ -299,16 +313,22 @@ class MixedLoader:
     def _assemble(
         self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Tasks in model order, grouped into one chunk per input size."""
+        """Tasks in model order, grouped into one chunk per input size (with `every_size`, one per
+        size of the global batch's tasks)."""
+        if not parts:
+            raise DataError(f"step {self.sampler.step - 1}: this rank drew no samples (batch smaller than the ranks?)")
         chunks: dict[tuple[int, int], list[tuple[Feed, torch.Tensor, torch.Tensor]]] = {}
         for f in self.feeds:
             if f.name in parts:
                 x, y = parts[f.name]
                 chunks.setdefault((x.shape[-2], x.shape[-1]), []).append((f, x, y))
-        if not chunks:
-            raise DataError(f"step {self.sampler.step - 1}: this rank drew no samples (batch smaller than the ranks?)")
+            elif self.every_size and f.name in self.step_tasks:
+                chunks.setdefault((f.size[0], f.size[1]), [])
         xs, ids, ys = [], [], []
-        for members in chunks.values():
+        for size, members in chunks.items():
+            if not members:  # a size of the global batch without rows here
+                xs.append(torch.zeros(0, self.feeds[0].in_chans, *size, device=self.device))
+                continue
             xs.append(members[0][1] if len(members) == 1 else torch.cat([x for _, x, _ in members]))
             ids += [torch.full((len(y),), f.index, dtype=torch.long, device=y.device) for f, _, y in members]
             ys += [y for _, _, y in members]

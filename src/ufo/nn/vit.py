@@ -46,7 +46,7 @@ class Layout:
 
     @property
     def batch(self) -> int:
-        return self.segments[-1][2]
+        return self.segments[-1][2] if self.segments else 0  # no segments: an empty chunk (FSDP)
 
 
 TaskArg = str | int | torch.Tensor | Layout

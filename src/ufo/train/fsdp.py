@@ -36,7 +36,7 @@ run saved under FSDP resumes under DDP or on one process, and the other way roun
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -86,14 +86,29 @@ def shard(root: nn.Module, units: Iterable[nn.Module], device_type: str) -> None
 
 class StepTasks:
     """The tasks of the step's global batch, as indices into `tasks`, for `shard_experts`'s hooks.
-    Set before each step's forward; every task until the first `set`."""
+    Set before each step's forward; every task until the first `set`.
+
+    Tasks of different input sizes run through the blocks in separate passes (one chunk per size;
+    the loader gives every rank every size of the global batch, empty where it has no rows). With
+    `tokens` (each task's token count) a pass joins only the tasks of its own token count, so an
+    expert runs in one pass per step, not in every pass."""
 
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
         self.present = frozenset(range(len(self.tasks)))
+        self.by_tokens: dict[int, frozenset[int]] = {}
 
-    def set(self, names: Iterable[str]) -> None:
+    def set(self, names: Iterable[str], tokens: Mapping[str, int] | None = None) -> None:
         self.present = frozenset(self.tasks.index(n) for n in names)
+        by: dict[int, set[int]] = {}
+        for t in self.present:
+            if tokens is not None:
+                by.setdefault(tokens[self.tasks[t]], set()).add(t)
+        self.by_tokens = {n: frozenset(ts) for n, ts in by.items()}
+
+    def at(self, tokens: int) -> frozenset[int]:
+        """The tasks a pass over inputs of `tokens` tokens joins (all present ones without `tokens`)."""
+        return self.by_tokens.get(tokens, self.present) if self.by_tokens else self.present
 
 
 def joined(segments: Sequence[Segment], present: Iterable[int]) -> tuple[Segment, ...]:
@@ -117,7 +132,7 @@ def shard_experts(root: nn.Module, blocks: Sequence[SuperBlock], heads: nn.Modul
 
     def join(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x, segments = args
-        return x, joined(segments, step.present)
+        return x, joined(segments, step.at(x.shape[1]))
 
     for blk in blocks:
         for expert in blk.mlp.experts.values():

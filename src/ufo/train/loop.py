@@ -98,12 +98,15 @@ class Trainer:
             device=self.device,
             workers=self.t.workers,
             prefetch=self.t.prefetch,
+            every_size=self.fsdp,  # every rank runs the blocks once per input size of the global batch
         )
         # FSDP shards in fit(), after the initial weights and any resumed state are in place
         inner = self.stage.step_module()
         wrap = self.stage.ddp and not self.fsdp
         self.step_module = dist.wrap(inner, self.world, static=self.steps_alike()) if wrap else inner
         self.step_tasks: fsdp.StepTasks | None = None  # FSDP with fixed routes: set in _shard()
+        p = self.model.space.patch_size
+        self._tokens = {n: 1 + (h // p) * (w // p) for n in cfg.task_names for h, w in [cfg.input_size(n)]}
         self.step = 0
         self.final_metrics: Metrics | None = None  # the last evaluation (rank 0), once fit() has run
 
@@ -201,8 +204,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimisation step on the next batch, through the stage's passes."""
         batch = self.batch()
+        if self.world > 1:  # uneven rows of a task over the ranks: weight their means (Stage.share)
+            self.stage.set_rows(self.loader.local_rows(), self.loader.step_rows, self.world)
         if self.step_tasks is not None:  # FSDP: the experts this step's global batch uses
-            self.step_tasks.set(self.loader.step_tasks)
+            self.step_tasks.set(self.loader.step_tasks, self._tokens)
         step = self.step
         row = self.engine.step(
             step,

@@ -173,7 +173,7 @@ class MimStage(Stage):
         x, _, _ = batch  # labels are never used; x is a list of chunks when input sizes differ
         mask = self.mim.random_mask(x)
         with amp:
-            loss = forward(x, mask)
+            loss = forward(x, mask) * self.batch_share  # uneven rows over the ranks: see Stage.share
         return finite_backward({"mim": loss}, loss, "the masked-pixel (MIM) objective")
 
     def shipped(self, module: nn.Module) -> UFOModel:

@@ -229,14 +229,14 @@ class ChipStage(Stage):
             if label_w > 0:
                 label = head.loss(f, y[rows])
                 terms[f"label/{name}"] = label.detach()
-                total = total + label_w * self.cfg.tasks[name].loss_weight * label
+                total = total + label_w * self.cfg.tasks[name].loss_weight * self.share(name) * label
             if teacher is None:
                 with torch.no_grad():
                     outs[name] = head(f).detach()
             elif c.distill:
                 for k, v in distill_terms(head.output, head(f), teacher[name], c.temperature).items():
                     terms[f"distill/{k}"] = terms.get(f"distill/{k}", 0.0) + v.detach()
-                    total = total + c.distill_weight * v
+                    total = total + c.distill_weight * self.share(name) * v
         return total, terms, outs
 
     def accumulate(
@@ -283,7 +283,7 @@ class ChipStage(Stage):
             return Skip("a sampled subnet")
         if world > 1:
             reduce_across_ranks(self.model, world)
-        return logged
+        return self.global_terms(logged)
 
     def finish(self, final: UFOModel, out: Path) -> None:
         """The shipped model sits at the largest subnet, with its routers picking the trained routes."""

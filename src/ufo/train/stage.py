@@ -49,6 +49,17 @@ class Stage:
         self.cfg, self.model = cfg, model
         self.arch = resolve_train_arch(cfg, model.space) if arch is None else arch
         model.set_arch(self.arch)
+        # Under torchrun, when the ranks' rows of a task are uneven (`set_rows`): each task of the
+        # step's global batch -> this rank's rows of it x world / its global rows; empty when every
+        # share is 1 (one process, even slices). See `share`. `batch_share`: the same over all rows.
+        self.row_shares: dict[str, float] = {}
+        self.batch_share = 1.0
+
+    def set_rows(self, here: dict[str, int], total: dict[str, int], world: int) -> None:
+        """This step's rows of each task on this rank (`here`) and in the global batch (`total`)."""
+        shares = {n: here.get(n, 0) * world / rows for n, rows in total.items()}
+        self.row_shares = {} if all(s == 1.0 for s in shares.values()) else shares
+        self.batch_share = sum(here.values()) * world / sum(total.values())
 
     @classmethod
     def check(cls, cfg: Config) -> None:
@@ -72,8 +83,25 @@ class Stage:
         """The module that maps a batch to named losses (DDP wraps it, FSDP shards it)."""
         return TrainStep(self.model)
 
+    def share(self, task: str) -> float:
+        """The factor on `task`'s mean loss on this rank. DDP and FSDP average the ranks' gradients,
+        so with a task's rows split unevenly (proportional batches, or a share under the world size)
+        the average of the ranks' means is not the mean over the global batch. Weighting each
+        rank's mean by its rows x world / global rows makes it so, for losses that are a mean over
+        rows (cross-entropy, margin losses); pair-mining losses see only their rank's rows anyway."""
+        return self.row_shares.get(task, 1.0)
+
     def total_loss(self, losses: Terms) -> torch.Tensor:
-        return cast(torch.Tensor, sum(self.cfg.tasks[n].loss_weight * v for n, v in losses.items()))
+        return cast(torch.Tensor, sum(self.cfg.tasks[n].loss_weight * self.share(n) * v for n, v in losses.items()))
+
+    def global_terms(self, terms: Terms) -> Terms:
+        """The logged `loss/TASK` of an uneven step, weighted as in `share` and logged by every rank
+        (0 where it has no rows), so that their average over the ranks is the global batch's mean."""
+        if not self.row_shares:
+            return terms
+        zero = terms["loss"].new_zeros(())
+        by_task = {f"loss/{n}": s * terms.get(f"loss/{n}", zero) for n, s in self.row_shares.items()}
+        return {**terms, **by_task}
 
     def backward(self, forward: nn.Module, batch: Batch, step: int, amp: torch.autocast) -> Terms | Skip:
         """The step's forward (through `forward`, the wrapped step module) and backward passes;
@@ -81,7 +109,8 @@ class Stage:
         x, ids, y = batch
         with amp:
             losses = forward(x, ids, y)
-        return finite_backward(losses, self.total_loss(losses))
+        terms = finite_backward(losses, self.total_loss(losses))
+        return terms if isinstance(terms, Skip) else self.global_terms(terms)
 
     def log_fields(self) -> list[str]:
         """metrics.csv columns beyond the losses, lr and throughput."""
