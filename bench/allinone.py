@@ -90,7 +90,7 @@ def throughput(cfg: Config, data: dict[str, TaskData], out: Path, rounds: int) -
     space, arch = ref.model.space, ref.arch
     vit = build_vit(space, arch, space.tasks[0])
     vit.init_weights()
-    ref.model.backbone = TimmBackbone(vit, list(space.tasks))
+    ref.model.backbone = TimmBackbone(vit, list(space.tasks)).to(ref.device)  # beside the heads (a GPU's)
     ref.step_module = TrainStep(ref.model)
     ref.engine = Engine(ref.model, build_optimizer(ref.model, cfg), ref.device)
     times = time_interleaved({"ufo": ufo.train_step, "timm": ref.train_step}, repeats=rounds, warmup=3)

@@ -122,7 +122,7 @@ def fixed_arch_trainer(
         show_progress=show_progress,
     )
     if path is None:
-        tr.arch = arch
+        tr.stage.arch = arch  # what the trainer trains and ships (`Trainer.arch` reads it)
         for m in {id(tr.model): tr.model, id(tr.eval_model()): tr.eval_model()}.values():
             m.set_arch(arch)
     assert tr.arch == arch, (tr.arch, arch)

@@ -1,10 +1,17 @@
 """Shared test fixtures. `shared_data` points at ../shared/data: tests that need it skip with a
-reason when it is absent, and fail instead when CI=true (CI must run them)."""
+reason when it is absent, and fail instead when CI=true (CI must run them).
+
+The suite is a CPU suite: its exactness checks (bitwise resume, one process against torchrun) hold
+for CPU kernels and gloo. On a machine with a GPU it still runs on the CPU (CUDA hidden, for this
+process and the subprocesses it starts) unless UFO_TEST_CUDA=1; bench/gpu_smoke.py covers CUDA."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+if os.environ.get("UFO_TEST_CUDA") != "1":  # before torch first looks for a GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
 import torch

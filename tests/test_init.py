@@ -245,7 +245,10 @@ def test_forward_features_mask_keeps_behaviour_and_state():
 
 def test_mim_run_initialises_an_all_in_one_trainer(tmp_path):
     cfg = tmp_path / "mim.yaml"
-    cfg.write_text(yaml.safe_dump(_cfg("pretrain_mim", mim={"mask_ratio": 0.5})))
+    # with an EMA, the shipped weights (model.safetensors) are the EMA's; its training checkpoint
+    # holds both, and an init from it takes the EMA's too
+    mim_train = {**TRAIN, "stage": "pretrain_mim", "ema_decay": 0.5}
+    cfg.write_text(yaml.safe_dump(_cfg("pretrain_mim", mim={"mask_ratio": 0.5}, train=mim_train)))
     res = subprocess.run(
         [str(BIN / "ufo"), "train", str(cfg), "--out", str(tmp_path / "mim")], capture_output=True, text=True
     )
@@ -271,8 +274,11 @@ def test_mim_run_initialises_an_all_in_one_trainer(tmp_path):
     assert {f"backbone.{k}" for k in trained} <= {o for _, o in report.mapped}
     assert any(k.startswith("backbone.blocks.0.mlp.experts.digits") for k in report.unused_source)
     # the MIM run's training checkpoint works too
+    tr.model.backbone.blocks[0].attn.qkv.weight.data.zero_()
     report2 = init_from_mim(tr.model, tmp_path / "mim" / "checkpoints" / "latest.safetensors")
     assert len(report2.mapped) == len(report.mapped)
+    st = tr.model.backbone.state_dict()
+    assert all(torch.equal(st[k], mim_w["backbone." + k]) for k in trained)  # the EMA's, not the raw weights
     tr.fit()  # an all_in_one run is no MIM run
     assert json.loads((tmp_path / "aio" / "init_report.json").read_text())["kind"] == "mim"
     with pytest.raises(CheckpointError, match="'all_in_one' run, not the model or training checkpoint of a MIM"):

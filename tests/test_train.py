@@ -330,3 +330,14 @@ def test_ddp_static_graph_only_when_every_step_uses_the_same_parameters(tmp_path
     assert not tr.steps_alike()  # the router picks the paths
     tr = trainer({"sampler": "round_robin"})
     assert not tr.steps_alike()  # one task per step
+
+
+def test_torchrun_with_more_ranks_than_gpus_is_refused_naming_the_counts(monkeypatch):
+    """A GPU run needs one GPU per local rank: a clear error, not CUDA's 'invalid device ordinal'."""
+    from ufo.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"train.device: cuda: torchrun started local rank 1, but .* 1 GPU"):
+        distributed.setup("cuda")

@@ -149,6 +149,7 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this rank when there is one
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
+    dist_timeout: float = Field(60.0, gt=0)  # minutes a collective waits under torchrun (rank 0 validates meanwhile)
     arch: str | None = None  # fixed arch for all-in-one training: largest, smallest, random:SEED or ARCH.json
     paths: PathName | None = "shared"  # fixed FFN path for all-in-one training (None: the router decides)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ufo.data import DEFAULT_MEAN, DEFAULT_STD, build_transform, load_recipe
+from ufo.data.transforms import post_transform
 from ufo.errors import ConfigError, DataError
 
 ALL_AUG = dict(hflip=True, crop_padding=4, random_resized_crop=True, rotation=15.0, random_erasing=0.5)
@@ -105,3 +106,16 @@ def test_batch_is_fast(rgb: torch.Tensor):
         tf(x)
     per_batch = (time.perf_counter() - t) / 5
     assert per_batch < 0.25, f"{per_batch * 1e3:.0f} ms for a batch of 128 (expect ~10 ms)"
+
+
+def test_batch_augmentations_run_on_the_batch_device():
+    """A streamed task's batches are normalised and erased on the GPU when there is one. The draws
+    stay on the CPU (its generator) and what they build moves to the batch's device. The meta device
+    stands in for CUDA here: an op mixing a CPU mask or grid with a meta batch fails, as on CUDA."""
+    every = {"random_erasing": 1.0, "hflip": True, "crop_padding": 2, "rotation": 10, "random_resized_crop": 0.5}
+    for tf in (
+        post_transform(16, train=True, augment={"random_erasing": 1.0}),
+        build_transform(16, train=True, augment=every),
+    ):
+        y = tf(torch.zeros(4, 3, 16, 16, dtype=torch.uint8, device="meta"))
+        assert y.device.type == "meta" and y.shape == (4, 3, 16, 16) and y.dtype == torch.float32

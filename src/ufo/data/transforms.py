@@ -145,7 +145,7 @@ class BatchTransform(torch.nn.Module):
         if a["crop_padding"] > 0:
             x = _pad_crop(x, a["crop_padding"], g)
         if a["hflip"]:
-            flip = torch.rand(x.shape[0], generator=g) < 0.5
+            flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
 
@@ -265,9 +265,10 @@ def _affine(x: torch.Tensor, rrc_min: float | None, degrees: float, g: torch.Gen
     theta[:, 0, 0], theta[:, 0, 1] = sx * cos, -sx * sin * (h / w)
     theta[:, 1, 0], theta[:, 1, 1] = sy * sin * (w / h), sy * cos
     # same grid as F.affine_grid(theta, x.shape, align_corners=False), as one matmul (2x faster)
-    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
-    base = torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones(h * w)], dim=1)  # (HW, 3)
+    theta = theta.to(x.device)  # drawn on the CPU (its generator), so a GPU batch gets the same draws
+    ys = (torch.arange(h, dtype=torch.float32, device=x.device) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float32, device=x.device) * 2 + 1) / w - 1
+    base = torch.stack([xs.repeat(h), ys.repeat_interleave(w), torch.ones(h * w, device=x.device)], dim=1)  # (HW, 3)
     grid = (base @ theta.transpose(1, 2)).view(b, h, w, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -280,7 +281,7 @@ def _pad_crop(x: torch.Tensor, pad: int, g: torch.Generator | None) -> torch.Ten
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=g)
     offsets = (torch.arange(h)[:, None] * wp + torch.arange(w)[None]).flatten()  # (HW,)
-    idx = (oy * wp + ox)[:, None] + offsets[None]  # (B, HW): flat index of each kept pixel
+    idx = ((oy * wp + ox)[:, None] + offsets[None]).to(x.device)  # (B, HW): flat index of each kept pixel
     return xp.gather(2, idx[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
 
 
@@ -298,4 +299,6 @@ def random_erasing(x: torch.Tensor, p: float, g: torch.Generator | None) -> torc
     in_y = (ys[None] >= y0[:, None]) & (ys[None] < (y0 + eh)[:, None])  # (B, H)
     in_x = (xs[None] >= x0[:, None]) & (xs[None] < (x0 + ew)[:, None])  # (B, W)
     mask = (in_y[:, :, None] & in_x[:, None, :] & on[:, None, None])[:, None]  # (B, 1, H, W)
-    return x.masked_fill(mask, 0.0)
+    # drawn on the CPU (its generator): a GPU batch (a streamed task's, normalised on the GPU) gets the
+    # same rectangles, and masked_fill needs the mask on the batch's device
+    return x.masked_fill(mask.to(x.device, non_blocking=True), 0.0)

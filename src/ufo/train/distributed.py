@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for `torchrun`: gloo on CPU, NCCL on GPU, DDP (or FSDP on GPU).
+"""torch.distributed plumbing for `torchrun`: gloo on CPU, NCCL on GPU, DDP or FSDP.
 
 Single-process runs go through the same calls, which then do nothing.
 """
@@ -9,6 +9,7 @@ import logging
 import os
 import warnings
 import zlib
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -19,14 +20,26 @@ _console = Console(stderr=True)
 _log = logging.getLogger("ufo.train")  # RUN/train.log while a run is on (ufo.train.logs.run_log)
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
+def setup(kind: str = "auto", timeout_min: float | None = None) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun: NCCL when this
+    rank trains on a GPU (`kind`, as `train.device`), gloo on the CPU. `timeout_min` bounds how long
+    a collective waits (rank 0 validates while the others wait at a barrier)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        tdist.init_process_group(backend)
+        on_gpu = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+        if on_gpu:
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                from ufo.errors import ConfigError
+
+                raise ConfigError(
+                    f"train.device: {kind}: torchrun started local rank {local}, but this machine has {gpus} "
+                    f"GPU(s); start at most {gpus} process(es) per node (--nproc-per-node), or set "
+                    "train.device: cpu"
+                )
+            torch.cuda.set_device(local)
+        timeout = None if timeout_min is None else timedelta(minutes=timeout_min)
+        tdist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
     return (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
 
 

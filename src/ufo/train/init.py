@@ -450,8 +450,9 @@ def init_from_mim(model: nn.Module, path: str | Path) -> InitReport:
             "checkpoint of a MIM pre-training run (train.stage: pretrain_mim)"
         )
     src = MIM_PREFIXES[kind]
-    if kind == "train_state" and any(k.startswith("ema.ufo.backbone.") for k in tensors):
-        src = "ema.ufo.backbone."  # the weights the run would have shipped
+    ema = "ema.module.ufo.backbone."  # timm's ModelEmaV3 keeps its copy as `module`
+    if kind == "train_state" and any(k.startswith(ema) for k in tensors):
+        src = ema  # the weights the run would have shipped
     report = InitReport("mim", str(file))
     w = _Writer(vit, report)
     mine = [k for k in w.state if not _task_specific(k)]

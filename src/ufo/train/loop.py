@@ -62,7 +62,7 @@ class Trainer:
         self.show_progress = show_progress
         stage_cls = STAGES[self.t.stage]
         stage_cls.check(cfg)
-        self.rank, self.world = dist.setup()
+        self.rank, self.world = dist.setup(self.t.device, self.t.dist_timeout)
         self.fsdp = self.t.parallel == "fsdp" and self.world > 1
         if self.fsdp and stage_cls.no_fsdp is not None:
             raise ConfigError(
@@ -305,8 +305,9 @@ class Trainer:
             self.stage.finish(self.eval_model(), self.out)
             final = self._gathered() if self.fsdp else self.eval_model()
             if every:  # the shipped weights, scored as the history's last point
-                self._record(self.step, self.validate(final), log, history, final=True)
+                self._record(self.step, self.score(final), log, history, final=True)
         if self.rank == 0:
+            assert final is not None  # rank 0 holds the gathered model under FSDP
             save_model(self.out / "model.safetensors", final, self.cfg, self.arch)
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
             LOGGER.info(
@@ -317,26 +318,33 @@ class Trainer:
         return summary
 
     # ----- validation and the run log -----
-    def _gathered(self) -> UFOModel:
-        """FSDP: a plain model holding the gathered weights on rank 0 (fresh ones elsewhere), at
-        the training arch. Every rank must call it."""
+    def _gathered(self) -> UFOModel | None:
+        """FSDP: a plain model holding the gathered weights at the training arch, on rank 0 and its
+        device (None on the other ranks, which only take part in the gathering). Every rank must
+        call it."""
         state, _ = fsdp.full_state(self.step_module)
+        if self.rank != 0:
+            return None
         model = build_model(self.cfg, {n: self.model.head(n).num_classes for n in self.model.tasks})
-        if self.rank == 0:
-            model.load_state_dict(state)
+        model.load_state_dict(state)
         model.set_arch(self.arch)
-        return model
+        return model.to(self.device)
 
-    def validate(self, model: UFOModel | None = None) -> Metrics | None:
-        """Every task's metrics on its eval split, computed on rank 0 (None on the others) while
-        the rest wait. `model` defaults to the eval model at the training arch (under FSDP a
-        gathered copy, so every rank must call this). The global random states are restored
-        after: validating never changes what training draws, and resume stays exact."""
+    def validate(self) -> Metrics | None:
+        """Every task's metrics for the eval model at the training arch (under FSDP a gathered copy,
+        so every rank must call this); see `score`."""
         with rng_preserved():
-            if model is None:
-                model = self._gathered().to(self.device) if self.fsdp else self.eval_model()
+            model = self._gathered() if self.fsdp else self.eval_model()
+            if model is not None:
                 model.set_arch(self.arch)
-            metrics = evaluate_tasks(model, self.data, self.cfg) if self.rank == 0 else None
+        return self.score(model)
+
+    def score(self, model: UFOModel | None) -> Metrics | None:
+        """`model`'s metrics on every task's eval split, computed on rank 0 (None on the others)
+        while the rest wait. The global random states are restored after: validating never changes
+        what training draws, and resume stays exact."""
+        with rng_preserved():
+            metrics = evaluate_tasks(model, self.data, self.cfg) if self.rank == 0 and model is not None else None
         dist.barrier()
         return metrics
 
