@@ -148,6 +148,19 @@ class EmbeddingTask(Task):
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         return self.bn(self.neck(features))
 
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The kind's metric loss on the embedding, in float32 with autocast off. The trainers call
+        it under bf16 autocast, where PML's similarity matmuls (losses and miners alike) would run in
+        bf16 even on float32 inputs; PML also casts its class centres to the embedding's dtype. The
+        neck itself may run under autocast."""
+        emb = self.embed(features)
+        with torch.autocast(emb.device.type, enabled=False):
+            return self.embedding_loss(emb.float(), labels)
+
+    @abstractmethod
+    def embedding_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch of float32 embeddings (B, D) with their labels (autocast off)."""
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.embed(features), dim=-1)
 

@@ -49,8 +49,7 @@ class Reid(EmbeddingTask):
         self.triplet = losses.TripletMarginLoss(margin=o.triplet_margin)
         self.miner = miners.BatchHardMiner()
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(features).float()
+    def embedding_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         triplets = self.miner(emb, labels)
         return self.margin(emb, labels) + self.opts.triplet_weight * self.triplet(emb, labels, triplets)
 

@@ -47,8 +47,7 @@ class Retrieval(EmbeddingTask):
         else:
             self.metric, self.miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(features).float()
+    def embedding_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.metric is None:
             return self.margin(emb, labels)
         assert self.miner is not None  # set with every metric loss

@@ -48,9 +48,8 @@ class Verification(EmbeddingTask):
         o = self.opts
         self.margin = margin_loss(o.loss, num_classes, o.embedding_dim, o.margin, o.scale)
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # float32: PML casts its class centres to the embedding dtype, which breaks under autocast.
-        return self.margin(self.embed(features).float(), labels)
+    def embedding_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.margin(emb, labels)
 
     @classmethod
     def split(cls, ds: ImageSet, test_fraction: float, seed: int, use_official: bool) -> TaskData:

@@ -33,9 +33,11 @@ def cosine_embedding(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 
 def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
-    """(B, B) pairwise cosine similarities of the rows of x."""
+    """(B, B) pairwise cosine similarities of the rows of x, with autocast off: its matmul would
+    run in bf16 even on float32 rows."""
     x = F.normalize(_full(x), dim=-1)
-    return x @ x.T
+    with torch.autocast(x.device.type, enabled=False):
+        return x @ x.T
 
 
 def relational(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

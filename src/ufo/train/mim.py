@@ -58,8 +58,9 @@ def random_mask(
 
 
 def masked_l1_sums(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 error summed over the masked patches' pixels, their count)."""
-    err = (pred - target.to(pred.dtype)).abs() * mask.unsqueeze(-1)
+    """(L1 error summed over the masked patches' pixels, their count), in float32: under autocast
+    `pred` is bf16, and rounding the target to it would add a noise floor of about 1e-2."""
+    err = (pred.float() - target.float()).abs() * mask.unsqueeze(-1)
     return err.sum(), mask.sum() * pred.shape[-1]
 
 

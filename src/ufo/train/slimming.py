@@ -232,7 +232,7 @@ class ChipStage(Stage):
                 total = total + label_w * self.cfg.tasks[name].loss_weight * self.share(name) * label
             if teacher is None:
                 with torch.no_grad():
-                    outs[name] = head(f).detach()
+                    outs[name] = head(f).detach().float()  # logits are bf16 under autocast
             elif c.distill:
                 for k, v in distill_terms(head.output, head(f), teacher[name], c.temperature).items():
                     terms[f"distill/{k}"] = terms.get(f"distill/{k}", 0.0) + v.detach()
