@@ -213,3 +213,14 @@ def test_cli_distill_with_the_no_teacher_comparison(run, tmp_path):
         ],
     )
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_cli_distill_takes_device_and_amp(run, tmp_path):
+    out = tmp_path / "bf16"
+    args = ["distill", str(run), "--task", "digits", "--student", "test_efficientnet"]
+    args += ["--student-kwargs", '{"channel_multiplier": 0.25}', "--out", str(out), "--steps", "2"]
+    res = CliRunner().invoke(app, [*args, "--batch-size", "16", "--threads", "1", "--device", "cpu", "--amp", "bf16"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "distill.json").read_text())
+    assert report["recipe"]["device"] == "cpu" and report["recipe"]["amp"] == "bf16"
+    assert report["steps"] == 2 and all(v == v for v in report["student"]["metrics"].values())

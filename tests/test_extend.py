@@ -237,3 +237,48 @@ def test_cli_extend_and_its_errors(run, tmp_path):
     with pytest.raises(ConfigError, match="exactly one task"):
         load_task_config({"a": NEW_CLS["mnist_cls"], "b": NEW_CLS["mnist_cls"]})
     assert isinstance(load_task_config({"tasks": NEW_CLS})[1], TaskConfig)
+
+
+def test_the_norm_affines_move_to_the_training_device_with_the_model(run, cls_data, tmp_path, monkeypatch):
+    """head+expert+norms creates gain/shift after the model is built: they must land on the training
+    device with it, and the optimiser must hold them there. The meta device stands in for a GPU
+    (the test then stops at the training loop)."""
+    import ufo.train.extend as ext
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def loop(module, optimizer, *args, **kwargs):
+        seen["step"] = {n: p.device.type for n, p in module.named_parameters()}
+        seen["optimizer"] = {p.device.type for g in optimizer.param_groups for p in g["params"]}
+        raise Stop
+
+    monkeypatch.setattr(ext.dist, "device", lambda kind="auto": torch.device("meta"))
+    monkeypatch.setattr(ext, "TuneLoop", loop)
+    with pytest.raises(Stop):
+        extend(
+            run,
+            NEW_CLS,
+            tmp_path / "e",
+            ExtendConfig(train="head+expert+norms", steps=1, batch_size=8, threads=1),
+            show_progress=False,
+            data=cls_data,
+        )
+    norms = [n for n in seen["step"] if n.endswith(("gain", "shift"))]
+    assert len(norms) > 2  # the final norm's and every block's expert norm
+    assert set(seen["step"].values()) == {"meta"} and seen["optimizer"] == {"meta"}
+
+
+def test_cli_extend_takes_device_and_amp(run, tmp_path):
+    yml = tmp_path / "new.yaml"
+    yml.write_text(yaml.safe_dump(NEW_CLS))
+    out = tmp_path / "ext"
+    args = ["extend", str(run), "--task-config", str(yml), "--fraction", "0.1", "--out", str(out)]
+    args += ["--train", "head+expert+norms", "--steps", "2", "--batch-size", "16", "--threads", "1"]
+    res = CliRunner().invoke(app, [*args, "--device", "cpu", "--amp", "bf16"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "extend.json").read_text())
+    assert report["recipe"]["device"] == "cpu" and report["recipe"]["amp"] == "bf16"
+    assert all(report["others_unchanged"].values()) and all(v == v for v in report["metrics"].values())

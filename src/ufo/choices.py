@@ -55,6 +55,32 @@ class ExtendTrain(str, Enum):  # ufo.train.extend.MODES
     all = "all"
 
 
+class Device(str, Enum):  # ufo.config.TrainConfig.device, ufo.train.tune.TuneRecipe.device
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Amp(str, Enum):  # ufo.config.TrainConfig.amp, ufo.train.tune.TuneRecipe.amp
+    none = "none"
+    bf16 = "bf16"
+
+
+def device_value(choice: Device, option: str = "--device") -> str:
+    """The library's device string for a `--device` choice. Asking for cuda where torch sees no CUDA
+    device is refused here, with the option's name, before the command loads anything."""
+    if choice is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            from ufo.errors import ConfigError
+
+            raise ConfigError(
+                f"{option} cuda: CUDA is not available (torch sees no CUDA device); use {option} auto or cpu"
+            )
+    return choice.value
+
+
 def value(choice: Enum | None) -> str | None:
     """The string a library call takes for a choice (None stays None)."""
     return None if choice is None else choice.value

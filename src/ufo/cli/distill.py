@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ufo.choices import Amp, Device, device_value
 from ufo.cli.common import console, friendly
 
 
@@ -44,6 +45,8 @@ def distill(
         help="also train the student without the teacher (into OUT/no_teacher) and report the gain",
     ),
     threads: int | None = typer.Option(None, help="torch intra-op threads"),
+    device: Device = typer.Option(Device.auto, help="where it trains (auto: the GPU when there is one)"),
+    amp: Amp = typer.Option(Amp.none, help="bf16: bf16 autocast of the forward and loss"),
     resume: bool = typer.Option(False, help="continue from OUT's latest checkpoint"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="datasets folder (default ../shared/data)"),
 ) -> None:
@@ -73,6 +76,8 @@ def distill(
         temperature=temperature,
         embedding_dim=embedding_dim,
         threads=threads,
+        device=device_value(device),
+        amp=amp.value,
     )
     dr = None if data_dir is None else str(data_dir)
     r = (

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ufo.choices import ExtendTrain
+from ufo.choices import Amp, Device, ExtendTrain, device_value
 from ufo.cli.common import console, friendly
 
 
@@ -30,6 +30,8 @@ def extend(
     lr: float = typer.Option(2e-3, help="peak learning rate (AdamW, warm-up + cosine)"),
     seed: int = typer.Option(0, help="seed of the subset, the new head and the batches"),
     threads: int | None = typer.Option(None, help="torch intra-op threads"),
+    device: Device = typer.Option(Device.auto, help="where it trains (auto: the GPU when there is one)"),
+    amp: Amp = typer.Option(Amp.none, help="bf16: bf16 autocast of the forward and loss"),
     resume: bool = typer.Option(False, help="continue from OUT's latest checkpoint"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="datasets folder (default ../shared/data)"),
 ) -> None:
@@ -39,7 +41,15 @@ def extend(
     from ufo.train.extend import extend as run
 
     cfg = ExtendConfig(
-        train=train.value, fraction=fraction, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads
+        train=train.value,
+        fraction=fraction,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        device=device_value(device),
+        amp=amp.value,
     )
     r = run(run_dir, task_config, out, cfg, None if data_dir is None else str(data_dir), resume)
     p = r["primary"]

@@ -330,8 +330,10 @@ def extend(
     before = probe_outputs(old, old.tasks)
     del old
 
-    model.to(dist.device(cfg.device))  # trained on the GPU when there is one; probed and saved on the CPU
     step = ExtendStep(model, name, cfg.train == "head+expert+norms")
+    # trained on the GPU when there is one (probed and saved on the CPU): the step moves as a whole, so
+    # the norm affines it has just created join the model there, before the optimiser is built
+    step.to(dist.device(cfg.device))
     params = select_trainable(step, cfg.train)
     tcfg = new_cfg.model_copy(update={"train": cfg.train_config(run_cfg.train.eval_batch_size)})
     optimizer = build_optimizer(_GroupView(step), tcfg)
