@@ -219,3 +219,50 @@ def test_the_pipeline_checks_its_extras_before_training(monkeypatch, tmp_path):
     with pytest.raises(MissingExtra, match=r"ufo-vision\[search\]"):
         run_pipeline(demo_config(), tmp_path / "run")
     assert not (tmp_path / "run" / "all_in_one").exists()
+
+
+# ----- --device and --amp
+
+
+def test_device_and_amp_choices_equal_the_recipe_fields():
+    from ufo.config import TrainConfig
+    from ufo.train.tune import TuneRecipe
+
+    for model in (TrainConfig, TuneRecipe):
+        assert tuple(m.value for m in choices.Device) == get_args(model.model_fields["device"].annotation)
+        assert tuple(m.value for m in choices.Amp) == get_args(model.model_fields["amp"].annotation)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "{run}"],
+        ["distill", "{run}", "-t", "a", "--student", "resnet10t", "--out", "{run}/d"],
+        ["extend", "{run}", "--task-config", "{run}/t.yaml", "--out", "{run}/e"],
+        ["search", "{run}", "-t", "a", "--out", "{run}/s", "--max-params", "1e6"],
+        ["predictor", "fit", "{run}", "-t", "a", "--metric"],
+    ],
+)
+def test_device_cuda_without_cuda_is_one_line_naming_the_option(monkeypatch, tmp_path, args):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = invoke(*(a.format(run=tmp_path) for a in args), "--device", "cuda")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "--device cuda: CUDA is not available" in " ".join(res.output.split())
+
+
+def test_eval_on_a_chosen_device_writes_the_metrics_of_the_library_call(tmp_path_factory, tmp_path):
+    import json
+    import shutil
+
+    from test_deploy import make_run
+    from ufo.evaluation.run import evaluate_run
+
+    run = tmp_path / "run"  # a copy: eval writes beside the model, and the session's run is shared
+    shutil.copytree(make_run(tmp_path_factory), run)
+    res = invoke("eval", str(run), "--task", "digits", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    got = json.loads((run / "eval.json").read_text())["metrics"]
+    assert list(got) == ["digits"] and 0 <= got["digits"]["top1"] <= 1
+    assert json.loads(evaluate_run(run, tasks=["digits"], device="cpu").json_path.read_text())["metrics"] == got

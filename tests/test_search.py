@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from helpers import tiny_space
 from ufo.arch import Arch
 from ufo.config import parse_config
-from ufo.errors import SearchError
+from ufo.errors import ConfigError, SearchError
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.search.features import arch_features
 from ufo.search.metric import TrainedRun
@@ -377,3 +377,43 @@ def test_a_relative_budget_moves_with_the_machine_speed_between_measurements(run
     limit = floor + 0.5 * (hi - floor)  # the budget in the speed-free units of the fake timings
     for c in r.candidates:
         assert c.meets_budget == (0.1 + run.space.flops(c.arch, TASK) / 1e6 <= limit + 1e-12)
+
+
+def test_trained_run_evaluates_on_the_device_it_is_given(run_dir, run, monkeypatch):
+    cpu = TrainedRun(run_dir, TASK, device="cpu")
+    assert cpu.device == torch.device("cpu") and next(cpu.model.parameters()).device == cpu.device
+    a = run.sample(2, seed=5)[1]
+    assert cpu.evaluate(a) == pytest.approx(run.evaluate(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="cuda"):
+        TrainedRun(run_dir, TASK, device="cuda")
+
+
+def test_cached_cuda_latencies_are_reused_only_on_the_same_gpu(run, tmp_path, monkeypatch):
+    """Timings key on the machine: the CPU model for every backend, and the GPU for cuda (fake
+    timings and a fake machine; no GPU needed)."""
+    import ufo.search.latency as latency_mod
+    import ufo.search.pipeline as pl
+    from ufo.search.latency import Latency
+
+    machine = {"cpu": "CPU-X", "gpu": "GPU-A"}
+    calls = []
+
+    def timings(space, archs, task, backend, *args, **kwargs):
+        calls.append((backend, machine["gpu"]))
+        ms = [0.1 + space.flops(a, task) / 1e6 for a in archs]
+        return [Latency(median_ms=m, q1_ms=m, q3_ms=m, n=3) for m in ms]
+
+    for mod in (pl, latency_mod):
+        monkeypatch.setattr(mod, "machine_info", lambda: dict(machine))
+    monkeypatch.setattr(latency_mod, "measure_many", timings)
+    monkeypatch.setattr(latency_mod, "check_backend", lambda backend: None)  # "cuda" without a GPU
+
+    def fit(backend):
+        paths = pl.predictor_paths(tmp_path, TASK, backend)
+        return pl._latency_predictor(run, paths, backend, 10, 0, 1, 1, None, False, False)[1]["cached"]
+
+    assert [fit("cuda"), fit("cuda"), fit("torch-cpu")] == [False, True, False]
+    machine["gpu"] = "GPU-B"  # another GPU in a host with the same CPU
+    assert [fit("cuda"), fit("torch-cpu")] == [False, True]
+    assert calls == [("cuda", "GPU-A"), ("torch-cpu", "GPU-A"), ("cuda", "GPU-B")]

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ufo.choices import LatencyBackend
+from ufo.choices import Device, LatencyBackend, device_value
 from ufo.cli.common import DataDirOpt, console, friendly
 from ufo.errors import UFOError
 
@@ -75,6 +75,9 @@ def predictor_fit(
     samples: int | None = typer.Option(None, help="run folder: both of the above at once"),
     threads: int = typer.Option(1, help="run folder: threads for latency measurement"),
     refit: bool = typer.Option(False, help="run folder: collect and fit again even if a cached predictor matches"),
+    device: Device = typer.Option(
+        Device.auto, help="run folder: where subnet metrics are evaluated (auto: the GPU when there is one)"
+    ),
     data_dir: Path | None = DataDirOpt,
     folds: int = typer.Option(5, help="cross-validation folds (latency dataset)"),
     seed: int = typer.Option(0, help="seed of the subnet sample, folds and the kernel optimiser"),
@@ -108,6 +111,7 @@ def predictor_fit(
             threads=threads,
             refit=refit,
             data_root=None if data_dir is None else str(data_dir),
+            device=device_value(device),
             **n,
         )
         for k in ("metric", "latency"):
@@ -162,6 +166,9 @@ def search(
     ),
     seed: int = typer.Option(0, help="seed of the subnet samples and of NSGA-II"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="datasets folder (default: the run's)"),
+    device: Device = typer.Option(
+        Device.auto, help="where subnet metrics are evaluated (auto: the GPU when there is one)"
+    ),
 ) -> None:
     """Search the run's subnets for the best predicted metric under the budget (NSGA-II on GP
     predictors, fitted on first use and cached in RUN_DIR/predictors), measure the top
@@ -186,6 +193,7 @@ def search(
         threads=threads,
         batch=batch_size,
         data_root=None if data_dir is None else str(data_dir),
+        device=device_value(device),
     )
     table = Table(title=f"{task}: measured candidates (budget {r.budget})")
     for col in ("step", "depth/embed", "params", f"{r.metric} pred/meas", "ms pred/meas (median)", "meets"):

@@ -9,6 +9,7 @@ import typer
 import yaml
 from rich.table import Table
 
+from ufo.choices import Device, device_value
 from ufo.cli.common import ConfigArg, DataDirOpt, SetOpt, console, friendly, load_config_arg
 
 
@@ -59,15 +60,20 @@ def eval_(
         help="for subnets: re-estimate the heads' BatchNorm statistics for each one "
         "on training images first (as Once-for-All does)",
     ),
+    device: Device = typer.Option(Device.auto, help="where the model runs (auto: the GPU when there is one)"),
 ) -> None:
     """Run every task's protocol; writes RUN_DIR/eval.json and eval.md. With --arch / --random,
     evaluates subnets with inherited weights (eval-NAME.* for one, eval-subnets.* and a plot of
     metric against parameters for several)."""
     from ufo.evaluation.run import evaluate_run
     from ufo.runlock import run_lock
+    from ufo.train.distributed import device as resolve_device
 
+    dev = resolve_device(device_value(device))
     with run_lock(run_dir, create=False):
-        r = evaluate_run(run_dir, arch, random, task, None if data_dir is None else str(data_dir), recalibrate_bn)
+        r = evaluate_run(
+            run_dir, arch, random, task, None if data_dir is None else str(data_dir), recalibrate_bn, device=dev
+        )
     if r.subnets > 1:
         console.print(r.markdown)
         console.print(f"wrote {r.json_path}, .md and .png ({r.subnets} subnets)")

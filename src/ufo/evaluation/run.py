@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ufo.checkpoint import atomic_write_text
 from ufo.evaluation.protocol import evaluate_tasks
 from ufo.evaluation.subnets import evaluate_subnets, plot_subnets, subnet_specs, subnets_markdown
@@ -32,15 +34,19 @@ def evaluate_run(
     tasks: list[str] | None = None,
     data_root: str | None = None,
     recalibrate_bn: bool = True,
+    device: str | torch.device = "cpu",
 ) -> RunEvaluation:
     """Evaluate the run's model (`eval.*`), one subnet (`eval-NAME.*`) or several (`eval-subnets.*`
     and a plot of metric against parameters). `archs` are ARCH.json, largest, smallest or
     random:SEED; `random` adds that many random subnets. With `recalibrate_bn` each subnet's head
-    BatchNorm statistics are re-estimated on training images first (as Once-for-All does)."""
+    BatchNorm statistics are re-estimated on training images first (as Once-for-All does). The model,
+    the BN re-estimation and every subnet run on `device` (`ufo eval --device` resolves auto to the
+    GPU when there is one); the metrics are computed from outputs on the CPU either way."""
     from ufo.data.build import build_task_data
 
     run_dir = Path(run_dir)
     model, cfg, _manifest = load_model(run_dir / "model.safetensors")
+    model.to(device)
     if data_root is not None:
         cfg.data_root = data_root
     tasks = tasks or cfg.task_names

@@ -41,13 +41,23 @@ def file_digest(path: str | Path) -> str:
 
 class TrainedRun:
     """A trained run loaded once for evaluating many subnets of one task: model, config, the
-    task's data, its primary metric and the run's frozen routes."""
+    task's data, its primary metric and the run's frozen routes. The model sits on `device` (as
+    `train.device`; auto: the GPU when there is one), where every subnet is evaluated."""
 
-    def __init__(self, run_dir: str | Path, task: str, data_root: str | None = None, with_data: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        task: str,
+        data_root: str | None = None,
+        with_data: bool = True,
+        device: str = "auto",
+    ) -> None:
         from ufo.data.build import build_task_data
         from ufo.model import load_model
         from ufo.taskmodel import model_file
+        from ufo.train.distributed import device as resolve_device
 
+        self.device = resolve_device(device)  # first: a cuda asked for where there is none fails before any work
         self.run_dir = Path(run_dir)
         self.model_path = model_file(run_dir)
         if not self.model_path.is_file():
@@ -57,7 +67,7 @@ class TrainedRun:
             cfg.data_root = data_root
         if task not in cfg.tasks:
             raise SearchError(f"unknown task {task!r}; the run {run_dir} has tasks {cfg.task_names}")
-        self.model: UFOModel = model.eval()
+        self.model: UFOModel = model.to(self.device).eval()
         self.cfg: Config = cfg
         self.task = task
         self.space: SearchSpace = model.space

@@ -68,6 +68,14 @@ def predictor_paths(out_dir: Path, task: str, backend: str) -> dict[str, Path]:
     }
 
 
+def _same_machine(machine: dict[str, Any], backend: str) -> bool:
+    """Whether timings taken on `machine` (its `machine_info()`) hold here: the same CPU model, and for
+    the cuda backend the same GPU too (another GPU model, or a MIG slice of one, times differently)."""
+    here = machine_info()
+    keys = ("cpu", "gpu") if backend == "cuda" else ("cpu",)
+    return all(machine.get(k) == here.get(k) for k in keys)
+
+
 def _load_cached(path: Path, run: TrainedRun, want: dict[str, Any]) -> GPPredictor | None:
     """The predictor at `path` when its manifest matches `want`; None when absent or stale. A file
     fitted for another search space is refused with a SearchError (never silently refitted)."""
@@ -127,8 +135,8 @@ def _latency_predictor(
         "routes": run.routes[run.task],
     }
     gp = None if refit else _load_cached(paths["latency"], run, want)
-    if gp is not None and gp.meta_.get("machine", {}).get("cpu") == machine_info().get("cpu"):
-        return gp, {**gp.meta_, "cached": True}  # timings of another CPU are not reused
+    if gp is not None and _same_machine(gp.meta_.get("machine", {}), backend):
+        return gp, {**gp.meta_, "cached": True}  # timings of another CPU (or GPU) are not reused
     archs = sample_archs(run.space, run.task, n, seed, run.routes)
     ds = None
     if paths["latency_data"].is_file() and not refit:  # same subnets, settings and machine: reuse the timings
@@ -140,7 +148,7 @@ def _latency_predictor(
             run.space,
             archs,
         )
-        if same and old.machine.get("cpu") == machine_info().get("cpu"):
+        if same and _same_machine(old.machine, backend):
             ds = old
     if ds is None:
         _say(console, f"measuring {n} subnets of {run.task} on {backend} (batch {batch}, {threads} threads)")
@@ -212,13 +220,16 @@ def fit_predictors(
     data_root: str | None = None,
     progress: bool = True,
     refit: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Collect (or reuse) the data and fit (or reuse) the metric and latency predictors of `task`
     for a trained run; returns their paths and cross-validated Kendall tau / MAPE.
 
     Files go to `out_dir` (default RUN_DIR/predictors). With `metric=False` or `latency=False`
     that predictor is skipped. A cached predictor is reused when the run's weights (sha256), the
-    search space, the sample count, seed and measurement settings match; `refit` forces a new one.
+    search space, the sample count, seed and measurement settings match (and, for latency, the
+    machine: its CPU model, and its GPU for the cuda backend); `refit` forces a new one. Subnet
+    metrics are evaluated on `device` (as `train.device`; auto: the GPU when there is one).
     """
     if not (metric or latency):
         raise SearchError("fit_predictors: nothing to fit (metric=False and latency=False)")
@@ -242,6 +253,7 @@ def fit_predictors(
             data_root=data_root,
             progress=progress,
             refit=refit,
+            device=device,
         )
 
 
@@ -262,16 +274,17 @@ def _fit_predictors(
     data_root: str | None,
     progress: bool,
     refit: bool,
+    device: str,
 ) -> dict[str, Any]:
     if not metric:  # latency needs only the space and the routes: no data, no evaluation
-        run = TrainedRun(run_dir, task, data_root, with_data=False)
+        run = TrainedRun(run_dir, task, data_root, with_data=False, device="cpu")
         out.mkdir(parents=True, exist_ok=True)
         paths = predictor_paths(out, task, backend)
         _, meta = _latency_predictor(
             run, paths, backend, latency_samples, seed, threads, batch, console, progress, refit
         )
         return {"task": task, "backend": backend, "latency": _summary(meta, paths["latency_data"], paths["latency"])}
-    run = TrainedRun(run_dir, task, data_root)
+    run = TrainedRun(run_dir, task, data_root, device=device)
     return _fit(
         run,
         backend=backend,
@@ -505,6 +518,7 @@ def search_task(
     predictor_dir: str | Path | None = None,
     data_root: str | None = None,
     progress: bool = True,
+    device: str = "auto",
 ) -> SearchResult:
     """Best subnet of `task` in a trained run under a latency (on `backend`), parameter or FLOP
     budget; see the module docstring. Predictors are fitted on first use and cached in
@@ -512,14 +526,15 @@ def search_task(
 
     `max_latency_fraction` is a latency budget relative to this machine: that fraction of the way
     from the smallest subnet's latency (its upper quartile + 5%) to the largest's, timed together
-    with every measurement of candidates (`ufo.search.latency.fraction_budget`)."""
+    with every measurement of candidates (`ufo.search.latency.fraction_budget`). Subnet metrics are
+    evaluated on `device` (as `train.device`; auto: the GPU when there is one)."""
     t_start = time.perf_counter()
     require("optuna")  # NSGA-II needs the [search] extra: say so before any work
     budget = _check_budgets(max_latency_ms, max_params, max_flops, backend, max_latency_fraction)
     if trials < 1 or top_k < 1:
         raise SearchError(f"trials={trials}, top_k={top_k}: both must be at least 1")
     out = Path(out_dir)
-    run = TrainedRun(run_dir, task, data_root)
+    run = TrainedRun(run_dir, task, data_root, device=device)
     small = _check_feasible(run, budget)
     anchors = [small, run.arch(run.space.largest(run.routes))]
     use_lat = "max_latency_ms" in budget or "max_latency_fraction" in budget
@@ -674,6 +689,7 @@ def _save_model(run: TrainedRun, arch: Arch, path: Path) -> Path:
     from ufo.taskmodel import extract_task_model, save_task_model
 
     assert run.data is not None  # a search loads its run with the data (it evaluates the candidates)
+    run.model.cpu()  # the search is over: the task model is cut and calibrated on the CPU, as it is saved
     tm = extract_task_model(run.model, arch, [run.task], run.cfg, {run.task: run.data}, source=str(run.run_dir))
     save_task_model(path, tm)
     return path
