@@ -1,9 +1,11 @@
 """GPU smoke test: every stage runs briefly on CUDA with bf16 autocast, on a tiny config.
 
 Stages, each through the `ufo` CLI (the path a user takes), each in its own folder:
-all-in-one training (per-block activation checkpointing on), evaluation, the task supernet, the
-chip supernet, MIM pre-training, search with the `cuda` latency backend, distillation,
-extension, and `torchrun` with one process per GPU. A stage passes when its command exits 0 and
+all-in-one training (per-block activation checkpointing on), evaluation on the GPU, the task
+supernet, the chip supernet, subnet evaluation on the GPU (BatchNorm re-estimation), MIM
+pre-training, search with the `cuda` latency backend (metrics on the GPU), distillation and
+extension in fp32 and in bf16 (extension also with task norms, `head+expert+norms`), and
+`torchrun` with one process per GPU. A stage passes when its command exits 0 and
 the losses it logged are finite. Prints a table and writes bench/results/gpu_smoke.json.
 
 Without a CUDA device it prints "skipped: no CUDA device", writes nothing and exits 0.
@@ -28,6 +30,7 @@ import yaml
 
 BIN = Path(sys.executable).parent
 GPU = {"device": "cuda", "amp": "bf16", "threads": 2}
+BF16 = ["--device", "cuda", "--amp", "bf16"]  # distill and extend: the same as GPU, from their command line
 TINY = {
     "name": "gpu-smoke",
     "seed": 0,
@@ -97,6 +100,9 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
     mim = _config(root, "mim", {"stage": "pretrain_mim", "grad_checkpointing": True})
     new_task = root / "new_task.yaml"
     new_task.write_text(yaml.safe_dump({"digits2": {"kind": "classification", "data": {"recipe": "digits"}}}))
+    short = ["--steps", "4", "--batch-size", "16"]
+    distill = [ufo, "distill", str(root / "aio"), "-t", "digits", "--student", "resnet10t", *short]
+    extend = [ufo, "extend", str(root / "aio"), "--task-config", str(new_task), *short]
     return [
         (
             "train all_in_one (bf16, grad ckpt)",
@@ -104,9 +110,15 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
             root / "aio",
             None,
         ),
-        ("eval", [ufo, "eval", str(root / "aio")], None, None),
+        ("eval (cuda)", [ufo, "eval", str(root / "aio"), "--device", "cuda"], None, None),
         ("train task_supernet", [ufo, "train", str(task), "--out", str(root / "task")], root / "task", None),
         ("train chip_supernet", [ufo, "train", str(chip), "--out", str(root / "chip")], root / "chip", None),
+        (
+            "eval subnets (cuda)",
+            [ufo, "eval", str(root / "chip"), "--arch", "smallest", "--arch", "largest", "--device", "cuda"],
+            None,
+            None,
+        ),
         ("train pretrain_mim", [ufo, "train", str(mim), "--out", str(root / "mim")], root / "mim", None),
         (
             "search (cuda latency)",
@@ -130,46 +142,19 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
                 "4",
                 "--latency-samples",
                 "6",
+                "--device",
+                "cuda",
             ],
             None,
             None,
         ),
+        ("distill", [*distill, "--out", str(root / "distill")], root / "distill", None),
+        ("extend", [*extend, "--out", str(root / "extend")], root / "extend", None),
+        ("distill (bf16)", [*distill, "--out", str(root / "distill-bf16"), *BF16], root / "distill-bf16", None),
         (
-            "distill",
-            [
-                ufo,
-                "distill",
-                str(root / "aio"),
-                "-t",
-                "digits",
-                "--student",
-                "resnet10t",
-                "--out",
-                str(root / "distill"),
-                "--steps",
-                "4",
-                "--batch-size",
-                "16",
-            ],
-            root / "distill",
-            None,
-        ),
-        (
-            "extend",
-            [
-                ufo,
-                "extend",
-                str(root / "aio"),
-                "--task-config",
-                str(new_task),
-                "--out",
-                str(root / "extend"),
-                "--steps",
-                "4",
-                "--batch-size",
-                "16",
-            ],
-            root / "extend",
+            "extend head+expert+norms (bf16)",
+            [*extend, "--out", str(root / "extend-norms"), "--train", "head+expert+norms", *BF16],
+            root / "extend-norms",
             None,
         ),
         (
