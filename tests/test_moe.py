@@ -73,15 +73,41 @@ def test_layout_matches_task_ids():
         torch.testing.assert_close(model(x, layout), model(x, ids))
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_mixed_batch_compiles_to_one_graph(batched):
-    model = _model(PATHS_FIXED, True)
+@pytest.mark.parametrize(
+    "batched,paths,train",
+    [
+        (False, PATHS_FIXED, True),
+        (True, PATHS_FIXED, True),
+        (False, None, True),  # Gumbel draws of the routers
+        (False, None, False),  # eval: the routers' argmax, read by layout() (Layout.paths)
+        (True, None, False),
+    ],
+)
+def test_mixed_batch_compiles_to_one_graph(batched, paths, train):
+    model = _model(paths, train)
     for blk in model.blocks:
         blk.mlp.batched = batched
     x, ids = torch.randn(5, 3, 16, 16), torch.tensor([1, 0, 2, 0, 1])
+    layout = model.layout(ids, 5)
+    assert (layout.paths is not None) == (paths is None and not train)
     torch._dynamo.reset()
     try:
-        explained = torch._dynamo.explain(model)(x, model.layout(ids, 5))
+        explained = torch._dynamo.explain(model)(x, layout)
     finally:
         torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_eval_paths_read_beforehand_give_the_routers_choice():
+    """Layout.paths holds each block's router argmax (fixed paths kept): the same output as reading
+    the argmax inside each block."""
+    model = _model({"cls": ["task", "mix", "shared"]}, False)  # cls fixed, the other tasks routed
+    x, ids = torch.randn(6, 3, 16, 16), torch.tensor([2, 0, 1, 0, 2, 1])
+    layout = model.layout(ids, 6)
+    assert layout.paths is not None and [row[0] for row in layout.paths] == [1, 2, 0]
+    routes = model.routes()
+    assert [[r[i] for r in layout.paths] for i in (1, 2)] == [
+        [["shared", "task", "mix"].index(p) for p in routes[t]] for t in ("faces", "signs")
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, layout), model(x, Layout(layout.segments, layout.order, layout.restore)))

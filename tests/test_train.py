@@ -309,6 +309,35 @@ def test_grad_checkpointing_keeps_the_losses_and_resume(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
+def test_compiled_blocks_train_as_eager_and_keep_the_checkpoint_format(tmp_path):
+    """train.compile: each block compiled in place (one graph each, the layout read before), so
+    the losses are eager's up to kernel fusion, and the model and checkpoint keys are unchanged."""
+    from ufo.data.build import build_all
+    from ufo.train.loop import Trainer
+
+    train = {**TINY["train"], "steps": 4, "log_every": 1, "ckpt_every": 2}
+    base = parse_config({**TINY, "model": {**TINY["model"], "drop_path_rate": 0.0}, "train": train})
+    data = build_all(base)
+    on = base.model_copy(update={"train": base.train.model_copy(update={"compile": True})})
+    Trainer(base, tmp_path / "eager", data, show_progress=False).fit()
+    torch._dynamo.reset()
+    try:
+        tr = Trainer(on, tmp_path / "compiled", data, show_progress=False)
+        assert all(blk._compiled_call_impl is not None for blk in tr.model.backbone.blocks)
+        tr.fit()
+    finally:
+        torch._dynamo.reset()
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert len(eager) == 4 and max(abs(a - b) for a, b in zip(eager, compiled)) <= 1e-4, (eager, compiled)
+    a, b = _weights(tmp_path / "eager" / "model.safetensors"), _weights(tmp_path / "compiled" / "model.safetensors")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
+    ckpt = [load_checkpoint(tmp_path / r / "checkpoints" / "latest.safetensors")[0] for r in ("eager", "compiled")]
+    assert ckpt[0].keys() == ckpt[1].keys()
+    chip = parse_config({**TINY, "train": {**train, "stage": "chip_supernet", "compile": True}})
+    with pytest.raises(ConfigError, match="train.compile is not supported by train.stage chip_supernet"):
+        Trainer(chip, tmp_path / "chip", data, show_progress=False)
+
+
 def test_ddp_static_graph_only_when_every_step_uses_the_same_parameters(tmp_path):
     """`steps_alike` (DDP static graph, no unused-parameter search) needs fixed routes and every
     task on every rank: each hetero share at least the world size."""

@@ -136,6 +136,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     amp: Literal["none", "bf16"] = "none"
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
+    compile: bool = False  # torch.compile each transformer block (best with hetero batches: one layout per step)
     ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
     log_every: int = Field(10, gt=0)
     ckpt_every: int = Field(100, gt=0)

@@ -84,20 +84,24 @@ class TaskFFN(nn.Module):
     def mix_weights(self, t: int) -> torch.Tensor:
         return self.mix_logits[t].softmax(-1)
 
-    def chosen_path(self, t: int) -> int:
-        """The path task t takes in eval: the fixed one, else the router's argmax."""
+    def chosen_path(self, t: int, paths: Sequence[int] | None = None) -> int:
+        """The path task t takes in eval: `paths[t]` when given (read before a compiled region, see
+        `SuperViT.eval_paths`), else the fixed one, else the router's argmax."""
+        if paths is not None:
+            return paths[t]
         fixed = self.fixed[t]
         return int(self.router_logits[t].argmax()) if fixed is None else fixed
 
-    def forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        """x: (B, N, C) sorted by task; segments say which rows belong to which task."""
+    def forward(self, x: torch.Tensor, segments: Sequence[Segment], paths: Sequence[int] | None = None) -> torch.Tensor:
+        """x: (B, N, C) sorted by task; segments say which rows belong to which task; `paths`: each
+        task's path in eval, when read beforehand (else the fixed path or the router's argmax)."""
         if len(segments) == 1:
-            return self._forward_task(x, segments[0][0])
+            return self._forward_task(x, segments[0][0], paths)
         if all(self.fixed[t] == SHARED for t, _, _ in segments):
             return self.shared(x)  # every task on the shared path: one FFN call for the whole batch
         if not self.batched or not all(isinstance(self.experts[self.tasks[t]], ElasticMlp) for t, _, _ in segments):
-            return self._forward_loop(x, segments)
-        coef = [self._coefficients(t) for t, _, _ in segments]
+            return self._forward_loop(x, segments, paths)
+        coef = [self._coefficients(t, paths) for t, _, _ in segments]
         sizes = [e - s for _, s, e in segments]
         s_out = e_out = None
         on_shared = [i for i, (c, _) in enumerate(coef) if c is not None]
@@ -129,14 +133,14 @@ class TaskFFN(nn.Module):
             parts.append(terms[0] if len(terms) == 1 else terms[0] + terms[1])
         return torch.cat(parts, 0)
 
-    def _coefficients(self, t: int) -> tuple[Coef, Coef]:
+    def _coefficients(self, t: int, paths: Sequence[int] | None = None) -> tuple[Coef, Coef]:
         """Task t's output as `cs * shared(x) + ce * expert(x)`; None marks a path not computed.
         A Gumbel route is drawn here, once per task in segment order (as the loop draws them)."""
         if self.fixed[t] is None and self.training:
             g = F.gumbel_softmax(self.router_logits[t], tau=self.tau, hard=True)
             w = self.mix_weights(t)
             return g[SHARED] + g[MIX] * w[0], g[TASK] + g[MIX] * w[1]
-        path = self.chosen_path(t)
+        path = self.chosen_path(t, paths)
         if path == SHARED:
             return 1.0, None
         if path == TASK:
@@ -175,20 +179,22 @@ class TaskFFN(nn.Module):
         keep = [i * L + j for i, n in enumerate(sizes) for j in range(n)]
         return out[torch.tensor(keep, device=x.device)]
 
-    def _forward_loop(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    def _forward_loop(
+        self, x: torch.Tensor, segments: Sequence[Segment], paths: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """One task at a time: for experts that are not plain ElasticMlps (e.g. a wrapped one)."""
         # split (not x[s:e]): its backward is one concatenation, not a zero-filled buffer per slice
         parts = x.split([e - s for _, s, e in segments])
-        return torch.cat([self._forward_task(p, t) for p, (t, _, _) in zip(parts, segments)], 0)
+        return torch.cat([self._forward_task(p, t, paths) for p, (t, _, _) in zip(parts, segments)], 0)
 
-    def _forward_task(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _forward_task(self, x: torch.Tensor, t: int, paths: Sequence[int] | None = None) -> torch.Tensor:
         expert = self.experts[self.tasks[t]]
         if self.fixed[t] is None and self.training:
             g = F.gumbel_softmax(self.router_logits[t], tau=self.tau, hard=True)
             s, e = self.shared(x), expert(x)
             w = self.mix_weights(t)
             return g[SHARED] * s + g[TASK] * e + g[MIX] * (w[0] * s + w[1] * e)
-        path = self.chosen_path(t)
+        path = self.chosen_path(t, paths)
         if path == SHARED:
             return self.shared(x)
         if path == TASK:

@@ -43,6 +43,9 @@ class Layout:
     segments: tuple[Segment, ...]  # (task, first row, end row) of the task-sorted batch
     order: torch.Tensor | None  # sorts the batch by task; None when it already is
     restore: torch.Tensor | None  # the inverse permutation of `order`
+    # In eval, when a router picks some path: each block's path per task (its argmax, read once here
+    # rather than inside the compiled region); None otherwise (training draws, or every path fixed).
+    paths: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def batch(self) -> int:
@@ -72,9 +75,9 @@ class SuperBlock(nn.Module):
         self.norm2.set_active(dim)
         self.mlp.set_active(dim, hidden_dim(dim, mlp_ratio), paths)
 
-    def forward(self, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Sequence[Segment], paths: Sequence[int] | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x), segments))
+        return x + self.drop_path2(self.mlp(self.norm2(x), segments, paths))
 
 
 class SuperViT(nn.Module):
@@ -99,6 +102,13 @@ class SuperViT(nn.Module):
         name for it): less memory for about one more forward. Random draws (drop path, Gumbel
         routes) are replayed exactly."""
         self.grad_checkpointing = enable
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (its parameter names stay; timm and torchtitan compile
+        per block too). A block's segments and eval paths are Python ints from `layout()`, so each
+        block is one graph; a new layout (other task row counts) or arch compiles anew."""
+        for blk in self.blocks:
+            blk.compile()
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
@@ -135,10 +145,24 @@ class SuperViT(nn.Module):
 
     def routes(self) -> Routes:
         """Each task's path per block of the largest depth, as the routers choose them in eval."""
-        return {
-            t: [PATHS[int(blk.mlp.router_logits[i].argmax())] for blk in self.super_blocks()]
-            for i, t in enumerate(self.tasks)
-        }
+        chosen = self._argmax(self.super_blocks())
+        return {t: [PATHS[c[i]] for c in chosen] for i, t in enumerate(self.tasks)}
+
+    @staticmethod
+    def _argmax(blocks: Sequence[SuperBlock]) -> list[list[int]]:
+        """Each block's router argmax per task, read from the device in one transfer."""
+        return torch.stack([blk.mlp.router_logits.detach() for blk in blocks]).argmax(-1).tolist()
+
+    def eval_paths(self) -> tuple[tuple[int, ...], ...] | None:
+        """In eval, each active block's path per task (fixed, else the router's argmax); None in
+        training or when the arch fixes every path (see `Layout.paths`)."""
+        blocks = self.super_blocks()[: self.arch.depth]
+        if self.training or all(f is not None for blk in blocks for f in blk.mlp.fixed):
+            return None
+        chosen = self._argmax(blocks)
+        return tuple(
+            tuple(c if f is None else f for c, f in zip(row, blk.mlp.fixed)) for row, blk in zip(chosen, blocks)
+        )
 
     def router_state(self) -> dict[str, list[list[float]]]:
         """Router logits per task and block, for the checkpoint manifest."""
@@ -164,7 +188,7 @@ class SuperViT(nn.Module):
                 raise TaskError(f"got a layout of {task.batch} rows for a batch of {batch}")
             return task
         if not isinstance(task, torch.Tensor):
-            return Layout(((self.task_index(task), 0, batch),), None, None)
+            return Layout(((self.task_index(task), 0, batch),), None, None, self.eval_paths())
         ids = task.to(torch.long).flatten()
         if ids.numel() != batch:
             raise TaskError(f"got {ids.numel()} task ids for a batch of {batch}")
@@ -180,7 +204,7 @@ class SuperViT(nn.Module):
             if n:
                 segments.append((t, start, start + n))
                 start += n
-        return Layout(tuple(segments), order, restore)
+        return Layout(tuple(segments), order, restore, self.eval_paths())
 
     def pos_embed_at(self, grid: tuple[int, int], dim: int) -> torch.Tensor:
         """The first `dim` channels of the position embedding (class token first) for a token grid."""
@@ -216,11 +240,12 @@ class SuperViT(nn.Module):
                 raise ValueError(f"forward_features: mask of shape {tuple(mask.shape)}, expected {tuple(x.shape[:2])}")
             x = torch.where(mask.unsqueeze(-1), mask_token.reshape(-1)[:e].to(x.dtype), x)
         x = torch.cat([self.cls_token[:, :, :e].expand(x.shape[0], -1, -1), x], 1) + self.pos_embed_at(grid, e)
-        for blk in self.blocks[: self.arch.depth]:
+        for i, blk in enumerate(self.blocks[: self.arch.depth]):
+            paths = None if layout.paths is None else layout.paths[i]
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, segments, use_reentrant=False)
+                x = checkpoint(blk, x, segments, paths, use_reentrant=False)
             else:
-                x = blk(x, segments)
+                x = blk(x, segments, paths)
         x = self.norm(x)
         if layout.restore is not None:
             x = x[layout.restore]

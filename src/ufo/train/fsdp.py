@@ -131,8 +131,8 @@ def shard_experts(root: nn.Module, blocks: Sequence[SuperBlock], heads: nn.Modul
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPElasticMlp\) returned a view tensor")
 
     def join(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        x, segments = args
-        return x, joined(segments, step.at(x.shape[1]))
+        x, segments, *paths = args
+        return (x, joined(segments, step.at(x.shape[1])), *paths)
 
     for blk in blocks:
         for expert in blk.mlp.experts.values():

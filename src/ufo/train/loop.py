@@ -68,6 +68,8 @@ class Trainer:
             raise ConfigError(
                 f"train.parallel: fsdp is not supported by train.stage {self.t.stage}{stage_cls.no_fsdp}; use ddp"
             )
+        if self.t.compile and stage_cls.no_compile is not None:
+            raise ConfigError(f"train.compile is not supported by train.stage {self.t.stage}: {stage_cls.no_compile}")
         if self.fsdp and self.t.ema_decay > 0:
             raise ConfigError(
                 "train.ema_decay: an EMA of the weights is not supported with train.parallel=fsdp "
@@ -87,6 +89,8 @@ class Trainer:
             from timm.utils import ModelEmaV3
 
             ema = ModelEmaV3(self.module, decay=self.t.ema_decay)
+        if self.t.compile:  # after the EMA's copy (which stays eager), before DDP or FSDP wrap the blocks
+            self.model.backbone.compile_blocks()
         self.engine = Engine(self.module, self._optimizer(), self.device, ema, self.t.max_bad_steps)
         self.sampler = self._sampler()
         self.loader = MixedLoader(

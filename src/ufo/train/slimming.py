@@ -152,6 +152,7 @@ class ChipStage(Stage):
 
     ddp = False
     no_fsdp = ""
+    no_compile = "every pass of a step runs another subnet, and each new subnet compiles anew"
 
     def __init__(self, cfg: Config, model: UFOModel) -> None:
         routes = chip_routes(cfg, model.space)

@@ -44,6 +44,7 @@ class Stage:
     evaluates: ClassVar[bool] = True  # validation applies: the task heads are trained
     ddp: ClassVar[bool] = True  # DDP wraps the step module (False: the stage averages its own gradients)
     no_fsdp: ClassVar[str | None] = None  # why train.parallel: fsdp does not apply (None: it does)
+    no_compile: ClassVar[str | None] = None  # why train.compile does not apply (None: it does)
 
     def __init__(self, cfg: Config, model: UFOModel, arch: Arch | None = None) -> None:
         self.cfg, self.model = cfg, model
