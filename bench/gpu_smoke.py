@@ -141,7 +141,7 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
                 "--metric-samples",
                 "4",
                 "--latency-samples",
-                "6",
+                "10",  # the latency predictor's 5-fold cross-validation needs 10
                 "--device",
                 "cuda",
             ],
