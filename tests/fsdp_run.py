@@ -1,13 +1,14 @@
 """`fsdp_run.py CONFIG OUT [--stop STEP] [--resume]` under torchrun: trains CONFIG into OUT, up to
 STEP (a run to be resumed later), or on from OUT's checkpoint (test_train.py's FSDP test).
 
-With FSDP and fixed routes it checks after every step, on every rank, that each expert of a task
+With FSDP's per-expert units it checks after every step, on every rank, that each expert of a task
 the step's global batch lacks kept its shard bitwise, got no gradient and was not stepped (its
 AdamW step count unchanged, no state before its first use), and that the others were stepped; it
 writes each step's global and local tasks to OUT/tasks<rank>.json.
 
-A task with rows on one rank only leaves the other ranks without that task's loss; the logged
-losses (`dist.mean_across_ranks`) average each key over the ranks that have it.
+A task with rows on one rank only: the other ranks log its loss as 0 and every rank weights its
+task means by its share of the rows (`Stage.share`, `Stage.global_terms`), so the logged averages
+over the ranks are the global batch's means.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> None:
     seen = check_steps(tr) if tr.fsdp else None
     tr.fit(resume=args.resume)
     if seen is not None:
-        assert tr.step_tasks is not None, "fixed routes: each expert is its own FSDP unit"
+        assert tr.step_tasks is not None, "each expert is its own FSDP unit"
         (tr.out / f"tasks{tr.rank}.json").write_text(json.dumps(seen))
 
 

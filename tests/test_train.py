@@ -115,9 +115,9 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     }
     # ddp: the hetero shares give both ranks rows of both tasks on fixed routes, so DDP runs with
     # a static graph (ufo.train.distributed.wrap); ddp+ckpt adds per-block activation checkpointing.
-    # fsdp (fixed routes: each expert its own unit, and those of tasks a step lacks are skipped) on
-    # the shared path, where no expert is used, and with one task per step on the task path; with
-    # the router drawing the paths (+router) every weight is reduced on every step.
+    # fsdp (each expert its own unit, and those of tasks a step lacks are skipped) on the shared
+    # path, where no expert is used, with one task per step on the task path, and with the router
+    # drawing the paths (+router: training computes both experts of a present task).
     mode, _, variant = parallel.partition("+")
     cfg["train"] = {
         **TINY["train"],
@@ -145,9 +145,8 @@ def test_torchrun_two_processes_match_one(tmp_path, parallel):
     assert m2["step"] == 12
     model_keys = lambda s: {k for k in s if k.startswith("model.")}
     assert model_keys(s1) == model_keys(s2)
-    # with fixed routes FSDP steps the weights one process steps; with the router it gives every
-    # weight a (zero) gradient (see ufo.train.fsdp), so AdamW keeps state for more
-    assert set(s1) <= set(s2) if variant == "router" else set(s1) == set(s2)
+    # FSDP steps the weights one process steps, no more
+    assert set(s1) == set(s2)
     assert m1["optimizer"]["param_groups"] == m2["optimizer"]["param_groups"]
     # validation under torchrun: rank 0 alone scores (a gathered copy under FSDP) and writes
     h1, h2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
@@ -169,14 +168,15 @@ def _torchrun(*args: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
-    """FSDP with fixed routes, each expert its own unit: tasks drawn per row (proportional) leave
+    """FSDP with each expert its own unit: tasks drawn per row (proportional) leave
     some out of a step (their experts are neither gathered nor reduced nor stepped: fsdp_run.py
     checks on every rank that their shards stay bitwise, with no gradient and no AdamW step, weight
     decay on) and some on one rank only (the other runs their experts on zero rows). "few" has its
     own input size, so a rank without its rows runs an empty chunk of that size (without it the
     ranks' passes through the blocks differ and FSDP hangs). The ranks' rows of a task are uneven,
     so each rank weights its task means by its rows (Stage.share): the losses and weights equal
-    DDP's and one process's, and a run stopped halfway resumes exactly."""
+    DDP's and one process's, and a run stopped halfway resumes exactly. With the router drawing the
+    paths, the experts of absent tasks are skipped too (fsdp_run.py checks them in every step)."""
     cfg = dict(TINY)
     cfg["model"] = {**TINY["model"], "drop_path_rate": 0.0}
     cfg["tasks"] = {
@@ -197,8 +197,12 @@ def test_fsdp_skips_the_experts_a_step_does_not_use(tmp_path):
     one = _ufo("train", fsdp, "--out", str(tmp_path / "one"))  # train.parallel has no effect in one process
     assert one.returncode == 0, one.stderr[-3000:]
     _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--stop", "4")
+    routed = _write(tmp_path, {**cfg, "train": {**cfg["train"], "parallel": "fsdp", "paths": None}}, "routed.yaml")
+    _torchrun(str(script), str(routed), str(tmp_path / "routed"))
     _torchrun(str(script), fsdp, str(tmp_path / "resumed"), "--resume")
 
+    routed_seen = [json.loads((tmp_path / "routed" / f"tasks{r}.json").read_text()) for r in (0, 1)]
+    assert any(set(s["global"]) != {"digits", "mnist", "few"} for s in routed_seen[0])  # some expert was skipped
     seen = [json.loads((tmp_path / "fsdp" / f"tasks{r}.json").read_text()) for r in (0, 1)]
     first = next(i for i, s in enumerate(seen[0]) if "few" in s["global"])
     assert any("few" not in s["global"] for s in seen[0][first + 1 :])  # left out after its first step

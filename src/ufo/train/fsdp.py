@@ -9,23 +9,27 @@ in the same collectives in the same order. A rank whose batch has no row of some
 that task's expert and head while the other ranks reduce them, and the collectives would no
 longer match. Two ways keep the ranks in step:
 
-- Fixed routes (`shard_experts`; the training arch fixes every task's FFN path, so which experts
-  a row uses is known before the step): each task expert of each block (`blk.mlp.experts[task]`)
-  is a unit of its own, inside its block's. The sampler is global and seeded, so every rank knows
-  the tasks of the step's global batch (`MixedLoader.step_tasks`, handed to `StepTasks.set`);
-  every TaskFFN then runs the segments of exactly those tasks, in task order, on every rank. A
-  task with no row on this rank gets an empty segment: its expert runs on zero rows, so its
-  all-gather and reduce-scatter match the other ranks' and its gradient here is zero. The expert
-  of a task that no row of the global batch uses runs on no rank: FSDP neither gathers nor reduces
-  it, its gradient stays None and AdamW leaves it alone, as under DDP. The same holds for the rest
-  of each block (its shared expert and mix weights run on zero rows where needed; fixed routes
-  never read the routers), so the blocks add nothing to their output. The root adds `0 * w[0]` (as
+- Per-expert units (`shard_experts`): which experts a step uses follows from its tasks. A fixed
+  route uses the task's expert or not; a route the router draws in training computes the shared
+  and the task expert for every row of the task (the straight-through Gumbel gradient needs both),
+  so the experts of the tasks present are used whatever the draw. Each task expert of each block
+  (`blk.mlp.experts[task]`) is a unit of its own, inside its block's. The sampler is global and
+  seeded, so every rank knows the tasks of the step's global batch (`MixedLoader.step_tasks`,
+  handed to `StepTasks.set`); every TaskFFN then runs the segments of exactly those tasks, in task
+  order, on every rank. A task with no row on this rank gets an empty segment: its expert runs on
+  zero rows, so its all-gather and reduce-scatter match the other ranks' and its gradient here is
+  zero. The expert of a task that no row of the global batch uses runs on no rank: FSDP neither
+  gathers nor reduces it, its gradient stays None and AdamW leaves it alone, as under DDP. The
+  same holds for the rest of each block (its shared expert, routers and mix weights run on zero
+  rows where needed), so the blocks add nothing to their output. The root adds `0 * w[0]` (as
   below) for its weights except the heads of tasks absent from the global batch: those get no
-  gradient, and a head whose task has rows on some other rank only gets a zero one here.
-- Otherwise (the router draws the paths, so the experts a step uses are known only once it has
-  run): every unit adds `0 * w[0]` for each of its weights to its output, which gives every weight
-  a (zero) gradient on every rank without changing any value. One consequence differs from DDP:
-  an optimiser steps weights with a zero gradient, so AdamW moves the experts and heads a step did
+  gradient, and a head whose task has rows on some other rank only gets a zero one here. Tasks of
+  different input sizes run in one pass each, and the loader gives every rank every size of the
+  global batch (`MixedLoader(every_size=True)`), so the ranks gather the blocks equally often.
+- Otherwise (`TaskFFN.batched`, which reads the experts' weights without calling them): every
+  unit adds `0 * w[0]` for each of its weights to its output, which gives every weight a (zero)
+  gradient on every rank without changing any value. One consequence differs from DDP: an
+  optimiser steps weights with a zero gradient, so AdamW moves the experts and heads a step did
   not use (their momentum, and the decoupled weight decay by lr * wd).
 
 Checkpoints stay in the plain format: the full model and optimiser states are gathered to CPU
@@ -120,7 +124,7 @@ def joined(segments: Sequence[Segment], present: Iterable[int]) -> tuple[Segment
 
 
 def shard_experts(root: nn.Module, blocks: Sequence[SuperBlock], heads: nn.ModuleDict, device_type: str) -> StepTasks:
-    """Fixed routes: fully_shard each task expert of each block, then each block, then the root
+    """fully_shard each task expert of each block, then each block, then the root
     (which holds `heads`, the task heads); returns the StepTasks to set before each step (see the
     module docstring)."""
     from torch.distributed.fsdp import fully_shard

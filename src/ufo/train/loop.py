@@ -108,7 +108,7 @@ class Trainer:
         inner = self.stage.step_module()
         wrap = self.stage.ddp and not self.fsdp
         self.step_module = dist.wrap(inner, self.world, static=self.steps_alike()) if wrap else inner
-        self.step_tasks: fsdp.StepTasks | None = None  # FSDP with fixed routes: set in _shard()
+        self.step_tasks: fsdp.StepTasks | None = None  # FSDP with per-expert units: set in _shard()
         p = self.model.space.patch_size
         self._tokens = {n: 1 + (h // p) * (w // p) for n in cfg.task_names for h, w in [cfg.input_size(n)]}
         self.step = 0
@@ -231,13 +231,13 @@ class Trainer:
         dist.barrier()
 
     def _shard(self) -> None:
-        """FSDP: shard the blocks and the rest (with fixed routes each task expert on its own, so a
-        step communicates only the experts its global batch uses), then rebuild the optimiser over
-        the shards."""
+        """FSDP: shard the blocks and the rest (each task expert on its own, so a step communicates
+        only the experts its global batch uses; see ufo.train.fsdp), then rebuild the optimiser
+        over the shards."""
         self._names = fsdp.param_names(self.step_module, self.engine.optimizer)
         state = self.engine.optimizer.state_dict()
         blocks = self.model.backbone.super_blocks()
-        if self.routes_fixed() and not any(b.mlp.batched for b in blocks):  # batched reads the experts' weights
+        if not any(b.mlp.batched for b in blocks):  # the batched path reads the experts' weights outside their forward
             self.step_tasks = fsdp.shard_experts(self.step_module, blocks, self.model.heads, self.device.type)
         else:
             fsdp.shard(self.step_module, blocks, self.device.type)
