@@ -2,7 +2,7 @@
 
 `MixedLoader` turns the `MixedTaskSampler`'s plans into model input, one step at a time:
 - a task held in memory is indexed and augmented as a whole batch in the main process
-  (`BatchTransform`), as UFO always did for small sets;
+  (`BatchTransform`), on the training device: on a GPU the augmentation runs there;
 - a streamed task is read by a torch `DataLoader`: its workers decode each file at the task's
   input size and augment it (`SampleTransform`), pinned memory and prefetching keep the next
   batches ready, and the main process only normalises them (on the GPU when there is one).
@@ -292,7 +292,10 @@ class MixedLoader:
                 continue
             ds = self.by_name[name].data
             sel = torch.from_numpy(np.asarray(idx[self.rank :: self.world], dtype=np.int64))
-            parts[name] = (tf(ds.images[sel]).to(self.device, non_blocking=True), ds.labels[sel].to(self.device))
+            # uint8 to the device, then augmented there: on a GPU the batch transform runs on the GPU
+            # (its random draws stay on the CPU generator, so the draws are the same on any device)
+            x = tf(ds.images[sel].to(self.device, non_blocking=True))
+            parts[name] = (x, ds.labels[sel].to(self.device, non_blocking=True))
         if stream is not None:  # every step has a (possibly empty) streamed batch
             b = next(stream)
             if b["step"] != step:

@@ -52,6 +52,7 @@ def predictors(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             console=ctx.console,
             latency=latency,
             data_root=ctx.cfg.data_root,
+            device=ctx.cfg.train.device,  # subnet metrics where the run trained
         )
     files = [ctx.write_json(out / "predictors.json", results)]
     return files, {
@@ -91,6 +92,7 @@ def search(ctx: RunContext) -> tuple[list[Path], dict[str, Any]]:
             latency_samples=p.predictors.latency_samples,
             predictor_dir=ctx.dir("predictors"),
             data_root=ctx.cfg.data_root,
+            device=ctx.cfg.train.device,
         )
         for w in res.warnings:
             ctx.console.print(f"  [yellow]warning[/]: {w}")
