@@ -243,3 +243,25 @@ def test_torchrun_ranks_stream_their_parts_and_match_one_process(folder, tmp_pat
     one, two = train_one_and_two_processes(path, tmp_path)
     l1, l2 = ([float(r["loss"]) for r in log] for log in (one, two))
     assert len(l1) == len(l2) == 6 and max(abs(a - b) for a, b in zip(l1, l2)) <= 1e-4, (l1, l2)
+
+
+def test_ranks_take_whole_identity_groups_of_a_grouped_task(folder):
+    """P x K tasks go to the ranks a K-row identity group at a time: dealt one row at a time, K = 4
+    over 4 ranks would leave every rank one sample per identity and no positive pair. Together the
+    ranks still hold exactly the global batch."""
+    mem = read_image_folder(folder, image_size=16)  # 4 classes of 10
+    groups = mem.labels.numpy()
+
+    def loader(rank: int, world: int) -> MixedLoader:
+        sampler = MixedTaskSampler([TaskSource("t", 40, groups, k=4)], 16, seed=2)
+        return MixedLoader([Feed("t", 0, mem, (16, 16))], sampler, rank=rank, world=world, workers=0)
+
+    _, _, y = loader(0, 1).next()
+    assert sorted(torch.bincount(y).tolist()) == [4, 4, 4, 4]  # P = 4 identities, K = 4 each
+    parts = []
+    for rank in range(4):
+        ld = loader(rank, 4)
+        _, _, yr = ld.next()
+        assert torch.bincount(yr).max() == 4 and len(yr) == 4 and ld.local_rows() == {"t": 4}  # one whole group
+        parts.append(yr)
+    assert torch.equal(torch.cat(parts), y)  # rank r holds group r, in plan order

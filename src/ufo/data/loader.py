@@ -6,8 +6,9 @@
 - a streamed task is read by a torch `DataLoader`: its workers decode each file at the task's
   input size and augment it (`SampleTransform`), pinned memory and prefetching keep the next
   batches ready, and the main process only normalises them (on the GPU when there is one).
-Each rank reads only its own slice of every task's share (`rank::world`); no rank decodes or
-holds a whole set. Tasks of different input sizes come back as one chunk per size.
+Each rank reads only its own slice of every task's share (`sampler.rank_rows`: rows rank, rank +
+world, ..., or whole P x K identity groups for a grouped task); no rank decodes or holds a whole
+set. Tasks of different input sizes come back as one chunk per size.
 
 Resumption stays exact: the loader's own sampler advances only when a batch is consumed, so
 `state_dict()` is the sampler position of the last batch the model saw, however far the workers
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ufo.arch import as_hw
 from ufo.data.dataset import ImageSet, some
-from ufo.data.sampler import MixedTaskSampler
+from ufo.data.sampler import MixedTaskSampler, rank_rows
 from ufo.data.store import ImageStore
 from ufo.data.transforms import BatchTransform, SampleTransform, build_transform, post_transform, random_erasing
 from ufo.errors import DataError
@@ -164,7 +165,8 @@ class _PlanBatches(Sampler):
                 if f is None:
                     continue
                 # slot = the sample's place in the global share, so ranks agree with a single process
-                keys += [(f, int(idx[j]), step, j) for j in range(self.rank, len(idx), self.world)]
+                mine = rank_rows(len(idx), s.unit(name), self.rank, self.world)
+                keys += [(f, int(idx[j]), step, j) for j in mine]
             yield keys or [(-1, -1, step, -1)]
 
 
@@ -232,9 +234,11 @@ class MixedLoader:
         self.step_rows: dict[str, int] = {}  # and their rows in it
 
     def local_rows(self) -> dict[str, int]:
-        """This rank's rows of each task of the last step's global batch (0 for some when the
-        global rows of a task are fewer than the ranks)."""
-        return {n: len(range(self.rank, rows, self.world)) for n, rows in self.step_rows.items()}
+        """This rank's rows of each task of the last step's global batch (`rank_rows`; 0 for a task
+        with fewer rows, or identity groups, than ranks)."""
+        return {
+            n: len(rank_rows(rows, self.sampler.unit(n), self.rank, self.world)) for n, rows in self.step_rows.items()
+        }
 
     # ----- state -----
     def state_dict(self) -> dict:
@@ -288,10 +292,11 @@ class MixedLoader:
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, tf in self.memory.items():
             idx = plan.get(name)
-            if idx is None or len(idx[self.rank :: self.world]) == 0:
+            mine = [] if idx is None else rank_rows(len(idx), self.sampler.unit(name), self.rank, self.world)
+            if idx is None or not mine:
                 continue
             ds = self.by_name[name].data
-            sel = torch.from_numpy(np.asarray(idx[self.rank :: self.world], dtype=np.int64))
+            sel = torch.from_numpy(np.asarray(idx, dtype=np.int64)[mine])
             # uint8 to the device, then augmented there: on a GPU the batch transform runs on the GPU
             # (its random draws stay on the CPU generator, so the draws are the same on any device)
             x = tf(ds.images[sel].to(self.device, non_blocking=True))

@@ -283,6 +283,15 @@ def allocate_quotas(
     return q
 
 
+def rank_rows(n: int, unit: int, rank: int, world: int) -> list[int]:
+    """The positions in a task's share of `n` rows that rank `rank` of `world` takes: blocks of
+    `unit` rows, dealt round-robin (rank r takes blocks r, r + world, ...). With unit 1 that is
+    rows r, r + world, ...; a grouped task's blocks are its P x K identity groups, which a rank
+    then holds whole (dealt one row at a time, K = 4 over 4 ranks would leave no positive pair)."""
+    blocks = -(-n // unit)
+    return [j for b in range(rank, blocks, world) for j in range(b * unit, min((b + 1) * unit, n))]
+
+
 class MixedTaskSampler:
     """Plans multi-task batches: each step, {task name: int64 sample indices of that task}.
 
@@ -344,6 +353,12 @@ class MixedTaskSampler:
             share = self._quotas[t.name] if self._quotas is not None else self.batch_size
             _check_groups(t, n_groups, len(members), math.ceil(share / t.k), share)
             self._streams.append(_GroupStream(self.seed, i, members, int(t.k)))
+
+    def unit(self, name: str) -> int:
+        """Rows of a task's share that go to one rank together (`rank_rows`): a grouped task's K
+        (one identity's samples, so every rank keeps its positives), else 1."""
+        t = self.tasks[self.names.index(name)]
+        return int(t.k) if t.groups is not None else 1
 
     def _hetero_quotas(self, quotas: dict[str, int] | None, grouped: dict) -> dict[str, int]:
         if quotas is not None:

@@ -157,15 +157,16 @@ class Trainer:
         """Whether every step uses the same parameters on every rank (DDP then skips its search for
         unused ones; see `dist.wrap`): every task's FFN path is fixed in every block of the arch,
         and every rank's batch holds rows of every task in every step. The hetero sampler gives
-        each task a fixed share of the global batch and rank r takes rows r, r + world, ... of it,
-        so that holds when every share is at least the world size. A task's rows then use all of
+        each task a fixed share of the global batch and rank r takes blocks r, r + world, ... of it
+        (rows, or a grouped task's K-row identity groups: `rank_rows`), so that holds when every
+        share has at least as many blocks as ranks. A task's rows then use all of
         its head's parameters (a margin loss scores every class centre; PML's zero losses stay
         attached to the embeddings). Round-robin and proportional batches leave tasks out; a task
         supernet leaves every path to the router."""
         if not self.routes_fixed() or self.sampler.mode != "hetero":
             return False
         quotas = self.sampler.quotas()
-        return all(quotas.get(t, 0) >= self.world for t in self.model.tasks)
+        return all(t in quotas and -(-quotas[t] // self.sampler.unit(t)) >= self.world for t in self.model.tasks)
 
     def feeds(self) -> list[Feed]:
         """Each task's training split and input pipeline, for the loader."""
