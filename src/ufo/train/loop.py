@@ -218,7 +218,7 @@ class Trainer:
             step,
             self.t,
             lambda amp: self.stage.backward(self.step_module, batch, step, amp),
-            float(batch[1].numel() * self.world),
+            float(sum(self.loader.step_rows.values())),  # the global batch (ranks may hold uneven parts)
         )
         return {**row, **self.stage.log_row(step)}
 
