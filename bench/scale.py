@@ -5,9 +5,10 @@ Targets, each a ratio measured in one run (candidates alternate round by round, 
 1. SuperViT with 20 tasks, a mixed batch of one image per task, every route fixed to the task
    expert: forward+backward against a timm `VisionTransformer` of the same shape and batch.
    The experts run as the library runs them by default (one matmul pair per task segment); the
-   batched-matmul path (`TaskFFN.batched`) is timed in the same rounds for comparison.
+   batched-matmul path (`TaskFFN.batched`) is timed against that loop in rounds of its own.
 2. The same step under `torch.compile` against eager (same model, after warm-up), and the number
-   of graphs `torch._dynamo.explain` finds in the mixed-task forward. The batch layout is
+   of graphs `torch._dynamo.explain` finds in the mixed-task forward (also in eval with every path
+   left to the routers, `graphs_eval_routed`). The batch layout is
    computed eagerly (`SuperViT.layout`) and passed in, as a training loop would.
 3. Peak memory of a ViT-B-shape forward+backward at batch 8 with `set_grad_checkpointing(True)`
    against without. On CPU torch keeps no allocator statistics, so each side runs in a fresh
@@ -83,12 +84,16 @@ def make_space(shape: Shape, tasks: int) -> ufo.SearchSpace:
     )
 
 
+def supernet_arch(space: ufo.SearchSpace, path: str) -> ufo.Arch:
+    """The space's only arch, every task fixed to `path` in every block."""
+    arch = space.largest()
+    return arch.model_copy(update={"paths": {t: [path] * arch.depth for t in space.tasks}})
+
+
 def supernet(shape: Shape, tasks: int, path: str) -> ufo.nn.SuperViT:
     """The SuperViT of `shape` at its only arch, every task fixed to `path` in every block."""
-    space = make_space(shape, tasks)
-    model = ufo.nn.SuperViT(space).train()
-    arch = space.largest()
-    model.set_arch(arch.model_copy(update={"paths": {t: [path] * arch.depth for t in space.tasks}}))
+    model = ufo.nn.SuperViT(make_space(shape, tasks)).train()
+    model.set_arch(supernet_arch(model.space, path))
     return model
 
 
@@ -211,24 +216,38 @@ def run_cpu(shape: Shape, plan: Plan) -> dict[str, Any]:
     vit = timm_vit(shape)
     x, ids = mixed_batch(shape)
     out: dict[str, Any] = {}
+    # Two interleaved pairs, not one round of three: the batched path's stacked weights (GBs at 20
+    # tasks) churn the allocator, which slowed the loop timed right after it (session 12: loop /
+    # timm 1.77 with them interleaved, 1.23 without, the same code).
     with progress() as bar:
         t = bar.add_task("mixed fwd+bwd vs timm", total=plan.rounds)
         times = time_interleaved(
-            {
-                "supernet": step_fn(model, x, ids, batched=False),
-                "supernet_batched": step_fn(model, x, ids, batched=True),
-                "timm": step_fn(vit, x),
-            },
+            {"supernet": step_fn(model, x, ids, batched=False), "timm": step_fn(vit, x)},
             plan.rounds,
             plan.warmup,
             lambda: bar.advance(t),
         )
     out["mixed_vs_timm"] = compare(times, "supernet", "timm")
-    out["batched_vs_timm"] = compare(times, "supernet_batched", "timm")
+    with progress() as bar:
+        t = bar.add_task("batched experts vs the loop", total=plan.rounds)
+        times = time_interleaved(
+            {
+                "supernet_batched": step_fn(model, x, ids, batched=True),
+                "supernet": step_fn(model, x, ids, batched=False),
+            },
+            plan.rounds,
+            plan.warmup,
+            lambda: bar.advance(t),
+        )
     out["batched_vs_loop"] = compare(times, "supernet_batched", "supernet")
 
     set_batched(model, False)
     out["graphs"] = graph_count(model, x, ids)
+    # eval with every path left to the routers: layout() reads their argmax (Layout.paths)
+    model.eval().set_arch(model.space.largest().model_copy(update={"paths": {}}))
+    with torch.no_grad():
+        out["graphs_eval_routed"] = graph_count(model, x, ids)
+    model.train().set_arch(supernet_arch(model.space, "task"))
     compiled = torch.compile(model)
     t0 = time.perf_counter()
     step_fn(compiled, x, ids, layout_of=model)()
