@@ -105,8 +105,8 @@ class StepTasks:
     def set(self, names: Iterable[str], tokens: Mapping[str, int] | None = None) -> None:
         self.present = frozenset(self.tasks.index(n) for n in names)
         by: dict[int, set[int]] = {}
-        for t in self.present:
-            if tokens is not None:
+        if tokens is not None:
+            for t in self.present:
                 by.setdefault(tokens[self.tasks[t]], set()).add(t)
         self.by_tokens = {n: frozenset(ts) for n, ts in by.items()}
 
