@@ -136,6 +136,8 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     amp: Literal["none", "bf16"] = "none"
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
+    # a mixed batch's task experts as batched matmuls, not a loop over the tasks (FSDP: the loop)
+    batched_experts: bool = True
     compile: bool = False  # torch.compile each transformer block (best with hetero batches: one layout per step)
     ema_decay: float = Field(0.0, ge=0, lt=1)  # 0 turns the EMA off
     log_every: int = Field(10, gt=0)
@@ -148,6 +150,9 @@ class TrainConfig(Strict):
     workers: int | None = Field(None, ge=0)  # DataLoader workers decoding streamed tasks (None: min(8, CPU cores))
     prefetch: int = Field(4, gt=0)  # batches each worker prepares ahead
     threads: int | None = Field(None, gt=0)
+    # CPU: glibc's malloc keeps freed memory for the next step instead of unmapping it (the step's
+    # re-allocated gradients then cost no page faults); the process holds its peak step's memory
+    keep_freed_memory: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU of this rank when there is one
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP) the model
     dist_timeout: float = Field(60.0, gt=0)  # minutes a collective waits under torchrun (rank 0 validates meanwhile)

@@ -28,6 +28,7 @@ from ufo.config import TrainConfig
 from ufo.data.loader import MixedLoader
 from ufo.errors import UFOError
 from ufo.train import distributed as dist
+from ufo.train.host_memory import keep_freed_memory
 from ufo.train.logs import LOGGER, MetricLog
 from ufo.train.optim import set_lr
 from ufo.train.state import load_train_state, save_train_state
@@ -150,6 +151,7 @@ class Steps(Protocol):
     step: int
     t: TrainConfig
     loader: MixedLoader
+    engine: Engine
 
     def train_step(self) -> dict[str, float]: ...
 
@@ -164,6 +166,8 @@ def run_steps(
     every `ckpt_every` steps and at the last. Returns the summary: steps, images/s, the seconds
     from process start to the first step, and any unreadable images the loader replaced."""
     t = run.t
+    if t.keep_freed_memory and run.engine.device.type == "cpu":
+        keep_freed_memory()  # each step re-allocates the gradients freed by the last
     t0, images, startup = time.perf_counter(), 0.0, None
     progress = Progress(
         TextColumn("[bold]{task.description}"),
