@@ -114,6 +114,8 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
         init={"kind": "run", "path": str(root / "task")},
     )
     mim = _config(root, "mim", {"stage": "pretrain_mim", "grad_checkpointing": True})
+    # every task in every step, each on its expert: the batched expert matmuls (batched_linear)
+    mixed = _config(root, "mixed", {"sampler": "round_robin", "paths": "task", "batched_experts": True})
     folder = _image_folder(root / "folder")
     streamed = {
         "kind": "classification",
@@ -136,6 +138,12 @@ def stages(root: Path) -> list[tuple[str, list[str], Path | None, dict[str, str]
             "train all_in_one (bf16, grad ckpt)",
             [ufo, "train", str(aio), "--out", str(root / "aio")],
             root / "aio",
+            None,
+        ),
+        (
+            "train mixed batches (bf16, batched task experts)",
+            [ufo, "train", str(mixed), "--out", str(root / "mixed")],
+            root / "mixed",
             None,
         ),
         ("eval (cuda)", [ufo, "eval", str(root / "aio"), "--device", DEV], None, None),

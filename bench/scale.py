@@ -4,11 +4,12 @@ Targets, each a ratio measured in one run (candidates alternate round by round, 
 `_common.time_interleaved`; a value is the median of the per-round ratios):
 1. SuperViT with 20 tasks, a mixed batch of one image per task, every route fixed to the task
    expert: forward+backward against a timm `VisionTransformer` of the same shape and batch.
-   The experts run as the library runs them by default (one matmul pair per task segment); the
-   batched-matmul path (`TaskFFN.batched`) is timed against that loop in rounds of its own.
+   The experts run as training runs them by default (`train.batched_experts`: two batched
+   matmuls per block, `TaskFFN.batched`); the per-task loop is timed in the same rounds
+   (`loop_vs_timm`, `batched_vs_loop`).
 2. The same step under `torch.compile` against eager (same model, after warm-up), and the number
-   of graphs `torch._dynamo.explain` finds in the mixed-task forward (also in eval with every path
-   left to the routers, `graphs_eval_routed`). The batch layout is
+   of graphs `torch._dynamo.explain` finds in the mixed-task forward (batched experts; also with
+   the loop, `graphs_loop`, and in eval with every path left to the routers, `graphs_eval_routed`). The batch layout is
    computed eagerly (`SuperViT.layout`) and passed in, as a training loop would.
 3. Peak memory of a ViT-B-shape forward+backward at batch 8 with `set_grad_checkpointing(True)`
    against without. On CPU torch keeps no allocator statistics, so each side runs in a fresh
@@ -20,6 +21,12 @@ Targets, each a ratio measured in one run (candidates alternate round by round, 
    On CUDA, torch.cuda.max_memory_allocated minus the allocation before the step.
 With CUDA, the ratios are measured again on the GPU, plus bf16 autocast images/s against timm.
 
+The CPU timings run with glibc's malloc keeping freed memory (`ufo.train.host_memory`), as CPU
+training does by default (`train.keep_freed_memory`): all candidates share the process and the
+setting. The minor page faults and kernel seconds of each timed step are recorded beside the
+timings (`cpu.mixed_vs_timm.rusage`); with the default malloc the supernet step took ~200k faults
+and 3-4.5 s of kernel time (session 13), which is what the setting removes.
+
 Run from the repository root: `.venv/bin/python bench/scale.py [--quick]`.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -43,6 +51,7 @@ from torch import nn
 import ufo
 import ufo.nn
 from _common import compare, load_average, progress, quantiles, target, time_interleaved, write_results
+from ufo.train.host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class Plan:
 
 VIT_B = Shape(embed_dim=768, depth=12, num_heads=12, img_size=224, patch_size=16, tasks=20, batch=20, mem_batch=8)
 QUICK_SHAPE = Shape(embed_dim=192, depth=4, num_heads=3, img_size=64, patch_size=8, tasks=20, batch=20, mem_batch=8)
-FULL, QUICK = Plan(rounds=4, warmup=1, gpu_rounds=20), Plan(rounds=3, warmup=1, gpu_rounds=5)
+# Two warm-up rounds: the kept heap grows to the step's peak over the first two steps.
+FULL, QUICK = Plan(rounds=4, warmup=2, gpu_rounds=20), Plan(rounds=3, warmup=1, gpu_rounds=5)
 
 
 def make_space(shape: Shape, tasks: int) -> ufo.SearchSpace:
@@ -138,6 +148,24 @@ def step_fn(
             torch.cuda.synchronize()
 
     return run
+
+
+def with_rusage(fn: Callable[[], None], log: list[dict[str, float]]) -> Callable[[], None]:
+    """`fn`, appending each call's minor page faults and kernel (system) seconds to `log`."""
+
+    def run() -> None:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        log.append({"minor_faults": r1.ru_minflt - r0.ru_minflt, "system_s": r1.ru_stime - r0.ru_stime})
+
+    return run
+
+
+def rusage_summary(log: list[dict[str, float]], timed: int) -> dict[str, Any]:
+    """Per-step medians over the last `timed` calls (the timed rounds, after the warm-up)."""
+    rows = log[-timed:]
+    return {k: quantiles([r[k] for r in rows])["median"] for k in rows[0]} | {"steps": len(rows)}
 
 
 def mixed_batch(shape: Shape, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,32 +244,30 @@ def run_cpu(shape: Shape, plan: Plan) -> dict[str, Any]:
     vit = timm_vit(shape)
     x, ids = mixed_batch(shape)
     out: dict[str, Any] = {}
-    # Two interleaved pairs, not one round of three: the batched path's stacked weights (GBs at 20
-    # tasks) churn the allocator, which slowed the loop timed right after it (session 12: loop /
-    # timm 1.77 with them interleaved, 1.23 without, the same code).
+    # One round of three. In session 12 the batched path's stacked weights (GBs at 20 tasks) made
+    # glibc trim and re-fault the heap, which slowed the loop timed after it (1.77x); with freed
+    # memory kept (keep_freed_memory, trimming off) the three share the heap without faults.
+    usage: dict[str, list[dict[str, float]]] = {"supernet": [], "supernet_loop": [], "timm": []}
     with progress() as bar:
         t = bar.add_task("mixed fwd+bwd vs timm", total=plan.rounds)
         times = time_interleaved(
-            {"supernet": step_fn(model, x, ids, batched=False), "timm": step_fn(vit, x)},
-            plan.rounds,
-            plan.warmup,
-            lambda: bar.advance(t),
-        )
-    out["mixed_vs_timm"] = compare(times, "supernet", "timm")
-    with progress() as bar:
-        t = bar.add_task("batched experts vs the loop", total=plan.rounds)
-        times = time_interleaved(
             {
-                "supernet_batched": step_fn(model, x, ids, batched=True),
-                "supernet": step_fn(model, x, ids, batched=False),
+                "supernet": with_rusage(step_fn(model, x, ids, batched=True), usage["supernet"]),
+                "supernet_loop": with_rusage(step_fn(model, x, ids, batched=False), usage["supernet_loop"]),
+                "timm": with_rusage(step_fn(vit, x), usage["timm"]),
             },
             plan.rounds,
             plan.warmup,
             lambda: bar.advance(t),
         )
-    out["batched_vs_loop"] = compare(times, "supernet_batched", "supernet")
+    out["mixed_vs_timm"] = compare(times, "supernet", "timm")
+    out["mixed_vs_timm"]["rusage"] = {k: rusage_summary(v, plan.rounds) for k, v in usage.items()}
+    out["loop_vs_timm"] = compare(times, "supernet_loop", "timm")
+    out["batched_vs_loop"] = compare(times, "supernet", "supernet_loop")
 
     set_batched(model, False)
+    out["graphs_loop"] = graph_count(model, x, ids)
+    set_batched(model, True)  # the training default from here on
     out["graphs"] = graph_count(model, x, ids)
     # eval with every path left to the routers: layout() reads their argmax (Layout.paths)
     model.eval().set_arch(model.space.largest().model_copy(update={"paths": {}}))
@@ -275,16 +301,16 @@ def run_cuda(shape: Shape, plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"device": torch.cuda.get_device_name()}
     times = time_interleaved(
         {
-            "supernet": step_fn(model, x, ids, batched=False, sync=True),
-            "supernet_batched": step_fn(model, x, ids, batched=True, sync=True),
+            "supernet": step_fn(model, x, ids, batched=True, sync=True),
+            "supernet_loop": step_fn(model, x, ids, batched=False, sync=True),
             "timm": step_fn(vit, x, sync=True),
         },
         plan.gpu_rounds,
         3,
     )
     out["mixed_vs_timm"] = compare(times, "supernet", "timm")
-    out["batched_vs_timm"] = compare(times, "supernet_batched", "timm")
-    set_batched(model, False)
+    out["loop_vs_timm"] = compare(times, "supernet_loop", "timm")
+    set_batched(model, True)
     compiled = torch.compile(model)
     step_fn(compiled, x, ids, layout_of=model, sync=True)()
     times = time_interleaved(
@@ -330,6 +356,7 @@ def main() -> None:
         print(json.dumps(memory_child(Shape(**json.loads(shape_json)), ckpt == "1", device)))
         return
     torch.set_num_threads(2)
+    freed_memory = "kept" if keep_freed_memory() else "system default (not glibc)"
     shape, plan = (QUICK_SHAPE, QUICK) if args.quick else (VIT_B, FULL)
     load_before = load_average()
     t0 = time.perf_counter()
@@ -337,6 +364,7 @@ def main() -> None:
         "quick": args.quick,
         "shape": asdict(shape),
         "plan": asdict(plan),
+        "freed_memory": freed_memory,
         "cpu": run_cpu(shape, plan),
     }
     if torch.cuda.is_available():

@@ -7,6 +7,7 @@ import torch
 
 from helpers import TASKS, tiny_space
 from ufo.nn import Layout, SuperViT
+from ufo.nn.batched_linear import batched_linear
 
 PATHS_FIXED = {"cls": ["task", "mix", "shared"], "faces": ["shared", "task", "task"], "signs": ["task", "task", "mix"]}
 
@@ -81,6 +82,7 @@ def test_layout_matches_task_ids():
         (False, None, True),  # Gumbel draws of the routers
         (False, None, False),  # eval: the routers' argmax, read by layout() (Layout.paths)
         (True, None, False),
+        (True, None, True),
     ],
 )
 def test_mixed_batch_compiles_to_one_graph(batched, paths, train):
@@ -111,3 +113,28 @@ def test_eval_paths_read_beforehand_give_the_routers_choice():
     ]
     with torch.no_grad():
         torch.testing.assert_close(model(x, layout), model(x, Layout(layout.segments, layout.order, layout.restore)))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_batched_linear_matches_autograd_and_gives_contiguous_weight_gradients(amp):
+    """batched_linear's own backward against autograd through baddbmm, in float32 and under bf16
+    autocast (the cast operands are what both differentiate); each expert's weight gradient, a
+    view of the stacked one, is contiguous, so autograd keeps it without a copy."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(6, 4, generator=g, requires_grad=True) for _ in range(3)]
+    bs = [torch.randn(6, generator=g, requires_grad=True) for _ in range(3)]
+    x = torch.randn(3, 5, 4, generator=g, requires_grad=True)
+    grads = []
+    for fn in (batched_linear, lambda x, w, b: torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = fn(x, torch.stack(ws), torch.stack(bs))
+        assert y.dtype == (torch.bfloat16 if amp else torch.float32)
+        (y.float() ** 2).sum().backward()
+        grads.append([t.grad.clone() for t in (x, *ws, *bs)])
+        if fn is batched_linear:
+            assert all(w.grad.is_contiguous() for w in ws)
+        for t in (x, *ws, *bs):
+            t.grad = None
+    for mine, ref in zip(*grads, strict=True):
+        assert mine.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(mine, ref, rtol=1e-2 if amp else 1e-5, atol=1e-2 if amp else 1e-5)

@@ -58,6 +58,10 @@ class UFOModel(nn.Module):
         """Activation checkpointing per backbone block (see SuperViT.set_grad_checkpointing)."""
         self.backbone.set_grad_checkpointing(enable)
 
+    def set_batched_experts(self, enable: bool = True) -> None:
+        """Batched task experts for mixed batches (see SuperViT.set_batched_experts)."""
+        self.backbone.set_batched_experts(enable)
+
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """One task's eval output (logits or L2-normalised embedding)."""
         return self.heads[task](self.backbone(x, task))

@@ -25,6 +25,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from ufo.arch import PATHS
+from ufo.nn.batched_linear import batched_linear
 from ufo.nn.mlp import ElasticMlp, ffn_weight, fold_mix
 
 SHARED, TASK, MIX = 0, 1, 2
@@ -69,9 +70,9 @@ class TaskFFN(nn.Module):
         self.mix_logits = nn.Parameter(torch.zeros(len(self.tasks), 2))  # softmax -> (w_shared, w_task)
         self.tau = 1.0
         self.fixed: list[int | None] = [None] * len(self.tasks)
-        # True runs a mixed batch's experts as batched matmuls over stacked weight slices. Off by
-        # default: at ViT-B width with 20 tasks the weight stacking (a copy, kept for backward)
-        # makes a CPU step 1.27x slower than the loop (bench/results/scale.json).
+        # True runs a mixed batch's experts as batched matmuls over stacked weight slices (the
+        # trainer sets it from train.batched_experts). Off for a bare module: eval batches are
+        # one task each, and stacking copies the experts' weights (kept for backward in training).
         self.batched = False
 
     def set_active(self, dim: int, hidden: int, paths: Sequence[str | None]) -> None:
@@ -172,8 +173,8 @@ class TaskFFN(nn.Module):
         fc2 = [ffn_weight(e.fc2) for e in experts]
         w1, b1 = torch.stack([w for w, _ in fc1]), torch.stack([b for _, b in fc1])  # (S, h, C), (S, h)
         w2, b2 = torch.stack([w for w, _ in fc2]), torch.stack([b for _, b in fc2])  # (S, C, h), (S, C)
-        h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xb, w1.transpose(1, 2)))  # (S, L*N, h)
-        out = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)).reshape(len(which) * L, N, C)
+        h = F.gelu(batched_linear(xb, w1, b1))  # (S, L*N, h)
+        out = batched_linear(h, w2, b2).reshape(len(which) * L, N, C)
         if all(n == L for n in sizes):
             return out
         keep = [i * L + j for i, n in enumerate(sizes) for j in range(n)]

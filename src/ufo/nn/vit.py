@@ -103,6 +103,12 @@ class SuperViT(nn.Module):
         routes) are replayed exactly."""
         self.grad_checkpointing = enable
 
+    def set_batched_experts(self, enable: bool = True) -> None:
+        """Run a mixed batch's task experts as batched matmuls (`TaskFFN.batched`) instead of a
+        loop over the task segments."""
+        for blk in self.super_blocks():
+            blk.mlp.batched = enable
+
     def compile_blocks(self) -> None:
         """torch.compile each block in place (its parameter names stay; timm and torchtitan compile
         per block too). A block's segments and eval paths are Python ints from `layout()`, so each

@@ -81,6 +81,8 @@ class Trainer:
         self.data = build_all(cfg) if data is None else data
         self.model = build_model(cfg, {n: len(d.train.class_names) for n, d in self.data.items()})
         self.model.set_grad_checkpointing(self.t.grad_checkpointing)  # before any DDP/FSDP wrapper
+        # FSDP makes each expert a unit that gathers its shard when called: the per-task loop
+        self.model.set_batched_experts(self.t.batched_experts and not self.fsdp)
         self.stage = stage_cls(cfg, self.model)
         self.device = dist.device(self.t.device)
         self.module = self.stage.module.to(self.device).train()
