@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -121,11 +121,6 @@ def timm_vit(shape: Shape) -> VisionTransformer:
     ).train()
 
 
-def set_batched(model: ufo.nn.SuperViT, batched: bool) -> None:
-    for blk in model.blocks:
-        blk.mlp.batched = batched
-
-
 def step_fn(
     model: nn.Module,
     x: torch.Tensor,
@@ -139,7 +134,7 @@ def step_fn(
 
     def run() -> None:
         if batched is not None:
-            set_batched(layout_of or model, batched)
+            cast(ufo.nn.SuperViT, layout_of or model).set_batched_experts(batched)
         task = () if ids is None else ((layout_of.layout(ids, x.shape[0]) if layout_of else ids),)
         loss = model(x, *task).float().pow(2).mean()
         loss.backward()
@@ -265,9 +260,9 @@ def run_cpu(shape: Shape, plan: Plan) -> dict[str, Any]:
     out["loop_vs_timm"] = compare(times, "supernet_loop", "timm")
     out["batched_vs_loop"] = compare(times, "supernet", "supernet_loop")
 
-    set_batched(model, False)
+    model.set_batched_experts(False)
     out["graphs_loop"] = graph_count(model, x, ids)
-    set_batched(model, True)  # the training default from here on
+    model.set_batched_experts(True)  # the training default from here on
     out["graphs"] = graph_count(model, x, ids)
     # eval with every path left to the routers: layout() reads their argmax (Layout.paths)
     model.eval().set_arch(model.space.largest().model_copy(update={"paths": {}}))
@@ -310,7 +305,7 @@ def run_cuda(shape: Shape, plan: Plan) -> dict[str, Any]:
     )
     out["mixed_vs_timm"] = compare(times, "supernet", "timm")
     out["loop_vs_timm"] = compare(times, "supernet_loop", "timm")
-    set_batched(model, True)
+    model.set_batched_experts(True)
     compiled = torch.compile(model)
     step_fn(compiled, x, ids, layout_of=model, sync=True)()
     times = time_interleaved(
